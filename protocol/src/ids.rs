@@ -281,12 +281,12 @@ mod tests {
         assert_eq!(api.to_string(), golden_service_id());
         // The separator keeps ("ab","c") and ("a","bc") apart.
         let x = ServiceId::derive(
-            &SegmentName::new("ab").unwrap(),
-            &ServiceName::new("c").unwrap(),
+            &SegmentName::new("ab").expect("valid"),
+            &ServiceName::new("c").expect("valid"),
         );
         let y = ServiceId::derive(
-            &SegmentName::new("a").unwrap(),
-            &ServiceName::new("bc").unwrap(),
+            &SegmentName::new("a").expect("valid"),
+            &ServiceName::new("bc").expect("valid"),
         );
         assert_ne!(x, y);
     }

@@ -27,6 +27,8 @@
 pub mod attestation;
 pub mod control;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hop_token;
 pub mod ids;
 pub mod policy;

@@ -1,0 +1,217 @@
+//! Properties checked on arbitrary input, shared by the cargo-fuzz targets in
+//! `protocol/fuzz/` and the bounded proptest loops in `protocol/tests/fuzz_loops.rs`, so
+//! nightly fuzzing and stable CI exercise exactly the same assertions.
+//!
+//! Each function panics if a property is broken, and otherwise returns whether the input was
+//! accepted (so loops can check that the mutation strategies reach the accepting paths).
+//! Not part of the stable API.
+
+use crate::attestation::{
+    Attestation, DocumentKind, KeySet, MAX_ATTESTATION_PAYLOAD, MAX_REVOCATION_PAYLOAD,
+    RevocationList, RevocationUpdate, SigningKey, seal, verify_attestation, verify_revocation_list,
+};
+use crate::control::{PeerMessage, StreamHeader};
+use crate::frame::{CONTROL_CAP, decode_frame};
+use crate::hop_token::{
+    ConnectionKeys, EpochLength, GateContext, HopToken, PairIds, PairKeyring, TOKEN_LEN,
+    verify_token,
+};
+use crate::ids::{NodeId, NodeName};
+use crate::policy::{NodeDirectory, Policy};
+use crate::routing::IngressTable;
+use crate::secret::{ConnectionBinding, SigningSeed};
+use crate::socks5;
+use crate::time::UnixTime;
+
+fn test_key() -> SigningKey {
+    SigningKey::from_seed(&SigningSeed::from_bytes([0x5E; 32]))
+}
+
+/// Token: the fixed layout round-trips, and arbitrary bytes never verify.
+pub fn token(data: &[u8]) -> bool {
+    let Some(raw) = data.first_chunk::<TOKEN_LEN>() else {
+        return false;
+    };
+    assert_eq!(
+        &HopToken::decode(raw).encode(),
+        raw,
+        "token layout must round-trip"
+    );
+    let a = NodeId::from_bytes([1; 32]);
+    let b = NodeId::from_bytes([2; 32]);
+    let keyring = PairKeyring::new(PairIds::new(a, b));
+    let binding = ConnectionBinding::from_bytes([3; 32]);
+    let now = UnixTime::from_secs(1_800_000_000);
+    let gate = GateContext {
+        local: b,
+        peer: a,
+        stream_id: 0,
+        epoch_len: EpochLength::DEFAULT,
+        now,
+    };
+    let keys = ConnectionKeys {
+        keyring: &keyring,
+        binding: &binding,
+        now,
+        grace: 10,
+    };
+    assert!(
+        verify_token(raw, &gate, &keys, &IngressTable::default()).is_err(),
+        "no key is held, so nothing may verify"
+    );
+    true
+}
+
+/// Frames and stream headers: whatever decodes re-encodes to exactly the bytes consumed.
+pub fn frame(data: &[u8]) -> bool {
+    let mut accepted = false;
+    if let Ok(Some((msg, used))) = decode_frame::<PeerMessage>(data, CONTROL_CAP) {
+        assert_eq!(
+            msg.to_frame().ok().as_deref(),
+            Some(&data[..used]),
+            "frame must be canonical"
+        );
+        accepted = true;
+    }
+    if let Ok(h) = StreamHeader::decode(data) {
+        assert_eq!(
+            h.encode().ok().as_deref(),
+            Some(data),
+            "header must be canonical"
+        );
+        accepted = true;
+    }
+    accepted
+}
+
+/// Attestation: unsigned bytes never verify; signed payloads decode only if canonical.
+pub fn attestation(data: &[u8]) -> bool {
+    let key = test_key();
+    let keys = KeySet::new(vec![key.verifying_key()]).unwrap_or_default();
+    let now = UnixTime::from_secs(1_800_000_000);
+    assert!(
+        verify_attestation(data, &keys, now, 0).is_err(),
+        "unsigned bytes must not verify"
+    );
+    if data.len() > MAX_ATTESTATION_PAYLOAD {
+        return false;
+    }
+    let Ok(env) = seal(DocumentKind::Attestation, &key, data) else {
+        return false;
+    };
+    // Any validity window: check the decode path at the attestation's own not_before.
+    let Ok(a) = postcard::from_bytes::<Attestation>(data) else {
+        assert!(verify_attestation(&env, &keys, now, 0).is_err());
+        return false;
+    };
+    match verify_attestation(&env, &keys, a.not_before, 0) {
+        Ok(v) => {
+            assert_eq!(
+                postcard::to_allocvec(v.get()).ok().as_deref(),
+                Some(data),
+                "accepted payload must be canonical"
+            );
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Revocation list: unsigned bytes never verify; signed payloads decode only if canonical.
+pub fn revocation_list(data: &[u8]) -> bool {
+    let key = test_key();
+    let keys = KeySet::new(vec![key.verifying_key()]).unwrap_or_default();
+    assert!(
+        verify_revocation_list(data, &keys, None).is_err(),
+        "unsigned bytes must not verify"
+    );
+    if data.len() > MAX_REVOCATION_PAYLOAD {
+        return false;
+    }
+    let Ok(env) = seal(DocumentKind::RevocationList, &key, data) else {
+        return false;
+    };
+    match verify_revocation_list(&env, &keys, None) {
+        Ok(RevocationUpdate::Newer(list)) => {
+            assert_eq!(
+                postcard::to_allocvec(&list).ok().as_deref(),
+                Some(data),
+                "accepted list must be canonical"
+            );
+            let _: &RevocationList = &list;
+            true
+        }
+        Ok(RevocationUpdate::Same) => unreachable!("no current list was given"),
+        Err(_) => false,
+    }
+}
+
+/// SOCKS greeting and username/password: accepted messages re-encode to the bytes consumed.
+pub fn socks_greeting(data: &[u8]) -> bool {
+    let mut accepted = false;
+    if let Ok(Some((g, used))) = socks5::parse_greeting(data) {
+        assert!(used <= 257);
+        assert_eq!(socks5::encode_greeting(&g.methods), &data[..used]);
+        accepted = true;
+    }
+    if let Ok(Some((c, used))) = socks5::parse_userpass(data) {
+        assert!(used <= 513);
+        assert_eq!(
+            socks5::encode_userpass(&c.username, &c.password),
+            &data[..used]
+        );
+        accepted = true;
+    }
+    accepted
+}
+
+/// SOCKS request and reply: accepted requests re-encode to the bytes consumed; every error
+/// has a defined response.
+pub fn socks_request(data: &[u8]) -> bool {
+    let accepted = match socks5::parse_request(data) {
+        Ok(Some((r, used))) => {
+            assert!(used <= 262);
+            assert_ne!(r.port, 0);
+            assert_eq!(socks5::encode_request(&r), &data[..used]);
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            let _ = e.response();
+            false
+        }
+    };
+    if let Ok(Some((_, used))) = socks5::parse_reply(data) {
+        assert!(used <= 262 && used <= data.len());
+    }
+    accepted
+}
+
+/// Policy: never panics; an accepted policy compiles, and every compiled table only names
+/// enrolled nodes and never lets a node route to itself.
+pub fn policy(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let Ok(p) = Policy::parse(text) else {
+        return false;
+    };
+    let directory: NodeDirectory = p
+        .nodes
+        .keys()
+        .map(|n: &NodeName| (n.clone(), NodeId::from_spki(n.as_str().as_bytes())))
+        .collect();
+    let ids: std::collections::BTreeSet<NodeId> = directory.values().copied().collect();
+    for (node, table) in p.compile(&directory) {
+        for route in table.egress.routes() {
+            assert!(ids.contains(&route.serving_node));
+            assert_ne!(route.serving_node, node, "a node must not route to itself");
+        }
+        for entry in table.ingress.entries() {
+            assert!(entry.allowed_peers.is_subset(&ids));
+            assert!(!entry.allowed_peers.contains(&node));
+        }
+        assert!(table.peers.is_subset(&ids));
+    }
+    true
+}

@@ -1,0 +1,274 @@
+//! Bounded property loops over every decoder: the stable-toolchain twin of the cargo-fuzz
+//! targets in `protocol/fuzz/`. Both call the same `hopmesh_protocol::fuzzing` properties.
+//!
+//! Inputs are arbitrary bytes and mutations (bit flips, truncation, insertion, overwrite) of
+//! valid encodings, so the loops reach the accepting paths and not only early refusals; each
+//! test also asserts that valid encodings are accepted, so a property that silently refused
+//! everything would fail here.
+
+use hopmesh_protocol::attestation::{
+    ATTESTATION_VERSION, Attestation, RevocationList, RevokedNode, SigningKey,
+};
+use hopmesh_protocol::control::{GoodbyeReason, PeerMessage, StreamHeader};
+use hopmesh_protocol::fuzzing;
+use hopmesh_protocol::ids::{KeyId, Measurement, NodeId, NodeName, SegmentName};
+use hopmesh_protocol::secret::SigningSeed;
+use hopmesh_protocol::socks5::{self, Command, Request, TargetAddr};
+use hopmesh_protocol::time::UnixTime;
+use hopmesh_protocol::wire::BoundedVec;
+use proptest::prelude::*;
+
+const CASES: u32 = 512;
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip(usize, u8),
+    Truncate(usize),
+    Insert(usize, u8),
+    Overwrite(usize, u8),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), 0u8..8).prop_map(|(i, b)| Mutation::Flip(i, b)),
+        any::<usize>().prop_map(Mutation::Truncate),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Overwrite(i, b)),
+    ]
+}
+
+fn mutate(mut data: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
+    for m in muts {
+        if data.is_empty() {
+            break;
+        }
+        let n = data.len();
+        match *m {
+            Mutation::Flip(i, b) => data[i % n] ^= 1 << b,
+            Mutation::Truncate(i) => data.truncate(i % n),
+            Mutation::Insert(i, b) => data.insert(i % (n + 1), b),
+            Mutation::Overwrite(i, b) => data[i % n] = b,
+        }
+    }
+    data
+}
+
+fn label() -> impl Strategy<Value = String> {
+    "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?"
+}
+
+fn node_id() -> impl Strategy<Value = NodeId> {
+    any::<[u8; 32]>().prop_map(NodeId::from_bytes)
+}
+
+fn attestation() -> impl Strategy<Value = Attestation> {
+    (
+        any::<[u8; 32]>(),
+        label(),
+        prop::collection::vec(label(), 0..4),
+        any::<[u8; 32]>(),
+        any::<u64>(),
+        any::<u32>(),
+        1u64..100_000,
+        any::<[u8; 8]>(),
+    )
+        .prop_map(|(seed, name, segs, m, serial, nb, ttl, kid)| {
+            let spki = SigningKey::from_seed(&SigningSeed::from_bytes(seed))
+                .verifying_key()
+                .to_spki_der();
+            Attestation {
+                version: ATTESTATION_VERSION,
+                node_id: NodeId::from_spki(&spki),
+                spki: BoundedVec::new(spki).expect("44 bytes"),
+                name: NodeName::new(&name).expect("label"),
+                segments: BoundedVec::new(
+                    segs.iter()
+                        .map(|s| SegmentName::new(s).expect("label"))
+                        .collect(),
+                )
+                .expect("fits"),
+                measurement: Measurement(m),
+                serial,
+                not_before: UnixTime::from_secs(u64::from(nb)),
+                not_after: UnixTime::from_secs(u64::from(nb) + ttl),
+                verifier_key_id: KeyId(kid),
+            }
+        })
+}
+
+fn revocation_list() -> impl Strategy<Value = RevocationList> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        prop::collection::vec((node_id(), any::<u64>(), any::<u64>()), 0..20),
+    )
+        .prop_map(|(version, issued, entries)| RevocationList {
+            version,
+            issued_at: UnixTime::from_secs(issued),
+            // The key id must match the fuzzing key for acceptance.
+            verifier_key_id: SigningKey::from_seed(&SigningSeed::from_bytes([0x5E; 32])).key_id(),
+            revoked: BoundedVec::new(
+                entries
+                    .into_iter()
+                    .map(|(node_id, a, b)| RevokedNode {
+                        node_id,
+                        revoked_at: UnixTime::from_secs(a),
+                        until: UnixTime::from_secs(b),
+                    })
+                    .collect(),
+            )
+            .expect("fits"),
+        })
+}
+
+fn peer_message() -> impl Strategy<Value = PeerMessage> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300).prop_map(|a| PeerMessage::Hello {
+            attestation: BoundedVec::new(a).expect("fits")
+        }),
+        prop::collection::vec(any::<u8>(), 0..300).prop_map(|a| PeerMessage::Renewal {
+            attestation: BoundedVec::new(a).expect("fits")
+        }),
+        prop_oneof![
+            Just(GoodbyeReason::Shutdown),
+            Just(GoodbyeReason::AttestationExpired),
+            Just(GoodbyeReason::PolicyChanged)
+        ]
+        .prop_map(|reason| PeerMessage::Goodbye { reason }),
+    ]
+}
+
+fn stream_header() -> impl Strategy<Value = StreamHeader> {
+    (
+        node_id(),
+        any::<u64>(),
+        prop::collection::vec(node_id(), 0..5),
+    )
+        .prop_map(|(origin, s, route)| StreamHeader {
+            origin,
+            service: hopmesh_protocol::ids::ServiceId::from_u64(s),
+            route: BoundedVec::new(route).expect("fits"),
+        })
+}
+
+fn socks_request() -> impl Strategy<Value = Request> {
+    let target = prop_oneof![
+        any::<[u8; 4]>().prop_map(|b| TargetAddr::Ipv4(b.into())),
+        any::<[u8; 16]>().prop_map(|b| TargetAddr::Ipv6(b.into())),
+        "[a-z0-9.-]{1,60}".prop_map(TargetAddr::Domain),
+    ];
+    let command = prop_oneof![
+        Just(Command::Connect),
+        Just(Command::Bind),
+        Just(Command::UdpAssociate)
+    ];
+    (command, target, 1u16..).prop_map(|(command, target, port)| Request {
+        command,
+        target,
+        port,
+    })
+}
+
+const SAMPLE_POLICY: &str = r#"
+suffix = "mesh"
+[[segment]]
+name = "s1"
+[[segment]]
+name = "s2"
+[[node]]
+name = "a"
+segments = ["s1"]
+[[node]]
+name = "c"
+segments = ["s2"]
+[[service]]
+name = "web"
+segment = "s2"
+node = "c"
+backend = "127.0.0.1:80"
+[[allow]]
+from = "s1"
+to = "s2"
+"#;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn token_arbitrary(data in prop::collection::vec(any::<u8>(), 0..400)) {
+        let accepted = fuzzing::token(&data);
+        prop_assert_eq!(accepted, data.len() >= hopmesh_protocol::hop_token::TOKEN_LEN);
+    }
+
+    #[test]
+    fn frame_valid_and_mutated(msg in peer_message(), h in stream_header(), muts in prop::collection::vec(mutation(), 0..4)) {
+        let frame = msg.to_frame().expect("encode");
+        prop_assert!(fuzzing::frame(&frame), "a valid frame must be accepted");
+        let header = h.encode().expect("encode");
+        prop_assert!(fuzzing::frame(&header), "a valid header must be accepted");
+        fuzzing::frame(&mutate(frame, &muts));
+        fuzzing::frame(&mutate(header, &muts));
+    }
+
+    #[test]
+    fn frame_arbitrary(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        fuzzing::frame(&data);
+    }
+
+    #[test]
+    fn attestation_valid_and_mutated(a in attestation(), muts in prop::collection::vec(mutation(), 0..4)) {
+        let payload = postcard::to_allocvec(&a).expect("encode");
+        // Key id differs from the fuzzing key, so this is refused, but only after decoding.
+        fuzzing::attestation(&payload);
+        let mut own = a.clone();
+        own.verifier_key_id = SigningKey::from_seed(&SigningSeed::from_bytes([0x5E; 32])).key_id();
+        let payload = postcard::to_allocvec(&own).expect("encode");
+        prop_assert!(fuzzing::attestation(&payload), "a valid attestation must be accepted");
+        fuzzing::attestation(&mutate(payload, &muts));
+    }
+
+    #[test]
+    fn revocation_valid_and_mutated(l in revocation_list(), muts in prop::collection::vec(mutation(), 0..4)) {
+        let payload = postcard::to_allocvec(&l).expect("encode");
+        prop_assert!(fuzzing::revocation_list(&payload), "a valid list must be accepted");
+        fuzzing::revocation_list(&mutate(payload, &muts));
+    }
+
+    #[test]
+    fn signed_arbitrary(data in prop::collection::vec(any::<u8>(), 0..400)) {
+        fuzzing::attestation(&data);
+        fuzzing::revocation_list(&data);
+    }
+
+    #[test]
+    fn socks_valid_and_mutated(r in socks_request(), methods in prop::collection::vec(any::<u8>(), 1..255),
+                               user in prop::collection::vec(any::<u8>(), 1..255),
+                               muts in prop::collection::vec(mutation(), 0..4)) {
+        let wire = socks5::encode_request(&r);
+        prop_assert!(fuzzing::socks_request(&wire), "a valid request must be accepted");
+        fuzzing::socks_request(&mutate(wire, &muts));
+        let greeting = socks5::encode_greeting(&methods);
+        prop_assert!(fuzzing::socks_greeting(&greeting), "a valid greeting must be accepted");
+        fuzzing::socks_greeting(&mutate(greeting, &muts));
+        let auth = socks5::encode_userpass(&user, &user);
+        prop_assert!(fuzzing::socks_greeting(&auth));
+        fuzzing::socks_greeting(&mutate(auth, &muts));
+    }
+
+    #[test]
+    fn socks_arbitrary(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        fuzzing::socks_greeting(&data);
+        fuzzing::socks_request(&data);
+    }
+
+    #[test]
+    fn policy_mutated(muts in prop::collection::vec(mutation(), 0..6)) {
+        prop_assert!(fuzzing::policy(SAMPLE_POLICY.as_bytes()));
+        fuzzing::policy(&mutate(SAMPLE_POLICY.as_bytes().to_vec(), &muts));
+    }
+
+    #[test]
+    fn policy_arbitrary(data in "[\\[\\]a-z0-9 =\"\\n.:,_-]{0,300}") {
+        fuzzing::policy(data.as_bytes());
+    }
+}
