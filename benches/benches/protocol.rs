@@ -95,11 +95,11 @@ fn token_benches(c: &mut Criterion) {
     };
 
     let mut g = c.benchmark_group("hop_token");
-    g.bench_function("baseline_hmac_sha256_130B", |bench| {
+    g.bench_function("baseline_hmac_sha256_134B", |bench| {
         bench.iter(|| {
             let mut m =
                 <Hmac<Sha256> as KeyInit>::new_from_slice(stream_key.expose()).expect("key");
-            m.update(black_box(&token[..130]));
+            m.update(black_box(&token[..134]));
             black_box(m.finalize())
         })
     });
@@ -132,7 +132,7 @@ fn token_benches(c: &mut Criterion) {
         })
     });
     let mut forged = token;
-    forged[140] ^= 1;
+    forged[150] ^= 1;
     g.bench_function("verify_forged_cached_key", |bench| {
         bench.iter(|| {
             verify_token(black_box(&forged), &gate, &cached, &ingress).expect_err("forged")

@@ -50,8 +50,6 @@ pub enum DocumentKind {
     Attestation,
     /// A revocation list.
     RevocationList,
-    /// A node's proof of key possession (refresh challenge answer).
-    KeyProof,
 }
 
 impl DocumentKind {
@@ -59,13 +57,12 @@ impl DocumentKind {
         match self {
             Self::Attestation => b"hopmesh/attestation/v1\0",
             Self::RevocationList => b"hopmesh/revocation/v1\0",
-            Self::KeyProof => b"hopmesh/key-proof/v1\0",
         }
     }
 
     fn cap(self) -> usize {
         match self {
-            Self::Attestation | Self::KeyProof => MAX_ATTESTATION_PAYLOAD,
+            Self::Attestation => MAX_ATTESTATION_PAYLOAD,
             Self::RevocationList => MAX_REVOCATION_PAYLOAD,
         }
     }

@@ -16,15 +16,15 @@
 //! off len field
 //!   0   1 version (1)
 //!   1   1 alg (1 = HMAC-SHA256)
-//!   2   4 generation
-//!   6   8 epoch
-//!  14  32 src node id
-//!  46  32 dst node id
-//!  78   8 dst service id
-//!  86   8 QUIC stream id (raw u64)
-//!  94   4 header length
-//!  98  32 SHA-256(request header)
-//! 130  32 tag
+//!   2   8 generation
+//!  10   8 epoch
+//!  18  32 src node id
+//!  50  32 dst node id
+//!  82   8 dst service id
+//!  90   8 QUIC stream id (raw u64)
+//!  98   4 header length
+//! 102  32 SHA-256(request header)
+//! 134  32 tag
 //! ```
 //!
 //! **Deviation from DESIGN.md, on purpose:** the design MACs `fields ‖ SHA-256(header)`
@@ -53,7 +53,7 @@ pub const TOKEN_VERSION: u8 = 1;
 /// Algorithm byte for HMAC-SHA256 tags.
 pub const ALG_HMAC_SHA256: u8 = 1;
 /// Offset of the tag: everything before it is MAC'd.
-pub const TAG_OFFSET: usize = 130;
+pub const TAG_OFFSET: usize = 134;
 /// Length of an encoded token.
 pub const TOKEN_LEN: usize = TAG_OFFSET + 32;
 /// Largest request header a token may announce (DESIGN.md: 64 KiB data-plane headers).
@@ -120,11 +120,14 @@ impl Default for EpochLength {
 pub struct Epoch(pub u64);
 
 /// A pair-seed generation number; increases with every rotation or reissue.
+///
+/// The verifier composes it as `time slot << 16 | reissue epoch of the pair`, so scheduled
+/// rotation and selective reissue never produce the same number twice for a pair.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 #[serde(transparent)]
-pub struct Generation(pub u32);
+pub struct Generation(pub u64);
 
 /// An unordered node pair, stored in canonical order so both ends derive the same keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -255,16 +258,16 @@ impl HopToken {
             version: raw[0],
             alg: raw[1],
             fields: TokenFields {
-                generation: Generation(u32_at(2)),
-                epoch: Epoch(u64_at(6)),
-                src: NodeId::from_bytes(id_at(14)),
-                dst: NodeId::from_bytes(id_at(46)),
-                service: ServiceId::from_u64(u64_at(78)),
-                stream_id: u64_at(86),
-                header_len: u32_at(94),
-                header_hash: id_at(98),
+                generation: Generation(u64_at(2)),
+                epoch: Epoch(u64_at(10)),
+                src: NodeId::from_bytes(id_at(18)),
+                dst: NodeId::from_bytes(id_at(50)),
+                service: ServiceId::from_u64(u64_at(82)),
+                stream_id: u64_at(90),
+                header_len: u32_at(98),
+                header_hash: id_at(102),
             },
-            tag: id_at(130),
+            tag: id_at(TAG_OFFSET),
         }
     }
 
@@ -280,14 +283,14 @@ fn encode_unsigned(version: u8, alg: u8, f: &TokenFields) -> [u8; TOKEN_LEN] {
     let mut out = [0u8; TOKEN_LEN];
     out[0] = version;
     out[1] = alg;
-    out[2..6].copy_from_slice(&f.generation.0.to_be_bytes());
-    out[6..14].copy_from_slice(&f.epoch.0.to_be_bytes());
-    out[14..46].copy_from_slice(f.src.as_bytes());
-    out[46..78].copy_from_slice(f.dst.as_bytes());
-    out[78..86].copy_from_slice(&f.service.as_u64().to_be_bytes());
-    out[86..94].copy_from_slice(&f.stream_id.to_be_bytes());
-    out[94..98].copy_from_slice(&f.header_len.to_be_bytes());
-    out[98..130].copy_from_slice(&f.header_hash);
+    out[2..10].copy_from_slice(&f.generation.0.to_be_bytes());
+    out[10..18].copy_from_slice(&f.epoch.0.to_be_bytes());
+    out[18..50].copy_from_slice(f.src.as_bytes());
+    out[50..82].copy_from_slice(f.dst.as_bytes());
+    out[82..90].copy_from_slice(&f.service.as_u64().to_be_bytes());
+    out[90..98].copy_from_slice(&f.stream_id.to_be_bytes());
+    out[98..102].copy_from_slice(&f.header_len.to_be_bytes());
+    out[102..TAG_OFFSET].copy_from_slice(&f.header_hash);
     out
 }
 
@@ -424,10 +427,10 @@ pub enum TokenRefusal {
     },
     /// No usable seed for the generation.
     #[error("unknown generation {0}")]
-    UnknownGeneration(u32),
+    UnknownGeneration(u64),
     /// The MAC is valid under a generation marked compromised: a leaked seed is in use.
     #[error("valid MAC under compromised generation {0}")]
-    CompromisedKeyUse(u32),
+    CompromisedKeyUse(u64),
     /// The MAC does not verify (forgery, bit flip, replay on another connection).
     #[error("bad MAC")]
     BadMac,
@@ -627,13 +630,13 @@ pub struct PairKeyring {
 pub enum GrantRefusal {
     /// The generation is known as compromised; it can never become valid again.
     #[error("generation {0} is compromised")]
-    Compromised(u32),
+    Compromised(u64),
     /// The same generation number arrived with a different seed or validity.
     #[error("generation {0} already holds a different seed")]
-    Conflicting(u32),
+    Conflicting(u64),
     /// `valid_until` is not after `valid_from`.
     #[error("generation {0} has an empty validity window")]
-    EmptyWindow(u32),
+    EmptyWindow(u64),
 }
 
 impl PairKeyring {

@@ -21,7 +21,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn token(version: u8, alg: u8, g: u32, e: u64, src in node_id(), dst in node_id(), s: u64, sid: u64,
+    fn token(version: u8, alg: u8, g: u64, e: u64, src in node_id(), dst in node_id(), s: u64, sid: u64,
              len: u32, hash: [u8; 32], tag: [u8; 32]) {
         let t = HopToken {
             version,

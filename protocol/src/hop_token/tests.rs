@@ -193,7 +193,7 @@ fn golden_token() {
     let hex = hex::encode(token);
     let want = concat!(
         "0101",                                                             // version, alg
-        "00000007",                                                         // generation
+        "0000000000000007",                                                 // generation
         "000000000aba9500",                                                 // epoch 180_000_000
         "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1", // src
         "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2", // dst
@@ -278,7 +278,7 @@ fn replay_on_another_stream_is_refused() {
     );
     // Rewriting the stream id to match the new stream breaks the MAC.
     let mut rewritten = token;
-    rewritten[86..94].copy_from_slice(&8u64.to_be_bytes());
+    rewritten[90..98].copy_from_slice(&8u64.to_be_bytes());
     assert_eq!(
         f.verify_on(&rewritten, NOW, 8, &f.binding).map(|_| ()),
         Err(TokenRefusal::BadMac)
@@ -355,7 +355,7 @@ fn unknown_generation_policy_version_and_header_length() {
     let epoch = EpochLength::DEFAULT.epoch_at(UnixTime::from_secs(NOW));
     // Generation 8 was never granted: the token is refused before any MAC work.
     let mut token = f.mint_at(NOW, b"h");
-    token[2..6].copy_from_slice(&8u32.to_be_bytes());
+    token[2..10].copy_from_slice(&8u64.to_be_bytes());
     assert_eq!(
         f.verify(&token, NOW).map(|_| ()),
         Err(TokenRefusal::UnknownGeneration(8))
@@ -374,7 +374,7 @@ fn unknown_generation_policy_version_and_header_length() {
         Err(TokenRefusal::UnknownAlgorithm(9))
     );
     let mut long = f.mint_at(NOW, b"h");
-    long[94..98].copy_from_slice(&(MAX_HEADER_LEN + 1).to_be_bytes());
+    long[98..102].copy_from_slice(&(MAX_HEADER_LEN + 1).to_be_bytes());
     assert_eq!(
         f.verify(&long, NOW).map(|_| ()),
         Err(TokenRefusal::HeaderTooLong(MAX_HEADER_LEN + 1))
@@ -488,7 +488,7 @@ fn keyring_minting_pruning_and_conflicts() {
     let a = NodeId::from_bytes([1; 32]);
     let b = NodeId::from_bytes([2; 32]);
     let mut ring = PairKeyring::new(PairIds::new(a, b));
-    let grant = |g: u32, from: u64| GenerationGrant {
+    let grant = |g: u64, from: u64| GenerationGrant {
         generation: Generation(g),
         seed: PairSeed::from_bytes([g as u8; 32]),
         valid_from: UnixTime::from_secs(from),
@@ -522,7 +522,7 @@ fn keyring_minting_pruning_and_conflicts() {
     // Only MAX_LIVE_GENERATIONS live generations are kept; compromised ones are kept apart.
     ring.mark_compromised(Generation(1));
     for g in 3..10 {
-        ring.insert(grant(g, g as u64 * 300)).expect("grant");
+        ring.insert(grant(g, g * 300)).expect("grant");
     }
     let held: Vec<_> = ring.generations().collect();
     assert_eq!(
