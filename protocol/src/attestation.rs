@@ -87,6 +87,14 @@ impl SigningKey {
         Self { pair, key_id }
     }
 
+    /// The key in a PKCS#8 document (v1 or v2), as stored in key files.
+    pub fn from_pkcs8(der: &[u8]) -> Result<Self, BadKey> {
+        let pair =
+            Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(|e| BadKey(e.to_string()))?;
+        let key_id = KeyId::of_public_key(pair.public_key().as_ref());
+        Ok(Self { pair, key_id })
+    }
+
     /// The public half.
     pub fn verifying_key(&self) -> VerifyingKey {
         let mut pk = [0u8; 32];
@@ -106,6 +114,11 @@ impl SigningKey {
         sig
     }
 }
+
+/// A key file did not hold an Ed25519 PKCS#8 document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an Ed25519 PKCS#8 key: {0}")]
+pub struct BadKey(pub String);
 
 /// An Ed25519 public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -1,0 +1,192 @@
+//! quinn endpoints, connection identity and exporter, and capped frame IO on streams.
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hopmesh_protocol::frame::{LEN_PREFIX, body_len, decode_body, encode_frame};
+use hopmesh_protocol::hop_token::{EXPORTER_LABEL, PairIds, exporter_context};
+use hopmesh_protocol::ids::NodeId;
+use hopmesh_protocol::secret::ConnectionBinding;
+use hopmesh_protocol::wire::{DecodeError, EncodeError};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{
+    Connection, Endpoint, EndpointConfig, RecvStream, SendStream, TokioRuntime, TransportConfig,
+    VarInt,
+};
+use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::TransportError;
+use crate::identity::cert_spki;
+
+/// Transport parameters: idle timeout and keep-alive.
+pub fn transport_config(idle_timeout: Duration, keep_alive: Duration) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    // Invariant: idle timeouts we configure are well below the 2^62 ms VarInt limit.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
+    t.keep_alive_interval(Some(keep_alive));
+    t
+}
+
+/// Wraps a rustls server config for quinn.
+pub fn quinn_server(
+    tls: rustls::ServerConfig,
+    transport: Arc<TransportConfig>,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let crypto = QuicServerConfig::try_from(tls).map_err(|_| TransportError::NoInitialSuite)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport);
+    Ok(cfg)
+}
+
+/// Wraps a rustls client config for quinn.
+pub fn quinn_client(
+    tls: rustls::ClientConfig,
+    transport: Arc<TransportConfig>,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let crypto = QuicClientConfig::try_from(tls).map_err(|_| TransportError::NoInitialSuite)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport);
+    Ok(cfg)
+}
+
+/// An endpoint on an already bound socket (tests bind port 0), serving if `server` is set.
+pub fn endpoint(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, TransportError> {
+    Endpoint::new(
+        EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .map_err(|e| TransportError::Io {
+        path: "udp socket".into(),
+        source: e,
+    })
+}
+
+/// The peer's SPKI, from the certificate the handshake authenticated.
+pub fn peer_spki(conn: &Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    cert_spki(certs.first()?).ok()
+}
+
+/// The peer's node id, from the certificate the handshake authenticated.
+pub fn peer_node_id(conn: &Connection) -> Option<NodeId> {
+    peer_spki(conn).map(|spki| NodeId::from_spki(&spki))
+}
+
+/// `X` for this connection: 32 exporter bytes bound to the ALPN and the pair.
+pub fn connection_binding(
+    conn: &Connection,
+    alpn: &[u8],
+    pair: &PairIds,
+) -> Result<ConnectionBinding, TransportError> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, &exporter_context(alpn, pair))
+        .map_err(|_| TransportError::Exporter)?;
+    Ok(ConnectionBinding::from_bytes(out))
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameIoError {
+    /// The stream ended inside a frame: truncation, never mistaken for a clean end.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The peer reset the stream or the connection failed.
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Writing failed.
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The frame was refused by the decoder (cap, version, canonical form...).
+    #[error("bad frame: {0}")]
+    Decode(#[from] DecodeError),
+    /// The message could not be encoded under the cap.
+    #[error("cannot encode: {0}")]
+    Encode(#[from] EncodeError),
+    /// Nothing arrived before the deadline.
+    #[error("timed out waiting for a frame")]
+    Timeout,
+}
+
+impl FrameIoError {
+    /// True when the peer (not the transport) sent something wrong.
+    pub fn is_peer_fault(&self) -> bool {
+        matches!(self, Self::Truncated | Self::Decode(_))
+    }
+}
+
+/// Reads one frame with `cap`. `Ok(None)` when the stream finished cleanly before any byte of
+/// a new frame; a finish inside a frame is [`FrameIoError::Truncated`].
+pub async fn read_frame<T: Serialize + DeserializeOwned>(
+    recv: &mut RecvStream,
+    cap: usize,
+) -> Result<Option<T>, FrameIoError> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameIoError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let len = body_len(prefix, cap)?;
+    let mut body = vec![0u8; len];
+    match recv.read_exact(&mut body).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameIoError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    Ok(Some(decode_body(&body, cap)?))
+}
+
+/// [`read_frame`] under a deadline.
+pub async fn read_frame_within<T: Serialize + DeserializeOwned>(
+    recv: &mut RecvStream,
+    cap: usize,
+    deadline: Duration,
+) -> Result<Option<T>, FrameIoError> {
+    tokio::time::timeout(deadline, read_frame(recv, cap))
+        .await
+        .map_err(|_| FrameIoError::Timeout)?
+}
+
+/// Writes one frame with `cap`.
+pub async fn write_frame<T: Serialize>(
+    send: &mut SendStream,
+    msg: &T,
+    cap: usize,
+) -> Result<(), FrameIoError> {
+    let bytes = encode_frame(msg, cap)?;
+    send.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// QUIC application error codes used by hopmesh, in one place.
+pub mod codes {
+    use super::VarInt;
+
+    /// A stream refused by the gate (generic; the reason is audited locally).
+    pub const STREAM_REFUSED: VarInt =
+        VarInt::from_u32(hopmesh_protocol::hop_token::STREAM_REFUSED_CODE);
+    /// A request or frame the receiver could not accept.
+    pub const BAD_REQUEST: VarInt = VarInt::from_u32(0x4802);
+    /// The local side failed (backend, internal error) mid-stream.
+    pub const INTERNAL: VarInt = VarInt::from_u32(0x4803);
+    /// Connection closed: the peer's credentials are revoked or expired.
+    pub const REVOKED: VarInt = VarInt::from_u32(0x4810);
+    /// Connection closed: too many forged tokens or compromised key use.
+    pub const ABUSE: VarInt = VarInt::from_u32(0x4811);
+    /// Connection closed: orderly shutdown.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0x4812);
+    /// Connection closed: policy no longer allows the pair.
+    pub const POLICY: VarInt = VarInt::from_u32(0x4813);
+}
