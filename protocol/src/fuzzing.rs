@@ -11,7 +11,8 @@ use crate::attestation::{
     RevocationList, RevocationUpdate, SigningKey, seal, verify_attestation, verify_revocation_list,
 };
 use crate::control::{PeerMessage, StreamHeader};
-use crate::frame::{CONTROL_CAP, decode_frame};
+use crate::enrollment::{NodeRequest, PUSH_CAP, Push, REQUEST_CAP, VerifierResponse};
+use crate::frame::{CONTROL_CAP, decode_frame, encode_frame};
 use crate::hop_token::{
     ConnectionKeys, EpochLength, GateContext, HopToken, PairIds, PairKeyring, TOKEN_LEN,
     verify_token,
@@ -62,7 +63,7 @@ pub fn token(data: &[u8]) -> bool {
     true
 }
 
-/// Frames and stream headers: whatever decodes re-encodes to exactly the bytes consumed.
+/// Frames (peer control, verifier requests, responses, pushes) and stream headers: whatever decodes re-encodes to exactly the bytes consumed.
 pub fn frame(data: &[u8]) -> bool {
     let mut accepted = false;
     if let Ok(Some((msg, used))) = decode_frame::<PeerMessage>(data, CONTROL_CAP) {
@@ -70,6 +71,27 @@ pub fn frame(data: &[u8]) -> bool {
             msg.to_frame().ok().as_deref(),
             Some(&data[..used]),
             "frame must be canonical"
+        );
+        accepted = true;
+    }
+    if let Ok(Some((msg, used))) = decode_frame::<NodeRequest>(data, REQUEST_CAP) {
+        assert_eq!(
+            encode_frame(&msg, REQUEST_CAP).ok().as_deref(),
+            Some(&data[..used])
+        );
+        accepted = true;
+    }
+    if let Ok(Some((msg, used))) = decode_frame::<VerifierResponse>(data, REQUEST_CAP) {
+        assert_eq!(
+            encode_frame(&msg, REQUEST_CAP).ok().as_deref(),
+            Some(&data[..used])
+        );
+        accepted = true;
+    }
+    if let Ok(Some((msg, used))) = decode_frame::<Push>(data, PUSH_CAP) {
+        assert_eq!(
+            encode_frame(&msg, PUSH_CAP).ok().as_deref(),
+            Some(&data[..used])
         );
         accepted = true;
     }

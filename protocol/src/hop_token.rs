@@ -45,7 +45,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ids::{NodeId, ServiceId};
 use crate::routing::{IngressTable, ServePermit, ServeRefusal};
-use crate::secret::{ConnectionBinding, EpochKey, PairSeed, StreamKey};
+use crate::secret::{ConnectionBinding, EpochKey, MasterSecret, PairSeed, StreamKey};
 use crate::time::UnixTime;
 
 /// Token format version this build mints and accepts.
@@ -128,6 +128,47 @@ pub struct Epoch(pub u64);
 )]
 #[serde(transparent)]
 pub struct Generation(pub u64);
+
+impl Generation {
+    /// The generation for time slot `slot` (`floor(now / generation length)`) after `reissues`
+    /// selective reissues of the pair.
+    pub fn compose(slot: u64, reissues: u16) -> Self {
+        Self(slot << 16 | u64::from(reissues))
+    }
+
+    /// The time slot.
+    pub fn slot(self) -> u64 {
+        self.0 >> 16
+    }
+
+    /// The pair's reissue count when this generation was made.
+    pub fn reissues(self) -> u16 {
+        (self.0 & 0xFFFF) as u16
+    }
+}
+
+/// HKDF info label of pair seeds.
+pub const PAIR_SEED_LABEL: &[u8] = b"hopmesh/pair-seed/v1";
+
+impl PairSeed {
+    /// `S(a,b,g) = HKDF(master, "hopmesh/pair-seed/v1" ‖ lo ‖ hi ‖ g)`: the verifier derives
+    /// seeds instead of storing them, so its cost stays flat as the mesh grows; only
+    /// reissue counts and compromised generations are stored.
+    pub fn derive(master: &MasterSecret, pair: &PairIds, generation: Generation) -> Self {
+        let mut info = Vec::with_capacity(PAIR_SEED_LABEL.len() + 72);
+        info.extend_from_slice(PAIR_SEED_LABEL);
+        info.extend_from_slice(pair.lo.as_bytes());
+        info.extend_from_slice(pair.hi.as_bytes());
+        info.extend_from_slice(&generation.0.to_be_bytes());
+        let mut out = [0u8; 32];
+        // Invariant: 32 bytes is far below HKDF-SHA256's output limit.
+        #[allow(clippy::expect_used)]
+        Hkdf::<Sha256>::new(None, master.expose())
+            .expand(&info, &mut out)
+            .expect("32-byte HKDF output is always valid");
+        Self::from_bytes(out)
+    }
+}
 
 /// An unordered node pair, stored in canonical order so both ends derive the same keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

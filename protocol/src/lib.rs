@@ -18,6 +18,7 @@
 //! - [`wire`]: hardened postcard decoding and bounded collections.
 //! - [`frame`]: length-delimited frames with caps and a version byte.
 //! - [`control`]: control-stream messages and the stream request header.
+//! - [`enrollment`]: node-to-verifier requests, responses and pushes.
 //! - [`socks5`]: SOCKS5 (RFC 1928) and username/password (RFC 1929) parsing and encoding.
 //! - [`policy`]: the policy file model and its compilation into routing tables.
 //! - [`routing`]: per-node egress and ingress tables, `may_route` and `may_serve`.
@@ -26,6 +27,7 @@
 
 pub mod attestation;
 pub mod control;
+pub mod enrollment;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;

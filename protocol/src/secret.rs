@@ -82,6 +82,11 @@ secret_type!(
     32
 );
 secret_type!(
+    /// The verifier's master secret from which every pair seed is derived.
+    MasterSecret,
+    32
+);
+secret_type!(
     /// The 32-byte seed of an Ed25519 signing key.
     SigningSeed,
     32

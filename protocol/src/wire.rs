@@ -203,6 +203,62 @@ impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for BoundedVec<T
     }
 }
 
+/// A UTF-8 string of at most `N` bytes, also when deserialized.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BoundedString<const N: usize>(String);
+
+impl<const N: usize> BoundedString<N> {
+    /// Wraps `s` if it is at most `N` bytes.
+    pub fn new(s: &str) -> Result<Self, TooMany> {
+        if s.len() > N {
+            return Err(TooMany {
+                len: s.len(),
+                max: N,
+            });
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// `s` cut to at most `N` bytes at a character boundary (for informational fields).
+    pub fn truncated(s: &str) -> Self {
+        let mut end = s.len().min(N);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self(s[..end].to_owned())
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<const N: usize> fmt::Debug for BoundedString<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<const N: usize> fmt::Display for BoundedString<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<const N: usize> Serialize for BoundedString<N> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de, const N: usize> Deserialize<'de> for BoundedString<N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Self::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +314,21 @@ mod tests {
         assert_eq!(
             BoundedVec::<u8, 2>::new(vec![1, 2, 3]).map(|_| ()),
             Err(TooMany { len: 3, max: 2 })
+        );
+    }
+
+    #[test]
+    fn bounded_string_limits() {
+        assert!(BoundedString::<3>::new("abc").is_ok());
+        assert_eq!(
+            BoundedString::<3>::new("abcd").map(|_| ()),
+            Err(TooMany { len: 4, max: 3 })
+        );
+        assert_eq!(BoundedString::<4>::truncated("aé€").as_str(), "aé");
+        assert!(decode_canonical::<BoundedString<3>>(&[4, b'a', b'b', b'c', b'd'], 64).is_err());
+        assert_eq!(
+            decode_canonical::<BoundedString<3>>(&[2, b'h', b'i'], 64).map(|s| s.0),
+            Ok("hi".to_owned())
         );
     }
 

@@ -553,3 +553,28 @@ fn forgery_meter_closes_after_three_in_a_minute() {
         assert!(m.record(t(i * 25)).is_ok(), "forgery {i}");
     }
 }
+
+#[test]
+fn generations_compose_and_pair_seeds_derive() {
+    let g = Generation::compose(6_000_000, 3);
+    assert_eq!((g.slot(), g.reissues()), (6_000_000, 3));
+    assert!(Generation::compose(5, 1) > Generation::compose(5, 0));
+    assert!(Generation::compose(6, 0) > Generation::compose(5, 9));
+    let master = MasterSecret::from_bytes([9; 32]);
+    let ab = PairIds::new(NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+    let ac = PairIds::new(NodeId::from_bytes([1; 32]), NodeId::from_bytes([3; 32]));
+    let s1 = PairSeed::derive(&master, &ab, g);
+    assert_eq!(
+        s1,
+        PairSeed::derive(&master, &PairIds::new(ab.hi(), ab.lo()), g)
+    );
+    assert_ne!(
+        s1,
+        PairSeed::derive(&master, &ab, Generation::compose(6_000_000, 4))
+    );
+    assert_ne!(s1, PairSeed::derive(&master, &ac, g));
+    assert_ne!(
+        s1,
+        PairSeed::derive(&MasterSecret::from_bytes([8; 32]), &ab, g)
+    );
+}
