@@ -102,6 +102,11 @@ impl Identity {
         self.cert.clone()
     }
 
+    /// The PKCS#8 document (secret: handle as key material).
+    pub fn pkcs8_der(&self) -> Vec<u8> {
+        self.pkcs8.clone()
+    }
+
     /// The private key for rustls.
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.clone()))

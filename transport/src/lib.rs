@@ -6,15 +6,23 @@
 //! policy: who may connect is decided by a [`tls::PeerAuthorizer`] the caller supplies.
 //!
 //! # Layout
+//! - [`audit`]: the hash-chained JSON-lines audit log.
+//! - [`clock`]: the system clock with a test offset.
 //! - [`identity`]: Ed25519 key files (0600), self-signed certificates, SPKI extraction.
+//! - [`pins`]: the verifier pins a node trusts.
 //! - [`tls`]: rustls server and client configs and the custom certificate verifiers.
+//! - [`verifier_client`]: the node side of the verifier protocol.
 //! - [`quic`]: quinn endpoints, peer identity, exporter binding, capped frame IO, error codes.
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod clock;
 pub mod identity;
+pub mod pins;
 pub mod quic;
 pub mod tls;
+pub mod verifier_client;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,257 @@
+//! Test harness: a verifier and test nodes in one process, on 127.0.0.1 port 0, with a clock
+//! the test can move.
+
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use hopmesh_protocol::enrollment::{Address, HostFacts};
+use hopmesh_protocol::ids::{Measurement, NodeName};
+use hopmesh_protocol::secret::JoinSecret;
+use hopmesh_protocol::time::{Clock, UnixTime};
+use hopmesh_protocol::wire::{BoundedString, BoundedVec};
+use hopmesh_transport::clock::SystemClock;
+use hopmesh_transport::identity::Identity;
+use hopmesh_transport::pins::Pins;
+use hopmesh_transport::verifier_client::{ClientError, PushStream, VerifierClient};
+use hopmesh_verifier::admin::AdminClient;
+use hopmesh_verifier::authority::Settings;
+use hopmesh_verifier::datadir::DataDir;
+use hopmesh_verifier::error::VerifierError;
+use hopmesh_verifier::{Running, ServeOptions, start};
+
+/// The measurement test nodes present.
+pub const GOOD_MEASUREMENT: Measurement = Measurement([0x11; 32]);
+
+/// The TESTING.md standard topology: a, b in s1; c in s2; s1 -> s1 and s1 -> web.s2.
+pub fn standard_policy() -> String {
+    format!(
+        r#"
+[attestation]
+measurements = ["{m}"]
+
+[[segment]]
+name = "s1"
+[[segment]]
+name = "s2"
+
+[[node]]
+name = "a"
+segments = ["s1"]
+[[node]]
+name = "b"
+segments = ["s1"]
+[[node]]
+name = "c"
+segments = ["s2"]
+
+[[service]]
+name = "api"
+segment = "s1"
+node = "b"
+backend = "127.0.0.1:18080"
+[[service]]
+name = "web"
+segment = "s2"
+node = "c"
+backend = "127.0.0.1:18081"
+
+[[allow]]
+from = "s1"
+to = "s1"
+[[allow]]
+from = "s1"
+to = "web.s2"
+"#,
+        m = GOOD_MEASUREMENT
+    )
+}
+
+/// A clock the test can move forward or back.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    offset: AtomicI64,
+}
+
+impl ManualClock {
+    /// Moves the clock by `secs`.
+    pub fn advance(&self, secs: i64) {
+        self.offset.fetch_add(secs, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> UnixTime {
+        SystemClock {
+            offset_secs: self.offset.load(Ordering::SeqCst),
+        }
+        .now()
+    }
+}
+
+/// A verifier running in this process.
+#[derive(Debug)]
+pub struct VerifierHarness {
+    /// Its data directory (deleted on drop).
+    pub dir: tempfile::TempDir,
+    /// The policy file.
+    pub policy_path: PathBuf,
+    /// The pins nodes use.
+    pub pins: Pins,
+    /// The clock.
+    pub clock: Arc<ManualClock>,
+    /// Settings used.
+    pub settings: Settings,
+    /// The running verifier (None while stopped).
+    pub running: Option<Running>,
+}
+
+impl VerifierHarness {
+    /// Initialises a data dir and starts a verifier with `policy`.
+    pub async fn start(policy: &str, settings: Settings) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pins = DataDir::new(dir.path()).init().expect("init");
+        let policy_path = dir.path().join("policy.toml");
+        std::fs::write(&policy_path, policy).expect("write policy");
+        let mut h = Self {
+            dir,
+            policy_path,
+            pins,
+            clock: Arc::new(ManualClock::default()),
+            settings,
+            running: None,
+        };
+        h.restart().await.expect("start verifier");
+        h
+    }
+
+    /// (Re)starts the verifier on fresh ports.
+    pub async fn restart(&mut self) -> Result<(), VerifierError> {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tcp");
+        let opts = ServeOptions {
+            settings: self.settings.clone(),
+            policy_path: self.policy_path.clone(),
+            clock: self.clock.clone(),
+        };
+        self.running = Some(start(self.dir.path(), opts, udp, tcp).await?);
+        Ok(())
+    }
+
+    /// Stops the verifier.
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().expect("verifier is running")
+    }
+
+    /// Now on the verifier's clock.
+    pub fn now(&self) -> UnixTime {
+        self.clock.now()
+    }
+
+    /// A join secret for `name`.
+    pub fn join_token(&self, name: &str, ttl: u64) -> JoinSecret {
+        let now = self.now();
+        self.running()
+            .shared
+            .authority()
+            .create_join_token(&NodeName::new(name).expect("name"), None, ttl, now)
+            .expect("join token")
+            .0
+    }
+
+    /// An admin API client.
+    pub fn admin(&self) -> AdminClient {
+        let token = DataDir::new(self.dir.path()).admin_token().expect("token");
+        AdminClient::new(&self.running().admin_addr.to_string(), &token)
+    }
+
+    /// The shared verifier state.
+    pub fn shared(&self) -> &Arc<hopmesh_verifier::Shared> {
+        &self.running().shared
+    }
+
+    /// A new test node (fresh key) connected to the verifier.
+    pub async fn node(&self) -> TestNode {
+        TestNode::connect(self, Identity::generate().expect("identity")).await
+    }
+}
+
+/// The node side of the verifier protocol, as a test drives it.
+#[derive(Debug)]
+pub struct TestNode {
+    /// Its key.
+    pub identity: Identity,
+    /// Its endpoint.
+    pub endpoint: quinn::Endpoint,
+    /// Its verifier connection.
+    pub client: VerifierClient,
+}
+
+/// One advertised address.
+pub fn addresses() -> BoundedVec<Address, 4> {
+    BoundedVec::new(vec![BoundedString::truncated("127.0.0.1:4433")]).expect("fits")
+}
+
+impl TestNode {
+    /// Connects `identity` to the harness's verifier.
+    pub async fn connect(h: &VerifierHarness, identity: Identity) -> Self {
+        let endpoint =
+            hopmesh_transport::quic::endpoint(UdpSocket::bind("127.0.0.1:0").expect("bind"), None)
+                .expect("endpoint");
+        let client = VerifierClient::connect(&endpoint, h.running().node_addr, &identity, &h.pins)
+            .await
+            .expect("connect");
+        Self {
+            identity,
+            endpoint,
+            client,
+        }
+    }
+
+    /// Enrolls with `secret` and `measurement`.
+    pub async fn enroll(
+        &self,
+        secret: JoinSecret,
+        measurement: Measurement,
+        now: UnixTime,
+    ) -> Result<hopmesh_protocol::attestation::VerifiedAttestation, ClientError> {
+        let facts = HostFacts {
+            hostname: BoundedString::truncated("test"),
+            platform: BoundedString::truncated("linux/test"),
+            version: BoundedString::truncated("0"),
+        };
+        self.client
+            .enroll(secret, measurement, facts, addresses(), now)
+            .await
+            .map(|(_, v)| v)
+    }
+
+    /// Refreshes with `measurement`.
+    pub async fn refresh(
+        &self,
+        measurement: Measurement,
+        now: UnixTime,
+    ) -> Result<hopmesh_protocol::attestation::VerifiedAttestation, ClientError> {
+        self.client
+            .refresh(measurement, addresses(), now)
+            .await
+            .map(|(_, v)| v)
+    }
+
+    /// Opens the push stream.
+    pub async fn subscribe(&self) -> Result<PushStream, ClientError> {
+        self.client.subscribe().await
+    }
+}

@@ -1,0 +1,158 @@
+//! The verifier's data directory.
+//!
+//! ```text
+//! DIR/signing.key   Ed25519 PKCS#8, 0600: signs attestations and revocation lists
+//! DIR/tls.key       Ed25519 PKCS#8, 0600: the node-facing QUIC endpoint's TLS key
+//! DIR/master.key    32 random bytes, 0600: every pair seed derives from it
+//! DIR/admin.token   hex bearer token, 0600: the admin API's credential
+//! DIR/store.db      SQLite store (WAL)
+//! DIR/audit.jsonl   hash-chained audit log
+//! DIR/pins.json     what nodes pin (public)
+//! DIR/admin.addr    the admin API's address while `serve` runs
+//! ```
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use hopmesh_protocol::secret::MasterSecret;
+use hopmesh_transport::audit::AuditLog;
+use hopmesh_transport::identity::{Identity, write_secret_file};
+use hopmesh_transport::pins::Pins;
+use hopmesh_transport::tls::spki_pin;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::error::VerifierError;
+use crate::store::SqliteStore;
+
+/// Paths inside a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+/// Everything `serve` needs from the data directory.
+#[derive(Debug)]
+pub struct Opened {
+    /// Signing identity.
+    pub signing: Identity,
+    /// TLS identity.
+    pub tls: Identity,
+    /// Master secret.
+    pub master: MasterSecret,
+    /// Admin bearer token.
+    pub admin_token: String,
+    /// The store.
+    pub store: SqliteStore,
+    /// The audit log.
+    pub audit: AuditLog,
+}
+
+fn random32() -> Result<[u8; 32], VerifierError> {
+    let mut b = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| VerifierError::Config("OS random generator failed".into()))?;
+    Ok(b)
+}
+
+impl DataDir {
+    /// The directory at `root`.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+        }
+    }
+
+    /// A file inside it.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Creates keys, token, store and pins. Refuses if a store already exists.
+    pub fn init(&self) -> Result<Pins, VerifierError> {
+        if self.file("store.db").exists() || self.file("signing.key").exists() {
+            return Err(VerifierError::Config(format!(
+                "{} already holds a verifier; refusing to overwrite it",
+                self.root.display()
+            )));
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|e| VerifierError::io(format!("create {}", self.root.display()), e))?;
+        let signing = Identity::generate()?;
+        let tls = Identity::generate()?;
+        signing.save_new(&self.file("signing.key"))?;
+        tls.save_new(&self.file("tls.key"))?;
+        write_secret_file(&self.file("master.key"), &random32()?)?;
+        write_secret_file(
+            &self.file("admin.token"),
+            hex::encode(random32()?).as_bytes(),
+        )?;
+        drop(SqliteStore::create(&self.file("store.db"))?);
+        let pins = Pins {
+            verifier_tls_spki_sha256: hex::encode(spki_pin(&tls.spki())),
+            signing_keys: vec![hex::encode(signing.verifying_key().0)],
+        };
+        let json = serde_json::to_string_pretty(&pins)
+            .map_err(|e| VerifierError::Config(e.to_string()))?;
+        fs::write(self.file("pins.json"), json + "\n")
+            .map_err(|e| VerifierError::io("write pins.json", e))?;
+        Ok(pins)
+    }
+
+    /// Opens everything `serve` needs; refuses a missing or corrupt store, a broken audit
+    /// chain, or key files readable by others.
+    pub fn open(&self) -> Result<Opened, VerifierError> {
+        let store = SqliteStore::open(&self.file("store.db"))?;
+        let signing = Identity::load(&self.file("signing.key"))?;
+        let tls = Identity::load(&self.file("tls.key"))?;
+        let master = read_secret(&self.file("master.key"))?;
+        let master: [u8; 32] = master
+            .try_into()
+            .map_err(|_| VerifierError::Config("master.key must hold exactly 32 bytes".into()))?;
+        let admin_token = String::from_utf8(read_secret(&self.file("admin.token"))?)
+            .map_err(|_| VerifierError::Config("admin.token is not text".into()))?
+            .trim()
+            .to_owned();
+        let (audit, repaired) = AuditLog::open(&self.file("audit.jsonl"))?;
+        if repaired {
+            tracing::warn!("audit log ended in a partial record (crash mid-write); it was dropped");
+        }
+        Ok(Opened {
+            signing,
+            tls,
+            master: MasterSecret::from_bytes(master),
+            admin_token,
+            store,
+            audit,
+        })
+    }
+
+    /// The pins written at init.
+    pub fn pins(&self) -> Result<Pins, VerifierError> {
+        let text = fs::read_to_string(self.file("pins.json"))
+            .map_err(|e| VerifierError::io("read pins.json", e))?;
+        serde_json::from_str(&text).map_err(|e| VerifierError::Config(format!("pins.json: {e}")))
+    }
+
+    /// The admin token (for the CLI).
+    pub fn admin_token(&self) -> Result<String, VerifierError> {
+        let raw = read_secret(&self.file("admin.token"))?;
+        Ok(String::from_utf8_lossy(&raw).trim().to_owned())
+    }
+}
+
+fn read_secret(path: &Path) -> Result<Vec<u8>, VerifierError> {
+    let meta =
+        fs::metadata(path).map_err(|e| VerifierError::io(format!("read {}", path.display()), e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(VerifierError::Config(format!(
+            "{}: must not be readable by group or others (chmod 600)",
+            path.display()
+        )));
+    }
+    fs::read(path).map_err(|e| VerifierError::io(format!("read {}", path.display()), e))
+}

@@ -1,0 +1,232 @@
+//! The hopmesh verifier: attests nodes, compiles policy into per-node routing tables, issues
+//! pair seeds only for allowed pairs, revokes, and reports.
+//!
+//! A library with a thin `main.rs`: [`start`] takes an already bound UDP socket and TCP
+//! listener, so tests run a verifier in process on 127.0.0.1 port 0.
+//!
+//! It does **not** see traffic: it never learns the QUIC connection secrets (the hop-token
+//! stream key is bound to each connection's TLS exporter), so it cannot decrypt or forge
+//! data-plane streams.
+//!
+//! # Layout
+//! - [`authority`]: state and every decision (enroll, refresh, revoke, ban, reissue, pushes).
+//! - [`store`]: the durable store trait and its SQLite implementation.
+//! - [`datadir`]: the data directory (keys, token, store, pins).
+//! - [`service`]: the node-facing QUIC service.
+//! - [`admin`]: the admin HTTP API and its client.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`error`]: the crate's error type.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod authority;
+pub mod datadir;
+pub mod error;
+pub mod metrics;
+pub mod service;
+pub mod store;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hopmesh_protocol::policy::Policy;
+use hopmesh_protocol::time::{Clock, UnixTime};
+use hopmesh_transport::quic::{endpoint, quinn_server, transport_config};
+use hopmesh_transport::tls::{self, ALPN_CONTROL, AnyKey};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::authority::{Authority, Parts, Settings};
+use crate::datadir::DataDir;
+use crate::error::VerifierError;
+use crate::metrics::Metrics;
+
+/// State shared by the QUIC service, the admin API and the ticker.
+pub struct Shared {
+    authority: Mutex<Authority>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    admin_token: String,
+    policy_path: PathBuf,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The authority, locked. Operations under the lock are short (no network IO).
+    pub fn authority(&self) -> MutexGuard<'_, Authority> {
+        // A panic while holding the lock cannot leave the authority half-updated in a way that
+        // matters more than stopping service would: every change is committed before it is
+        // applied in memory.
+        self.authority
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Now, from the verifier's clock.
+    pub fn now(&self) -> UnixTime {
+        self.clock.now()
+    }
+
+    /// Re-reads the policy file and pushes the routing tables that changed.
+    pub fn reload_policy(&self) -> Result<Vec<String>, VerifierError> {
+        let text = std::fs::read_to_string(&self.policy_path)
+            .map_err(|e| VerifierError::io(format!("read {}", self.policy_path.display()), e))?;
+        let now = self.now();
+        Ok(self.authority().reload_policy(&text, now)?)
+    }
+}
+
+/// How to run.
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Settings.
+    pub settings: Settings,
+    /// The policy file.
+    pub policy_path: PathBuf,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("settings", &self.settings)
+            .field("policy", &self.policy_path)
+            .finish()
+    }
+}
+
+/// A running verifier.
+#[derive(Debug)]
+pub struct Running {
+    /// The node-facing QUIC address.
+    pub node_addr: SocketAddr,
+    /// The admin API address.
+    pub admin_addr: SocketAddr,
+    /// Shared state (tests drive the authority directly).
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, closes connections and waits for the tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the data directory and starts the QUIC service, the admin API and the ticker.
+pub async fn start(
+    dir: &Path,
+    opts: ServeOptions,
+    node_socket: UdpSocket,
+    admin: TcpListener,
+) -> Result<Running, VerifierError> {
+    let data = DataDir::new(dir);
+    let opened = data.open()?;
+    let text = std::fs::read_to_string(&opts.policy_path)
+        .map_err(|e| VerifierError::io(format!("read {}", opts.policy_path.display()), e))?;
+    let policy = Policy::parse(&text)?;
+    if !policy.allow_any_measurement && policy.measurements.is_empty() {
+        tracing::warn!("policy allows no measurement: no node can enroll or refresh");
+    }
+    let metrics = Arc::new(Metrics::default());
+    let now = opts.clock.now();
+    let parts = Parts {
+        settings: opts.settings.clone(),
+        signing: SigningKeyOwner::take(&opened.signing)?,
+        master: opened.master,
+        store: Box::new(opened.store),
+        audit: opened.audit,
+        metrics: metrics.clone(),
+        policy,
+    };
+    let authority = Authority::new(parts, now)?;
+    let shared = Arc::new(Shared {
+        authority: Mutex::new(authority),
+        metrics,
+        clock: opts.clock.clone(),
+        admin_token: opened.admin_token,
+        policy_path: opts.policy_path.clone(),
+    });
+
+    let tls = tls::server_config(&opened.tls, ALPN_CONTROL, Arc::new(AnyKey))?;
+    let transport = Arc::new(transport_config(
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    ));
+    let ep = endpoint(node_socket, Some(quinn_server(tls, transport)?))?;
+    let node_addr = ep
+        .local_addr()
+        .map_err(|e| VerifierError::io("udp local address", e))?;
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| VerifierError::io("admin local address", e))?;
+    std::fs::write(data.file("admin.addr"), admin_addr.to_string())
+        .map_err(|e| VerifierError::io("write admin.addr", e))?;
+
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(service::serve(ep, shared.clone(), rx.clone())));
+    let router = admin::router(shared.clone());
+    let mut admin_rx = rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let stop = async move {
+            let _ = admin_rx.changed().await;
+        };
+        if let Err(e) = axum::serve(admin, router)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "admin API failed");
+        }
+    }));
+    let ticker_shared = shared.clone();
+    let mut tick_rx = rx;
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let now = ticker_shared.now();
+                    ticker_shared.authority().tick(now);
+                }
+                _ = tick_rx.changed() => break,
+            }
+        }
+    }));
+    tracing::info!(%node_addr, %admin_addr, "verifier serving");
+    Ok(Running {
+        node_addr,
+        admin_addr,
+        shared,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+/// The signing key is used by the authority; the identity's PKCS#8 stays in the file.
+struct SigningKeyOwner;
+
+impl SigningKeyOwner {
+    fn take(
+        id: &hopmesh_transport::identity::Identity,
+    ) -> Result<hopmesh_protocol::attestation::SigningKey, VerifierError> {
+        // Re-derive from the same PKCS#8 bytes so the authority owns its own key.
+        hopmesh_protocol::attestation::SigningKey::from_pkcs8(&id.pkcs8_der())
+            .map_err(|e| VerifierError::Config(e.to_string()))
+    }
+}

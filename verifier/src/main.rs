@@ -1,0 +1,301 @@
+//! `hopmesh-verifier`: initialise, serve, and administer a verifier.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use hopmesh_protocol::hop_token::EpochLength;
+use hopmesh_transport::clock::SystemClock;
+use hopmesh_verifier::admin::{AdminClient, DEFAULT_JOIN_TTL};
+use hopmesh_verifier::authority::{CompromiseMode, Settings};
+use hopmesh_verifier::datadir::DataDir;
+use hopmesh_verifier::{ServeOptions, start};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "hopmesh-verifier",
+    version,
+    about = "The hopmesh verifier: attestation, policy and revocation"
+)]
+struct Cli {
+    /// The verifier's data directory.
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/hopmesh-verifier",
+        env = "HOPMESH_VERIFIER_DIR"
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnCompromise {
+    AutoReissue,
+    AlertOnly,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create keys, admin token and store; print the pins nodes need (JSON).
+    Init,
+    /// Run the verifier.
+    Serve {
+        /// The policy file (TOML).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Node-facing QUIC address.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Admin API address (keep it on loopback).
+        #[arg(long, default_value = "127.0.0.1:7444")]
+        admin_listen: SocketAddr,
+        /// Attestation lifetime in seconds.
+        #[arg(long, default_value_t = 300)]
+        attestation_ttl: u64,
+        /// Hop-token epoch length in seconds (1-60).
+        #[arg(long, default_value_t = 10)]
+        epoch: u64,
+        /// Pair-seed generation lifetime in seconds.
+        #[arg(long, default_value_t = 300)]
+        generation: u64,
+        /// What to do on a reported compromised key use.
+        #[arg(long, value_enum, default_value = "auto-reissue")]
+        on_compromise: OnCompromise,
+        /// Test only: seconds added to the system clock.
+        #[arg(long, default_value_t = 0, hide = true, allow_hyphen_values = true)]
+        clock_offset: i64,
+    },
+    /// Join secrets.
+    JoinToken {
+        #[command(subcommand)]
+        command: JoinTokenCommand,
+    },
+    /// List enrolled nodes.
+    Nodes,
+    /// Revoke a node (by name or id): its credentials die and its key is banned.
+    Revoke {
+        /// Node name or 64-hex node id.
+        node: String,
+    },
+    /// Ban a node's key and name for good (revokes it too).
+    Ban {
+        /// Node name or 64-hex node id.
+        node: String,
+    },
+    /// Issue a new seed generation for one pair; the old one is marked compromised.
+    Reissue {
+        /// The two nodes.
+        #[arg(long, num_args = 2, value_names = ["A", "B"])]
+        pair: Vec<String>,
+    },
+    /// Policy operations.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Show audit records, or verify the audit chain.
+    Audit {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JoinTokenCommand {
+    /// Create a one-time join secret bound to a node name.
+    Create {
+        /// The node name (must be in the policy).
+        #[arg(long)]
+        name: String,
+        /// Segments the node must have in policy (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        segments: Option<Vec<String>>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = DEFAULT_JOIN_TTL)]
+        ttl: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Re-read the policy file; only changed routing tables are pushed.
+    Reload,
+    /// Check a policy file without loading it.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain of the local audit log (exit 1 if tampered).
+    Verify,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOPMESH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    rt.block_on(run(cli))
+}
+
+fn print(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+async fn admin(dir: &Path) -> Result<AdminClient> {
+    let data = DataDir::new(dir);
+    let addr = std::fs::read_to_string(data.file("admin.addr")).with_context(|| {
+        format!(
+            "no running verifier found in {} (admin.addr missing)",
+            dir.display()
+        )
+    })?;
+    Ok(AdminClient::new(addr.trim(), &data.admin_token()?))
+}
+
+async fn call(dir: &Path, method: &str, path: &str, body: Option<Value>) -> Result<()> {
+    let v = admin(dir)
+        .await?
+        .call(method, path, body)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    print(&v);
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let dir = cli.data_dir.as_path();
+    match cli.command {
+        Command::Init => {
+            let pins = DataDir::new(dir).init()?;
+            print(&json!(pins));
+        }
+        Command::Serve {
+            policy,
+            listen,
+            admin_listen,
+            attestation_ttl,
+            epoch,
+            generation,
+            on_compromise,
+            clock_offset,
+        } => {
+            if !(10..=86_400).contains(&attestation_ttl) {
+                bail!("--attestation-ttl must be 10 to 86400 seconds");
+            }
+            if !(10..=86_400).contains(&generation) {
+                bail!("--generation must be 10 to 86400 seconds");
+            }
+            let settings = Settings {
+                attestation_ttl,
+                epoch: EpochLength::from_secs(epoch)?,
+                generation_secs: generation,
+                on_compromise: match on_compromise {
+                    OnCompromise::AutoReissue => CompromiseMode::AutoReissue,
+                    OnCompromise::AlertOnly => CompromiseMode::AlertOnly,
+                },
+            };
+            let udp = UdpSocket::bind(listen).with_context(|| format!("bind {listen}"))?;
+            let tcp = tokio::net::TcpListener::bind(admin_listen)
+                .await
+                .with_context(|| format!("bind {admin_listen}"))?;
+            let opts = ServeOptions {
+                settings,
+                policy_path: policy,
+                clock: Arc::new(SystemClock {
+                    offset_secs: clock_offset,
+                }),
+            };
+            let running = start(dir, opts, udp, tcp).await?;
+            println!(
+                "{}",
+                json!({"node_addr": running.node_addr, "admin_addr": running.admin_addr})
+            );
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => match running.shared.reload_policy() {
+                        Ok(changed) => tracing::info!(?changed, "policy reloaded"),
+                        Err(e) => tracing::error!(error = %e, "policy reload failed; keeping the old policy"),
+                    },
+                    _ = term.recv() => break,
+                    _ = tokio::signal::ctrl_c() => break,
+                }
+            }
+            let _ = std::fs::remove_file(DataDir::new(dir).file("admin.addr"));
+            running.shutdown().await;
+        }
+        Command::JoinToken {
+            command:
+                JoinTokenCommand::Create {
+                    name,
+                    segments,
+                    ttl,
+                },
+        } => {
+            call(
+                dir,
+                "POST",
+                "/v1/join-tokens",
+                Some(json!({"name": name, "segments": segments, "ttl_secs": ttl})),
+            )
+            .await?;
+        }
+        Command::Nodes => call(dir, "GET", "/v1/nodes", None).await?,
+        Command::Revoke { node } => {
+            call(dir, "POST", "/v1/revoke", Some(json!({"node": node}))).await?
+        }
+        Command::Ban { node } => call(dir, "POST", "/v1/ban", Some(json!({"node": node}))).await?,
+        Command::Reissue { pair } => {
+            let [a, b] = <[String; 2]>::try_from(pair)
+                .map_err(|_| anyhow::anyhow!("--pair takes two nodes"))?;
+            call(dir, "POST", "/v1/reissue", Some(json!({"a": a, "b": b}))).await?;
+        }
+        Command::Policy {
+            command: PolicyCommand::Reload,
+        } => call(dir, "POST", "/v1/policy/reload", None).await?,
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let p = hopmesh_protocol::policy::Policy::parse(&text)?;
+            print(
+                &json!({"ok": true, "segments": p.segments.len(), "nodes": p.nodes.len(), "services": p.services.len(), "rules": p.rules.len()}),
+            );
+        }
+        Command::Audit {
+            command: Some(AuditCommand::Verify),
+            ..
+        } => {
+            let summary = hopmesh_transport::audit::verify(&DataDir::new(dir).file("audit.jsonl"))?;
+            print(&json!({"ok": true, "records": summary.records, "last_hash": summary.last_hash}));
+        }
+        Command::Audit {
+            since,
+            command: None,
+        } => call(dir, "GET", &format!("/v1/audit?since={since}"), None).await?,
+    }
+    Ok(())
+}

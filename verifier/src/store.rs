@@ -1,0 +1,745 @@
+//! Durable state behind a trait: embedded SQLite by default (WAL, `synchronous=FULL`).
+//!
+//! The verifier keeps its working state in memory and writes every change here **before**
+//! acknowledging it; a revoke is acknowledged only after its transaction committed. The trait
+//! exists so that a PostgreSQL backend can serve several verifier replicas later.
+//!
+//! Secrets are never stored here: join secrets only as SHA-256 hashes; keys live in 0600
+//! files beside the store.
+
+use std::path::Path;
+
+use hopmesh_protocol::hop_token::{Generation, PairIds};
+use hopmesh_protocol::ids::{Measurement, NodeId, NodeName};
+use hopmesh_protocol::time::UnixTime;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+/// Schema version this build reads and writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store does not exist and was not to be created.
+    #[error("store {0} does not exist; run `hopmesh-verifier init` first")]
+    Missing(String),
+    /// The store exists but is damaged or not a hopmesh store.
+    #[error("store {path} is corrupt or not a hopmesh store: {detail}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What was found.
+        detail: String,
+    },
+    /// SQLite failed.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value does not parse.
+    #[error("store holds a bad value: {0}")]
+    BadValue(String),
+}
+
+/// An enrolled node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// `SHA-256(spki)`.
+    pub node_id: NodeId,
+    /// Name bound at enrollment.
+    pub name: NodeName,
+    /// The key.
+    pub spki: Vec<u8>,
+    /// Last measurement seen.
+    pub measurement: Measurement,
+    /// Advertised addresses.
+    pub addresses: Vec<String>,
+    /// When it enrolled.
+    pub enrolled_at: UnixTime,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<UnixTime>,
+}
+
+/// A one-time join secret (stored as its hash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// SHA-256 of the secret.
+    pub secret_hash: [u8; 32],
+    /// The node name it enrolls.
+    pub name: NodeName,
+    /// Segments the operator bound it to, if any (must match policy at enrollment).
+    pub segments: Option<Vec<String>>,
+    /// Creation time.
+    pub created_at: UnixTime,
+    /// Expiry.
+    pub expires_at: UnixTime,
+}
+
+/// Outcome of trying to use a join secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinTokenUse {
+    /// Valid: now marked used, in the same transaction.
+    Valid(JoinTokenRecord),
+    /// No such secret.
+    Unknown,
+    /// Already used.
+    Used,
+    /// Past its expiry.
+    Expired,
+}
+
+/// Who a ban applies to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BanSubject {
+    /// A key.
+    Node(NodeId),
+    /// A name: no key may enroll under it again.
+    Name(NodeName),
+}
+
+/// A stored revocation list: its version and the exact signed bytes served to nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredList {
+    /// Version.
+    pub version: u64,
+    /// Signed envelope.
+    pub bytes: Vec<u8>,
+}
+
+/// Reissue state of a pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairState {
+    /// The pair.
+    pub pair: PairIds,
+    /// Reissues so far.
+    pub reissues: u16,
+    /// Generations marked compromised.
+    pub compromised: Vec<Generation>,
+}
+
+/// Durable verifier state. Every method commits before it returns.
+pub trait Store: Send + std::fmt::Debug {
+    /// Records a new join secret.
+    fn put_join_token(&mut self, t: &JoinTokenRecord) -> Result<(), StoreError>;
+    /// Consumes a join secret atomically (check and mark used in one transaction).
+    fn take_join_token(
+        &mut self,
+        secret_hash: &[u8; 32],
+        now: UnixTime,
+    ) -> Result<JoinTokenUse, StoreError>;
+    /// Inserts or replaces a node record.
+    fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError>;
+    /// All node records.
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// All bans (never pruned).
+    fn bans(&self) -> Result<Vec<BanSubject>, StoreError>;
+    /// Adds bans.
+    fn put_bans(
+        &mut self,
+        bans: &[BanSubject],
+        reason: &str,
+        at: UnixTime,
+    ) -> Result<(), StoreError>;
+    /// Revokes a node: marks it, bans it and stores the new list, in one transaction.
+    fn commit_revocation(
+        &mut self,
+        node: &NodeId,
+        at: UnixTime,
+        bans: &[BanSubject],
+        list: &StoredList,
+    ) -> Result<(), StoreError>;
+    /// The current revocation list.
+    fn revocation_list(&self) -> Result<Option<StoredList>, StoreError>;
+    /// Replaces the revocation list (pruning); the version must be higher.
+    fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), StoreError>;
+    /// Reserves `n` attestation serials and returns the first.
+    fn reserve_serials(&mut self, n: u64) -> Result<u64, StoreError>;
+    /// Reissue states of all pairs that have one.
+    fn pair_states(&self) -> Result<Vec<PairState>, StoreError>;
+    /// Records a reissue: the new count and the generations now compromised.
+    fn commit_reissue(
+        &mut self,
+        pair: &PairIds,
+        reissues: u16,
+        compromised: &[Generation],
+        at: UnixTime,
+    ) -> Result<(), StoreError>;
+}
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;
+CREATE TABLE join_tokens (
+    secret_hash BLOB PRIMARY KEY, name TEXT NOT NULL, segments TEXT,
+    created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, used_at INTEGER) STRICT;
+CREATE TABLE nodes (
+    node_id BLOB PRIMARY KEY, name TEXT NOT NULL, spki BLOB NOT NULL, measurement BLOB NOT NULL,
+    addresses TEXT NOT NULL, enrolled_at INTEGER NOT NULL, revoked_at INTEGER) STRICT;
+CREATE TABLE bans (kind TEXT NOT NULL, subject TEXT NOT NULL, reason TEXT NOT NULL, at INTEGER NOT NULL,
+    PRIMARY KEY (kind, subject)) STRICT;
+CREATE TABLE revocation_list (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, bytes BLOB NOT NULL) STRICT;
+CREATE TABLE pairs (lo BLOB NOT NULL, hi BLOB NOT NULL, reissues INTEGER NOT NULL, PRIMARY KEY (lo, hi)) STRICT;
+CREATE TABLE compromised (lo BLOB NOT NULL, hi BLOB NOT NULL, generation INTEGER NOT NULL, at INTEGER NOT NULL,
+    PRIMARY KEY (lo, hi, generation)) STRICT;
+";
+
+fn i64_of(v: u64) -> i64 {
+    // Times, serials and generations stay far below 2^63 in practice; saturate rather than wrap.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn id_of(blob: Vec<u8>) -> Result<NodeId, StoreError> {
+    let bytes: [u8; 32] = blob
+        .try_into()
+        .map_err(|_| StoreError::BadValue("node id".into()))?;
+    Ok(NodeId::from_bytes(bytes))
+}
+
+impl SqliteStore {
+    /// Opens an existing store, checking its integrity and schema; refuses a missing one.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.display().to_string()));
+        }
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: path.display().to_string(),
+            detail,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| corrupt(e.to_string()))?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| corrupt(e.to_string()))?;
+        if check != "ok" {
+            return Err(corrupt(check));
+        }
+        let version: Option<i64> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| corrupt(e.to_string()))?;
+        match version {
+            Some(SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Err(corrupt(format!(
+                    "schema version {v}, this build reads {SCHEMA_VERSION}"
+                )));
+            }
+            None => return Err(corrupt("no schema version".into())),
+        }
+        Self::tune(&conn)?;
+        Ok(Self { conn })
+    }
+
+    /// Creates a new store; refuses to touch an existing file.
+    pub fn create(path: &Path) -> Result<Self, StoreError> {
+        if path.exists() {
+            return Err(StoreError::Corrupt {
+                path: path.display().to_string(),
+                detail: "already exists; refusing to overwrite".into(),
+            });
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Self::tune(&conn)?;
+        conn.execute_batch(SCHEMA)?;
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1), ('next_serial', 1)",
+            params![SCHEMA_VERSION],
+        )?;
+        Ok(Self { conn })
+    }
+
+    fn tune(conn: &Connection) -> Result<(), StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(())
+    }
+}
+
+fn ban_row(b: &BanSubject) -> (&'static str, String) {
+    match b {
+        BanSubject::Node(id) => ("node", id.to_string()),
+        BanSubject::Name(n) => ("name", n.to_string()),
+    }
+}
+
+impl Store for SqliteStore {
+    fn put_join_token(&mut self, t: &JoinTokenRecord) -> Result<(), StoreError> {
+        let segments = t.segments.as_ref().map(|s| s.join(","));
+        self.conn.execute(
+            "INSERT INTO join_tokens (secret_hash, name, segments, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![&t.secret_hash[..], t.name.as_str(), segments, i64_of(t.created_at.as_secs()), i64_of(t.expires_at.as_secs())],
+        )?;
+        Ok(())
+    }
+
+    fn take_join_token(
+        &mut self,
+        secret_hash: &[u8; 32],
+        now: UnixTime,
+    ) -> Result<JoinTokenUse, StoreError> {
+        let tx = self.conn.transaction()?;
+        let row = tx
+            .query_row(
+                "SELECT name, segments, created_at, expires_at, used_at FROM join_tokens WHERE secret_hash = ?1",
+                params![&secret_hash[..]],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((name, segments, created, expires, used)) = row else {
+            return Ok(JoinTokenUse::Unknown);
+        };
+        if used.is_some() {
+            return Ok(JoinTokenUse::Used);
+        }
+        if now.as_secs() >= u64_of(expires) {
+            return Ok(JoinTokenUse::Expired);
+        }
+        tx.execute(
+            "UPDATE join_tokens SET used_at = ?1 WHERE secret_hash = ?2",
+            params![i64_of(now.as_secs()), &secret_hash[..]],
+        )?;
+        tx.commit()?;
+        Ok(JoinTokenUse::Valid(JoinTokenRecord {
+            secret_hash: *secret_hash,
+            name: NodeName::new(&name).map_err(|e| StoreError::BadValue(e.to_string()))?,
+            segments: segments.map(|s| {
+                s.split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }),
+            created_at: UnixTime::from_secs(u64_of(created)),
+            expires_at: UnixTime::from_secs(u64_of(expires)),
+        }))
+    }
+
+    fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO nodes (node_id, name, spki, measurement, addresses, enrolled_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                &n.node_id.as_bytes()[..],
+                n.name.as_str(),
+                &n.spki,
+                &n.measurement.0[..],
+                n.addresses.join(","),
+                i64_of(n.enrolled_at.as_secs()),
+                n.revoked_at.map(|t| i64_of(t.as_secs())),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT node_id, name, spki, measurement, addresses, enrolled_at, revoked_at FROM nodes ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, spki, m, addrs, enrolled, revoked) = row?;
+            out.push(NodeRecord {
+                node_id: id_of(id)?,
+                name: NodeName::new(&name).map_err(|e| StoreError::BadValue(e.to_string()))?,
+                spki,
+                measurement: Measurement(
+                    m.try_into()
+                        .map_err(|_| StoreError::BadValue("measurement".into()))?,
+                ),
+                addresses: addrs
+                    .split(',')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                enrolled_at: UnixTime::from_secs(u64_of(enrolled)),
+                revoked_at: revoked.map(|t| UnixTime::from_secs(u64_of(t))),
+            });
+        }
+        Ok(out)
+    }
+
+    fn bans(&self) -> Result<Vec<BanSubject>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT kind, subject FROM bans")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, subject) = row?;
+            out.push(match kind.as_str() {
+                "node" => BanSubject::Node(
+                    subject
+                        .parse()
+                        .map_err(|_| StoreError::BadValue("banned node id".into()))?,
+                ),
+                "name" => BanSubject::Name(
+                    NodeName::new(&subject).map_err(|e| StoreError::BadValue(e.to_string()))?,
+                ),
+                other => return Err(StoreError::BadValue(format!("ban kind {other}"))),
+            });
+        }
+        Ok(out)
+    }
+
+    fn put_bans(
+        &mut self,
+        bans: &[BanSubject],
+        reason: &str,
+        at: UnixTime,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for b in bans {
+            let (kind, subject) = ban_row(b);
+            tx.execute(
+                "INSERT OR IGNORE INTO bans (kind, subject, reason, at) VALUES (?1, ?2, ?3, ?4)",
+                params![kind, subject, reason, i64_of(at.as_secs())],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn commit_revocation(
+        &mut self,
+        node: &NodeId,
+        at: UnixTime,
+        bans: &[BanSubject],
+        list: &StoredList,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE nodes SET revoked_at = ?1 WHERE node_id = ?2 AND revoked_at IS NULL",
+            params![i64_of(at.as_secs()), &node.as_bytes()[..]],
+        )?;
+        for b in bans {
+            let (kind, subject) = ban_row(b);
+            tx.execute(
+                "INSERT OR IGNORE INTO bans (kind, subject, reason, at) VALUES (?1, ?2, 'revoked', ?3)",
+                params![kind, subject, i64_of(at.as_secs())],
+            )?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO revocation_list (id, version, bytes) VALUES (1, ?1, ?2)",
+            params![i64_of(list.version), &list.bytes],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn revocation_list(&self) -> Result<Option<StoredList>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT version, bytes FROM revocation_list WHERE id = 1",
+                [],
+                |r| {
+                    Ok(StoredList {
+                        version: u64_of(r.get(0)?),
+                        bytes: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let current: Option<i64> = tx
+            .query_row(
+                "SELECT version FROM revocation_list WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if current.is_some_and(|v| u64_of(v) >= list.version) {
+            return Err(StoreError::BadValue(format!(
+                "revocation list version {} is not newer",
+                list.version
+            )));
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO revocation_list (id, version, bytes) VALUES (1, ?1, ?2)",
+            params![i64_of(list.version), &list.bytes],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn reserve_serials(&mut self, n: u64) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let next: i64 = tx.query_row(
+            "SELECT value FROM meta WHERE key = 'next_serial'",
+            [],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'next_serial'",
+            params![next.saturating_add(i64_of(n))],
+        )?;
+        tx.commit()?;
+        Ok(u64_of(next))
+    }
+
+    fn pair_states(&self) -> Result<Vec<PairState>, StoreError> {
+        let mut out: std::collections::BTreeMap<(NodeId, NodeId), PairState> = Default::default();
+        let mut stmt = self.conn.prepare("SELECT lo, hi, reissues FROM pairs")?;
+        for row in stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })? {
+            let (lo, hi, n) = row?;
+            let pair = PairIds::new(id_of(lo)?, id_of(hi)?);
+            let reissues =
+                u16::try_from(n).map_err(|_| StoreError::BadValue("reissue count".into()))?;
+            out.insert(
+                (pair.lo(), pair.hi()),
+                PairState {
+                    pair,
+                    reissues,
+                    compromised: Vec::new(),
+                },
+            );
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT lo, hi, generation FROM compromised ORDER BY generation")?;
+        for row in stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })? {
+            let (lo, hi, g) = row?;
+            let pair = PairIds::new(id_of(lo)?, id_of(hi)?);
+            out.entry((pair.lo(), pair.hi()))
+                .or_insert(PairState {
+                    pair,
+                    reissues: 0,
+                    compromised: Vec::new(),
+                })
+                .compromised
+                .push(Generation(u64_of(g)));
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn commit_reissue(
+        &mut self,
+        pair: &PairIds,
+        reissues: u16,
+        compromised: &[Generation],
+        at: UnixTime,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let (lo_id, hi_id) = (pair.lo(), pair.hi());
+        let (lo, hi) = (&lo_id.as_bytes()[..], &hi_id.as_bytes()[..]);
+        tx.execute(
+            "INSERT OR REPLACE INTO pairs (lo, hi, reissues) VALUES (?1, ?2, ?3)",
+            params![lo, hi, i64::from(reissues)],
+        )?;
+        for g in compromised {
+            tx.execute(
+                "INSERT OR IGNORE INTO compromised (lo, hi, generation, at) VALUES (?1, ?2, ?3, ?4)",
+                params![lo, hi, i64_of(g.0), i64_of(at.as_secs())],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> NodeName {
+        NodeName::new(s).expect("valid")
+    }
+
+    #[test]
+    fn missing_existing_and_corrupt_stores() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store.db");
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::Missing(_))
+        ));
+        drop(SqliteStore::create(&path).expect("create"));
+        assert!(SqliteStore::create(&path).is_err(), "must not overwrite");
+        SqliteStore::open(&path).expect("reopen");
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, vec![0x42; 8192]).expect("write");
+        assert!(matches!(
+            SqliteStore::open(&junk),
+            Err(StoreError::Corrupt { .. })
+        ));
+        let empty = dir.path().join("empty.db");
+        drop(Connection::open(&empty).expect("sqlite"));
+        std::fs::write(&empty, b"").expect("truncate");
+        assert!(matches!(
+            SqliteStore::open(&empty),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn join_tokens_are_single_use_and_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = SqliteStore::create(&dir.path().join("s.db")).expect("create");
+        let t = JoinTokenRecord {
+            secret_hash: [1; 32],
+            name: name("a"),
+            segments: Some(vec!["s1".into()]),
+            created_at: UnixTime::from_secs(100),
+            expires_at: UnixTime::from_secs(200),
+        };
+        s.put_join_token(&t).expect("put");
+        s.put_join_token(&JoinTokenRecord {
+            secret_hash: [2; 32],
+            ..t.clone()
+        })
+        .expect("put");
+        assert_eq!(
+            s.take_join_token(&[9; 32], UnixTime::from_secs(150))
+                .expect("take"),
+            JoinTokenUse::Unknown
+        );
+        assert_eq!(
+            s.take_join_token(&[2; 32], UnixTime::from_secs(200))
+                .expect("take"),
+            JoinTokenUse::Expired
+        );
+        assert_eq!(
+            s.take_join_token(&[1; 32], UnixTime::from_secs(150))
+                .expect("take"),
+            JoinTokenUse::Valid(t)
+        );
+        assert_eq!(
+            s.take_join_token(&[1; 32], UnixTime::from_secs(151))
+                .expect("take"),
+            JoinTokenUse::Used
+        );
+    }
+
+    #[test]
+    fn revocations_bans_serials_and_pairs_persist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        let id = NodeId::from_bytes([7; 32]);
+        {
+            let mut s = SqliteStore::create(&path).expect("create");
+            s.put_node(&NodeRecord {
+                node_id: id,
+                name: name("a"),
+                spki: vec![1, 2, 3],
+                measurement: Measurement([4; 32]),
+                addresses: vec!["127.0.0.1:1".into(), "[::1]:2".into()],
+                enrolled_at: UnixTime::from_secs(5),
+                revoked_at: None,
+            })
+            .expect("node");
+            s.commit_revocation(
+                &id,
+                UnixTime::from_secs(9),
+                &[BanSubject::Node(id)],
+                &StoredList {
+                    version: 1,
+                    bytes: vec![1],
+                },
+            )
+            .expect("revoke");
+            s.put_bans(
+                &[BanSubject::Name(name("a"))],
+                "operator",
+                UnixTime::from_secs(10),
+            )
+            .expect("ban");
+            assert_eq!(s.reserve_serials(100).expect("reserve"), 1);
+            assert_eq!(s.reserve_serials(100).expect("reserve"), 101);
+            let pair = PairIds::new(id, NodeId::from_bytes([8; 32]));
+            s.commit_reissue(
+                &pair,
+                1,
+                &[Generation(3), Generation(4)],
+                UnixTime::from_secs(11),
+            )
+            .expect("reissue");
+            assert!(
+                s.put_revocation_list(&StoredList {
+                    version: 1,
+                    bytes: vec![2]
+                })
+                .is_err(),
+                "versions never repeat"
+            );
+        }
+        let s = SqliteStore::open(&path).expect("reopen");
+        let nodes = s.nodes().expect("nodes");
+        assert_eq!(nodes[0].revoked_at, Some(UnixTime::from_secs(9)));
+        assert_eq!(nodes[0].addresses, vec!["127.0.0.1:1", "[::1]:2"]);
+        let mut bans = s.bans().expect("bans");
+        bans.sort();
+        assert_eq!(
+            bans,
+            vec![BanSubject::Node(id), BanSubject::Name(name("a"))]
+        );
+        assert_eq!(
+            s.revocation_list().expect("list"),
+            Some(StoredList {
+                version: 1,
+                bytes: vec![1]
+            })
+        );
+        let pairs = s.pair_states().expect("pairs");
+        assert_eq!(pairs.len(), 1);
+        assert_eq!(pairs[0].reissues, 1);
+        assert_eq!(pairs[0].compromised, vec![Generation(3), Generation(4)]);
+        let mut s = s;
+        assert_eq!(
+            s.reserve_serials(1).expect("reserve"),
+            201,
+            "serials never go back"
+        );
+    }
+}
