@@ -45,7 +45,7 @@ pub enum TransportError {
     #[error("random number generator failed")]
     Rng,
     /// rustls refused the configuration.
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Tls(#[from] rustls::Error),
     /// The crypto provider lacks the QUIC initial suite.
     #[error("no QUIC initial cipher suite")]

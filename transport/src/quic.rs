@@ -102,16 +102,16 @@ pub enum FrameIoError {
     #[error("stream ended inside a frame")]
     Truncated,
     /// The peer reset the stream or the connection failed.
-    #[error("stream read failed: {0}")]
+    #[error("stream read failed")]
     Read(#[from] quinn::ReadError),
     /// Writing failed.
-    #[error("stream write failed: {0}")]
+    #[error("stream write failed")]
     Write(#[from] quinn::WriteError),
     /// The frame was refused by the decoder (cap, version, canonical form...).
-    #[error("bad frame: {0}")]
+    #[error("bad frame")]
     Decode(#[from] DecodeError),
     /// The message could not be encoded under the cap.
-    #[error("cannot encode: {0}")]
+    #[error("cannot encode")]
     Encode(#[from] EncodeError),
     /// Nothing arrived before the deadline.
     #[error("timed out waiting for a frame")]

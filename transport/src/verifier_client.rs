@@ -36,13 +36,13 @@ pub enum ClientError {
     #[error("cannot reach the verifier: {0}")]
     Connect(String),
     /// The pins are unusable.
-    #[error("{0}")]
+    #[error(transparent)]
     Pins(#[from] PinsError),
     /// TLS or QUIC setup.
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     /// The exchange failed.
-    #[error("verifier exchange failed: {0}")]
+    #[error("verifier exchange failed")]
     Frame(#[from] FrameIoError),
     /// The verifier refused.
     #[error("verifier refused: {0}")]

@@ -111,10 +111,10 @@ pub enum AdminError {
     #[error("bad request: {0}")]
     BadRequest(String),
     /// The new policy does not parse or check.
-    #[error("{0}")]
+    #[error(transparent)]
     Policy(#[from] PolicyError),
     /// The store failed: nothing was acknowledged.
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// A pair has been reissued 65535 times.
     #[error("pair reissue limit reached; revoke and re-enroll one of the nodes")]

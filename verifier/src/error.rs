@@ -19,19 +19,19 @@ pub enum VerifierError {
         source: std::io::Error,
     },
     /// Keys, TLS or QUIC setup failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     /// The store is missing, corrupt or failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The audit log is broken or failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Audit(#[from] AuditError),
     /// The policy file is invalid.
-    #[error("{0}")]
+    #[error(transparent)]
     Policy(#[from] PolicyError),
     /// An admin operation failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Admin(#[from] AdminError),
     /// A setting or file content is invalid.
     #[error("{0}")]

@@ -141,7 +141,7 @@ enum AuditCommand {
     Verify,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOPMESH_LOG")
@@ -150,8 +150,17 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Runtime::new().context("start the async runtime")?;
-    rt.block_on(run(cli))
+    let result = tokio::runtime::Runtime::new()
+        .context("start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a person can act on; no backtrace.
+            eprintln!("hopmesh-verifier: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn print(v: &Value) {
