@@ -44,7 +44,7 @@ impl std::fmt::Display for UnixTime {
 }
 
 /// A source of the current time. The IO crates implement it over the system clock.
-pub trait Clock: Send + Sync {
+pub trait Clock: Send + Sync + std::fmt::Debug {
     /// The current time.
     fn now(&self) -> UnixTime;
 }

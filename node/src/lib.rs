@@ -1,0 +1,68 @@
+//! The hopmesh node: QUIC overlay, hop-token stream gate, SOCKS5 endpoint.
+//!
+//! A library with a thin `main.rs`: [`runtime::start`] takes already-bound sockets and a
+//! clock, so tests run many nodes in one process on 127.0.0.1 port 0.
+//!
+//! What it does not do (yet): relay routes (`via`), Prometheus `/metrics`, UDP socket buffer
+//! tuning. See the issue notes.
+//!
+//! # Layout
+//! - [`state`]: the node's view of the mesh and its admission decisions (no IO).
+//! - [`runtime`]: the running node: overlay, verifier link, watchdog, shutdown.
+//! - [`gate`]: inbound streams: token, header, backend.
+//! - [`socks`]: the local SOCKS5 endpoint and outbound streams.
+//! - [`splice`]: TCP ⇄ QUIC with half-close and reset on error.
+//! - [`ctl`]: the control socket (`ctl show`).
+//! - [`enroll`]: first contact with the verifier.
+//! - [`config`], [`datadir`], [`counters`].
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod counters;
+pub mod ctl;
+pub mod datadir;
+pub mod enroll;
+pub mod gate;
+pub mod runtime;
+pub mod socks;
+pub mod splice;
+pub mod state;
+
+/// Errors that stop a node command.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A file or socket failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Keys, TLS or QUIC setup failed.
+    #[error(transparent)]
+    Transport(#[from] hopmesh_transport::TransportError),
+    /// The audit log is broken.
+    #[error(transparent)]
+    Audit(#[from] hopmesh_transport::audit::AuditError),
+    /// Talking to the verifier failed.
+    #[error(transparent)]
+    Verifier(#[from] hopmesh_transport::verifier_client::ClientError),
+    /// A setting or file is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// A peer could not be reached or was refused.
+    #[error("{0}")]
+    Peer(String),
+}
+
+impl NodeError {
+    /// An IO error with context.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

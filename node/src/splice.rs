@@ -1,0 +1,106 @@
+//! Moving bytes between a TCP socket and a QUIC stream, both ways, with half-close.
+//!
+//! EOF on one side finishes the other side's send direction; the other direction goes on.
+//! Any error resets the QUIC stream and RSTs the TCP socket (`SO_LINGER 0`): a dropped
+//! quinn `SendStream` finishes cleanly, and a clean end after missing bytes would be a lie
+//! (DESIGN.md pitfall 5).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hopmesh_transport::quic::codes;
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::counters::Counters;
+
+/// Read buffer per direction: large reads, few syscalls.
+pub const BUF: usize = 64 * 1024;
+
+/// How a splice ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SpliceEnd {
+    /// Both directions ended with EOF; all bytes delivered.
+    Clean {
+        /// Bytes TCP → QUIC.
+        up: u64,
+        /// Bytes QUIC → TCP.
+        down: u64,
+    },
+    /// A direction failed; both sides were reset.
+    Reset(String),
+}
+
+/// Splices until both directions end or one fails. `up` counts TCP → QUIC bytes.
+pub async fn splice(tcp: TcpStream, mut send: SendStream, mut recv: RecvStream, counters: Arc<Counters>, outbound: bool) -> SpliceEnd {
+    let _ = tcp.set_nodelay(true);
+    let (mut tr, mut tw) = tcp.into_split();
+    let result = {
+        let up = async {
+            let mut buf = vec![0u8; BUF];
+            let mut total = 0u64;
+            loop {
+                let n = tr.read(&mut buf).await.map_err(|e| format!("tcp read: {e}"))?;
+                if n == 0 {
+                    send.finish().map_err(|e| format!("quic finish: {e}"))?;
+                    return Ok::<u64, String>(total);
+                }
+                send.write_all(&buf[..n]).await.map_err(|e| format!("quic write: {e}"))?;
+                total += n as u64;
+                Counters::add(if outbound { &counters.bytes_out } else { &counters.bytes_in }, n as u64);
+            }
+        };
+        let down = async {
+            let mut buf = vec![0u8; BUF];
+            let mut total = 0u64;
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => {
+                        tw.write_all(&buf[..n]).await.map_err(|e| format!("tcp write: {e}"))?;
+                        total += n as u64;
+                        Counters::add(if outbound { &counters.bytes_in } else { &counters.bytes_out }, n as u64);
+                    }
+                    Ok(None) => {
+                        tw.shutdown().await.map_err(|e| format!("tcp shutdown: {e}"))?;
+                        return Ok::<u64, String>(total);
+                    }
+                    Err(e) => return Err(format!("quic read: {e}")),
+                }
+            }
+        };
+        tokio::pin!(up, down);
+        let (mut u, mut d) = (None, None);
+        loop {
+            tokio::select! {
+                r = &mut up, if u.is_none() => match r { Ok(n) => u = Some(n), Err(e) => break Err(e) },
+                r = &mut down, if d.is_none() => match r { Ok(n) => d = Some(n), Err(e) => break Err(e) },
+            }
+            if let (Some(up), Some(down)) = (u, d) {
+                break Ok((up, down));
+            }
+        }
+    };
+    match result {
+        Ok((up, down)) => {
+            // Keep the stream until the peer has everything (finish() alone returns at once).
+            let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
+            SpliceEnd::Clean { up, down }
+        }
+        Err(e) => {
+            let _ = send.reset(codes::INTERNAL);
+            let _ = recv.stop(codes::INTERNAL);
+            if let Ok(tcp) = tr.reunite(tw) {
+                rst(tcp);
+            }
+            SpliceEnd::Reset(e)
+        }
+    }
+}
+
+/// Closes a TCP socket with RST instead of FIN.
+pub fn rst(tcp: TcpStream) {
+    #[allow(deprecated)] // set_linger is the portable way to ask for an RST on close.
+    let _ = tcp.set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}

@@ -1,0 +1,374 @@
+//! The node's view of the mesh and the decisions it takes from it.
+//!
+//! Filled by verifier pushes ([`NodeState::apply`]) and read by the TLS authorizer, the
+//! stream gate and the SOCKS endpoint. Every admission decision is a function returning a
+//! permit or a refusal. No IO here: callers hold the lock only for the decision.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use hopmesh_protocol::attestation::{
+    KeySet, RevocationList, RevocationUpdate, SignedRefusal, VerifiedAttestation, verify_attestation, verify_revocation_list,
+};
+use hopmesh_protocol::enrollment::{PeerInfo, Push};
+use hopmesh_protocol::hop_token::{EpochLength, GrantRefusal, PairIds, PairKeyring};
+use hopmesh_protocol::ids::NodeId;
+use hopmesh_protocol::routing::{DEFAULT_MESH_SUFFIX, RoutingTable};
+use hopmesh_protocol::time::UnixTime;
+
+/// Seconds of clock skew tolerated on attestation validity.
+pub const ATTESTATION_LEEWAY: u64 = 5;
+
+/// Why this node may not serve or initiate right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SelfRefusal {
+    /// No attestation yet (not enrolled, or never refreshed since start).
+    #[error("this node holds no attestation")]
+    NoAttestation,
+    /// Our attestation expired: fail closed until the next good refresh.
+    #[error("this node's attestation expired")]
+    Expired,
+    /// No routing table yet from the verifier.
+    #[error("no routing table from the verifier yet")]
+    NoRoutes,
+}
+
+/// Why a peer key may not connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PeerRefusal {
+    /// We cannot serve anyone (see [`SelfRefusal`]).
+    #[error("{0}")]
+    Self_(SelfRefusal),
+    /// The peer is on the revocation list.
+    #[error("peer is revoked")]
+    Revoked,
+    /// Policy gives us no pair with that peer.
+    #[error("peer is not in this node's routing table")]
+    NotAPeer,
+}
+
+impl PeerRefusal {
+    /// Stable reason name.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Self_(SelfRefusal::NoAttestation) => "self_no_attestation",
+            Self::Self_(SelfRefusal::Expired) => "self_expired",
+            Self::Self_(SelfRefusal::NoRoutes) => "self_no_routes",
+            Self::Revoked => "peer_revoked",
+            Self::NotAPeer => "not_a_peer",
+        }
+    }
+}
+
+/// What a peer's verified attestation told us.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAttestation {
+    /// Serial (anti-rollback).
+    pub serial: u64,
+    /// Expiry.
+    pub not_after: UnixTime,
+    /// Segments.
+    pub segments: Vec<String>,
+}
+
+/// Effects of applying a push that the IO layer must carry out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Connections to these peers must be closed now (revoked, or no longer allowed).
+    pub close: Vec<(NodeId, &'static str)>,
+    /// A new revocation list to persist (atomically) before relying on it.
+    pub persist_revocations: Option<Vec<u8>>,
+    /// Push refused (bad signature, rollback...): the reason, for the audit log.
+    pub refused: Option<String>,
+}
+
+/// The node's state.
+#[derive(Debug)]
+pub struct NodeState {
+    /// This node.
+    pub local: NodeId,
+    /// Pinned verifier signing keys.
+    pub keys: KeySet,
+    /// Our attestation envelope and what it says.
+    pub attestation: Option<(Vec<u8>, VerifiedAttestation)>,
+    /// Epoch length in force.
+    pub epoch: EpochLength,
+    /// Mesh-name suffix.
+    pub suffix: String,
+    /// Routing table (None until the verifier sent one).
+    pub table: Option<RoutingTable>,
+    /// How to reach peers.
+    pub peers: BTreeMap<NodeId, PeerInfo>,
+    /// Seeds per peer.
+    pub keyrings: HashMap<NodeId, PairKeyring>,
+    /// The current revocation list: version, exact bytes, decoded.
+    pub revocations: Option<(u64, Vec<u8>, RevocationList)>,
+    /// Peers' attestations, as verified at connect or renewal.
+    pub peer_attestations: HashMap<NodeId, PeerAttestation>,
+}
+
+impl NodeState {
+    /// An empty state for `local` trusting `keys`.
+    pub fn new(local: NodeId, keys: KeySet) -> Self {
+        Self {
+            local,
+            keys,
+            attestation: None,
+            epoch: EpochLength::DEFAULT,
+            suffix: DEFAULT_MESH_SUFFIX.to_owned(),
+            table: None,
+            peers: BTreeMap::new(),
+            keyrings: HashMap::new(),
+            revocations: None,
+            peer_attestations: HashMap::new(),
+        }
+    }
+
+    /// May this node serve or initiate at `now`? Fail closed without a valid attestation.
+    pub fn self_permit(&self, now: UnixTime) -> Result<(), SelfRefusal> {
+        let (_, v) = self.attestation.as_ref().ok_or(SelfRefusal::NoAttestation)?;
+        v.check_validity(now, 0).map_err(|_| SelfRefusal::Expired)?;
+        if self.table.is_none() {
+            return Err(SelfRefusal::NoRoutes);
+        }
+        Ok(())
+    }
+
+    /// Is `peer` revoked?
+    pub fn is_revoked(&self, peer: &NodeId) -> bool {
+        self.revocations.as_ref().is_some_and(|(_, _, l)| l.is_revoked(peer))
+    }
+
+    /// May `peer` complete a handshake with us (either direction)?
+    pub fn authorize_peer(&self, peer: &NodeId, now: UnixTime) -> Result<(), PeerRefusal> {
+        self.self_permit(now).map_err(PeerRefusal::Self_)?;
+        if self.is_revoked(peer) {
+            return Err(PeerRefusal::Revoked);
+        }
+        if !self.table.as_ref().is_some_and(|t| t.peers.contains(peer)) {
+            return Err(PeerRefusal::NotAPeer);
+        }
+        Ok(())
+    }
+
+    /// Checks a peer's attestation envelope (Hello or Renewal): pinned signature, validity,
+    /// bound to the TLS key, not revoked, serial not lower than one seen.
+    pub fn check_peer_attestation(&self, envelope: &[u8], tls_spki: &[u8], now: UnixTime) -> Result<PeerAttestation, SignedRefusal> {
+        let v = verify_attestation(envelope, &self.keys, now, ATTESTATION_LEEWAY)?;
+        v.check_peer(tls_spki)?;
+        let a = v.get();
+        v.check_serial(self.peer_attestations.get(&a.node_id).map(|p| p.serial))?;
+        Ok(PeerAttestation {
+            serial: a.serial,
+            not_after: a.not_after,
+            segments: a.segments.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    /// Replaces our own attestation (after enroll or refresh).
+    pub fn set_attestation(&mut self, envelope: Vec<u8>, v: VerifiedAttestation) {
+        self.attestation = Some((envelope, v));
+    }
+
+    /// Loads a persisted revocation list at start. A list that does not verify is an error:
+    /// never start with a silently emptied list.
+    pub fn load_revocations(&mut self, bytes: &[u8]) -> Result<(), SignedRefusal> {
+        match verify_revocation_list(bytes, &self.keys, None)? {
+            RevocationUpdate::Newer(list) => {
+                self.revocations = Some((list.version, bytes.to_vec(), list));
+                Ok(())
+            }
+            RevocationUpdate::Same => Ok(()),
+        }
+    }
+
+    fn keyring(&mut self, peer: NodeId) -> &mut PairKeyring {
+        let local = self.local;
+        self.keyrings.entry(peer).or_insert_with(|| PairKeyring::new(PairIds::new(local, peer)))
+    }
+
+    /// Applies one verifier push.
+    pub fn apply(&mut self, push: Push, _now: UnixTime) -> Effects {
+        let mut fx = Effects::default();
+        match push {
+            Push::Config(c) => {
+                match EpochLength::from_secs(c.epoch_secs) {
+                    Ok(e) => self.epoch = e,
+                    Err(e) => fx.refused = Some(format!("config: {e}")),
+                }
+                self.suffix = c.suffix.as_str().to_owned();
+            }
+            Push::Routes { table, peers } => {
+                let old: BTreeSet<NodeId> = self.table.as_ref().map(|t| t.peers.clone()).unwrap_or_default();
+                for gone in old.difference(&table.peers) {
+                    fx.close.push((*gone, "policy_changed"));
+                    self.keyrings.remove(gone);
+                }
+                self.peers = peers.iter().map(|p| (p.node_id, p.clone())).collect();
+                self.table = Some(table);
+            }
+            Push::Seeds { peer, grants } => {
+                for g in grants.iter() {
+                    if let Err(e) = self.keyring(peer).insert(g.clone()) {
+                        // A compromised generation re-sent is expected noise; others are worth a line.
+                        if !matches!(e, GrantRefusal::Compromised(_)) {
+                            fx.refused = Some(format!("seeds for {}: {e}", peer.short()));
+                        }
+                    }
+                }
+            }
+            Push::Compromised { peer, generations } => {
+                let ring = self.keyring(peer);
+                for g in generations.iter() {
+                    ring.mark_compromised(*g);
+                }
+            }
+            Push::Revocations { list } => {
+                let current = self.revocations.as_ref().map(|(v, b, _)| (*v, b.as_slice()));
+                match verify_revocation_list(&list, &self.keys, current) {
+                    Ok(RevocationUpdate::Newer(l)) => {
+                        for r in l.revoked.iter() {
+                            fx.close.push((r.node_id, "revoked"));
+                            if let Some(ring) = self.keyrings.get_mut(&r.node_id) {
+                                ring.mark_all_compromised();
+                            }
+                        }
+                        fx.persist_revocations = Some(list.to_vec());
+                        self.revocations = Some((l.version, list.to_vec(), l));
+                    }
+                    Ok(RevocationUpdate::Same) => {}
+                    Err(e) => fx.refused = Some(format!("revocation list: {e}")),
+                }
+            }
+        }
+        fx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hopmesh_protocol::attestation::{ATTESTATION_VERSION, Attestation, RevokedNode, SigningKey};
+    use hopmesh_protocol::enrollment::MeshConfig;
+    use hopmesh_protocol::ids::{Measurement, NodeName, SegmentName};
+    use hopmesh_protocol::secret::SigningSeed;
+    use hopmesh_protocol::wire::{BoundedString, BoundedVec};
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn verifier() -> SigningKey {
+        SigningKey::from_seed(&SigningSeed::from_bytes([1; 32]))
+    }
+
+    fn attestation_for(seed: u8, not_after: u64) -> (Vec<u8>, VerifiedAttestation, Vec<u8>) {
+        let k = verifier();
+        let spki = SigningKey::from_seed(&SigningSeed::from_bytes([seed; 32])).verifying_key().to_spki_der();
+        let a = Attestation {
+            version: ATTESTATION_VERSION,
+            node_id: NodeId::from_spki(&spki),
+            spki: BoundedVec::new(spki.clone()).expect("fits"),
+            name: NodeName::new("n").expect("name"),
+            segments: BoundedVec::new(vec![SegmentName::new("s").expect("seg")]).expect("fits"),
+            measurement: Measurement([0; 32]),
+            serial: 7,
+            not_before: UnixTime::from_secs(NOW - 10),
+            not_after: UnixTime::from_secs(not_after),
+            verifier_key_id: k.key_id(),
+        };
+        let env = a.sign(&k).expect("sign");
+        let keys = KeySet::new(vec![k.verifying_key()]).expect("keys");
+        let v = verify_attestation(&env, &keys, UnixTime::from_secs(NOW), 0).expect("valid");
+        (env, v, spki)
+    }
+
+    fn state() -> NodeState {
+        let (env, v, spki) = attestation_for(2, NOW + 300);
+        let mut s = NodeState::new(NodeId::from_spki(&spki), KeySet::new(vec![verifier().verifying_key()]).expect("keys"));
+        s.set_attestation(env, v);
+        s
+    }
+
+    fn routes(peers: &[NodeId]) -> Push {
+        Push::Routes {
+            table: RoutingTable {
+                peers: peers.iter().copied().collect(),
+                ..RoutingTable::default()
+            },
+            peers: BoundedVec::empty(),
+        }
+    }
+
+    #[test]
+    fn fail_closed_without_routes_or_after_expiry() {
+        let mut s = state();
+        let now = UnixTime::from_secs(NOW);
+        assert_eq!(s.self_permit(now), Err(SelfRefusal::NoRoutes));
+        s.apply(routes(&[]), now);
+        assert_eq!(s.self_permit(now), Ok(()));
+        assert_eq!(s.self_permit(UnixTime::from_secs(NOW + 300)), Err(SelfRefusal::Expired));
+        let empty = NodeState::new(s.local, s.keys.clone());
+        assert_eq!(empty.self_permit(now), Err(SelfRefusal::NoAttestation));
+    }
+
+    #[test]
+    fn peers_are_authorized_by_table_and_revocation() {
+        let mut s = state();
+        let now = UnixTime::from_secs(NOW);
+        let p = NodeId::from_bytes([9; 32]);
+        let q = NodeId::from_bytes([8; 32]);
+        s.apply(routes(&[p]), now);
+        assert_eq!(s.authorize_peer(&p, now), Ok(()));
+        assert_eq!(s.authorize_peer(&q, now), Err(PeerRefusal::NotAPeer));
+        let list = RevocationList {
+            version: 1,
+            issued_at: now,
+            verifier_key_id: verifier().key_id(),
+            revoked: BoundedVec::new(vec![RevokedNode {
+                node_id: p,
+                revoked_at: now,
+                until: now.plus(300),
+            }])
+            .expect("fits"),
+        };
+        let bytes = list.sign(&verifier()).expect("sign");
+        let fx = s.apply(Push::Revocations { list: BoundedVec::new(bytes.clone()).expect("fits") }, now);
+        assert_eq!(fx.close, vec![(p, "revoked")]);
+        assert_eq!(fx.persist_revocations, Some(bytes.clone()));
+        assert_eq!(s.authorize_peer(&p, now), Err(PeerRefusal::Revoked));
+        // Rollback: an older list is refused and nothing changes.
+        let older = RevocationList { version: 0, revoked: BoundedVec::empty(), ..list };
+        let fx = s.apply(Push::Revocations { list: BoundedVec::new(older.sign(&verifier()).expect("sign")).expect("fits") }, now);
+        assert!(fx.refused.is_some_and(|r| r.contains("rollback") || r.contains("below")));
+        assert_eq!(s.authorize_peer(&p, now), Err(PeerRefusal::Revoked));
+        // Dropping a peer from the table closes its connections.
+        let fx = s.apply(routes(&[q]), now);
+        assert_eq!(fx.close, vec![(p, "policy_changed")]);
+    }
+
+    #[test]
+    fn peer_attestations_are_bound_to_the_tls_key() {
+        let s = state();
+        let now = UnixTime::from_secs(NOW);
+        let (env, _, spki) = attestation_for(3, NOW + 300);
+        assert!(s.check_peer_attestation(&env, &spki, now).is_ok());
+        let (_, _, other) = attestation_for(4, NOW + 300);
+        assert_eq!(s.check_peer_attestation(&env, &other, now), Err(SignedRefusal::SpkiMismatch));
+        let (expired, _, spki) = attestation_for(5, NOW - 6);
+        assert!(matches!(s.check_peer_attestation(&expired, &spki, now), Err(SignedRefusal::Expired { .. })));
+    }
+
+    #[test]
+    fn config_push_sets_epoch_and_suffix() {
+        let mut s = state();
+        let fx = s.apply(
+            Push::Config(MeshConfig {
+                epoch_secs: 1,
+                generation_secs: 10,
+                suffix: BoundedString::truncated("corp"),
+            }),
+            UnixTime::from_secs(NOW),
+        );
+        assert_eq!(fx, Effects::default());
+        assert_eq!(s.epoch.as_secs(), 1);
+        assert_eq!(s.suffix, "corp");
+    }
+}
