@@ -1,0 +1,266 @@
+//! A whole mesh in one process: verifier, nodes, backends, SOCKS clients, all on 127.0.0.1.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hopmesh_node::config::NodeConfig;
+use hopmesh_node::runtime::{NodeHandle, Sockets, start};
+use hopmesh_protocol::ids::Measurement;
+use hopmesh_protocol::socks5::{self, Command, Request, TargetAddr};
+use hopmesh_verifier::authority::Settings;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::VerifierHarness;
+
+/// A backend that echoes every byte back, half-close aware. Stops when dropped.
+#[derive(Debug)]
+pub struct EchoBackend {
+    /// Its address.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl EchoBackend {
+    /// Starts one on 127.0.0.1:0.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                        let _ = w.shutdown().await;
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The standard mesh policy: a, b in s1; c in s2; api.s1 on b, db.s1 on a, web.s2 on c;
+/// s1 -> s1 and s1 -> web.s2; s2 reaches nothing.
+pub fn mesh_policy(api: SocketAddr, db: SocketAddr, web: SocketAddr) -> String {
+    format!(
+        r#"
+[attestation]
+allow_any_measurement = true
+
+[[segment]]
+name = "s1"
+[[segment]]
+name = "s2"
+
+[[node]]
+name = "a"
+segments = ["s1"]
+[[node]]
+name = "b"
+segments = ["s1"]
+[[node]]
+name = "c"
+segments = ["s2"]
+
+[[service]]
+name = "api"
+segment = "s1"
+node = "b"
+backend = "{api}"
+[[service]]
+name = "db"
+segment = "s1"
+node = "a"
+backend = "{db}"
+[[service]]
+name = "web"
+segment = "s2"
+node = "c"
+backend = "{web}"
+
+[[allow]]
+from = "s1"
+to = "s1"
+[[allow]]
+from = "s1"
+to = "web.s2"
+"#
+    )
+}
+
+/// A node of the harness.
+#[derive(Debug)]
+pub struct TestMeshNode {
+    /// Its name.
+    pub name: String,
+    /// Its data directory.
+    pub dir: tempfile::TempDir,
+    /// The running node (None once stopped).
+    pub handle: Option<NodeHandle>,
+    /// Its SOCKS address.
+    pub socks: SocketAddr,
+}
+
+impl TestMeshNode {
+    /// `ctl show`, in process.
+    pub fn show(&self) -> Value {
+        self.handle.as_ref().expect("running").node.show()
+    }
+}
+
+/// Verifier, backends and nodes.
+#[derive(Debug)]
+pub struct Mesh {
+    /// The verifier.
+    pub verifier: VerifierHarness,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, TestMeshNode>,
+    /// Backends: api, db, web.
+    pub backends: Vec<EchoBackend>,
+}
+
+impl Mesh {
+    /// The standard mesh with `settings`, every node ready.
+    pub async fn start(settings: Settings) -> Self {
+        let backends = vec![EchoBackend::start().await, EchoBackend::start().await, EchoBackend::start().await];
+        let policy = mesh_policy(backends[0].addr, backends[1].addr, backends[2].addr);
+        let verifier = VerifierHarness::start(&policy, settings).await;
+        let mut mesh = Self {
+            verifier,
+            nodes: BTreeMap::new(),
+            backends,
+        };
+        for name in ["a", "b", "c"] {
+            mesh.add_node(name).await;
+        }
+        for name in ["a", "b", "c"] {
+            mesh.wait_ready(name).await;
+        }
+        mesh
+    }
+
+    /// Enrolls and starts node `name`.
+    pub async fn add_node(&mut self, name: &str) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind quic");
+        let advertise = vec![quic.local_addr().expect("addr").to_string()];
+        let running = self.verifier.running.as_ref().expect("verifier running");
+        hopmesh_node::enroll::enroll(
+            dir.path(),
+            running.node_addr,
+            self.verifier.join_token(name, 600),
+            &self.verifier.pins,
+            &advertise,
+            Measurement([0; 32]),
+            self.verifier.now(),
+        )
+        .await
+        .expect("enroll");
+        let socks = TcpListener::bind("127.0.0.1:0").await.expect("bind socks");
+        let config = NodeConfig {
+            data_dir: dir.path().to_owned(),
+            verifier: running.node_addr.to_string(),
+            listen: quic.local_addr().expect("addr"),
+            advertise,
+            socks: socks.local_addr().expect("addr"),
+            socks_auth: None,
+            clock_offset: 0,
+        };
+        let handle = start(config, Sockets { quic, socks }, self.verifier.clock.clone()).await.expect("start node");
+        let socks = handle.socks_addr;
+        self.nodes.insert(name.to_owned(), TestMeshNode { name: name.to_owned(), dir, handle: Some(handle), socks });
+    }
+
+    /// Waits (bounded) until `name` is attested, subscribed and routed.
+    pub async fn wait_ready(&self, name: &str) {
+        let node = &self.nodes[name];
+        for _ in 0..200 {
+            let s = node.show();
+            if s["self_permit"].is_null() && s["verifier_connected"] == true {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("node {name} not ready: {}", node.show());
+    }
+
+    /// The node `name`.
+    pub fn node(&self, name: &str) -> &TestMeshNode {
+        &self.nodes[name]
+    }
+
+    /// Stops every node, then the verifier.
+    pub async fn shutdown(mut self) {
+        for (_, n) in self.nodes.iter_mut() {
+            if let Some(h) = n.handle.take() {
+                h.shutdown().await;
+            }
+        }
+        self.verifier.stop().await;
+    }
+}
+
+/// SOCKS5 CONNECT through `socks` to `host:port`. Returns the stream on REP 0, or the REP.
+pub async fn socks_connect(socks: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
+    let mut tcp = TcpStream::connect(socks).await.map_err(|_| 0xFF)?;
+    tcp.write_all(&socks5::encode_greeting(&[socks5::method::NO_AUTH])).await.map_err(|_| 0xFE)?;
+    let mut sel = [0u8; 2];
+    tcp.read_exact(&mut sel).await.map_err(|_| 0xFD)?;
+    if sel != [5, 0] {
+        return Err(0xFC);
+    }
+    let target = host.parse().map(TargetAddr::Ipv4).unwrap_or_else(|_| TargetAddr::Domain(host.to_owned()));
+    let req = Request {
+        command: Command::Connect,
+        target,
+        port,
+    };
+    tcp.write_all(&socks5::encode_request(&req)).await.map_err(|_| 0xFB)?;
+    let mut reply = [0u8; 10];
+    tcp.read_exact(&mut reply).await.map_err(|_| 0xFA)?;
+    if reply[1] == 0 { Ok(tcp) } else { Err(reply[1]) }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// SHA-256.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+    out
+}
+
+/// Sends `data` through an echo service and returns what came back (or the IO error).
+pub async fn echo_through(tcp: TcpStream, data: Arc<Vec<u8>>) -> std::io::Result<Vec<u8>> {
+    let (mut r, mut w) = tcp.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await?;
+    writer.await.map_err(std::io::Error::other)??;
+    Ok(back)
+}
