@@ -22,3 +22,179 @@ async fn one_mib_round_trip_through_the_mesh() {
     assert_eq!(a["counters"]["bytes_in"], 1 << 20);
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_round_trip_is_byte_identical() {
+    let mesh = Mesh::start(Settings::default()).await;
+    let data = Arc::new(pattern(64 << 20, 11));
+    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80).await.expect("socks connect");
+    let back = tokio::time::timeout(Duration::from_secs(240), echo_through(tcp, data.clone())).await.expect("in time").expect("io");
+    assert_eq!(back.len(), data.len());
+    assert_eq!(sha256(&back), sha256(&data));
+    mesh.shutdown().await;
+}
+
+/// Every (source node × service) cell: allowed ones move data, denied ones get REP 0x02 at
+/// the first hop, the serving node sees nothing, and the denial is audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_matrix() {
+    let mesh = Mesh::start(Settings::default()).await;
+    let cells = [
+        ("a", "api.s1.mesh", true),
+        ("a", "web.s2.mesh", true),
+        ("b", "db.s1.mesh", true),
+        ("b", "web.s2.mesh", true),
+        ("c", "api.s1.mesh", false),
+        ("c", "db.s1.mesh", false),
+        ("a", "db.s1.mesh", false),  // a serves db itself: no route to itself
+        ("c", "web.s2.mesh", false), // likewise
+        ("a", "nope.s1.mesh", false),
+        ("a", "api.s9.mesh", false),
+    ];
+    for (src, name, allowed) in cells {
+        let accepted_before: u64 = ["a", "b", "c"].iter().map(|n| mesh.node(n).show()["counters"]["streams_accepted"].as_u64().unwrap_or(0)).sum();
+        let result = socks_connect(mesh.node(src).socks, name, 80).await;
+        if allowed {
+            let tcp = result.unwrap_or_else(|rep| panic!("{src} -> {name} must be allowed, got REP {rep}"));
+            let data = Arc::new(pattern(4096, 3));
+            let back = echo_through(tcp, data.clone()).await.expect("io");
+            assert_eq!(sha256(&back), sha256(&data), "{src} -> {name}");
+        } else {
+            assert_eq!(result.err(), Some(2), "{src} -> {name} must get REP 0x02");
+            let accepted_after: u64 = ["a", "b", "c"].iter().map(|n| mesh.node(n).show()["counters"]["streams_accepted"].as_u64().unwrap_or(0)).sum();
+            assert_eq!(accepted_before, accepted_after, "{src} -> {name}: nothing may reach a serving node");
+        }
+    }
+    // Each denial is audited exactly once at the source node.
+    let audit = hopmesh_transport::audit::read_since(&mesh.node("c").dir.path().join("audit.jsonl"), 0).expect("audit");
+    let denials: Vec<_> = audit.iter().filter(|r| r["event"] == "socks_refused").map(|r| r["target"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(denials, vec!["api.s1.mesh", "db.s1.mesh", "web.s2.mesh"]);
+    mesh.shutdown().await;
+}
+
+/// TESTING.md cases 1–3 and 20 against the real listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks_bad_input_is_answered_and_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start(Settings::default()).await;
+    let socks = mesh.node("a").socks;
+    async fn exchange(socks: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+        let mut tcp = tokio::net::TcpStream::connect(socks).await.expect("connect");
+        tcp.write_all(bytes).await.expect("write");
+        let mut out = Vec::new();
+        // The node must close on its own, promptly.
+        tokio::time::timeout(Duration::from_secs(6), tcp.read_to_end(&mut out)).await.expect("closed promptly").unwrap_or(0);
+        out
+    }
+    assert_eq!(exchange(socks, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await, b"");
+    assert_eq!(exchange(socks, &[0x16, 3, 1, 0, 5, 1, 0, 0, 1, 3]).await, b"");
+    assert_eq!(exchange(socks, &[4, 1, 0, 80, 127, 0, 0, 1, 0]).await, b"");
+    assert_eq!(exchange(socks, &[5, 0]).await, [5, 0xFF]);
+    // NMETHODS 255 then silence: closed at the 5 s handshake deadline, no reply.
+    assert_eq!(exchange(socks, &[5, 255, 0]).await, b"");
+    let req = |cmd: u8, addr: &[u8]| [&[5u8, 1, 0][..], &[5, cmd, 0], addr].concat();
+    let rep = |bytes: Vec<u8>| bytes.get(3).copied();
+    assert_eq!(rep(exchange(socks, &req(2, &[1, 127, 0, 0, 1, 0, 80])).await), Some(7), "BIND");
+    assert_eq!(rep(exchange(socks, &req(3, &[1, 127, 0, 0, 1, 0, 80])).await), Some(7), "UDP ASSOCIATE");
+    assert_eq!(rep(exchange(socks, &req(1, &[9, 1, 2, 3, 4, 0, 80])).await), Some(8), "bad ATYP");
+    assert_eq!(rep(exchange(socks, &req(1, &[3, 0, 0, 80])).await), Some(1), "empty domain");
+    for target in ["127.0.0.1", "169.254.169.254", "localhost", "example.com", "api.s1.mesh.evil.com"] {
+        assert_eq!(socks_connect(socks, target, 80).await.err(), Some(2), "{target}");
+    }
+    let c = mesh.node("a").show()["counters"]["refused"].clone();
+    assert_eq!(c["other_protocol"], 2, "{c}");
+    assert_eq!(c["ip_literal"], 2, "{c}");
+    assert_eq!(c["not_mesh_name"], 3, "{c}");
+    mesh.shutdown().await;
+}
+
+/// A key with no attestation, speaking the right ALPN, cannot get a stream through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unattested_peer_is_refused_at_the_handshake() {
+    use hopmesh_transport::identity::{Identity, SNI};
+    use hopmesh_transport::quic::{endpoint, quinn_client, transport_config};
+    use hopmesh_transport::tls::{self, ALPN_DATA, AnyKey, ServerExpectation};
+    let mesh = Mesh::start(Settings::default()).await;
+    let b = mesh.node("b").handle.as_ref().expect("running");
+    let stranger = Identity::generate().expect("identity");
+    let ep = endpoint(std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"), None).expect("endpoint");
+    let cfg = quinn_client(
+        tls::client_config(&stranger, ALPN_DATA, ServerExpectation::Node(b.node.local, Arc::new(AnyKey))).expect("tls"),
+        Arc::new(transport_config(Duration::from_secs(5), Duration::from_secs(1))),
+    )
+    .expect("quinn");
+    let attempt = async {
+        let conn = ep.connect_with(cfg, b.quic_addr, SNI)?.await?;
+        let (mut s, mut r) = conn.open_bi().await?;
+        s.write_all(&[0u8; 200]).await?;
+        let mut byte = [0u8; 1];
+        r.read_exact(&mut byte).await?;
+        anyhow_ok()
+    };
+    let result = tokio::time::timeout(Duration::from_secs(10), attempt).await.expect("decided in time");
+    assert!(result.is_err(), "an unattested key must not get a stream through");
+    assert!(b.node.show()["counters"]["refused"]["not_a_peer"].as_u64().unwrap_or(0) >= 1);
+    mesh.shutdown().await;
+}
+
+fn anyhow_ok() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    Ok(())
+}
+
+/// Revoking the serving node mid-transfer closes the connection at once and the app sees an
+/// explicit error, never a clean EOF after missing bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_mid_transfer_ends_in_an_explicit_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start(Settings::default()).await;
+    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80).await.expect("socks connect");
+    let (mut r, mut w) = tcp.into_split();
+    // Keep bytes flowing through the echo service, without ever closing.
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..100_000 {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    while got < (4 << 20) {
+        got += r.read(&mut buf).await.expect("flowing");
+    }
+    let started = std::time::Instant::now();
+    mesh.verifier.admin().call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"}))).await.expect("revoke");
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the transfer must end promptly");
+    assert!(end.is_err(), "the app must see a reset, not a clean EOF");
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    writer.abort();
+    // New streams to b are refused at the first hop, and a's table no longer routes to it.
+    assert_eq!(socks_connect(mesh.node("a").socks, "api.s1.mesh", 80).await.err(), Some(2));
+    mesh.shutdown().await;
+}
+
+/// The dependency floor of DESIGN.md: quinn-proto ≥ 0.11.18.
+#[test]
+fn quinn_proto_is_at_least_0_11_18() {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).expect("Cargo.lock");
+    let version = lock
+        .split("[[package]]")
+        .find(|p| p.contains("name = \"quinn-proto\""))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
+        .map(|v| v.trim_end_matches('"').to_owned())
+        .expect("quinn-proto in Cargo.lock");
+    let parts: Vec<u64> = version.split('.').map(|x| x.parse().expect("number")).collect();
+    assert!(parts[0] == 0 && parts[1] == 11 && parts[2] >= 18, "quinn-proto {version} is below the 0.11.18 floor");
+}
