@@ -1,6 +1,7 @@
 //! Test harness: a verifier and test nodes in one process, on 127.0.0.1 port 0, with a clock
 //! the test can move.
 
+pub mod attacker;
 pub mod mesh;
 
 use std::net::UdpSocket;

@@ -1,0 +1,144 @@
+//! A client that speaks the node protocol by hand, to send tokens no honest node would.
+//!
+//! It holds a real node's key and attestation (read from that node's data directory) and the
+//! pair seeds (from the verifier), so every check up to the one under test passes.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hopmesh_protocol::control::{MAX_ENVELOPE, PeerMessage, StreamHeader};
+use hopmesh_protocol::frame::CONTROL_CAP;
+use hopmesh_protocol::hop_token::{Epoch, Generation, GenerationGrant, MintRequest, PairIds, TOKEN_LEN, mint_token};
+use hopmesh_protocol::ids::{NodeId, ServiceId};
+use hopmesh_protocol::secret::{ConnectionBinding, EpochKey, StreamKey};
+use hopmesh_protocol::wire::BoundedVec;
+use hopmesh_transport::identity::{Identity, SNI};
+use hopmesh_transport::quic::{connection_binding, endpoint, quinn_client, read_frame_within, transport_config, write_frame};
+use hopmesh_transport::tls::{self, ALPN_DATA, AnyKey, ServerExpectation};
+
+/// One hand-driven connection to a node.
+#[derive(Debug)]
+pub struct ProtocolClient {
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// Its exporter binding.
+    pub binding: ConnectionBinding,
+    /// Who we are.
+    pub local: NodeId,
+    /// Who we talk to.
+    pub peer: NodeId,
+    _endpoint: quinn::Endpoint,
+    _control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// What happened to a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamOutcome {
+    /// The node answered with this status byte.
+    Status(u8),
+    /// The node reset the stream (token refused) or the connection died.
+    Refused,
+}
+
+impl ProtocolClient {
+    /// Connects as the node whose data directory is `dir` to the node `peer` at `addr`.
+    pub async fn connect(dir: &Path, peer: NodeId, addr: SocketAddr) -> Self {
+        let identity = Identity::load(&dir.join("node.key")).expect("node key");
+        let attestation = std::fs::read(dir.join("attestation.bin")).expect("attestation");
+        let ep = endpoint(std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"), None).expect("endpoint");
+        let cfg = quinn_client(
+            tls::client_config(&identity, ALPN_DATA, ServerExpectation::Node(peer, Arc::new(AnyKey))).expect("tls"),
+            Arc::new(transport_config(Duration::from_secs(10), Duration::from_secs(2))),
+        )
+        .expect("quinn");
+        let conn = ep.connect_with(cfg, addr, SNI).expect("connect").await.expect("handshake");
+        let (mut s, mut r) = conn.open_bi().await.expect("control stream");
+        let hello = PeerMessage::Hello {
+            attestation: BoundedVec::<u8, MAX_ENVELOPE>::new(attestation).expect("fits"),
+        };
+        write_frame(&mut s, &hello, CONTROL_CAP).await.expect("hello");
+        let theirs: Option<PeerMessage> = read_frame_within(&mut r, CONTROL_CAP, Duration::from_secs(5)).await.expect("their hello");
+        assert!(matches!(theirs, Some(PeerMessage::Hello { .. })), "peer must answer hello");
+        let local = identity.node_id();
+        let binding = connection_binding(&conn, ALPN_DATA, &PairIds::new(local, peer)).expect("binding");
+        Self {
+            conn,
+            binding,
+            local,
+            peer,
+            _endpoint: ep,
+            _control: (s, r),
+        }
+    }
+
+    /// Mints a token for the next stream with `grant`, `epoch` and `service`; `tweak` may
+    /// change the request first. Returns the bytes to send (token ‖ header).
+    pub fn mint(&self, grant: &GenerationGrant, epoch: Epoch, service: ServiceId, stream_id: u64, tweak: impl FnOnce(&mut MintRequest<'_>)) -> Vec<u8> {
+        let header = StreamHeader {
+            origin: self.local,
+            service,
+            route: BoundedVec::empty(),
+        }
+        .encode()
+        .expect("header");
+        let pair = PairIds::new(self.local, self.peer);
+        let key = StreamKey::derive(&self.binding, &EpochKey::derive(&grant.seed, &pair, epoch));
+        let mut req = MintRequest {
+            generation: grant.generation,
+            epoch,
+            src: self.local,
+            dst: self.peer,
+            service,
+            stream_id,
+            header: &header,
+        };
+        tweak(&mut req);
+        let token = mint_token(&req, &key).expect("mint");
+        [token.as_slice(), &header].concat()
+    }
+
+    /// Opens a stream and returns it with its raw id.
+    pub async fn open(&self) -> Option<(quinn::SendStream, quinn::RecvStream, u64)> {
+        let (s, r) = self.conn.open_bi().await.ok()?;
+        let id = u64::from(s.id());
+        Some((s, r, id))
+    }
+
+    /// Sends `bytes` as the start of a stream and reports what the node did.
+    pub async fn send_on(s: &mut quinn::SendStream, r: &mut quinn::RecvStream, bytes: &[u8]) -> StreamOutcome {
+        if s.write_all(bytes).await.is_err() {
+            return StreamOutcome::Refused;
+        }
+        let mut status = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(5), r.read_exact(&mut status)).await {
+            Ok(Ok(())) => StreamOutcome::Status(status[0]),
+            _ => StreamOutcome::Refused,
+        }
+    }
+
+    /// Mints for the next stream and sends.
+    pub async fn try_stream(&self, grant: &GenerationGrant, epoch: Epoch, service: ServiceId, tweak: impl FnOnce(&mut MintRequest<'_>)) -> StreamOutcome {
+        let Some((mut s, mut r, id)) = self.open().await else {
+            return StreamOutcome::Refused;
+        };
+        let bytes = self.mint(grant, epoch, service, id, tweak);
+        let out = Self::send_on(&mut s, &mut r, &bytes).await;
+        let _ = s.finish();
+        out
+    }
+}
+
+/// The grant currently used for minting for the pair, from the verifier.
+pub fn current_grant(grants: &[GenerationGrant]) -> GenerationGrant {
+    grants.first().cloned().expect("a current generation")
+}
+
+/// A generation number that does not exist.
+pub fn bogus_generation() -> Generation {
+    Generation(u64::MAX)
+}
+
+/// Token length, re-exported for tests.
+pub const TOKEN: usize = TOKEN_LEN;
