@@ -68,7 +68,8 @@ pub enum ConfigError {
 impl NodeConfig {
     /// Reads and checks a config file; relative paths are relative to the file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.display().to_string(), e))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read(path.display().to_string(), e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).map_err(|m| ConfigError::Invalid(path.display().to_string(), m))
     }
@@ -76,12 +77,21 @@ impl NodeConfig {
     /// Parses config text.
     pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
         let raw: Raw = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
-        let listen: SocketAddr = raw.listen.parse().map_err(|_| format!("listen: `{}` is not ip:port", raw.listen))?;
-        let socks: SocketAddr = raw.socks.parse().map_err(|_| format!("socks: `{}` is not ip:port", raw.socks))?;
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|_| format!("listen: `{}` is not ip:port", raw.listen))?;
+        let socks: SocketAddr = raw
+            .socks
+            .parse()
+            .map_err(|_| format!("socks: `{}` is not ip:port", raw.socks))?;
         if !socks.ip().is_loopback() {
-            return Err(format!("socks: `{socks}` must be a loopback address (the SOCKS endpoint is local only)"));
+            return Err(format!(
+                "socks: `{socks}` must be a loopback address (the SOCKS endpoint is local only)"
+            ));
         }
-        hopmesh_protocol::policy::parse_backend(&raw.verifier).map_err(|e| format!("verifier: {e}"))?;
+        hopmesh_protocol::policy::parse_backend(&raw.verifier)
+            .map_err(|e| format!("verifier: {e}"))?;
         if raw.advertise.len() > 4 {
             return Err("advertise: at most 4 addresses".into());
         }
@@ -89,11 +99,23 @@ impl NodeConfig {
             hopmesh_protocol::policy::parse_backend(a).map_err(|e| format!("advertise: {e}"))?;
         }
         let socks_auth = match (raw.socks_username, raw.socks_password) {
-            (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() && u.len() <= 255 && p.len() <= 255 => Some((u, p)),
+            (Some(u), Some(p))
+                if !u.is_empty() && !p.is_empty() && u.len() <= 255 && p.len() <= 255 =>
+            {
+                Some((u, p))
+            }
             (None, None) => None,
-            _ => return Err("socks_username and socks_password: set both, 1 to 255 bytes each".into()),
+            _ => {
+                return Err(
+                    "socks_username and socks_password: set both, 1 to 255 bytes each".into(),
+                );
+            }
         };
-        let data_dir = if raw.data_dir.is_absolute() { raw.data_dir } else { base.join(raw.data_dir) };
+        let data_dir = if raw.data_dir.is_absolute() {
+            raw.data_dir
+        } else {
+            base.join(raw.data_dir)
+        };
         Ok(Self {
             data_dir,
             verifier: raw.verifier,
@@ -112,15 +134,24 @@ mod tests {
 
     #[test]
     fn parses_and_refuses_clearly() {
-        let ok = NodeConfig::parse("data_dir = \"d\"\nverifier = \"v.example:7443\"\nlisten = \"0.0.0.0:4433\"\n", Path::new("/etc/h"))
-            .expect("valid");
+        let ok = NodeConfig::parse(
+            "data_dir = \"d\"\nverifier = \"v.example:7443\"\nlisten = \"0.0.0.0:4433\"\n",
+            Path::new("/etc/h"),
+        )
+        .expect("valid");
         assert_eq!(ok.data_dir, PathBuf::from("/etc/h/d"));
         assert_eq!(ok.socks.to_string(), "127.0.0.1:1080");
         let err = |t: &str| NodeConfig::parse(t, Path::new(".")).expect_err("invalid");
         assert!(err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\nsocks = \"0.0.0.0:1080\"\n").contains("loopback"));
-        assert!(err("data_dir = \"d\"\nverifier = \"v\"\nlisten = \"0.0.0.0:1\"\n").contains("verifier"));
+        assert!(
+            err("data_dir = \"d\"\nverifier = \"v\"\nlisten = \"0.0.0.0:1\"\n")
+                .contains("verifier")
+        );
         assert!(err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\nsocks_username = \"u\"\n").contains("both"));
         assert!(err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"x\"\n").contains("listen"));
-        assert!(err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\nlisen = 1\n").contains("lisen"));
+        assert!(
+            err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\nlisen = 1\n")
+                .contains("lisen")
+        );
     }
 }

@@ -43,7 +43,10 @@ pub struct CountersView {
 impl Counters {
     /// Counts one refusal.
     pub fn refused(&self, reason: &'static str) {
-        let mut m = self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *m.entry(reason).or_default() += 1;
     }
 
@@ -60,7 +63,11 @@ impl Counters {
             socks_ok: self.socks_ok.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
-            refused: self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+            refused: self
+                .refusals
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
         }
     }
 }

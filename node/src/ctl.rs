@@ -40,7 +40,9 @@ pub async fn serve(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             }
             let reply = match line.trim() {
                 "show" => node.show(),
-                other => serde_json::json!({"error": format!("unknown command `{other}`; try `show`")}),
+                other => {
+                    serde_json::json!({"error": format!("unknown command `{other}`; try `show`")})
+                }
             };
             let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
         });

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use hopmesh_protocol::control::{StreamHeader, StreamStatus};
 use hopmesh_protocol::enrollment::{Report, ReportKind};
-use hopmesh_protocol::hop_token::{ConnectionKeys, GateContext, PairIds, PairKeyring, TOKEN_LEN, TokenRefusal, verify_token};
+use hopmesh_protocol::hop_token::{
+    ConnectionKeys, GateContext, PairIds, PairKeyring, TOKEN_LEN, TokenRefusal, verify_token,
+};
 use hopmesh_protocol::routing::{IngressTable, ServePermit};
 use hopmesh_protocol::wire::BoundedString;
 use hopmesh_transport::fields;
@@ -33,7 +35,12 @@ fn reset(send: &mut SendStream, recv: &mut RecvStream) {
 }
 
 /// Handles one inbound stream on `pc`.
-pub async fn handle(node: Arc<Node>, pc: Arc<PeerConn>, mut send: SendStream, mut recv: RecvStream) {
+pub async fn handle(
+    node: Arc<Node>,
+    pc: Arc<PeerConn>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let stream_id = u64::from(recv.id());
     let mut raw = [0u8; TOKEN_LEN];
     match tokio::time::timeout(TOKEN_DEADLINE, recv.read_exact(&mut raw)).await {
@@ -70,11 +77,18 @@ pub async fn handle(node: Arc<Node>, pc: Arc<PeerConn>, mut send: SendStream, mu
     };
     let permit = match verdict {
         Ok(p) => p,
-        Err(Err(_self_refusal)) => return refuse_io(&node, &pc, "self_not_permitted", &mut send, &mut recv),
-        Err(Ok(refusal)) => return refuse_token(&node, &pc, refusal, stream_id, &mut send, &mut recv),
+        Err(Err(_self_refusal)) => {
+            return refuse_io(&node, &pc, "self_not_permitted", &mut send, &mut recv);
+        }
+        Err(Ok(refusal)) => {
+            return refuse_token(&node, &pc, refusal, stream_id, &mut send, &mut recv);
+        }
     };
     let mut header = vec![0u8; permit.header_len()];
-    if !matches!(tokio::time::timeout(TOKEN_DEADLINE, recv.read_exact(&mut header)).await, Ok(Ok(()))) {
+    if !matches!(
+        tokio::time::timeout(TOKEN_DEADLINE, recv.read_exact(&mut header)).await,
+        Ok(Ok(()))
+    ) {
         return refuse_io(&node, &pc, "header_truncated", &mut send, &mut recv);
     }
     let stream = match permit.check_header(&header) {
@@ -84,7 +98,10 @@ pub async fn handle(node: Arc<Node>, pc: Arc<PeerConn>, mut send: SendStream, mu
     // The header is MAC'd; it must still agree with the token and describe a direct route
     // (relays are not supported yet).
     match StreamHeader::decode(&header) {
-        Ok(h) if h.service == stream.fields().service && h.origin == pc.peer && h.route.is_empty() => {}
+        Ok(h)
+            if h.service == stream.fields().service
+                && h.origin == pc.peer
+                && h.route.is_empty() => {}
         _ => return refuse_io(&node, &pc, "bad_header", &mut send, &mut recv),
     }
     Counters::add(&node.counters.streams_accepted, 1);
@@ -115,7 +132,9 @@ async fn connect_backend(node: &Node, serve: &ServePermit) -> (StreamStatus, Opt
                 let _ = tcp.set_nodelay(true);
                 return (StreamStatus::Connected, Some(tcp));
             }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => last = StreamStatus::ConnectionRefused,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                last = StreamStatus::ConnectionRefused
+            }
             Ok(Err(_)) => last = StreamStatus::HostUnreachable,
             Err(_) => last = StreamStatus::TimedOut,
         }
@@ -123,13 +142,29 @@ async fn connect_backend(node: &Node, serve: &ServePermit) -> (StreamStatus, Opt
     (last, None)
 }
 
-fn refuse_io(node: &Node, pc: &PeerConn, reason: &'static str, send: &mut SendStream, recv: &mut RecvStream) {
+fn refuse_io(
+    node: &Node,
+    pc: &PeerConn,
+    reason: &'static str,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) {
     node.counters.refused(reason);
-    node.audit("stream_refused", fields! {"peer" => pc.peer.to_string(), "reason" => reason});
+    node.audit(
+        "stream_refused",
+        fields! {"peer" => pc.peer.to_string(), "reason" => reason},
+    );
     reset(send, recv);
 }
 
-fn refuse_token(node: &Node, pc: &PeerConn, refusal: TokenRefusal, stream_id: u64, send: &mut SendStream, recv: &mut RecvStream) {
+fn refuse_token(
+    node: &Node,
+    pc: &PeerConn,
+    refusal: TokenRefusal,
+    stream_id: u64,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) {
     let reason = refusal.reason();
     node.counters.refused(reason);
     node.audit(
@@ -148,8 +183,15 @@ fn refuse_token(node: &Node, pc: &PeerConn, refusal: TokenRefusal, stream_id: u6
         detail: BoundedString::truncated(&refusal.to_string()),
     };
     if refusal.closes_connection() {
-        let kind = if matches!(refusal, TokenRefusal::CompromisedKeyUse(_)) { ReportKind::CompromisedKeyUse } else { ReportKind::Impersonation };
-        node.audit(kind.as_str(), fields! {"peer" => pc.peer.to_string(), "stream" => stream_id});
+        let kind = if matches!(refusal, TokenRefusal::CompromisedKeyUse(_)) {
+            ReportKind::CompromisedKeyUse
+        } else {
+            ReportKind::Impersonation
+        };
+        node.audit(
+            kind.as_str(),
+            fields! {"peer" => pc.peer.to_string(), "stream" => stream_id},
+        );
         pc.conn.close(codes::ABUSE, kind.as_str().as_bytes());
         node.report(report(kind));
         return;

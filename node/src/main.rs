@@ -13,7 +13,11 @@ use hopmesh_transport::clock::SystemClock;
 use hopmesh_transport::pins::Pins;
 
 #[derive(Parser)]
-#[command(name = "hopmesh-node", version, about = "A hopmesh node: encrypted overlay and local SOCKS5 endpoint")]
+#[command(
+    name = "hopmesh-node",
+    version,
+    about = "A hopmesh node: encrypted overlay and local SOCKS5 endpoint"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,11 +67,16 @@ enum CtlCommand {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HOPMESH_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOPMESH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = tokio::runtime::Runtime::new().context("start the async runtime").and_then(|rt| rt.block_on(run(cli)));
+    let result = tokio::runtime::Runtime::new()
+        .context("start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -79,40 +88,77 @@ fn main() -> std::process::ExitCode {
 
 fn parse_secret(hex_text: &str) -> Result<JoinSecret> {
     let mut b = [0u8; 32];
-    hex::decode_to_slice(hex_text.trim(), &mut b).map_err(|_| anyhow!("--join-token must be 64 hex digits"))?;
+    hex::decode_to_slice(hex_text.trim(), &mut b)
+        .map_err(|_| anyhow!("--join-token must be 64 hex digits"))?;
     Ok(JoinSecret::from_bytes(b))
 }
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Enroll { data_dir, verifier, join_token, pins, advertise } => {
-            let pins: Pins = serde_json::from_str(&std::fs::read_to_string(&pins).with_context(|| format!("read {}", pins.display()))?)
-                .context("pins file")?;
+        Command::Enroll {
+            data_dir,
+            verifier,
+            join_token,
+            pins,
+            advertise,
+        } => {
+            let pins: Pins = serde_json::from_str(
+                &std::fs::read_to_string(&pins)
+                    .with_context(|| format!("read {}", pins.display()))?,
+            )
+            .context("pins file")?;
             let addr = tokio::net::lookup_host(&verifier)
                 .await
                 .with_context(|| format!("resolve {verifier}"))?
                 .next()
                 .ok_or_else(|| anyhow!("{verifier} has no address"))?;
-            let measurement = hopmesh_node::datadir::self_measurement().context("measure own executable")?;
-            let out = hopmesh_node::enroll::enroll(&data_dir, addr, parse_secret(&join_token)?, &pins, &advertise, measurement, SystemClock::default().now()).await?;
-            println!("{}", serde_json::json!({"node_id": out.node_id.to_string(), "name": out.name, "attestation_not_after": out.not_after.as_secs()}));
+            let measurement =
+                hopmesh_node::datadir::self_measurement().context("measure own executable")?;
+            let out = hopmesh_node::enroll::enroll(
+                &data_dir,
+                addr,
+                parse_secret(&join_token)?,
+                &pins,
+                &advertise,
+                measurement,
+                SystemClock::default().now(),
+            )
+            .await?;
+            println!(
+                "{}",
+                serde_json::json!({"node_id": out.node_id.to_string(), "name": out.name, "attestation_not_after": out.not_after.as_secs()})
+            );
         }
         Command::Run { config } => {
             let config = NodeConfig::load(&config)?;
-            let quic = std::net::UdpSocket::bind(config.listen).with_context(|| format!("bind {}", config.listen))?;
-            let socks = tokio::net::TcpListener::bind(config.socks).await.with_context(|| format!("bind {}", config.socks))?;
-            let clock = Arc::new(SystemClock { offset_secs: config.clock_offset });
+            let quic = std::net::UdpSocket::bind(config.listen)
+                .with_context(|| format!("bind {}", config.listen))?;
+            let socks = tokio::net::TcpListener::bind(config.socks)
+                .await
+                .with_context(|| format!("bind {}", config.socks))?;
+            let clock = Arc::new(SystemClock {
+                offset_secs: config.clock_offset,
+            });
             let handle = start(config, Sockets { quic, socks }, clock).await?;
-            println!("{}", serde_json::json!({"node_id": handle.node.local.to_string(), "quic": handle.quic_addr, "socks": handle.socks_addr}));
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            println!(
+                "{}",
+                serde_json::json!({"node_id": handle.node.local.to_string(), "quic": handle.quic_addr, "socks": handle.socks_addr})
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
             }
             handle.shutdown().await;
         }
-        Command::Ctl { data_dir, command: CtlCommand::Show } => {
-            let v = hopmesh_node::ctl::request(&data_dir, "show").await.with_context(|| format!("no running node at {}", data_dir.display()))?;
+        Command::Ctl {
+            data_dir,
+            command: CtlCommand::Show,
+        } => {
+            let v = hopmesh_node::ctl::request(&data_dir, "show")
+                .await
+                .with_context(|| format!("no running node at {}", data_dir.display()))?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
     }

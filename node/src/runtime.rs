@@ -21,7 +21,10 @@ use hopmesh_transport::audit::AuditLog;
 use hopmesh_transport::fields;
 use hopmesh_transport::identity::{Identity, SNI};
 use hopmesh_transport::pins::Pins;
-use hopmesh_transport::quic::{self, codes, connection_binding, peer_spki, quinn_client, quinn_server, read_frame, read_frame_within, transport_config, write_frame};
+use hopmesh_transport::quic::{
+    self, codes, connection_binding, peer_spki, quinn_client, quinn_server, read_frame,
+    read_frame_within, transport_config, write_frame,
+};
 use hopmesh_transport::tls::{self, ALPN_DATA, PeerAuthorizer, ServerExpectation};
 use hopmesh_transport::verifier_client::{ClientError, VerifierClient};
 use quinn::{Connection, Endpoint, SendStream, TransportConfig, VarInt};
@@ -30,11 +33,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::NodeError;
 use crate::config::NodeConfig;
 use crate::counters::Counters;
 use crate::datadir::{NodeDir, write_atomic};
 use crate::state::{ATTESTATION_LEEWAY, NodeState};
-use crate::NodeError;
 
 /// Deadline for the Hello exchange on a new connection.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(5);
@@ -61,7 +64,10 @@ pub struct PeerConn {
 impl PeerConn {
     /// Records a forged token; `Err` when the connection passed the limit.
     pub fn record_forgery(&self, now: UnixTime) -> Result<(), ForgeryLimitExceeded> {
-        self.forgeries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(now)
+        self.forgeries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(now)
     }
 }
 
@@ -75,7 +81,10 @@ struct StateAuthorizer {
 
 impl PeerAuthorizer for StateAuthorizer {
     fn authorize(&self, node: &NodeId, _spki: &[u8]) -> Result<(), String> {
-        let st = self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         st.authorize_peer(node, self.clock.now()).map_err(|e| {
             self.counters.refused(e.reason());
             e.to_string()
@@ -112,7 +121,9 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("local", &self.local).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
     }
 }
 
@@ -146,10 +157,18 @@ impl NodeHandle {
         let pcs: Vec<Arc<PeerConn>> = self.node.pool_snapshot();
         for pc in &pcs {
             let mut control = pc.control.lock().await;
-            let _ = write_frame(&mut control, &PeerMessage::Goodbye { reason: GoodbyeReason::Shutdown }, CONTROL_CAP).await;
+            let _ = write_frame(
+                &mut control,
+                &PeerMessage::Goodbye {
+                    reason: GoodbyeReason::Shutdown,
+                },
+                CONTROL_CAP,
+            )
+            .await;
         }
         let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
-        while self.node.active.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        while self.node.active.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.node.endpoint.close(codes::SHUTDOWN, b"shutdown");
@@ -163,12 +182,21 @@ impl NodeHandle {
 }
 
 /// Starts a node from its data directory and config on already-bound sockets.
-pub async fn start(config: NodeConfig, sockets: Sockets, clock: Arc<dyn Clock>) -> Result<NodeHandle, NodeError> {
+pub async fn start(
+    config: NodeConfig,
+    sockets: Sockets,
+    clock: Arc<dyn Clock>,
+) -> Result<NodeHandle, NodeError> {
     let dir = NodeDir::new(&config.data_dir);
     let identity = Identity::load(&dir.key())?;
-    let pins: Pins = serde_json::from_str(&std::fs::read_to_string(dir.file("pins.json")).map_err(|e| NodeError::io("read pins.json", e))?)
-        .map_err(|e| NodeError::Config(format!("pins.json: {e}")))?;
-    let keys = pins.key_set().map_err(|e| NodeError::Config(e.to_string()))?;
+    let pins: Pins = serde_json::from_str(
+        &std::fs::read_to_string(dir.file("pins.json"))
+            .map_err(|e| NodeError::io("read pins.json", e))?,
+    )
+    .map_err(|e| NodeError::Config(format!("pins.json: {e}")))?;
+    let keys = pins
+        .key_set()
+        .map_err(|e| NodeError::Config(e.to_string()))?;
     let local = identity.node_id();
     let mut st = NodeState::new(local, keys.clone());
     if let Ok(bytes) = std::fs::read(dir.file("revocations.bin")) {
@@ -182,7 +210,8 @@ pub async fn start(config: NodeConfig, sockets: Sockets, clock: Arc<dyn Clock>) 
     {
         st.set_attestation(bytes, v);
     }
-    let measurement = crate::datadir::self_measurement().map_err(|e| NodeError::io("measure own executable", e))?;
+    let measurement = crate::datadir::self_measurement()
+        .map_err(|e| NodeError::io("measure own executable", e))?;
     let (audit, repaired) = AuditLog::open(&dir.file("audit.jsonl"))?;
     if repaired {
         tracing::warn!("audit log ended in a partial record (crash mid-write); it was dropped");
@@ -195,11 +224,21 @@ pub async fn start(config: NodeConfig, sockets: Sockets, clock: Arc<dyn Clock>) 
         counters: counters.clone(),
     });
     let transport = Arc::new(data_transport());
-    let server = quinn_server(tls::server_config(&identity, ALPN_DATA, authorizer.clone())?, transport.clone())?;
+    let server = quinn_server(
+        tls::server_config(&identity, ALPN_DATA, authorizer.clone())?,
+        transport.clone(),
+    )?;
     let endpoint = quic::endpoint(sockets.quic, Some(server))?;
-    let quic_addr = endpoint.local_addr().map_err(|e| NodeError::io("quic local address", e))?;
-    let socks_addr = sockets.socks.local_addr().map_err(|e| NodeError::io("socks local address", e))?;
-    let resolver = TokioResolver::builder_tokio().ok().and_then(|b| b.build().ok());
+    let quic_addr = endpoint
+        .local_addr()
+        .map_err(|e| NodeError::io("quic local address", e))?;
+    let socks_addr = sockets
+        .socks
+        .local_addr()
+        .map_err(|e| NodeError::io("socks local address", e))?;
+    let resolver = TokioResolver::builder_tokio()
+        .ok()
+        .and_then(|b| b.build().ok());
     let (reports_tx, reports_rx) = mpsc::channel(256);
     let node = Arc::new(Node {
         local,
@@ -258,13 +297,20 @@ impl Node {
 
     /// The state, read-locked (keep the guard short; never across an await).
     pub fn state_read(&self) -> RwLockReadGuard<'_, NodeState> {
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records an audit event.
     pub fn audit(&self, event: &str, fields: Map<String, Value>) {
         let now = self.now().as_secs();
-        if let Err(e) = self.audit.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(now, event, fields) {
+        if let Err(e) = self
+            .audit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(now, event, fields)
+        {
             tracing::error!(error = %e, "audit log write failed");
         }
     }
@@ -277,7 +323,12 @@ impl Node {
     }
 
     fn pool_snapshot(&self) -> Vec<Arc<PeerConn>> {
-        self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect()
+        self.pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Resolves `host:port` (IP literals directly, names with hickory).
@@ -301,7 +352,13 @@ impl Node {
         if let Some(pc) = self.pooled(&peer) {
             return Ok(pc);
         }
-        let lock = self.dial_locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(peer).or_default().clone();
+        let lock = self
+            .dial_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(peer)
+            .or_default()
+            .clone();
         let _guard = lock.lock().await;
         if let Some(pc) = self.pooled(&peer) {
             return Ok(pc);
@@ -310,25 +367,46 @@ impl Node {
     }
 
     fn pooled(&self, peer: &NodeId) -> Option<Arc<PeerConn>> {
-        let pool = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        pool.get(peer).filter(|pc| pc.conn.close_reason().is_none()).cloned()
+        let pool = self
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pool.get(peer)
+            .filter(|pc| pc.conn.close_reason().is_none())
+            .cloned()
     }
 
     async fn dial(self: &Arc<Self>, peer: NodeId) -> Result<Arc<PeerConn>, NodeError> {
         let now = self.now();
         let addresses: Vec<String> = {
             let st = self.state_read();
-            st.authorize_peer(&peer, now).map_err(|e| NodeError::Peer(e.to_string()))?;
-            st.peers.get(&peer).map(|p| p.addresses.iter().map(|a| a.as_str().to_owned()).collect()).unwrap_or_default()
+            st.authorize_peer(&peer, now)
+                .map_err(|e| NodeError::Peer(e.to_string()))?;
+            st.peers
+                .get(&peer)
+                .map(|p| p.addresses.iter().map(|a| a.as_str().to_owned()).collect())
+                .unwrap_or_default()
         };
-        let tls = tls::client_config(&self.identity, ALPN_DATA, ServerExpectation::Node(peer, self.authorizer.clone()))?;
+        let tls = tls::client_config(
+            &self.identity,
+            ALPN_DATA,
+            ServerExpectation::Node(peer, self.authorizer.clone()),
+        )?;
         let cfg = quinn_client(tls, self.transport.clone())?;
         let mut last = String::from("no address");
         for a in addresses {
             for addr in self.resolve_hostport(&a).await.unwrap_or_default() {
                 let attempt = async {
-                    let conn = self.endpoint.connect_with(cfg.clone(), addr, SNI).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
-                    self.clone().establish(conn, true).await.map_err(|e| e.to_string())
+                    let conn = self
+                        .endpoint
+                        .connect_with(cfg.clone(), addr, SNI)
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    self.clone()
+                        .establish(conn, true)
+                        .await
+                        .map_err(|e| e.to_string())
                 };
                 match tokio::time::timeout(DIAL_DEADLINE, attempt).await {
                     Ok(Ok(pc)) => return Ok(pc),
@@ -337,44 +415,72 @@ impl Node {
                 }
             }
         }
-        Err(NodeError::Peer(format!("cannot reach {}: {last}", peer.short())))
+        Err(NodeError::Peer(format!(
+            "cannot reach {}: {last}",
+            peer.short()
+        )))
     }
 
     /// The Hello exchange, then pool and serve the connection. The dialer treats the
     /// connection as accepted only once the acceptor's Hello arrived (pitfall 1).
-    async fn establish(self: Arc<Self>, conn: Connection, dialer: bool) -> Result<Arc<PeerConn>, NodeError> {
+    async fn establish(
+        self: Arc<Self>,
+        conn: Connection,
+        dialer: bool,
+    ) -> Result<Arc<PeerConn>, NodeError> {
         let spki = peer_spki(&conn).ok_or_else(|| NodeError::Peer("no peer certificate".into()))?;
         let peer = NodeId::from_spki(&spki);
-        let own = self.state_read().attestation.as_ref().map(|(b, _)| b.clone()).ok_or_else(|| NodeError::Peer("no own attestation".into()))?;
+        let own = self
+            .state_read()
+            .attestation
+            .as_ref()
+            .map(|(b, _)| b.clone())
+            .ok_or_else(|| NodeError::Peer("no own attestation".into()))?;
         let hello = PeerMessage::Hello {
-            attestation: BoundedVec::<u8, MAX_ENVELOPE>::new(own).map_err(|e| NodeError::Peer(e.to_string()))?,
+            attestation: BoundedVec::<u8, MAX_ENVELOPE>::new(own)
+                .map_err(|e| NodeError::Peer(e.to_string()))?,
         };
         let (mut send, mut recv) = if dialer {
-            conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?
+            conn.open_bi()
+                .await
+                .map_err(|e| NodeError::Peer(e.to_string()))?
         } else {
             tokio::time::timeout(HELLO_DEADLINE, conn.accept_bi())
                 .await
                 .map_err(|_| NodeError::Peer("no control stream".into()))?
                 .map_err(|e| NodeError::Peer(e.to_string()))?
         };
-        write_frame(&mut send, &hello, CONTROL_CAP).await.map_err(|e| NodeError::Peer(e.to_string()))?;
-        let theirs = read_frame_within::<PeerMessage>(&mut recv, CONTROL_CAP, HELLO_DEADLINE).await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        write_frame(&mut send, &hello, CONTROL_CAP)
+            .await
+            .map_err(|e| NodeError::Peer(e.to_string()))?;
+        let theirs = read_frame_within::<PeerMessage>(&mut recv, CONTROL_CAP, HELLO_DEADLINE)
+            .await
+            .map_err(|e| NodeError::Peer(e.to_string()))?;
         let Some(PeerMessage::Hello { attestation }) = theirs else {
             conn.close(codes::BAD_REQUEST, b"expected hello");
             return Err(NodeError::Peer("peer did not say hello".into()));
         };
         let now = self.now();
-        let checked = self.state_read().check_peer_attestation(&attestation, &spki, now);
+        let checked = self
+            .state_read()
+            .check_peer_attestation(&attestation, &spki, now);
         let pa = match checked {
             Ok(pa) => pa,
             Err(e) => {
                 self.counters.refused("peer_attestation");
-                self.audit("peer_refused", fields! {"peer" => peer.to_string(), "reason" => e.reason()});
+                self.audit(
+                    "peer_refused",
+                    fields! {"peer" => peer.to_string(), "reason" => e.reason()},
+                );
                 conn.close(codes::REVOKED, b"attestation refused");
                 return Err(NodeError::Peer(format!("peer attestation refused: {e}")));
             }
         };
-        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner).peer_attestations.insert(peer, pa);
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .peer_attestations
+            .insert(peer, pa);
         let binding = connection_binding(&conn, ALPN_DATA, &PairIds::new(self.local, peer))?;
         let pc = Arc::new(PeerConn {
             peer,
@@ -383,8 +489,14 @@ impl Node {
             control: tokio::sync::Mutex::new(send),
             forgeries: Mutex::new(ForgeryMeter::default()),
         });
-        self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer, pc.clone());
-        self.audit("peer_connected", fields! {"peer" => peer.to_string(), "dialer" => dialer});
+        self.pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer, pc.clone());
+        self.audit(
+            "peer_connected",
+            fields! {"peer" => peer.to_string(), "dialer" => dialer},
+        );
         tokio::spawn(control_reader(self.clone(), pc.clone(), recv, spki));
         tokio::spawn(serve_streams(self.clone(), pc.clone()));
         Ok(pc)
@@ -392,16 +504,27 @@ impl Node {
 
     /// Closes every connection to `peer`.
     pub fn close_peer(&self, peer: &NodeId, code: VarInt, reason: &'static str) {
-        let removed = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(peer);
+        let removed = self
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(peer);
         if let Some(pc) = removed {
             pc.conn.close(code, reason.as_bytes());
-            self.audit("peer_closed", fields! {"peer" => peer.to_string(), "reason" => reason});
+            self.audit(
+                "peer_closed",
+                fields! {"peer" => peer.to_string(), "reason" => reason},
+            );
         }
     }
 
     fn apply_push(&self, push: hopmesh_protocol::enrollment::Push) {
         let now = self.now();
-        let fx = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner).apply(push, now);
+        let fx = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .apply(push, now);
         if let Some(bytes) = fx.persist_revocations
             && let Err(e) = write_atomic(&self.dir.file("revocations.bin"), &bytes)
         {
@@ -412,16 +535,27 @@ impl Node {
             self.audit("push_refused", fields! {"reason" => why});
         }
         for (peer, reason) in fx.close {
-            let code = if reason == "revoked" { codes::REVOKED } else { codes::POLICY };
+            let code = if reason == "revoked" {
+                codes::REVOKED
+            } else {
+                codes::POLICY
+            };
             self.close_peer(&peer, code, reason);
         }
     }
 
-    async fn set_attestation(&self, envelope: Vec<u8>, v: hopmesh_protocol::attestation::VerifiedAttestation) {
+    async fn set_attestation(
+        &self,
+        envelope: Vec<u8>,
+        v: hopmesh_protocol::attestation::VerifiedAttestation,
+    ) {
         if let Err(e) = write_atomic(&self.dir.file("attestation.bin"), &envelope) {
             tracing::warn!(error = %e, "could not persist the attestation");
         }
-        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner).set_attestation(envelope.clone(), v);
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set_attestation(envelope.clone(), v);
         let renewal = match BoundedVec::new(envelope) {
             Ok(attestation) => PeerMessage::Renewal { attestation },
             Err(_) => return,
@@ -433,7 +567,15 @@ impl Node {
     }
 
     fn addresses(&self) -> BoundedVec<Address, 4> {
-        BoundedVec::new(self.config.advertise.iter().take(4).map(|a| BoundedString::truncated(a)).collect()).unwrap_or_default()
+        BoundedVec::new(
+            self.config
+                .advertise
+                .iter()
+                .take(4)
+                .map(|a| BoundedString::truncated(a))
+                .collect(),
+        )
+        .unwrap_or_default()
     }
 
     /// Whether the verifier link is up.
@@ -445,7 +587,10 @@ impl Node {
     pub fn show(&self) -> Value {
         let now = self.now();
         let st = self.state_read();
-        let pool = self.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pool = self
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let own = st.attestation.as_ref().map(|(_, v)| {
             let a = v.get();
             serde_json::json!({"serial": a.serial, "not_after": a.not_after.as_secs(), "valid": v.check_validity(now, 0).is_ok(),
@@ -495,18 +640,32 @@ async fn serve_streams(node: Arc<Node>, pc: Arc<PeerConn>) {
     }
 }
 
-async fn control_reader(node: Arc<Node>, pc: Arc<PeerConn>, mut recv: quinn::RecvStream, spki: Vec<u8>) {
+async fn control_reader(
+    node: Arc<Node>,
+    pc: Arc<PeerConn>,
+    mut recv: quinn::RecvStream,
+    spki: Vec<u8>,
+) {
     loop {
         match read_frame::<PeerMessage>(&mut recv, CONTROL_CAP).await {
             Ok(Some(PeerMessage::Renewal { attestation })) => {
                 let now = node.now();
-                let checked = node.state_read().check_peer_attestation(&attestation, &spki, now);
+                let checked = node
+                    .state_read()
+                    .check_peer_attestation(&attestation, &spki, now);
                 match checked {
                     Ok(pa) => {
-                        node.state.write().unwrap_or_else(std::sync::PoisonError::into_inner).peer_attestations.insert(pc.peer, pa);
+                        node.state
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .peer_attestations
+                            .insert(pc.peer, pa);
                     }
                     Err(e) => {
-                        node.audit("peer_refused", fields! {"peer" => pc.peer.to_string(), "reason" => e.reason()});
+                        node.audit(
+                            "peer_refused",
+                            fields! {"peer" => pc.peer.to_string(), "reason" => e.reason()},
+                        );
                         node.close_peer(&pc.peer, codes::REVOKED, "bad renewal");
                         return;
                     }
@@ -575,20 +734,33 @@ async fn watchdog(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         for (peer, code, why) in doomed {
             node.close_peer(&peer, code, why);
         }
-        let mut pool = node.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pool = node
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         pool.retain(|_, pc| pc.conn.close_reason().is_none());
     }
 }
 
 /// Keeps the verifier link up: refresh at half-life with jitter, apply pushes, send reports,
 /// reconnect with backoff.
-async fn verifier_link(node: Arc<Node>, mut reports: mpsc::Receiver<Report>, mut shutdown: watch::Receiver<bool>) {
+async fn verifier_link(
+    node: Arc<Node>,
+    mut reports: mpsc::Receiver<Report>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(500);
     loop {
         let session = async {
-            let addrs = node.resolve_hostport(&node.config.verifier).await.map_err(ClientError::Connect)?;
-            let addr = *addrs.first().ok_or_else(|| ClientError::Connect("verifier name has no address".into()))?;
-            let client = VerifierClient::connect(&node.endpoint, addr, &node.identity, &node.pins).await?;
+            let addrs = node
+                .resolve_hostport(&node.config.verifier)
+                .await
+                .map_err(ClientError::Connect)?;
+            let addr = *addrs
+                .first()
+                .ok_or_else(|| ClientError::Connect("verifier name has no address".into()))?;
+            let client =
+                VerifierClient::connect(&node.endpoint, addr, &node.identity, &node.pins).await?;
             run_session(&node, &client, &mut reports).await
         };
         let result = tokio::select! {
@@ -605,7 +777,8 @@ async fn verifier_link(node: Arc<Node>, mut reports: mpsc::Receiver<Report>, mut
             }
             Err(e) => tracing::warn!(error = %e, "verifier link down"),
         }
-        let jitter = Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4 + 1));
+        let jitter =
+            Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4 + 1));
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
             _ = shutdown.changed() => return,
@@ -615,7 +788,9 @@ async fn verifier_link(node: Arc<Node>, mut reports: mpsc::Receiver<Report>, mut
 }
 
 async fn refresh(node: &Node, client: &VerifierClient) -> Result<Duration, ClientError> {
-    let (env, v) = client.refresh(node.measurement, node.addresses(), node.now()).await?;
+    let (env, v) = client
+        .refresh(node.measurement, node.addresses(), node.now())
+        .await?;
     let ttl = v.get().not_after.secs_since(v.get().not_before).max(2);
     node.set_attestation(env, v).await;
     // Refresh at half-life with ±10 % jitter.
@@ -623,7 +798,11 @@ async fn refresh(node: &Node, client: &VerifierClient) -> Result<Duration, Clien
     Ok(Duration::from_secs_f64(ttl as f64 * fraction))
 }
 
-async fn run_session(node: &Arc<Node>, client: &VerifierClient, reports: &mut mpsc::Receiver<Report>) -> Result<(), ClientError> {
+async fn run_session(
+    node: &Arc<Node>,
+    client: &VerifierClient,
+    reports: &mut mpsc::Receiver<Report>,
+) -> Result<(), ClientError> {
     let mut next = refresh(node, client).await?;
     let mut pushes = client.subscribe().await?;
     node.verifier_connected.store(true, Ordering::SeqCst);

@@ -12,7 +12,8 @@ use hopmesh_protocol::control::{StreamHeader, StreamStatus};
 use hopmesh_protocol::hop_token::{MintRequest, mint_token};
 use hopmesh_protocol::secret::{EpochKey, StreamKey, ct_eq};
 use hopmesh_protocol::socks5::{
-    self, Command, Reply, SocksError, SocksResponse, encode_method_selection, encode_reply, encode_userpass_status, method,
+    self, Command, Reply, SocksError, SocksResponse, encode_method_selection, encode_reply,
+    encode_userpass_status, method,
 };
 use hopmesh_protocol::wire::BoundedVec;
 use hopmesh_transport::fields;
@@ -46,7 +47,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::
 }
 
 /// Reads until `parse` has a whole message or fails; `Ok(None)` on EOF.
-async fn read_msg<T>(tcp: &mut TcpStream, buf: &mut Vec<u8>, parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, SocksError>) -> Result<Option<T>, SocksError> {
+async fn read_msg<T>(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, SocksError>,
+) -> Result<Option<T>, SocksError> {
     loop {
         if let Some((v, used)) = parse(buf)? {
             buf.drain(..used);
@@ -67,7 +72,9 @@ async fn read_msg<T>(tcp: &mut TcpStream, buf: &mut Vec<u8>, parse: impl Fn(&[u8
 async fn answer(tcp: &mut TcpStream, resp: SocksResponse) {
     let bytes = match resp {
         SocksResponse::Close => return,
-        SocksResponse::NoAcceptableMethod => encode_method_selection(method::NO_ACCEPTABLE).to_vec(),
+        SocksResponse::NoAcceptableMethod => {
+            encode_method_selection(method::NO_ACCEPTABLE).to_vec()
+        }
         SocksResponse::AuthFailure => encode_userpass_status(false).to_vec(),
         SocksResponse::Reply(r) => encode_reply(r, None),
     };
@@ -95,7 +102,12 @@ async fn handshake(node: &Node, tcp: &mut TcpStream) -> Handshake {
     };
     let auth = node.config.socks_auth.clone();
     let chosen = greeting.choose(auth.is_some());
-    if tcp.write_all(&encode_method_selection(chosen)).await.is_err() || chosen == method::NO_ACCEPTABLE {
+    if tcp
+        .write_all(&encode_method_selection(chosen))
+        .await
+        .is_err()
+        || chosen == method::NO_ACCEPTABLE
+    {
         node.counters.refused("socks_no_acceptable_method");
         return Handshake::Done;
     }
@@ -144,7 +156,10 @@ async fn handshake(node: &Node, tcp: &mut TcpStream) -> Handshake {
 async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
     if !from.ip().is_loopback() {
         node.counters.refused("socks_non_loopback_source");
-        node.audit("socks_refused", fields! {"from" => from.to_string(), "reason" => "non_loopback_source"});
+        node.audit(
+            "socks_refused",
+            fields! {"from" => from.to_string(), "reason" => "non_loopback_source"},
+        );
         return rst(tcp);
     }
     let _ = tcp.set_nodelay(true);
@@ -164,7 +179,11 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
         if let Err(e) = st.self_permit(now) {
             Err(format!("self: {e}"))
         } else {
-            match st.table.as_ref().map(|t| t.egress.may_route(&host, &st.suffix)) {
+            match st
+                .table
+                .as_ref()
+                .map(|t| t.egress.may_route(&host, &st.suffix))
+            {
                 Some(Ok(p)) => Ok(p.route),
                 Some(Err(e)) => {
                     node.counters.refused(e.reason());
@@ -177,7 +196,10 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
     let route = match route {
         Ok(r) => r,
         Err(why) => {
-            node.audit("socks_refused", fields! {"target" => host.as_str(), "reason" => why});
+            node.audit(
+                "socks_refused",
+                fields! {"target" => host.as_str(), "reason" => why},
+            );
             let _ = tcp.write_all(&reply(Reply::NotAllowed)).await;
             return;
         }
@@ -205,7 +227,11 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
         let st = node.state_read();
         let now = node.now();
         let epoch = st.epoch.epoch_at(now);
-        let grant = st.keyrings.get(&route.serving_node).and_then(|k| k.minting(now)).cloned();
+        let grant = st
+            .keyrings
+            .get(&route.serving_node)
+            .and_then(|k| k.minting(now))
+            .cloned();
         grant.zip(header.encode().ok()).and_then(|(g, h)| {
             let pair = hopmesh_protocol::hop_token::PairIds::new(st.local, route.serving_node);
             let key = StreamKey::derive(&pc.binding, &EpochKey::derive(&g.seed, &pair, epoch));
@@ -218,7 +244,9 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
                 stream_id,
                 header: &h,
             };
-            mint_token(&req, &key).ok().map(|t| [t.as_slice(), &h].concat())
+            mint_token(&req, &key)
+                .ok()
+                .map(|t| [t.as_slice(), &h].concat())
         })
     };
     let Some(first) = minted else {
@@ -239,7 +267,9 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
         Ok(Err(_)) => StreamStatus::NotAllowed,
         Err(_) => StreamStatus::TimedOut,
     };
-    if tcp.write_all(&reply(status.socks_reply())).await.is_err() || status != StreamStatus::Connected {
+    if tcp.write_all(&reply(status.socks_reply())).await.is_err()
+        || status != StreamStatus::Connected
+    {
         let _ = send.reset(codes::INTERNAL);
         return;
     }

@@ -33,7 +33,13 @@ pub enum SpliceEnd {
 }
 
 /// Splices until both directions end or one fails. `up` counts TCP → QUIC bytes.
-pub async fn splice(tcp: TcpStream, mut send: SendStream, mut recv: RecvStream, counters: Arc<Counters>, outbound: bool) -> SpliceEnd {
+pub async fn splice(
+    tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    counters: Arc<Counters>,
+    outbound: bool,
+) -> SpliceEnd {
     let _ = tcp.set_nodelay(true);
     let (mut tr, mut tw) = tcp.into_split();
     let result = {
@@ -41,14 +47,26 @@ pub async fn splice(tcp: TcpStream, mut send: SendStream, mut recv: RecvStream, 
             let mut buf = vec![0u8; BUF];
             let mut total = 0u64;
             loop {
-                let n = tr.read(&mut buf).await.map_err(|e| format!("tcp read: {e}"))?;
+                let n = tr
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("tcp read: {e}"))?;
                 if n == 0 {
                     send.finish().map_err(|e| format!("quic finish: {e}"))?;
                     return Ok::<u64, String>(total);
                 }
-                send.write_all(&buf[..n]).await.map_err(|e| format!("quic write: {e}"))?;
+                send.write_all(&buf[..n])
+                    .await
+                    .map_err(|e| format!("quic write: {e}"))?;
                 total += n as u64;
-                Counters::add(if outbound { &counters.bytes_out } else { &counters.bytes_in }, n as u64);
+                Counters::add(
+                    if outbound {
+                        &counters.bytes_out
+                    } else {
+                        &counters.bytes_in
+                    },
+                    n as u64,
+                );
             }
         };
         let down = async {
@@ -57,12 +75,23 @@ pub async fn splice(tcp: TcpStream, mut send: SendStream, mut recv: RecvStream, 
             loop {
                 match recv.read(&mut buf).await {
                     Ok(Some(n)) => {
-                        tw.write_all(&buf[..n]).await.map_err(|e| format!("tcp write: {e}"))?;
+                        tw.write_all(&buf[..n])
+                            .await
+                            .map_err(|e| format!("tcp write: {e}"))?;
                         total += n as u64;
-                        Counters::add(if outbound { &counters.bytes_in } else { &counters.bytes_out }, n as u64);
+                        Counters::add(
+                            if outbound {
+                                &counters.bytes_in
+                            } else {
+                                &counters.bytes_out
+                            },
+                            n as u64,
+                        );
                     }
                     Ok(None) => {
-                        tw.shutdown().await.map_err(|e| format!("tcp shutdown: {e}"))?;
+                        tw.shutdown()
+                            .await
+                            .map_err(|e| format!("tcp shutdown: {e}"))?;
                         return Ok::<u64, String>(total);
                     }
                     Err(e) => return Err(format!("quic read: {e}")),

@@ -7,7 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use hopmesh_protocol::attestation::{
-    KeySet, RevocationList, RevocationUpdate, SignedRefusal, VerifiedAttestation, verify_attestation, verify_revocation_list,
+    KeySet, RevocationList, RevocationUpdate, SignedRefusal, VerifiedAttestation,
+    verify_attestation, verify_revocation_list,
 };
 use hopmesh_protocol::enrollment::{PeerInfo, Push};
 use hopmesh_protocol::hop_token::{EpochLength, GrantRefusal, PairIds, PairKeyring};
@@ -125,7 +126,10 @@ impl NodeState {
 
     /// May this node serve or initiate at `now`? Fail closed without a valid attestation.
     pub fn self_permit(&self, now: UnixTime) -> Result<(), SelfRefusal> {
-        let (_, v) = self.attestation.as_ref().ok_or(SelfRefusal::NoAttestation)?;
+        let (_, v) = self
+            .attestation
+            .as_ref()
+            .ok_or(SelfRefusal::NoAttestation)?;
         v.check_validity(now, 0).map_err(|_| SelfRefusal::Expired)?;
         if self.table.is_none() {
             return Err(SelfRefusal::NoRoutes);
@@ -135,7 +139,9 @@ impl NodeState {
 
     /// Is `peer` revoked?
     pub fn is_revoked(&self, peer: &NodeId) -> bool {
-        self.revocations.as_ref().is_some_and(|(_, _, l)| l.is_revoked(peer))
+        self.revocations
+            .as_ref()
+            .is_some_and(|(_, _, l)| l.is_revoked(peer))
     }
 
     /// May `peer` complete a handshake with us (either direction)?
@@ -152,7 +158,12 @@ impl NodeState {
 
     /// Checks a peer's attestation envelope (Hello or Renewal): pinned signature, validity,
     /// bound to the TLS key, not revoked, serial not lower than one seen.
-    pub fn check_peer_attestation(&self, envelope: &[u8], tls_spki: &[u8], now: UnixTime) -> Result<PeerAttestation, SignedRefusal> {
+    pub fn check_peer_attestation(
+        &self,
+        envelope: &[u8],
+        tls_spki: &[u8],
+        now: UnixTime,
+    ) -> Result<PeerAttestation, SignedRefusal> {
         let v = verify_attestation(envelope, &self.keys, now, ATTESTATION_LEEWAY)?;
         v.check_peer(tls_spki)?;
         let a = v.get();
@@ -183,7 +194,9 @@ impl NodeState {
 
     fn keyring(&mut self, peer: NodeId) -> &mut PairKeyring {
         let local = self.local;
-        self.keyrings.entry(peer).or_insert_with(|| PairKeyring::new(PairIds::new(local, peer)))
+        self.keyrings
+            .entry(peer)
+            .or_insert_with(|| PairKeyring::new(PairIds::new(local, peer)))
     }
 
     /// Applies one verifier push.
@@ -198,7 +211,11 @@ impl NodeState {
                 self.suffix = c.suffix.as_str().to_owned();
             }
             Push::Routes { table, peers } => {
-                let old: BTreeSet<NodeId> = self.table.as_ref().map(|t| t.peers.clone()).unwrap_or_default();
+                let old: BTreeSet<NodeId> = self
+                    .table
+                    .as_ref()
+                    .map(|t| t.peers.clone())
+                    .unwrap_or_default();
                 for gone in old.difference(&table.peers) {
                     fx.close.push((*gone, "policy_changed"));
                     self.keyrings.remove(gone);
@@ -223,7 +240,10 @@ impl NodeState {
                 }
             }
             Push::Revocations { list } => {
-                let current = self.revocations.as_ref().map(|(v, b, _)| (*v, b.as_slice()));
+                let current = self
+                    .revocations
+                    .as_ref()
+                    .map(|(v, b, _)| (*v, b.as_slice()));
                 match verify_revocation_list(&list, &self.keys, current) {
                     Ok(RevocationUpdate::Newer(l)) => {
                         for r in l.revoked.iter() {
@@ -247,7 +267,9 @@ impl NodeState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hopmesh_protocol::attestation::{ATTESTATION_VERSION, Attestation, RevokedNode, SigningKey};
+    use hopmesh_protocol::attestation::{
+        ATTESTATION_VERSION, Attestation, RevokedNode, SigningKey,
+    };
     use hopmesh_protocol::enrollment::MeshConfig;
     use hopmesh_protocol::ids::{Measurement, NodeName, SegmentName};
     use hopmesh_protocol::secret::SigningSeed;
@@ -261,7 +283,9 @@ mod tests {
 
     fn attestation_for(seed: u8, not_after: u64) -> (Vec<u8>, VerifiedAttestation, Vec<u8>) {
         let k = verifier();
-        let spki = SigningKey::from_seed(&SigningSeed::from_bytes([seed; 32])).verifying_key().to_spki_der();
+        let spki = SigningKey::from_seed(&SigningSeed::from_bytes([seed; 32]))
+            .verifying_key()
+            .to_spki_der();
         let a = Attestation {
             version: ATTESTATION_VERSION,
             node_id: NodeId::from_spki(&spki),
@@ -282,7 +306,10 @@ mod tests {
 
     fn state() -> NodeState {
         let (env, v, spki) = attestation_for(2, NOW + 300);
-        let mut s = NodeState::new(NodeId::from_spki(&spki), KeySet::new(vec![verifier().verifying_key()]).expect("keys"));
+        let mut s = NodeState::new(
+            NodeId::from_spki(&spki),
+            KeySet::new(vec![verifier().verifying_key()]).expect("keys"),
+        );
         s.set_attestation(env, v);
         s
     }
@@ -304,7 +331,10 @@ mod tests {
         assert_eq!(s.self_permit(now), Err(SelfRefusal::NoRoutes));
         s.apply(routes(&[]), now);
         assert_eq!(s.self_permit(now), Ok(()));
-        assert_eq!(s.self_permit(UnixTime::from_secs(NOW + 300)), Err(SelfRefusal::Expired));
+        assert_eq!(
+            s.self_permit(UnixTime::from_secs(NOW + 300)),
+            Err(SelfRefusal::Expired)
+        );
         let empty = NodeState::new(s.local, s.keys.clone());
         assert_eq!(empty.self_permit(now), Err(SelfRefusal::NoAttestation));
     }
@@ -330,14 +360,31 @@ mod tests {
             .expect("fits"),
         };
         let bytes = list.sign(&verifier()).expect("sign");
-        let fx = s.apply(Push::Revocations { list: BoundedVec::new(bytes.clone()).expect("fits") }, now);
+        let fx = s.apply(
+            Push::Revocations {
+                list: BoundedVec::new(bytes.clone()).expect("fits"),
+            },
+            now,
+        );
         assert_eq!(fx.close, vec![(p, "revoked")]);
         assert_eq!(fx.persist_revocations, Some(bytes.clone()));
         assert_eq!(s.authorize_peer(&p, now), Err(PeerRefusal::Revoked));
         // Rollback: an older list is refused and nothing changes.
-        let older = RevocationList { version: 0, revoked: BoundedVec::empty(), ..list };
-        let fx = s.apply(Push::Revocations { list: BoundedVec::new(older.sign(&verifier()).expect("sign")).expect("fits") }, now);
-        assert!(fx.refused.is_some_and(|r| r.contains("rollback") || r.contains("below")));
+        let older = RevocationList {
+            version: 0,
+            revoked: BoundedVec::empty(),
+            ..list
+        };
+        let fx = s.apply(
+            Push::Revocations {
+                list: BoundedVec::new(older.sign(&verifier()).expect("sign")).expect("fits"),
+            },
+            now,
+        );
+        assert!(
+            fx.refused
+                .is_some_and(|r| r.contains("rollback") || r.contains("below"))
+        );
         assert_eq!(s.authorize_peer(&p, now), Err(PeerRefusal::Revoked));
         // Dropping a peer from the table closes its connections.
         let fx = s.apply(routes(&[q]), now);
@@ -351,9 +398,15 @@ mod tests {
         let (env, _, spki) = attestation_for(3, NOW + 300);
         assert!(s.check_peer_attestation(&env, &spki, now).is_ok());
         let (_, _, other) = attestation_for(4, NOW + 300);
-        assert_eq!(s.check_peer_attestation(&env, &other, now), Err(SignedRefusal::SpkiMismatch));
+        assert_eq!(
+            s.check_peer_attestation(&env, &other, now),
+            Err(SignedRefusal::SpkiMismatch)
+        );
         let (expired, _, spki) = attestation_for(5, NOW - 6);
-        assert!(matches!(s.check_peer_attestation(&expired, &spki, now), Err(SignedRefusal::Expired { .. })));
+        assert!(matches!(
+            s.check_peer_attestation(&expired, &spki, now),
+            Err(SignedRefusal::Expired { .. })
+        ));
     }
 
     #[test]

@@ -10,12 +10,16 @@ use std::time::Duration;
 
 use hopmesh_protocol::control::{MAX_ENVELOPE, PeerMessage, StreamHeader};
 use hopmesh_protocol::frame::CONTROL_CAP;
-use hopmesh_protocol::hop_token::{Epoch, Generation, GenerationGrant, MintRequest, PairIds, TOKEN_LEN, mint_token};
+use hopmesh_protocol::hop_token::{
+    Epoch, Generation, GenerationGrant, MintRequest, PairIds, TOKEN_LEN, mint_token,
+};
 use hopmesh_protocol::ids::{NodeId, ServiceId};
 use hopmesh_protocol::secret::{ConnectionBinding, EpochKey, StreamKey};
 use hopmesh_protocol::wire::BoundedVec;
 use hopmesh_transport::identity::{Identity, SNI};
-use hopmesh_transport::quic::{connection_binding, endpoint, quinn_client, read_frame_within, transport_config, write_frame};
+use hopmesh_transport::quic::{
+    connection_binding, endpoint, quinn_client, read_frame_within, transport_config, write_frame,
+};
 use hopmesh_transport::tls::{self, ALPN_DATA, AnyKey, ServerExpectation};
 
 /// One hand-driven connection to a node.
@@ -47,22 +51,47 @@ impl ProtocolClient {
     pub async fn connect(dir: &Path, peer: NodeId, addr: SocketAddr) -> Self {
         let identity = Identity::load(&dir.join("node.key")).expect("node key");
         let attestation = std::fs::read(dir.join("attestation.bin")).expect("attestation");
-        let ep = endpoint(std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"), None).expect("endpoint");
+        let ep = endpoint(
+            std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"),
+            None,
+        )
+        .expect("endpoint");
         let cfg = quinn_client(
-            tls::client_config(&identity, ALPN_DATA, ServerExpectation::Node(peer, Arc::new(AnyKey))).expect("tls"),
-            Arc::new(transport_config(Duration::from_secs(10), Duration::from_secs(2))),
+            tls::client_config(
+                &identity,
+                ALPN_DATA,
+                ServerExpectation::Node(peer, Arc::new(AnyKey)),
+            )
+            .expect("tls"),
+            Arc::new(transport_config(
+                Duration::from_secs(10),
+                Duration::from_secs(2),
+            )),
         )
         .expect("quinn");
-        let conn = ep.connect_with(cfg, addr, SNI).expect("connect").await.expect("handshake");
+        let conn = ep
+            .connect_with(cfg, addr, SNI)
+            .expect("connect")
+            .await
+            .expect("handshake");
         let (mut s, mut r) = conn.open_bi().await.expect("control stream");
         let hello = PeerMessage::Hello {
             attestation: BoundedVec::<u8, MAX_ENVELOPE>::new(attestation).expect("fits"),
         };
-        write_frame(&mut s, &hello, CONTROL_CAP).await.expect("hello");
-        let theirs: Option<PeerMessage> = read_frame_within(&mut r, CONTROL_CAP, Duration::from_secs(5)).await.expect("their hello");
-        assert!(matches!(theirs, Some(PeerMessage::Hello { .. })), "peer must answer hello");
+        write_frame(&mut s, &hello, CONTROL_CAP)
+            .await
+            .expect("hello");
+        let theirs: Option<PeerMessage> =
+            read_frame_within(&mut r, CONTROL_CAP, Duration::from_secs(5))
+                .await
+                .expect("their hello");
+        assert!(
+            matches!(theirs, Some(PeerMessage::Hello { .. })),
+            "peer must answer hello"
+        );
         let local = identity.node_id();
-        let binding = connection_binding(&conn, ALPN_DATA, &PairIds::new(local, peer)).expect("binding");
+        let binding =
+            connection_binding(&conn, ALPN_DATA, &PairIds::new(local, peer)).expect("binding");
         Self {
             conn,
             binding,
@@ -75,7 +104,14 @@ impl ProtocolClient {
 
     /// Mints a token for the next stream with `grant`, `epoch` and `service`; `tweak` may
     /// change the request first. Returns the bytes to send (token ‖ header).
-    pub fn mint(&self, grant: &GenerationGrant, epoch: Epoch, service: ServiceId, stream_id: u64, tweak: impl FnOnce(&mut MintRequest<'_>)) -> Vec<u8> {
+    pub fn mint(
+        &self,
+        grant: &GenerationGrant,
+        epoch: Epoch,
+        service: ServiceId,
+        stream_id: u64,
+        tweak: impl FnOnce(&mut MintRequest<'_>),
+    ) -> Vec<u8> {
         let header = StreamHeader {
             origin: self.local,
             service,
@@ -107,7 +143,11 @@ impl ProtocolClient {
     }
 
     /// Sends `bytes` as the start of a stream and reports what the node did.
-    pub async fn send_on(s: &mut quinn::SendStream, r: &mut quinn::RecvStream, bytes: &[u8]) -> StreamOutcome {
+    pub async fn send_on(
+        s: &mut quinn::SendStream,
+        r: &mut quinn::RecvStream,
+        bytes: &[u8],
+    ) -> StreamOutcome {
         if s.write_all(bytes).await.is_err() {
             return StreamOutcome::Refused;
         }
@@ -119,7 +159,13 @@ impl ProtocolClient {
     }
 
     /// Mints for the next stream and sends.
-    pub async fn try_stream(&self, grant: &GenerationGrant, epoch: Epoch, service: ServiceId, tweak: impl FnOnce(&mut MintRequest<'_>)) -> StreamOutcome {
+    pub async fn try_stream(
+        &self,
+        grant: &GenerationGrant,
+        epoch: Epoch,
+        service: ServiceId,
+        tweak: impl FnOnce(&mut MintRequest<'_>),
+    ) -> StreamOutcome {
         let Some((mut s, mut r, id)) = self.open().await else {
             return StreamOutcome::Refused;
         };

@@ -108,6 +108,7 @@ pub struct VerifierHarness {
     pub settings: Settings,
     /// The running verifier (None while stopped).
     pub running: Option<Running>,
+    last_addr: Option<std::net::SocketAddr>,
 }
 
 impl VerifierHarness {
@@ -124,17 +125,22 @@ impl VerifierHarness {
             clock: Arc::new(ManualClock::default()),
             settings,
             running: None,
+            last_addr: None,
         };
         h.restart().await.expect("start verifier");
         h
     }
 
-    /// (Re)starts the verifier on fresh ports.
+    /// (Re)starts the verifier, on the QUIC port it had before (nodes keep its address).
     pub async fn restart(&mut self) -> Result<(), VerifierError> {
         if let Some(r) = self.running.take() {
+            self.last_addr = Some(r.node_addr);
             r.shutdown().await;
         }
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let udp = match self.last_addr {
+            Some(addr) => UdpSocket::bind(addr).expect("rebind the verifier's port"),
+            None => UdpSocket::bind("127.0.0.1:0").expect("bind udp"),
+        };
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind tcp");
@@ -147,9 +153,10 @@ impl VerifierHarness {
         Ok(())
     }
 
-    /// Stops the verifier.
+    /// Stops the verifier (a later [`restart`](Self::restart) reuses its port).
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
+            self.last_addr = Some(r.node_addr);
             r.shutdown().await;
         }
     }

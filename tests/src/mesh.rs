@@ -28,7 +28,9 @@ pub struct EchoBackend {
 impl EchoBackend {
     /// Starts one on 127.0.0.1:0.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
@@ -133,7 +135,11 @@ pub struct Mesh {
 impl Mesh {
     /// The standard mesh with `settings`, every node ready.
     pub async fn start(settings: Settings) -> Self {
-        let backends = vec![EchoBackend::start().await, EchoBackend::start().await, EchoBackend::start().await];
+        let backends = vec![
+            EchoBackend::start().await,
+            EchoBackend::start().await,
+            EchoBackend::start().await,
+        ];
         let policy = mesh_policy(backends[0].addr, backends[1].addr, backends[2].addr);
         let verifier = VerifierHarness::start(&policy, settings).await;
         let mut mesh = Self {
@@ -177,9 +183,19 @@ impl Mesh {
             socks_auth: None,
             clock_offset: 0,
         };
-        let handle = start(config, Sockets { quic, socks }, self.verifier.clock.clone()).await.expect("start node");
+        let handle = start(config, Sockets { quic, socks }, self.verifier.clock.clone())
+            .await
+            .expect("start node");
         let socks = handle.socks_addr;
-        self.nodes.insert(name.to_owned(), TestMeshNode { name: name.to_owned(), dir, handle: Some(handle), socks });
+        self.nodes.insert(
+            name.to_owned(),
+            TestMeshNode {
+                name: name.to_owned(),
+                dir,
+                handle: Some(handle),
+                socks,
+            },
+        );
     }
 
     /// Waits (bounded) until `name` is attested, subscribed and routed.
@@ -214,22 +230,33 @@ impl Mesh {
 /// SOCKS5 CONNECT through `socks` to `host:port`. Returns the stream on REP 0, or the REP.
 pub async fn socks_connect(socks: SocketAddr, host: &str, port: u16) -> Result<TcpStream, u8> {
     let mut tcp = TcpStream::connect(socks).await.map_err(|_| 0xFF)?;
-    tcp.write_all(&socks5::encode_greeting(&[socks5::method::NO_AUTH])).await.map_err(|_| 0xFE)?;
+    tcp.write_all(&socks5::encode_greeting(&[socks5::method::NO_AUTH]))
+        .await
+        .map_err(|_| 0xFE)?;
     let mut sel = [0u8; 2];
     tcp.read_exact(&mut sel).await.map_err(|_| 0xFD)?;
     if sel != [5, 0] {
         return Err(0xFC);
     }
-    let target = host.parse().map(TargetAddr::Ipv4).unwrap_or_else(|_| TargetAddr::Domain(host.to_owned()));
+    let target = host
+        .parse()
+        .map(TargetAddr::Ipv4)
+        .unwrap_or_else(|_| TargetAddr::Domain(host.to_owned()));
     let req = Request {
         command: Command::Connect,
         target,
         port,
     };
-    tcp.write_all(&socks5::encode_request(&req)).await.map_err(|_| 0xFB)?;
+    tcp.write_all(&socks5::encode_request(&req))
+        .await
+        .map_err(|_| 0xFB)?;
     let mut reply = [0u8; 10];
     tcp.read_exact(&mut reply).await.map_err(|_| 0xFA)?;
-    if reply[1] == 0 { Ok(tcp) } else { Err(reply[1]) }
+    if reply[1] == 0 {
+        Ok(tcp)
+    } else {
+        Err(reply[1])
+    }
 }
 
 /// Deterministic pseudo-random bytes.

@@ -31,7 +31,9 @@ fn refused(mesh: &Mesh, node: &str) -> Value {
 }
 
 fn api() -> hopmesh_protocol::ids::ServiceId {
-    MeshName::parse("api.s1.mesh", "mesh").expect("name").service_id()
+    MeshName::parse("api.s1.mesh", "mesh")
+        .expect("name")
+        .service_id()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,12 +41,21 @@ async fn replayed_forged_and_stale_tokens_are_refused() {
     let s = setup().await;
     let dir = s.mesh.node("a").dir.path().to_owned();
     let now = s.mesh.verifier.now();
-    let grant = current_grant(&s.mesh.verifier.shared().authority().grants(&PairIds::new(s.a, s.b), now));
+    let grant = current_grant(
+        &s.mesh
+            .verifier
+            .shared()
+            .authority()
+            .grants(&PairIds::new(s.a, s.b), now),
+    );
     let epoch = EpochLength::DEFAULT.epoch_at(now);
 
     // Baseline: an honest token is accepted (the backend answers status 0).
     let c0 = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
-    assert_eq!(c0.try_stream(&grant, epoch, api(), |_| {}).await, StreamOutcome::Status(0));
+    assert_eq!(
+        c0.try_stream(&grant, epoch, api(), |_| {}).await,
+        StreamOutcome::Status(0)
+    );
     let c1 = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
 
     // Replay on another connection: same bytes, same stream id, other exporter.
@@ -52,22 +63,39 @@ async fn replayed_forged_and_stale_tokens_are_refused() {
     let bytes = c1.mint(&grant, epoch, api(), id1, |_| {});
     let c2 = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
     let (mut s2, mut r2, id2) = c2.open().await.expect("stream");
-    assert_eq!(id1, id2, "both are the first data stream of their connection");
-    assert_eq!(ProtocolClient::send_on(&mut s2, &mut r2, &bytes).await, StreamOutcome::Refused);
+    assert_eq!(
+        id1, id2,
+        "both are the first data stream of their connection"
+    );
+    assert_eq!(
+        ProtocolClient::send_on(&mut s2, &mut r2, &bytes).await,
+        StreamOutcome::Refused
+    );
     // The original is still good on its own stream.
-    assert_eq!(ProtocolClient::send_on(&mut s1, &mut r1, &bytes).await, StreamOutcome::Status(0));
+    assert_eq!(
+        ProtocolClient::send_on(&mut s1, &mut r1, &bytes).await,
+        StreamOutcome::Status(0)
+    );
 
     // Replay on another stream of the same connection.
     let (mut s3, mut r3, id3) = c1.open().await.expect("stream");
     assert_ne!(id3, id1);
-    assert_eq!(ProtocolClient::send_on(&mut s3, &mut r3, &bytes).await, StreamOutcome::Refused);
+    assert_eq!(
+        ProtocolClient::send_on(&mut s3, &mut r3, &bytes).await,
+        StreamOutcome::Refused
+    );
 
     // Epochs: ±1 accepted, ±2 refused.
     let c3 = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
     for (delta, ok) in [(-1i64, true), (1, true), (-2, false), (2, false)] {
-        let e = hopmesh_protocol::hop_token::Epoch(epoch.0.checked_add_signed(delta).expect("epoch"));
+        let e =
+            hopmesh_protocol::hop_token::Epoch(epoch.0.checked_add_signed(delta).expect("epoch"));
         let out = c3.try_stream(&grant, e, api(), |_| {}).await;
-        assert_eq!(out == StreamOutcome::Status(0), ok, "epoch {delta:+}: {out:?}");
+        assert_eq!(
+            out == StreamOutcome::Status(0),
+            ok,
+            "epoch {delta:+}: {out:?}"
+        );
     }
 
     let r = refused(&s.mesh, "b");
@@ -75,9 +103,23 @@ async fn replayed_forged_and_stale_tokens_are_refused() {
     assert_eq!(r["stream_id_mismatch"], 1, "{r}");
     assert_eq!(r["epoch_out_of_window"], 2, "{r}");
     // Every refusal is audited once at b with its precise reason.
-    let audit = hopmesh_transport::audit::read_since(&s.mesh.node("b").dir.path().join("audit.jsonl"), 0).expect("audit");
-    let reasons: Vec<&str> = audit.iter().filter(|r| r["event"] == "stream_refused").filter_map(|r| r["reason"].as_str()).collect();
-    assert_eq!(reasons, vec!["bad_mac", "stream_id_mismatch", "epoch_out_of_window", "epoch_out_of_window"]);
+    let audit =
+        hopmesh_transport::audit::read_since(&s.mesh.node("b").dir.path().join("audit.jsonl"), 0)
+            .expect("audit");
+    let reasons: Vec<&str> = audit
+        .iter()
+        .filter(|r| r["event"] == "stream_refused")
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "bad_mac",
+            "stream_id_mismatch",
+            "epoch_out_of_window",
+            "epoch_out_of_window"
+        ]
+    );
     s.mesh.shutdown().await;
 }
 
@@ -86,7 +128,13 @@ async fn bit_flips_are_refused_and_four_forgeries_close_the_connection() {
     let s = setup().await;
     let dir = s.mesh.node("a").dir.path().to_owned();
     let now = s.mesh.verifier.now();
-    let grant = current_grant(&s.mesh.verifier.shared().authority().grants(&PairIds::new(s.a, s.b), now));
+    let grant = current_grant(
+        &s.mesh
+            .verifier
+            .shared()
+            .authority()
+            .grants(&PairIds::new(s.a, s.b), now),
+    );
     let epoch = EpochLength::DEFAULT.epoch_at(now);
     let c = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
     // Flip one bit in the tag of three tokens: refused, connection still up.
@@ -94,15 +142,27 @@ async fn bit_flips_are_refused_and_four_forgeries_close_the_connection() {
         let (mut st, mut rs, id) = c.open().await.expect("stream");
         let mut bytes = c.mint(&grant, epoch, api(), id, |_| {});
         bytes[134 + bit / 8] ^= 1 << (bit % 8);
-        assert_eq!(ProtocolClient::send_on(&mut st, &mut rs, &bytes).await, StreamOutcome::Refused);
+        assert_eq!(
+            ProtocolClient::send_on(&mut st, &mut rs, &bytes).await,
+            StreamOutcome::Refused
+        );
     }
-    assert!(c.conn.close_reason().is_none(), "three forgeries are tolerated");
+    assert!(
+        c.conn.close_reason().is_none(),
+        "three forgeries are tolerated"
+    );
     let (mut st, mut rs, id) = c.open().await.expect("stream");
     let mut bytes = c.mint(&grant, epoch, api(), id, |_| {});
     bytes[140] ^= 0x80;
-    assert_eq!(ProtocolClient::send_on(&mut st, &mut rs, &bytes).await, StreamOutcome::Refused);
+    assert_eq!(
+        ProtocolClient::send_on(&mut st, &mut rs, &bytes).await,
+        StreamOutcome::Refused
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(c.conn.close_reason().is_some(), "the fourth forgery within 60 s closes the connection");
+    assert!(
+        c.conn.close_reason().is_some(),
+        "the fourth forgery within 60 s closes the connection"
+    );
     assert_eq!(refused(&s.mesh, "b")["bad_mac"], 4);
     s.mesh.shutdown().await;
 }
@@ -112,26 +172,57 @@ async fn impersonation_is_refused_and_closes_the_connection() {
     let s = setup().await;
     let dir = s.mesh.node("a").dir.path().to_owned();
     let now = s.mesh.verifier.now();
-    let grant = current_grant(&s.mesh.verifier.shared().authority().grants(&PairIds::new(s.a, s.b), now));
+    let grant = current_grant(
+        &s.mesh
+            .verifier
+            .shared()
+            .authority()
+            .grants(&PairIds::new(s.a, s.b), now),
+    );
     let epoch = EpochLength::DEFAULT.epoch_at(now);
-    let c_id = s.mesh.node("c").handle.as_ref().expect("running").node.local;
+    let c_id = s
+        .mesh
+        .node("c")
+        .handle
+        .as_ref()
+        .expect("running")
+        .node
+        .local;
     let client = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
     // a claims to be c.
-    assert_eq!(client.try_stream(&grant, epoch, api(), |req| req.src = c_id).await, StreamOutcome::Refused);
+    assert_eq!(
+        client
+            .try_stream(&grant, epoch, api(), |req| req.src = c_id)
+            .await,
+        StreamOutcome::Refused
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(client.conn.close_reason().is_some(), "impersonation closes the connection");
+    assert!(
+        client.conn.close_reason().is_some(),
+        "impersonation closes the connection"
+    );
     assert_eq!(refused(&s.mesh, "b")["src_not_peer"], 1);
     // And the verifier heard about it.
     let mut reported = false;
     for _ in 0..40 {
-        let audit = hopmesh_transport::audit::read_since(&s.mesh.verifier.dir.path().join("audit.jsonl"), 0).expect("audit");
-        if audit.iter().any(|r| r["event"] == "impersonation" && r["peer"] == s.a.to_string()) {
+        let audit = hopmesh_transport::audit::read_since(
+            &s.mesh.verifier.dir.path().join("audit.jsonl"),
+            0,
+        )
+        .expect("audit");
+        if audit
+            .iter()
+            .any(|r| r["event"] == "impersonation" && r["peer"] == s.a.to_string())
+        {
             reported = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(reported, "the verifier must receive the impersonation report");
+    assert!(
+        reported,
+        "the verifier must receive the impersonation report"
+    );
     s.mesh.shutdown().await;
 }
 
@@ -142,20 +233,48 @@ async fn compromised_generation_use_is_recognised_and_reported() {
     let s = setup().await;
     let dir = s.mesh.node("a").dir.path().to_owned();
     let now = s.mesh.verifier.now();
-    let old = current_grant(&s.mesh.verifier.shared().authority().grants(&PairIds::new(s.a, s.b), now));
+    let old = current_grant(
+        &s.mesh
+            .verifier
+            .shared()
+            .authority()
+            .grants(&PairIds::new(s.a, s.b), now),
+    );
     let epoch = EpochLength::DEFAULT.epoch_at(now);
     let client = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
-    assert_eq!(client.try_stream(&old, epoch, api(), |_| {}).await, StreamOutcome::Status(0));
-    s.mesh.verifier.admin().call("POST", "/v1/reissue", Some(serde_json::json!({"a": "a", "b": "b"}))).await.expect("reissue");
+    assert_eq!(
+        client.try_stream(&old, epoch, api(), |_| {}).await,
+        StreamOutcome::Status(0)
+    );
+    s.mesh
+        .verifier
+        .admin()
+        .call(
+            "POST",
+            "/v1/reissue",
+            Some(serde_json::json!({"a": "a", "b": "b"})),
+        )
+        .await
+        .expect("reissue");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(client.try_stream(&old, epoch, api(), |_| {}).await, StreamOutcome::Refused);
+    assert_eq!(
+        client.try_stream(&old, epoch, api(), |_| {}).await,
+        StreamOutcome::Refused
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(client.conn.close_reason().is_some());
     assert_eq!(refused(&s.mesh, "b")["compromised_key_use"], 1);
     // Honest traffic moves on to the new generation with nothing lost.
     let data = std::sync::Arc::new(hopmesh_tests::mesh::pattern(256 * 1024, 5));
-    let tcp = hopmesh_tests::mesh::socks_connect(s.mesh.node("a").socks, "api.s1.mesh", 80).await.expect("connect");
-    let back = hopmesh_tests::mesh::echo_through(tcp, data.clone()).await.expect("io");
-    assert_eq!(hopmesh_tests::mesh::sha256(&back), hopmesh_tests::mesh::sha256(&data));
+    let tcp = hopmesh_tests::mesh::socks_connect(s.mesh.node("a").socks, "api.s1.mesh", 80)
+        .await
+        .expect("connect");
+    let back = hopmesh_tests::mesh::echo_through(tcp, data.clone())
+        .await
+        .expect("io");
+    assert_eq!(
+        hopmesh_tests::mesh::sha256(&back),
+        hopmesh_tests::mesh::sha256(&data)
+    );
     s.mesh.shutdown().await;
 }

@@ -10,8 +10,13 @@ use hopmesh_verifier::authority::Settings;
 async fn one_mib_round_trip_through_the_mesh() {
     let mesh = Mesh::start(Settings::default()).await;
     let data = Arc::new(pattern(1 << 20, 7));
-    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80).await.expect("socks connect");
-    let back = tokio::time::timeout(Duration::from_secs(30), echo_through(tcp, data.clone())).await.expect("in time").expect("io");
+    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80)
+        .await
+        .expect("socks connect");
+    let back = tokio::time::timeout(Duration::from_secs(30), echo_through(tcp, data.clone()))
+        .await
+        .expect("in time")
+        .expect("io");
     assert_eq!(back.len(), data.len());
     assert_eq!(sha256(&back), sha256(&data));
     let a = mesh.node("a").show();
@@ -27,8 +32,13 @@ async fn one_mib_round_trip_through_the_mesh() {
 async fn sixty_four_mib_round_trip_is_byte_identical() {
     let mesh = Mesh::start(Settings::default()).await;
     let data = Arc::new(pattern(64 << 20, 11));
-    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80).await.expect("socks connect");
-    let back = tokio::time::timeout(Duration::from_secs(240), echo_through(tcp, data.clone())).await.expect("in time").expect("io");
+    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80)
+        .await
+        .expect("socks connect");
+    let back = tokio::time::timeout(Duration::from_secs(240), echo_through(tcp, data.clone()))
+        .await
+        .expect("in time")
+        .expect("io");
     assert_eq!(back.len(), data.len());
     assert_eq!(sha256(&back), sha256(&data));
     mesh.shutdown().await;
@@ -46,28 +56,52 @@ async fn segment_matrix() {
         ("b", "web.s2.mesh", true),
         ("c", "api.s1.mesh", false),
         ("c", "db.s1.mesh", false),
-        ("a", "db.s1.mesh", false),  // a serves db itself: no route to itself
+        ("a", "db.s1.mesh", false), // a serves db itself: no route to itself
         ("c", "web.s2.mesh", false), // likewise
         ("a", "nope.s1.mesh", false),
         ("a", "api.s9.mesh", false),
     ];
     for (src, name, allowed) in cells {
-        let accepted_before: u64 = ["a", "b", "c"].iter().map(|n| mesh.node(n).show()["counters"]["streams_accepted"].as_u64().unwrap_or(0)).sum();
+        let accepted_before: u64 = ["a", "b", "c"]
+            .iter()
+            .map(|n| {
+                mesh.node(n).show()["counters"]["streams_accepted"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum();
         let result = socks_connect(mesh.node(src).socks, name, 80).await;
         if allowed {
-            let tcp = result.unwrap_or_else(|rep| panic!("{src} -> {name} must be allowed, got REP {rep}"));
+            let tcp = result
+                .unwrap_or_else(|rep| panic!("{src} -> {name} must be allowed, got REP {rep}"));
             let data = Arc::new(pattern(4096, 3));
             let back = echo_through(tcp, data.clone()).await.expect("io");
             assert_eq!(sha256(&back), sha256(&data), "{src} -> {name}");
         } else {
             assert_eq!(result.err(), Some(2), "{src} -> {name} must get REP 0x02");
-            let accepted_after: u64 = ["a", "b", "c"].iter().map(|n| mesh.node(n).show()["counters"]["streams_accepted"].as_u64().unwrap_or(0)).sum();
-            assert_eq!(accepted_before, accepted_after, "{src} -> {name}: nothing may reach a serving node");
+            let accepted_after: u64 = ["a", "b", "c"]
+                .iter()
+                .map(|n| {
+                    mesh.node(n).show()["counters"]["streams_accepted"]
+                        .as_u64()
+                        .unwrap_or(0)
+                })
+                .sum();
+            assert_eq!(
+                accepted_before, accepted_after,
+                "{src} -> {name}: nothing may reach a serving node"
+            );
         }
     }
     // Each denial is audited exactly once at the source node.
-    let audit = hopmesh_transport::audit::read_since(&mesh.node("c").dir.path().join("audit.jsonl"), 0).expect("audit");
-    let denials: Vec<_> = audit.iter().filter(|r| r["event"] == "socks_refused").map(|r| r["target"].as_str().unwrap_or("").to_owned()).collect();
+    let audit =
+        hopmesh_transport::audit::read_since(&mesh.node("c").dir.path().join("audit.jsonl"), 0)
+            .expect("audit");
+    let denials: Vec<_> = audit
+        .iter()
+        .filter(|r| r["event"] == "socks_refused")
+        .map(|r| r["target"].as_str().unwrap_or("").to_owned())
+        .collect();
     assert_eq!(denials, vec!["api.s1.mesh", "db.s1.mesh", "web.s2.mesh"]);
     mesh.shutdown().await;
 }
@@ -79,27 +113,64 @@ async fn socks_bad_input_is_answered_and_closed() {
     let mesh = Mesh::start(Settings::default()).await;
     let socks = mesh.node("a").socks;
     async fn exchange(socks: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
-        let mut tcp = tokio::net::TcpStream::connect(socks).await.expect("connect");
+        let mut tcp = tokio::net::TcpStream::connect(socks)
+            .await
+            .expect("connect");
         tcp.write_all(bytes).await.expect("write");
         let mut out = Vec::new();
         // The node must close on its own, promptly.
-        tokio::time::timeout(Duration::from_secs(6), tcp.read_to_end(&mut out)).await.expect("closed promptly").unwrap_or(0);
+        tokio::time::timeout(Duration::from_secs(6), tcp.read_to_end(&mut out))
+            .await
+            .expect("closed promptly")
+            .unwrap_or(0);
         out
     }
-    assert_eq!(exchange(socks, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await, b"");
-    assert_eq!(exchange(socks, &[0x16, 3, 1, 0, 5, 1, 0, 0, 1, 3]).await, b"");
+    assert_eq!(
+        exchange(socks, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await,
+        b""
+    );
+    assert_eq!(
+        exchange(socks, &[0x16, 3, 1, 0, 5, 1, 0, 0, 1, 3]).await,
+        b""
+    );
     assert_eq!(exchange(socks, &[4, 1, 0, 80, 127, 0, 0, 1, 0]).await, b"");
     assert_eq!(exchange(socks, &[5, 0]).await, [5, 0xFF]);
     // NMETHODS 255 then silence: closed at the 5 s handshake deadline, no reply.
     assert_eq!(exchange(socks, &[5, 255, 0]).await, b"");
     let req = |cmd: u8, addr: &[u8]| [&[5u8, 1, 0][..], &[5, cmd, 0], addr].concat();
     let rep = |bytes: Vec<u8>| bytes.get(3).copied();
-    assert_eq!(rep(exchange(socks, &req(2, &[1, 127, 0, 0, 1, 0, 80])).await), Some(7), "BIND");
-    assert_eq!(rep(exchange(socks, &req(3, &[1, 127, 0, 0, 1, 0, 80])).await), Some(7), "UDP ASSOCIATE");
-    assert_eq!(rep(exchange(socks, &req(1, &[9, 1, 2, 3, 4, 0, 80])).await), Some(8), "bad ATYP");
-    assert_eq!(rep(exchange(socks, &req(1, &[3, 0, 0, 80])).await), Some(1), "empty domain");
-    for target in ["127.0.0.1", "169.254.169.254", "localhost", "example.com", "api.s1.mesh.evil.com"] {
-        assert_eq!(socks_connect(socks, target, 80).await.err(), Some(2), "{target}");
+    assert_eq!(
+        rep(exchange(socks, &req(2, &[1, 127, 0, 0, 1, 0, 80])).await),
+        Some(7),
+        "BIND"
+    );
+    assert_eq!(
+        rep(exchange(socks, &req(3, &[1, 127, 0, 0, 1, 0, 80])).await),
+        Some(7),
+        "UDP ASSOCIATE"
+    );
+    assert_eq!(
+        rep(exchange(socks, &req(1, &[9, 1, 2, 3, 4, 0, 80])).await),
+        Some(8),
+        "bad ATYP"
+    );
+    assert_eq!(
+        rep(exchange(socks, &req(1, &[3, 0, 0, 80])).await),
+        Some(1),
+        "empty domain"
+    );
+    for target in [
+        "127.0.0.1",
+        "169.254.169.254",
+        "localhost",
+        "example.com",
+        "api.s1.mesh.evil.com",
+    ] {
+        assert_eq!(
+            socks_connect(socks, target, 80).await.err(),
+            Some(2),
+            "{target}"
+        );
     }
     let c = mesh.node("a").show()["counters"]["refused"].clone();
     assert_eq!(c["other_protocol"], 2, "{c}");
@@ -117,10 +188,22 @@ async fn unattested_peer_is_refused_at_the_handshake() {
     let mesh = Mesh::start(Settings::default()).await;
     let b = mesh.node("b").handle.as_ref().expect("running");
     let stranger = Identity::generate().expect("identity");
-    let ep = endpoint(std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"), None).expect("endpoint");
+    let ep = endpoint(
+        std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"),
+        None,
+    )
+    .expect("endpoint");
     let cfg = quinn_client(
-        tls::client_config(&stranger, ALPN_DATA, ServerExpectation::Node(b.node.local, Arc::new(AnyKey))).expect("tls"),
-        Arc::new(transport_config(Duration::from_secs(5), Duration::from_secs(1))),
+        tls::client_config(
+            &stranger,
+            ALPN_DATA,
+            ServerExpectation::Node(b.node.local, Arc::new(AnyKey)),
+        )
+        .expect("tls"),
+        Arc::new(transport_config(
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+        )),
     )
     .expect("quinn");
     let attempt = async {
@@ -131,9 +214,19 @@ async fn unattested_peer_is_refused_at_the_handshake() {
         r.read_exact(&mut byte).await?;
         anyhow_ok()
     };
-    let result = tokio::time::timeout(Duration::from_secs(10), attempt).await.expect("decided in time");
-    assert!(result.is_err(), "an unattested key must not get a stream through");
-    assert!(b.node.show()["counters"]["refused"]["not_a_peer"].as_u64().unwrap_or(0) >= 1);
+    let result = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("decided in time");
+    assert!(
+        result.is_err(),
+        "an unattested key must not get a stream through"
+    );
+    assert!(
+        b.node.show()["counters"]["refused"]["not_a_peer"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    );
     mesh.shutdown().await;
 }
 
@@ -147,7 +240,9 @@ fn anyhow_ok() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 async fn revoke_mid_transfer_ends_in_an_explicit_error() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mesh = Mesh::start(Settings::default()).await;
-    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80).await.expect("socks connect");
+    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80)
+        .await
+        .expect("socks connect");
     let (mut r, mut w) = tcp.into_split();
     // Keep bytes flowing through the echo service, without ever closing.
     let writer = tokio::spawn(async move {
@@ -164,7 +259,11 @@ async fn revoke_mid_transfer_ends_in_an_explicit_error() {
         got += r.read(&mut buf).await.expect("flowing");
     }
     let started = std::time::Instant::now();
-    mesh.verifier.admin().call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"}))).await.expect("revoke");
+    mesh.verifier
+        .admin()
+        .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
+        .await
+        .expect("revoke");
     let end = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match r.read(&mut buf).await {
@@ -181,20 +280,158 @@ async fn revoke_mid_transfer_ends_in_an_explicit_error() {
     assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
     writer.abort();
     // New streams to b are refused at the first hop, and a's table no longer routes to it.
-    assert_eq!(socks_connect(mesh.node("a").socks, "api.s1.mesh", 80).await.err(), Some(2));
+    assert_eq!(
+        socks_connect(mesh.node("a").socks, "api.s1.mesh", 80)
+            .await
+            .err(),
+        Some(2)
+    );
     mesh.shutdown().await;
 }
 
 /// The dependency floor of DESIGN.md: quinn-proto ≥ 0.11.18.
 #[test]
 fn quinn_proto_is_at_least_0_11_18() {
-    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).expect("Cargo.lock");
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))
+        .expect("Cargo.lock");
     let version = lock
         .split("[[package]]")
         .find(|p| p.contains("name = \"quinn-proto\""))
         .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
         .map(|v| v.trim_end_matches('"').to_owned())
         .expect("quinn-proto in Cargo.lock");
-    let parts: Vec<u64> = version.split('.').map(|x| x.parse().expect("number")).collect();
-    assert!(parts[0] == 0 && parts[1] == 11 && parts[2] >= 18, "quinn-proto {version} is below the 0.11.18 floor");
+    let parts: Vec<u64> = version
+        .split('.')
+        .map(|x| x.parse().expect("number"))
+        .collect();
+    assert!(
+        parts[0] == 0 && parts[1] == 11 && parts[2] >= 18,
+        "quinn-proto {version} is below the 0.11.18 floor"
+    );
+}
+
+/// Verifier down past the attestation TTL: nodes fail closed (REP 0x02, connections
+/// closed); verifier back: they recover on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifier_outage_past_ttl_fails_closed_then_recovers() {
+    let mut mesh = Mesh::start(Settings::default()).await;
+    let probe = |mesh: &Mesh| {
+        let socks = mesh.node("a").socks;
+        async move {
+            match socks_connect(socks, "api.s1.mesh", 80).await {
+                Ok(tcp) => {
+                    let data = Arc::new(pattern(1000, 1));
+                    let back = echo_through(tcp, data.clone()).await.map_err(|_| 0xEE)?;
+                    if back == *data { Ok(()) } else { Err(0xED) }
+                }
+                Err(rep) => Err(rep),
+            }
+        }
+    };
+    assert_eq!(probe(&mesh).await, Ok(()));
+    mesh.verifier.stop().await;
+    // A short outage changes nothing.
+    assert_eq!(probe(&mesh).await, Ok(()));
+    // Past the TTL every attestation has expired.
+    mesh.verifier.clock.advance(301);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        probe(&mesh).await,
+        Err(2),
+        "an expired node must refuse with REP 0x02"
+    );
+    let a = mesh.node("a").show();
+    assert!(
+        a["self_permit"]
+            .as_str()
+            .is_some_and(|s| s.contains("expired")),
+        "{a}"
+    );
+    assert!(
+        a["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .all(|p| p["connected"] == false),
+        "connections closed: {a}"
+    );
+    // Verifier back on the same address: recovery without operator action.
+    mesh.verifier.restart().await.expect("restart");
+    let mut recovered = false;
+    for _ in 0..200 {
+        if probe(&mesh).await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "the mesh must recover once the verifier is back: {}",
+        mesh.node("a").show()
+    );
+    mesh.shutdown().await;
+}
+
+/// Epoch 1 s, generation 10 s: a 30 s transfer across ~30 epochs and 3 generations is never
+/// reset and arrives byte-identical, and short requests throughout are all accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_during_a_long_transfer_loses_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let settings = Settings {
+        epoch: hopmesh_protocol::hop_token::EpochLength::from_secs(1).expect("epoch"),
+        generation_secs: 10,
+        ..Settings::default()
+    };
+    let mesh = Mesh::start(settings).await;
+    let socks = mesh.node("a").socks;
+    let long = tokio::spawn(async move {
+        let tcp = socks_connect(socks, "api.s1.mesh", 80)
+            .await
+            .expect("connect");
+        let (mut r, mut w) = tcp.into_split();
+        let chunks = 300usize; // 30 s at one 64 KiB chunk per 100 ms
+        let writer = tokio::spawn(async move {
+            for i in 0..chunks {
+                w.write_all(&pattern(64 * 1024, i as u64 + 1))
+                    .await
+                    .expect("write");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            w.shutdown().await.expect("shutdown");
+        });
+        let mut back = Vec::new();
+        r.read_to_end(&mut back)
+            .await
+            .expect("long stream must never be reset");
+        writer.await.expect("writer");
+        let sent: Vec<u8> = (0..chunks)
+            .flat_map(|i| pattern(64 * 1024, i as u64 + 1))
+            .collect();
+        assert_eq!(sha256(&back), sha256(&sent));
+    });
+    let mut short_ok = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let tcp = socks_connect(socks, "api.s1.mesh", 80)
+            .await
+            .unwrap_or_else(|rep| panic!("short request refused: REP {rep}"));
+        let data = Arc::new(pattern(2048, short_ok));
+        let back = echo_through(tcp, data.clone()).await.expect("short io");
+        assert_eq!(back, *data);
+        short_ok += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), long)
+        .await
+        .expect("long transfer in time")
+        .expect("long transfer");
+    assert!(short_ok > 200, "only {short_ok} short requests");
+    let refused = mesh.node("b").show()["counters"]["refused"].clone();
+    assert_eq!(
+        refused,
+        serde_json::json!({}),
+        "no refusals at all: {refused}"
+    );
+    mesh.shutdown().await;
 }

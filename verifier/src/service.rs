@@ -46,6 +46,8 @@ pub async fn serve(endpoint: Endpoint, shared: Arc<Shared>, mut shutdown: watch:
         });
     }
     endpoint.close(codes::SHUTDOWN, b"verifier shutting down");
+    // Let every connection task see the close and release the socket.
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
 }
 
 async fn handle_connection(conn: Connection, shared: Arc<Shared>) {
@@ -138,7 +140,13 @@ async fn handle_stream(
             {
                 return;
             }
-            while let Some(push) = rx.recv().await {
+            loop {
+                let push = tokio::select! {
+                    p = rx.recv() => p,
+                    // The connection went away (node gone, or verifier shutting down).
+                    _ = conn.closed() => return,
+                };
+                let Some(push) = push else { break };
                 if let Err(e) = write_frame(&mut send, &push, PUSH_CAP).await {
                     tracing::debug!(node = %node_id.short(), error = %e, "push stream closed");
                     return;
