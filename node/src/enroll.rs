@@ -58,10 +58,9 @@ pub async fn enroll(
     let client = VerifierClient::connect(&endpoint, addr, &identity, pins).await?;
     let facts = HostFacts {
         hostname: BoundedString::truncated(
-            &std::fs::read_to_string("/etc/hostname")
+            std::fs::read_to_string("/etc/hostname")
                 .unwrap_or_default()
-                .trim()
-                .to_owned(),
+                .trim(),
         ),
         platform: BoundedString::truncated(&format!(
             "{}/{}",
