@@ -300,7 +300,7 @@ mod tests {
         };
         let env = a.sign(&k).expect("sign");
         let keys = KeySet::new(vec![k.verifying_key()]).expect("keys");
-        let v = verify_attestation(&env, &keys, UnixTime::from_secs(NOW), 0).expect("valid");
+        let v = verify_attestation(&env, &keys, UnixTime::from_secs(NOW - 10), 0).expect("valid");
         (env, v, spki)
     }
 
