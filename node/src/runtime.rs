@@ -117,6 +117,7 @@ pub struct Node {
     measurement: Measurement,
     verifier_connected: AtomicBool,
     active: AtomicUsize,
+    draining: AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -153,6 +154,7 @@ impl NodeHandle {
     /// Graceful shutdown: stop accepting, say goodbye, drain open streams, close.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.node.draining.store(true, Ordering::SeqCst);
         self.node.endpoint.set_server_config(None);
         let pcs: Vec<Arc<PeerConn>> = self.node.pool_snapshot();
         for pc in &pcs {
@@ -260,6 +262,7 @@ pub async fn start(
         measurement,
         verifier_connected: AtomicBool::new(false),
         active: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
     });
     let (tx, rx) = watch::channel(false);
     let tasks = vec![
@@ -578,6 +581,11 @@ impl Node {
         .unwrap_or_default()
     }
 
+    /// True once shutdown began: new streams are refused, open ones finish.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Whether the verifier link is up.
     pub fn verifier_connected(&self) -> bool {
         self.verifier_connected.load(Ordering::SeqCst)
@@ -671,7 +679,23 @@ async fn control_reader(
                     }
                 }
             }
-            Ok(Some(PeerMessage::Goodbye { .. })) | Ok(None) => return,
+            Ok(Some(PeerMessage::Goodbye { reason })) => {
+                // The peer is leaving: open streams finish, new ones go elsewhere (or fail).
+                let mut pool = node
+                    .pool
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if pool.get(&pc.peer).is_some_and(|p| Arc::ptr_eq(p, &pc)) {
+                    pool.remove(&pc.peer);
+                }
+                drop(pool);
+                node.audit(
+                    "peer_goodbye",
+                    fields! {"peer" => pc.peer.to_string(), "reason" => format!("{reason:?}")},
+                );
+                return;
+            }
+            Ok(None) => return,
             Ok(Some(PeerMessage::Hello { .. })) | Err(_) => {
                 pc.conn.close(codes::BAD_REQUEST, b"control stream");
                 return;
