@@ -174,6 +174,7 @@ async fn main() -> Result<()> {
             advertise,
             socks: socks.local_addr()?,
             socks_auth: None,
+            metrics: None,
             clock_offset: 0,
         };
         nodes.push((

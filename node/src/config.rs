@@ -8,6 +8,7 @@
 //! socks = "127.0.0.1:1080"             # must be a loopback address
 //! # socks_username = "app"             # optional RFC 1929 credentials
 //! # socks_password = "secret"
+//! # metrics = "127.0.0.1:9101"        # Prometheus /metrics, loopback only
 //! ```
 
 use std::net::SocketAddr;
@@ -30,6 +31,8 @@ pub struct NodeConfig {
     pub socks: SocketAddr,
     /// Optional SOCKS credentials.
     pub socks_auth: Option<(String, String)>,
+    /// Optional Prometheus `/metrics` address (loopback).
+    pub metrics: Option<SocketAddr>,
     /// Test only: seconds added to the clock.
     pub clock_offset: i64,
 }
@@ -46,6 +49,7 @@ struct Raw {
     socks: String,
     socks_username: Option<String>,
     socks_password: Option<String>,
+    metrics: Option<String>,
     #[serde(default)]
     clock_offset: i64,
 }
@@ -111,6 +115,18 @@ impl NodeConfig {
                 );
             }
         };
+        let metrics = match raw.metrics {
+            None => None,
+            Some(m) => {
+                let addr: SocketAddr = m
+                    .parse()
+                    .map_err(|_| format!("metrics: `{m}` is not ip:port"))?;
+                if !addr.ip().is_loopback() {
+                    return Err(format!("metrics: `{addr}` must be a loopback address"));
+                }
+                Some(addr)
+            }
+        };
         let data_dir = if raw.data_dir.is_absolute() {
             raw.data_dir
         } else {
@@ -123,6 +139,7 @@ impl NodeConfig {
             advertise: raw.advertise,
             socks,
             socks_auth,
+            metrics,
             clock_offset: raw.clock_offset,
         })
     }

@@ -1,10 +1,16 @@
-//! Counters for `ctl show` and metrics: lock-free on the hot path, a small map for refusal
-//! reasons.
+//! Counters for `ctl show` and Prometheus `/metrics`: lock-free on the hot path, a small map
+//! for refusal reasons. The text exposition is produced by `prometheus-client` from a
+//! snapshot, so the two views can never disagree.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 /// Node counters.
@@ -55,6 +61,50 @@ impl Counters {
         c.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The Prometheus text exposition of a snapshot.
+    pub fn render(&self) -> String {
+        let v = self.view();
+        let mut registry = Registry::with_prefix("hopmesh_node");
+        for (name, help, value) in [
+            (
+                "streams_accepted",
+                "Inbound streams that passed the gate",
+                v.streams_accepted,
+            ),
+            (
+                "streams_opened",
+                "Outbound streams opened for SOCKS clients",
+                v.streams_opened,
+            ),
+            (
+                "socks_ok",
+                "SOCKS requests answered with success",
+                v.socks_ok,
+            ),
+            (
+                "bytes_out",
+                "Bytes from local apps into the mesh",
+                v.bytes_out,
+            ),
+            (
+                "bytes_in",
+                "Bytes from the mesh to local apps and backends",
+                v.bytes_in,
+            ),
+        ] {
+            registry.register(name, help, ConstCounter::new(value));
+        }
+        let refused = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        for (reason, n) in &v.refused {
+            refused.get_or_create(&[("reason", reason)]).inc_by(*n);
+        }
+        registry.register("refusals", "Refusals by reason", refused);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+
     /// A snapshot.
     pub fn view(&self) -> CountersView {
         CountersView {
@@ -69,5 +119,25 @@ impl Counters {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_matches_the_snapshot() {
+        let c = Counters::default();
+        Counters::add(&c.bytes_in, 42);
+        c.refused("bad_mac");
+        c.refused("bad_mac");
+        let text = c.render();
+        assert!(text.contains("hopmesh_node_bytes_in_total 42"), "{text}");
+        assert!(
+            text.contains("hopmesh_node_refusals_total{reason=\"bad_mac\"} 2"),
+            "{text}"
+        );
+        assert_eq!(c.view().refused["bad_mac"], 2);
     }
 }

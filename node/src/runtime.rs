@@ -270,8 +270,15 @@ pub async fn start(
         tokio::spawn(crate::socks::serve(node.clone(), sockets.socks, rx.clone())),
         tokio::spawn(verifier_link(node.clone(), reports_rx, rx.clone())),
         tokio::spawn(watchdog(node.clone(), rx.clone())),
-        tokio::spawn(crate::ctl::serve(node.clone(), rx)),
+        tokio::spawn(crate::ctl::serve(node.clone(), rx.clone())),
     ];
+    let mut tasks = tasks;
+    if let Some(addr) = node.config.metrics {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| NodeError::io(format!("bind metrics {addr}"), e))?;
+        tasks.push(tokio::spawn(serve_metrics(node.clone(), listener, rx)));
+    }
     tracing::info!(node = %local, %quic_addr, %socks_addr, "node running");
     Ok(NodeHandle {
         node,
@@ -634,6 +641,29 @@ impl Node {
             "peers": peers,
             "counters": self.counters.view(),
         })
+    }
+}
+
+async fn serve_metrics(
+    node: Arc<Node>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let node = node.clone();
+            async move { node.counters.render() }
+        }),
+    );
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
+        tracing::error!(error = %e, "metrics endpoint failed");
     }
 }
 

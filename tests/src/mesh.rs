@@ -181,6 +181,7 @@ impl Mesh {
             advertise,
             socks: socks.local_addr().expect("addr"),
             socks_auth: None,
+            metrics: None,
             clock_offset: 0,
         };
         let handle = start(config, Sockets { quic, socks }, self.verifier.clock.clone())
