@@ -66,11 +66,13 @@ fn token_benches(c: &mut Criterion) {
             port: 80,
         },
         allowed_peers: [a].into(),
+        relayed: Default::default(),
     }]);
     let header = StreamHeader {
         origin: a,
         service: name.service_id(),
         route: BoundedVec::empty(),
+        assertion: None,
     }
     .encode()
     .expect("encode");

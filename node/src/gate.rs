@@ -11,9 +11,12 @@ use std::time::Duration;
 use hopmesh_protocol::control::{StreamHeader, StreamStatus};
 use hopmesh_protocol::enrollment::{Report, ReportKind};
 use hopmesh_protocol::hop_token::{
-    ConnectionKeys, GateContext, PairIds, PairKeyring, TOKEN_LEN, TokenRefusal, verify_token,
+    ConnectionKeys, GateContext, MintRequest, PairIds, PairKeyring, TOKEN_LEN, TokenRefusal,
+    mint_token, verify_token,
 };
-use hopmesh_protocol::routing::{IngressTable, ServePermit};
+use hopmesh_protocol::ids::{NodeId, ServiceId};
+use hopmesh_protocol::routing::{Admission, IngressTable, ServePermit};
+use hopmesh_protocol::secret::{EpochKey, StreamKey};
 use hopmesh_protocol::wire::BoundedString;
 use hopmesh_transport::fields;
 use hopmesh_transport::quic::codes;
@@ -95,17 +98,43 @@ pub async fn handle(
         Ok(s) => s,
         Err(refusal) => return refuse_token(&node, &pc, refusal, stream_id, &mut send, &mut recv),
     };
-    // The header is MAC'd; it must still agree with the token and describe a direct route
-    // (relays are not supported yet).
-    match StreamHeader::decode(&header) {
-        Ok(h)
-            if h.service == stream.fields().service
-                && h.origin == pc.peer
-                && h.route.is_empty() => {}
+    // The header is MAC'd; it must still agree with the token. Single-hop relays only.
+    let h = match StreamHeader::decode(&header) {
+        Ok(h) if h.service == stream.fields().service && h.route.is_empty() => h,
         _ => return refuse_io(&node, &pc, "bad_header", &mut send, &mut recv),
-    }
+    };
+    let serve = match stream.admission().clone() {
+        Admission::Serve(p) if p.relay.is_none() => {
+            if h.origin != pc.peer {
+                return refuse_io(&node, &pc, "origin_not_peer", &mut send, &mut recv);
+            }
+            p
+        }
+        Admission::Serve(_) => match check_relayed(&node, &pc, &h) {
+            Ok(p) => p,
+            Err(reason) => return refuse_io(&node, &pc, reason, &mut send, &mut recv),
+        },
+        Admission::Forward(fwd) => {
+            // Every hop checks the origin's signature: a relay forwards only its peer's own flows.
+            let now = node.now();
+            let (keys, epoch) = {
+                let st = node.state_read();
+                (st.keys.clone(), st.epoch)
+            };
+            let proven = h
+                .assertion
+                .as_ref()
+                .map(|a| a.verify(&keys, &fwd.next, fwd.service, epoch, now));
+            match proven {
+                Some(Ok(origin)) if origin == pc.peer && h.origin == pc.peer => {}
+                Some(Err(e)) => return refuse_io(&node, &pc, e.reason(), &mut send, &mut recv),
+                _ => return refuse_io(&node, &pc, "flow_origin_mismatch", &mut send, &mut recv),
+            }
+            Counters::add(&node.counters.streams_accepted, 1);
+            return forward(node, pc, fwd.next, fwd.service, header, send, recv).await;
+        }
+    };
     Counters::add(&node.counters.streams_accepted, 1);
-    let serve = stream.serve().clone();
     let (status, tcp) = connect_backend(&node, &serve).await;
     if send.write_all(&[status.to_byte()]).await.is_err() {
         return;
@@ -117,6 +146,118 @@ pub async fn handle(
     };
     if let SpliceEnd::Reset(e) = splice(tcp, send, recv, node.counters.clone(), false).await {
         tracing::debug!(peer = %pc.peer.short(), error = %e, "inbound stream reset");
+    }
+}
+
+/// At the serving node, for a stream that came through a relay: the origin's flow assertion
+/// must verify, be fresh and unseen, and policy must allow that origin through that relay.
+fn check_relayed(
+    node: &Node,
+    pc: &PeerConn,
+    h: &StreamHeader,
+) -> Result<ServePermit, &'static str> {
+    let a = h.assertion.as_ref().ok_or("flow_missing")?;
+    let now = node.now();
+    let st = node.state_read();
+    let origin = a
+        .verify(&st.keys, &st.local, h.service, st.epoch, now)
+        .map_err(|e| e.reason())?;
+    if origin != h.origin {
+        return Err("flow_origin_mismatch");
+    }
+    node.flow_nonces(|cache| cache.insert(a.epoch, a.nonce, st.epoch.epoch_at(now)))
+        .map_err(|e| e.reason())?;
+    let table = st.table.as_ref().ok_or("no_routes")?;
+    table
+        .ingress
+        .may_serve_via(&pc.peer, &origin, h.service)
+        .map_err(|_| "origin_not_allowed_via_relay")
+}
+
+/// As a relay: open the next hop's stream with our own token, pass the origin's header on,
+/// relay the status byte, then splice the two streams.
+async fn forward(
+    node: Arc<Node>,
+    pc: Arc<PeerConn>,
+    next: NodeId,
+    service: ServiceId,
+    header: Vec<u8>,
+    mut in_send: SendStream,
+    in_recv: RecvStream,
+) {
+    let out = match node.connection_to(next).await {
+        Ok(out) => out,
+        Err(_) => {
+            let _ = in_send
+                .write_all(&[StreamStatus::HostUnreachable.to_byte()])
+                .await;
+            let _ = in_send.finish();
+            return;
+        }
+    };
+    let Ok((mut out_send, mut out_recv)) = out.conn.open_bi().await else {
+        let _ = in_send
+            .write_all(&[StreamStatus::HostUnreachable.to_byte()])
+            .await;
+        let _ = in_send.finish();
+        return;
+    };
+    let stream_id = u64::from(out_send.id());
+    let minted = {
+        let st = node.state_read();
+        let now = node.now();
+        st.keyrings
+            .get(&next)
+            .and_then(|k| k.minting(now))
+            .and_then(|g| {
+                let epoch = st.epoch.epoch_at(now);
+                let key = StreamKey::derive(
+                    &out.binding,
+                    &EpochKey::derive(&g.seed, &PairIds::new(st.local, next), epoch),
+                );
+                let req = MintRequest {
+                    generation: g.generation,
+                    epoch,
+                    src: st.local,
+                    dst: next,
+                    service,
+                    stream_id,
+                    header: &header,
+                };
+                mint_token(&req, &key).ok()
+            })
+    };
+    let Some(token) = minted else {
+        node.counters.refused("no_seed_for_peer");
+        let _ = out_send.reset(codes::INTERNAL);
+        let _ = in_send
+            .write_all(&[StreamStatus::GeneralFailure.to_byte()])
+            .await;
+        let _ = in_send.finish();
+        return;
+    };
+    if out_send
+        .write_all(&[token.as_slice(), &header].concat())
+        .await
+        .is_err()
+    {
+        let _ = in_send.reset(codes::INTERNAL);
+        return;
+    }
+    let mut status = [0u8; 1];
+    let status =
+        match tokio::time::timeout(Duration::from_secs(15), out_recv.read_exact(&mut status)).await
+        {
+            Ok(Ok(())) => status[0],
+            _ => StreamStatus::NotAllowed.to_byte(),
+        };
+    if in_send.write_all(&[status]).await.is_err() || status != StreamStatus::Connected.to_byte() {
+        let _ = out_send.reset(codes::INTERNAL);
+        let _ = in_send.finish();
+        return;
+    }
+    if let Err(e) = crate::splice::splice_quic(in_send, in_recv, out_send, out_recv).await {
+        tracing::debug!(peer = %pc.peer.short(), next = %next.short(), error = %e, "relayed stream reset");
     }
 }
 

@@ -2,14 +2,16 @@
 //! verifier link (refresh and pushes), the audit log and shutdown.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hopmesh_protocol::attestation::verify_attestation;
-use hopmesh_protocol::control::{GoodbyeReason, MAX_ENVELOPE, PeerMessage};
+use hopmesh_protocol::control::{GoodbyeReason, MAX_ENVELOPE, NonceCache, PeerMessage};
 use hopmesh_protocol::enrollment::{Address, Refusal, Report};
 use hopmesh_protocol::frame::CONTROL_CAP;
 use hopmesh_protocol::hop_token::{ForgeryLimitExceeded, ForgeryMeter, PairIds};
@@ -118,6 +120,7 @@ pub struct Node {
     verifier_connected: AtomicBool,
     active: AtomicUsize,
     draining: AtomicBool,
+    nonces: Mutex<NonceCache>,
 }
 
 impl std::fmt::Debug for Node {
@@ -263,6 +266,7 @@ pub async fn start(
         verifier_connected: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
+        nonces: Mutex::new(NonceCache::default()),
     });
     let (tx, rx) = watch::channel(false);
     let tasks = vec![
@@ -358,22 +362,32 @@ impl Node {
     }
 
     /// A pooled connection to `peer`, dialing if needed.
-    pub async fn connection_to(self: &Arc<Self>, peer: NodeId) -> Result<Arc<PeerConn>, NodeError> {
-        if let Some(pc) = self.pooled(&peer) {
-            return Ok(pc);
-        }
-        let lock = self
-            .dial_locks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(peer)
-            .or_default()
-            .clone();
-        let _guard = lock.lock().await;
-        if let Some(pc) = self.pooled(&peer) {
-            return Ok(pc);
-        }
-        self.dial(peer).await
+    ///
+    /// Returns a boxed future on purpose: relaying makes the call graph recursive (gate →
+    /// forward → dial → establish → gate), and a named `Send` future type breaks the cycle
+    /// that would otherwise defeat the compiler's `Send` inference.
+    pub fn connection_to(
+        self: &Arc<Self>,
+        peer: NodeId,
+    ) -> Pin<Box<dyn Future<Output = Result<Arc<PeerConn>, NodeError>> + Send + 'static>> {
+        let node = self.clone();
+        Box::pin(async move {
+            if let Some(pc) = node.pooled(&peer) {
+                return Ok(pc);
+            }
+            let lock = node
+                .dial_locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(peer)
+                .or_default()
+                .clone();
+            let _guard = lock.lock().await;
+            if let Some(pc) = node.pooled(&peer) {
+                return Ok(pc);
+            }
+            node.dial(peer).await
+        })
     }
 
     fn pooled(&self, peer: &NodeId) -> Option<Arc<PeerConn>> {
@@ -586,6 +600,14 @@ impl Node {
                 .collect(),
         )
         .unwrap_or_default()
+    }
+
+    /// Runs `f` on the flow-nonce replay cache.
+    pub fn flow_nonces<T>(&self, f: impl FnOnce(&mut NonceCache) -> T) -> T {
+        f(&mut self
+            .nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// True once shutdown began: new streams are refused, open ones finish.

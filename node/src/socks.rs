@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hopmesh_protocol::control::{StreamHeader, StreamStatus};
+use hopmesh_protocol::control::{FlowAssertion, StreamHeader, StreamStatus};
 use hopmesh_protocol::hop_token::{MintRequest, mint_token};
 use hopmesh_protocol::secret::{EpochKey, StreamKey, ct_eq};
 use hopmesh_protocol::socks5::{
@@ -204,7 +204,9 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
             return;
         }
     };
-    let pc = match node.connection_to(route.serving_node).await {
+    // The first hop: the serving node itself, or the relay the route goes through.
+    let first_hop = route.via.unwrap_or(route.serving_node);
+    let pc = match node.connection_to(first_hop).await {
         Ok(pc) => pc,
         Err(e) => {
             node.counters.refused("peer_unreachable");
@@ -218,28 +220,43 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
         return;
     };
     let stream_id = u64::from(send.id());
-    let header = StreamHeader {
-        origin: node.local,
-        service: route.service,
-        route: BoundedVec::empty(),
-    };
     let minted = {
         let st = node.state_read();
         let now = node.now();
         let epoch = st.epoch.epoch_at(now);
+        // On a relayed route the origin signs the flow end to end.
+        let assertion = match route.via {
+            None => None,
+            Some(_) => st.attestation.as_ref().and_then(|(env, _)| {
+                FlowAssertion::sign(
+                    node.identity.signing_key(),
+                    env,
+                    route.serving_node,
+                    route.service,
+                    epoch,
+                    rand::random(),
+                )
+            }),
+        };
+        let header = StreamHeader {
+            origin: node.local,
+            service: route.service,
+            route: BoundedVec::empty(),
+            assertion,
+        };
         let grant = st
             .keyrings
-            .get(&route.serving_node)
+            .get(&first_hop)
             .and_then(|k| k.minting(now))
             .cloned();
         grant.zip(header.encode().ok()).and_then(|(g, h)| {
-            let pair = hopmesh_protocol::hop_token::PairIds::new(st.local, route.serving_node);
+            let pair = hopmesh_protocol::hop_token::PairIds::new(st.local, first_hop);
             let key = StreamKey::derive(&pc.binding, &EpochKey::derive(&g.seed, &pair, epoch));
             let req = MintRequest {
                 generation: g.generation,
                 epoch,
                 src: st.local,
-                dst: route.serving_node,
+                dst: first_hop,
                 service: route.service,
                 stream_id,
                 header: &h,

@@ -127,6 +127,49 @@ pub async fn splice(
     }
 }
 
+/// Splices two QUIC streams (a relay): each direction finishes on EOF; any error resets all
+/// four halves so neither end can mistake a cut for a clean end.
+pub async fn splice_quic(
+    mut a_send: SendStream,
+    mut a_recv: RecvStream,
+    mut b_send: SendStream,
+    mut b_recv: RecvStream,
+) -> Result<(), String> {
+    async fn pump(from: &mut RecvStream, to: &mut SendStream) -> Result<(), String> {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            match from.read(&mut buf).await.map_err(|e| e.to_string())? {
+                Some(n) => to.write_all(&buf[..n]).await.map_err(|e| e.to_string())?,
+                None => return to.finish().map_err(|e| e.to_string()),
+            }
+        }
+    }
+    let result = {
+        let ab = pump(&mut a_recv, &mut b_send);
+        let ba = pump(&mut b_recv, &mut a_send);
+        tokio::try_join!(ab, ba).map(|_| ())
+    };
+    match result {
+        Ok(()) => {
+            let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                let _ = a_send.stopped().await;
+                let _ = b_send.stopped().await;
+            })
+            .await;
+            Ok(())
+        }
+        Err(e) => {
+            for s in [&mut a_send, &mut b_send] {
+                let _ = s.reset(codes::INTERNAL);
+            }
+            for r in [&mut a_recv, &mut b_recv] {
+                let _ = r.stop(codes::INTERNAL);
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Closes a TCP socket with RST instead of FIN.
 pub fn rst(tcp: TcpStream) {
     #[allow(deprecated)] // set_linger is the portable way to ask for an RST on close.

@@ -272,6 +272,12 @@ impl SignedRefusal {
     }
 }
 
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
 fn signed_message(kind: DocumentKind, header: &[u8], payload: &[u8]) -> Vec<u8> {
     let domain = kind.domain();
     let mut msg = Vec::with_capacity(domain.len() + 11 + payload.len());

@@ -44,7 +44,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::ids::{NodeId, ServiceId};
-use crate::routing::{IngressTable, ServePermit, ServeRefusal};
+use crate::routing::{Admission, IngressTable, ServeRefusal};
 use crate::secret::{ConnectionBinding, EpochKey, MasterSecret, PairSeed, StreamKey};
 use crate::time::UnixTime;
 
@@ -526,7 +526,7 @@ impl TokenRefusal {
 #[must_use = "the header must still be checked"]
 pub struct TokenPermit {
     fields: TokenFields,
-    serve: ServePermit,
+    admission: Admission,
 }
 
 impl TokenPermit {
@@ -545,7 +545,7 @@ impl TokenPermit {
         }
         Ok(StreamPermit {
             fields: self.fields,
-            serve: self.serve,
+            admission: self.admission,
         })
     }
 }
@@ -554,7 +554,7 @@ impl TokenPermit {
 #[derive(Debug)]
 pub struct StreamPermit {
     fields: TokenFields,
-    serve: ServePermit,
+    admission: Admission,
 }
 
 impl StreamPermit {
@@ -563,9 +563,9 @@ impl StreamPermit {
         &self.fields
     }
 
-    /// The policy decision, including the backend to connect to.
-    pub fn serve(&self) -> &ServePermit {
-        &self.serve
+    /// The policy decision: serve locally (with the backend) or forward as a relay.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 }
 
@@ -624,12 +624,12 @@ pub fn verify_token(
     if compromised {
         return Err(TokenRefusal::CompromisedKeyUse(f.generation.0));
     }
-    let serve = ingress
-        .may_serve(&f.src, f.service)
+    let admission = ingress
+        .admit(&f.src, f.service)
         .map_err(TokenRefusal::PolicyRefused)?;
     Ok(TokenPermit {
         fields: token.fields,
-        serve,
+        admission,
     })
 }
 

@@ -24,6 +24,11 @@
 //! [[allow]]
 //! from = "frontend"                    # a segment
 //! to = "api.payments"                  # a service, or a segment: every service in it
+//!
+//! [[route]]                            # optional: clouds that cannot reach each other
+//! from = "a"                           # node a reaches node b only
+//! to = "b"
+//! via = "r"                            # through relay node r (one hop)
 //! ```
 //!
 //! Default deny: a stream is allowed only if one of the source node's segments has an
@@ -61,6 +66,8 @@ pub struct Policy {
     pub services: BTreeMap<MeshName, ServiceSpec>,
     /// Allow rules, in file order.
     pub rules: Vec<Rule>,
+    /// `(from, to) -> via`: node `from` reaches node `to` only through relay `via`.
+    pub routes: BTreeMap<(NodeName, NodeName), NodeName>,
 }
 
 /// One service in policy.
@@ -137,6 +144,16 @@ struct RawPolicy {
     services: Vec<RawService>,
     #[serde(default, rename = "allow")]
     rules: Vec<RawRule>,
+    #[serde(default, rename = "route")]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    from: Spanned<String>,
+    to: Spanned<String>,
+    via: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -328,7 +345,38 @@ impl Policy {
             rules.push(Rule { from, to });
         }
 
+        let mut routes = BTreeMap::new();
+        for r in &raw.routes {
+            let mut names = Vec::new();
+            for (field, v) in [
+                ("route.from", &r.from),
+                ("route.to", &r.to),
+                ("route.via", &r.via),
+            ] {
+                let n = src.label(v, field, NodeName::new)?;
+                if !nodes.contains_key(&n) {
+                    return Err(src.err(v.span(), format!("{field}: unknown node `{n}`")));
+                }
+                names.push(n);
+            }
+            let [from, to, via] = <[NodeName; 3]>::try_from(names)
+                .map_err(|_| src.err(r.from.span(), "route: three nodes"))?;
+            if from == to || via == from || via == to {
+                return Err(src.err(
+                    r.via.span(),
+                    format!("route {from} -> {to} via {via}: three different nodes needed"),
+                ));
+            }
+            if routes.insert((from.clone(), to.clone()), via).is_some() {
+                return Err(src.err(
+                    r.from.span(),
+                    format!("route {from} -> {to} declared twice"),
+                ));
+            }
+        }
+
         Ok(Self {
+            routes,
             suffix,
             allow_any_measurement: raw.attestation.allow_any_measurement,
             measurements,
@@ -386,6 +434,11 @@ impl Policy {
     }
 
     /// Compiles one node's table; `None` if the node is not enrolled or not in policy.
+    ///
+    /// With a `[[route]] from = F, to = T, via = R`, F's streams for T's services go to R; R
+    /// gets transit entries for exactly those services; T admits them from R only for origin
+    /// F (proven end to end by F's signed flow assertion). A relay route whose relay is not
+    /// enrolled makes the services unreachable rather than falling back to a direct path.
     pub fn compile_for(&self, node: &NodeName, directory: &NodeDirectory) -> Option<RoutingTable> {
         let self_id = *directory.get(node)?;
         if !self.nodes.contains_key(node) {
@@ -394,36 +447,69 @@ impl Policy {
         let mut table = RoutingTable::default();
         let mut routes = Vec::new();
         let mut entries = Vec::new();
+        let mut transit = Vec::new();
         for (mesh, spec) in &self.services {
             let Some(serving) = directory.get(&spec.node) else {
                 continue;
             };
             if spec.node == *node {
-                let allowed_peers: BTreeSet<NodeId> = directory
-                    .iter()
-                    .filter(|(other, _)| self.node_may_use(other, mesh).is_ok())
-                    .map(|(_, id)| *id)
-                    .filter(|id| *id != self_id)
-                    .collect();
+                let mut allowed_peers = BTreeSet::new();
+                let mut relayed = BTreeSet::new();
+                for (other, id) in directory {
+                    if *id == self_id || self.node_may_use(other, mesh).is_err() {
+                        continue;
+                    }
+                    match self.routes.get(&(other.clone(), node.clone())) {
+                        None => {
+                            allowed_peers.insert(*id);
+                        }
+                        Some(via) => {
+                            if let Some(relay) = directory.get(via) {
+                                relayed.insert((*relay, *id));
+                            }
+                        }
+                    }
+                }
                 table.peers.extend(allowed_peers.iter().copied());
+                table.peers.extend(relayed.iter().map(|(r, _)| *r));
                 entries.push(IngressEntry {
                     service: spec.id,
                     name: mesh.clone(),
                     backend: spec.backend.clone(),
                     allowed_peers,
+                    relayed,
                 });
             } else if self.node_may_use(node, mesh).is_ok() && *serving != self_id {
-                table.peers.insert(*serving);
+                let via = match self.routes.get(&(node.clone(), spec.node.clone())) {
+                    None => None,
+                    Some(v) => match directory.get(v) {
+                        Some(id) => Some(*id),
+                        None => continue,
+                    },
+                };
+                table.peers.insert(via.unwrap_or(*serving));
                 routes.push(EgressRoute {
                     name: mesh.clone(),
                     service: spec.id,
                     serving_node: *serving,
-                    via: None,
+                    via,
                 });
+            }
+            // This node relays `from`'s streams for this service to its serving node.
+            for ((from, to), via) in &self.routes {
+                if via == node
+                    && *to == spec.node
+                    && self.node_may_use(from, mesh).is_ok()
+                    && let Some(origin) = directory.get(from)
+                {
+                    table.peers.insert(*origin);
+                    table.peers.insert(*serving);
+                    transit.push((*origin, spec.id, *serving));
+                }
             }
         }
         table.egress = EgressTable::from_routes(routes);
-        table.ingress = IngressTable::from_entries(entries);
+        table.ingress = IngressTable::from_entries(entries).with_transit(transit);
         Some(table)
     }
 }

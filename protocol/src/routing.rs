@@ -176,14 +176,18 @@ pub struct IngressEntry {
     pub name: MeshName,
     /// Where streams for it go; never chosen by the remote side.
     pub backend: Backend,
-    /// Nodes allowed to open streams for it.
+    /// Nodes allowed to open streams for it directly.
     pub allowed_peers: BTreeSet<NodeId>,
+    /// `(relay, origin)`: origins allowed to use it through that relay.
+    pub relayed: BTreeSet<(NodeId, NodeId)>,
 }
 
-/// The services this node serves and who may use them.
+/// The services this node serves, who may use them, and the streams it forwards as a relay.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngressTable {
     services: BTreeMap<ServiceId, IngressEntry>,
+    /// `(origin, service) -> next node`: streams this node relays.
+    transit: BTreeMap<(NodeId, ServiceId), NodeId>,
 }
 
 /// Permission to connect a stream to a backend.
@@ -195,17 +199,43 @@ pub struct ServePermit {
     pub name: MeshName,
     /// The backend to connect to.
     pub backend: Backend,
+    /// The relay the stream came through, if any. Then the origin must still be proven (by
+    /// its signed flow assertion) and checked with [`IngressTable::may_serve_via`].
+    pub relay: Option<NodeId>,
+}
+
+/// Permission to forward a stream, as a relay, to the next node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardPermit {
+    /// The origin (the TLS peer that sent it here).
+    pub origin: NodeId,
+    /// The service.
+    pub service: ServiceId,
+    /// Where to forward it.
+    pub next: NodeId,
+}
+
+/// What a stream that passed the token check may do here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Reach a local backend.
+    Serve(ServePermit),
+    /// Be relayed onwards.
+    Forward(ForwardPermit),
 }
 
 /// Why a serving node refused a stream's target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ServeRefusal {
-    /// This node does not serve that service id.
+    /// This node does not serve that service id (nor relays it for the peer).
     #[error("service not served here")]
     UnknownService,
     /// The service exists here but the peer is not allowed to use it.
     #[error("peer not allowed to use the service")]
     PeerNotAllowed,
+    /// A relayed stream's proven origin is not allowed through that relay.
+    #[error("origin not allowed through this relay")]
+    OriginNotAllowed,
 }
 
 impl IngressTable {
@@ -213,7 +243,75 @@ impl IngressTable {
     pub fn from_entries(entries: impl IntoIterator<Item = IngressEntry>) -> Self {
         Self {
             services: entries.into_iter().map(|e| (e.service, e)).collect(),
+            transit: BTreeMap::new(),
         }
+    }
+
+    /// Adds streams this node relays: `origin`'s streams for `service` go to `next`.
+    pub fn with_transit(
+        mut self,
+        entries: impl IntoIterator<Item = (NodeId, ServiceId, NodeId)>,
+    ) -> Self {
+        self.transit
+            .extend(entries.into_iter().map(|(o, s, n)| ((o, s), n)));
+        self
+    }
+
+    /// Decides what a stream from `src` (the TLS-authenticated peer) for `service` may do
+    /// here: be served, be relayed on, or nothing.
+    pub fn admit(&self, src: &NodeId, service: ServiceId) -> Result<Admission, ServeRefusal> {
+        if let Some(entry) = self.services.get(&service) {
+            let relay = if entry.allowed_peers.contains(src) {
+                None
+            } else if entry.relayed.iter().any(|(r, _)| r == src) {
+                Some(*src)
+            } else {
+                return Err(ServeRefusal::PeerNotAllowed);
+            };
+            return Ok(Admission::Serve(ServePermit {
+                service,
+                name: entry.name.clone(),
+                backend: entry.backend.clone(),
+                relay,
+            }));
+        }
+        let next = self
+            .transit
+            .get(&(*src, service))
+            .ok_or(ServeRefusal::UnknownService)?;
+        Ok(Admission::Forward(ForwardPermit {
+            origin: *src,
+            service,
+            next: *next,
+        }))
+    }
+
+    /// For a relayed stream: may `origin` (proven by its signed flow assertion) use `service`
+    /// through `relay`?
+    pub fn may_serve_via(
+        &self,
+        relay: &NodeId,
+        origin: &NodeId,
+        service: ServiceId,
+    ) -> Result<ServePermit, ServeRefusal> {
+        let entry = self
+            .services
+            .get(&service)
+            .ok_or(ServeRefusal::UnknownService)?;
+        if !entry.relayed.contains(&(*relay, *origin)) {
+            return Err(ServeRefusal::OriginNotAllowed);
+        }
+        Ok(ServePermit {
+            service,
+            name: entry.name.clone(),
+            backend: entry.backend.clone(),
+            relay: Some(*relay),
+        })
+    }
+
+    /// Relay entries: `(origin, service, next)`.
+    pub fn transit(&self) -> impl Iterator<Item = (NodeId, ServiceId, NodeId)> + '_ {
+        self.transit.iter().map(|((o, s), n)| (*o, *s, *n))
     }
 
     /// Decides whether `peer` (the TLS-authenticated node) may use `service` here.
@@ -233,6 +331,7 @@ impl IngressTable {
             service,
             name: entry.name.clone(),
             backend: entry.backend.clone(),
+            relay: None,
         })
     }
 
@@ -327,6 +426,7 @@ mod tests {
                 port: 8080,
             },
             allowed_peers: [a].into(),
+            relayed: BTreeSet::new(),
         }]);
         let served = ingress.may_serve(&a, api.service_id()).expect("allowed");
         assert_eq!(served.backend.to_string(), "127.0.0.1:8080");
@@ -336,6 +436,58 @@ mod tests {
         );
         assert_eq!(
             ingress.may_serve(&a, ServiceId::from_u64(7)),
+            Err(ServeRefusal::UnknownService)
+        );
+    }
+
+    #[test]
+    fn admission_serves_relays_and_forwards() {
+        let (f, r, t, x) = ([1u8; 32], [2; 32], [3; 32], [4; 32]);
+        let (f, r, t, x) = (
+            NodeId::from_bytes(f),
+            NodeId::from_bytes(r),
+            NodeId::from_bytes(t),
+            NodeId::from_bytes(x),
+        );
+        let api = name("api.payments.mesh");
+        let s = api.service_id();
+        let at_t = IngressTable::from_entries([IngressEntry {
+            service: s,
+            name: api.clone(),
+            backend: Backend {
+                host: "127.0.0.1".into(),
+                port: 1,
+            },
+            allowed_peers: BTreeSet::new(),
+            relayed: [(r, f)].into(),
+        }]);
+        // At the serving node, the relay is admitted pending the origin's proof.
+        assert!(
+            matches!(at_t.admit(&r, s), Ok(Admission::Serve(ServePermit { relay: Some(p), .. })) if p == r)
+        );
+        assert_eq!(
+            at_t.admit(&f, s).map(|_| ()),
+            Err(ServeRefusal::PeerNotAllowed),
+            "f cannot skip the relay"
+        );
+        assert!(at_t.may_serve_via(&r, &f, s).is_ok());
+        assert_eq!(
+            at_t.may_serve_via(&r, &x, s).map(|_| ()),
+            Err(ServeRefusal::OriginNotAllowed),
+            "a relay cannot bridge x"
+        );
+        // At the relay, f's streams for the service are forwarded to t, nobody else's.
+        let at_r = IngressTable::default().with_transit([(f, s, t)]);
+        assert_eq!(
+            at_r.admit(&f, s),
+            Ok(Admission::Forward(ForwardPermit {
+                origin: f,
+                service: s,
+                next: t
+            }))
+        );
+        assert_eq!(
+            at_r.admit(&x, s).map(|_| ()),
             Err(ServeRefusal::UnknownService)
         );
     }

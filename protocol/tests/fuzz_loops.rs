@@ -148,6 +148,7 @@ fn stream_header() -> impl Strategy<Value = StreamHeader> {
             origin,
             service: hopmesh_protocol::ids::ServiceId::from_u64(s),
             route: BoundedVec::new(route).expect("fits"),
+            assertion: None,
         })
 }
 

@@ -55,7 +55,7 @@ proptest! {
 
     #[test]
     fn stream_header(origin in node_id(), s: u64, route in prop::collection::vec(node_id(), 0..=4)) {
-        let h = StreamHeader { origin, service: ServiceId::from_u64(s), route: BoundedVec::new(route).expect("fits") };
+        let h = StreamHeader { origin, service: ServiceId::from_u64(s), route: BoundedVec::new(route).expect("fits"), assertion: None };
         prop_assert_eq!(StreamHeader::decode(&h.encode().expect("encode")), Ok(h));
     }
 

@@ -116,6 +116,7 @@ impl ProtocolClient {
             origin: self.local,
             service,
             route: BoundedVec::empty(),
+            assertion: None,
         }
         .encode()
         .expect("header");

@@ -135,24 +135,36 @@ pub struct Mesh {
 impl Mesh {
     /// The standard mesh with `settings`, every node ready.
     pub async fn start(settings: Settings) -> Self {
+        Self::start_with(settings, "", &[]).await
+    }
+
+    /// The standard mesh plus `extra_policy` text and `extra_nodes` (declared in it).
+    pub async fn start_with(settings: Settings, extra_policy: &str, extra_nodes: &[&str]) -> Self {
         let backends = vec![
             EchoBackend::start().await,
             EchoBackend::start().await,
             EchoBackend::start().await,
         ];
-        let policy = mesh_policy(backends[0].addr, backends[1].addr, backends[2].addr);
+        let policy =
+            mesh_policy(backends[0].addr, backends[1].addr, backends[2].addr) + extra_policy;
         let verifier = VerifierHarness::start(&policy, settings).await;
         let mut mesh = Self {
             verifier,
             nodes: BTreeMap::new(),
             backends,
         };
-        for name in ["a", "b", "c"] {
+        let names: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .chain(extra_nodes.iter().copied())
+            .collect();
+        for name in &names {
             mesh.add_node(name).await;
         }
-        for name in ["a", "b", "c"] {
+        for name in &names {
             mesh.wait_ready(name).await;
         }
+        // Tables change as later nodes enroll; let the last pushes land.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         mesh
     }
 

@@ -38,6 +38,7 @@ fn fixture() -> Fixture {
             port: 8080,
         },
         allowed_peers: [a].into(),
+        relayed: std::collections::BTreeSet::new(),
     }]);
     Fixture {
         a,
@@ -125,7 +126,10 @@ fn mint_then_verify_accepts_and_checks_header() {
     assert_eq!(permit.header_len(), 6);
     let stream = permit.check_header(b"header").expect("header matches");
     assert_eq!(stream.fields().src, f.a);
-    assert_eq!(stream.serve().backend.port, 8080);
+    let crate::routing::Admission::Serve(serve) = stream.admission() else {
+        panic!("served locally");
+    };
+    assert_eq!(serve.backend.port, 8080);
 
     let permit = f.verify(&token, NOW).expect("accepted");
     assert_eq!(

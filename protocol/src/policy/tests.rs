@@ -257,3 +257,81 @@ fn empty_policy_denies_everything() {
     assert!(p.rules.is_empty());
     assert!(p.compile(&directory()).is_empty());
 }
+
+#[test]
+fn relay_routes_compile_into_transit_and_relayed_origins() {
+    let text = SAMPLE.to_owned()
+        + "\n[[node]]\nname = \"r\"\nsegments = [\"s2\"]\n[[route]]\nfrom = \"a\"\nto = \"c\"\nvia = \"r\"\n";
+    let p = Policy::parse(&text).expect("valid");
+    let mut dir = directory();
+    dir.insert(
+        NodeName::new("r").expect("name"),
+        NodeId::from_bytes([0xD0; 32]),
+    );
+    let r = NodeId::from_bytes([0xD0; 32]);
+    let tables = p.compile(&dir);
+    let web = MeshName::parse("web.s2.mesh", "mesh").expect("name");
+    // a goes through r; b (no route) still goes direct.
+    let a_route = tables[&id("a")]
+        .egress
+        .may_route("web.s2.mesh", "mesh")
+        .expect("route")
+        .route;
+    assert_eq!((a_route.serving_node, a_route.via), (id("c"), Some(r)));
+    assert!(tables[&id("a")].peers.contains(&r) && !tables[&id("a")].peers.contains(&id("c")));
+    assert_eq!(
+        tables[&id("b")]
+            .egress
+            .may_route("web.s2.mesh", "mesh")
+            .expect("route")
+            .route
+            .via,
+        None
+    );
+    // r forwards exactly a's streams for web.s2 to c.
+    let transit: Vec<_> = tables[&r].ingress.transit().collect();
+    assert_eq!(transit, vec![(id("a"), web.service_id(), id("c"))]);
+    assert!(tables[&r].peers.contains(&id("a")) && tables[&r].peers.contains(&id("c")));
+    // c admits a only through r, b directly.
+    let at_c = &tables[&id("c")].ingress;
+    assert!(at_c.may_serve_via(&r, &id("a"), web.service_id()).is_ok());
+    assert_eq!(
+        at_c.may_serve(&id("a"), web.service_id()).map(|_| ()),
+        Err(ServeRefusal::PeerNotAllowed)
+    );
+    assert!(at_c.may_serve(&id("b"), web.service_id()).is_ok());
+    // A relay cannot bridge: c (s2) may not reach api.s1 through anyone.
+    assert_eq!(
+        tables[&r]
+            .ingress
+            .admit(
+                &id("c"),
+                MeshName::parse("api.s1.mesh", "mesh")
+                    .expect("n")
+                    .service_id()
+            )
+            .map(|_| ()),
+        Err(ServeRefusal::UnknownService)
+    );
+    // Unenrolled relay: the route's services become unreachable, not direct.
+    dir.remove(&NodeName::new("r").expect("name"));
+    let tables = p.compile(&dir);
+    assert_eq!(
+        tables[&id("a")].egress.may_route("web.s2.mesh", "mesh"),
+        Err(RouteRefusal::NoRoute)
+    );
+}
+
+#[test]
+fn route_errors_name_the_line() {
+    let base = "[[segment]]\nname = \"s\"\n[[node]]\nname = \"a\"\nsegments = [\"s\"]\n[[node]]\nname = \"b\"\nsegments = [\"s\"]\n";
+    let (line, msg) = line_err(&format!(
+        "{base}[[route]]\nfrom = \"a\"\nto = \"b\"\nvia = \"zz\"\n"
+    ));
+    assert_eq!(line, 12);
+    assert!(msg.contains("unknown node `zz`"), "{msg}");
+    let (_, msg) = line_err(&format!(
+        "{base}[[route]]\nfrom = \"a\"\nto = \"b\"\nvia = \"a\"\n"
+    ));
+    assert!(msg.contains("three different nodes"), "{msg}");
+}
