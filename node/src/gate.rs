@@ -144,7 +144,7 @@ pub async fn handle(
         let _ = send.finish();
         return;
     };
-    if let SpliceEnd::Reset(e) = splice(tcp, send, recv, node.counters.clone(), false).await {
+    if let SpliceEnd::Reset(e) = splice(tcp, send, recv, node.counters.clone()).await {
         tracing::debug!(peer = %pc.peer.short(), error = %e, "inbound stream reset");
     }
 }

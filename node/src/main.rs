@@ -151,6 +151,8 @@ async fn run(cli: Cli) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => {}
             }
             handle.shutdown().await;
+            // The last line: a supervisor (or the netns suite) can tell a drained exit from a crash.
+            println!("{}", serde_json::json!({"stopped": true}));
         }
         Command::Ctl {
             data_dir,

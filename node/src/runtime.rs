@@ -61,6 +61,8 @@ pub struct PeerConn {
     pub binding: ConnectionBinding,
     control: tokio::sync::Mutex<SendStream>,
     forgeries: Mutex<ForgeryMeter>,
+    /// The peer said goodbye: finish open streams, open no new ones here.
+    leaving: AtomicBool,
 }
 
 impl PeerConn {
@@ -111,7 +113,8 @@ pub struct Node {
     endpoint: Endpoint,
     authorizer: Arc<StateAuthorizer>,
     transport: Arc<TransportConfig>,
-    pool: Mutex<HashMap<NodeId, Arc<PeerConn>>>,
+    /// Every live connection per peer (both directions): revocation must close them all.
+    pool: Mutex<HashMap<NodeId, Vec<Arc<PeerConn>>>>,
     dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     audit: Mutex<AuditLog>,
     reports: mpsc::Sender<Report>,
@@ -341,6 +344,7 @@ impl Node {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
+            .flatten()
             .cloned()
             .collect()
     }
@@ -396,7 +400,9 @@ impl Node {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         pool.get(peer)
-            .filter(|pc| pc.conn.close_reason().is_none())
+            .into_iter()
+            .flatten()
+            .find(|pc| pc.conn.close_reason().is_none() && !pc.leaving.load(Ordering::SeqCst))
             .cloned()
     }
 
@@ -512,11 +518,14 @@ impl Node {
             binding,
             control: tokio::sync::Mutex::new(send),
             forgeries: Mutex::new(ForgeryMeter::default()),
+            leaving: AtomicBool::new(false),
         });
         self.pool
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(peer, pc.clone());
+            .entry(peer)
+            .or_default()
+            .push(pc.clone());
         self.audit(
             "peer_connected",
             fields! {"peer" => peer.to_string(), "dialer" => dialer},
@@ -532,9 +541,12 @@ impl Node {
             .pool
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(peer);
-        if let Some(pc) = removed {
+            .remove(peer)
+            .unwrap_or_default();
+        for pc in &removed {
             pc.conn.close(code, reason.as_bytes());
+        }
+        if !removed.is_empty() {
             self.audit(
                 "peer_closed",
                 fields! {"peer" => peer.to_string(), "reason" => reason},
@@ -645,7 +657,7 @@ impl Node {
                     "addresses": p.addresses.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
                     "segments": att.map(|a| a.segments.clone()),
                     "attestation_not_after": att.map(|a| a.not_after.as_secs()),
-                    "connected": pool.get(&p.node_id).is_some_and(|pc| pc.conn.close_reason().is_none()),
+                    "connected": pool.get(&p.node_id).is_some_and(|v| v.iter().any(|pc| pc.conn.close_reason().is_none() && !pc.leaving.load(Ordering::SeqCst))),
                     "generation": generation,
                 })
             })
@@ -733,14 +745,8 @@ async fn control_reader(
             }
             Ok(Some(PeerMessage::Goodbye { reason })) => {
                 // The peer is leaving: open streams finish, new ones go elsewhere (or fail).
-                let mut pool = node
-                    .pool
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if pool.get(&pc.peer).is_some_and(|p| Arc::ptr_eq(p, &pc)) {
-                    pool.remove(&pc.peer);
-                }
-                drop(pool);
+                // Kept in the pool (revocation still closes it) but not used for new streams.
+                pc.leaving.store(true, Ordering::SeqCst);
                 node.audit(
                     "peer_goodbye",
                     fields! {"peer" => pc.peer.to_string(), "reason" => format!("{reason:?}")},
@@ -814,7 +820,10 @@ async fn watchdog(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             .pool
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        pool.retain(|_, pc| pc.conn.close_reason().is_none());
+        for conns in pool.values_mut() {
+            conns.retain(|pc| pc.conn.close_reason().is_none());
+        }
+        pool.retain(|_, conns| !conns.is_empty());
     }
 }
 

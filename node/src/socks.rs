@@ -291,7 +291,7 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
         return;
     }
     Counters::add(&node.counters.socks_ok, 1);
-    if let SpliceEnd::Reset(e) = splice(tcp, send, recv, node.counters.clone(), true).await {
+    if let SpliceEnd::Reset(e) = splice(tcp, send, recv, node.counters.clone()).await {
         tracing::debug!(target = %host, error = %e, "outbound stream reset");
     }
 }

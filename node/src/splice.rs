@@ -32,13 +32,13 @@ pub enum SpliceEnd {
     Reset(String),
 }
 
-/// Splices until both directions end or one fails. `up` counts TCP → QUIC bytes.
+/// Splices until both directions end or one fails. TCP → QUIC bytes (from a local app or
+/// backend into the mesh) count as `bytes_out`, QUIC → TCP as `bytes_in`, on either end.
 pub async fn splice(
     tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
     counters: Arc<Counters>,
-    outbound: bool,
 ) -> SpliceEnd {
     let _ = tcp.set_nodelay(true);
     let (mut tr, mut tw) = tcp.into_split();
@@ -59,14 +59,7 @@ pub async fn splice(
                     .await
                     .map_err(|e| format!("quic write: {e}"))?;
                 total += n as u64;
-                Counters::add(
-                    if outbound {
-                        &counters.bytes_out
-                    } else {
-                        &counters.bytes_in
-                    },
-                    n as u64,
-                );
+                Counters::add(&counters.bytes_out, n as u64);
             }
         };
         let down = async {
@@ -79,14 +72,7 @@ pub async fn splice(
                             .await
                             .map_err(|e| format!("tcp write: {e}"))?;
                         total += n as u64;
-                        Counters::add(
-                            if outbound {
-                                &counters.bytes_in
-                            } else {
-                                &counters.bytes_out
-                            },
-                            n as u64,
-                        );
+                        Counters::add(&counters.bytes_in, n as u64);
                     }
                     Ok(None) => {
                         tw.shutdown()

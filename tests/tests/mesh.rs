@@ -25,6 +25,9 @@ async fn one_mib_round_trip_through_the_mesh() {
     assert_eq!(b["counters"]["streams_accepted"], 1, "{b}");
     assert_eq!(a["counters"]["bytes_out"], 1 << 20);
     assert_eq!(a["counters"]["bytes_in"], 1 << 20);
+    // The same bytes, counted on the other end in the other direction.
+    assert_eq!(b["counters"]["bytes_in"], 1 << 20);
+    assert_eq!(b["counters"]["bytes_out"], 1 << 20);
     mesh.shutdown().await;
 }
 
