@@ -3,8 +3,8 @@
 //! A library with a thin `main.rs`: [`runtime::start`] takes already-bound sockets and a
 //! clock, so tests run many nodes in one process on 127.0.0.1 port 0.
 //!
-//! What it does not do (yet): relay routes (`via`) and UDP socket buffer tuning. See the
-//! issue notes.
+//! What it does not do (yet): relay chains longer than one hop, and a per-epoch stream-key
+//! cache. See the issue notes.
 //!
 //! # Layout
 //! - [`state`]: the node's view of the mesh and its admission decisions (no IO).
