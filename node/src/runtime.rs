@@ -888,7 +888,9 @@ async fn run_session(
     client: &VerifierClient,
     reports: &mut mpsc::Receiver<Report>,
 ) -> Result<(), ClientError> {
-    let mut next = refresh(node, client).await?;
+    // A fixed deadline: a `sleep(next)` inside the select would restart on every push and
+    // never fire while pushes arrive faster than the refresh interval.
+    let mut next = tokio::time::Instant::now() + refresh(node, client).await?;
     let mut pushes = client.subscribe().await?;
     node.verifier_connected.store(true, Ordering::SeqCst);
     node.audit("verifier_connected", fields! {});
@@ -899,7 +901,7 @@ async fn run_session(
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(ClientError::Frame(e)),
             },
-            _ = tokio::time::sleep(next) => next = refresh(node, client).await?,
+            _ = tokio::time::sleep_until(next) => next = tokio::time::Instant::now() + refresh(node, client).await?,
             Some(r) = reports.recv() => {
                 if let Err(e) = client.report(r).await {
                     tracing::warn!(error = %e, "report not delivered");

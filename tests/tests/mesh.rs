@@ -508,3 +508,37 @@ async fn graceful_shutdown_drains_open_streams() {
         .expect("join");
     mesh.shutdown().await;
 }
+
+/// Frequent verifier pushes (a generation every 2 s) must not starve the attestation refresh:
+/// with a 12 s TTL the node refreshes at half-life and never fails closed. (Regression: the
+/// refresh timer was re-armed by every push and never fired; the netns suite caught it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_keeps_running_under_frequent_pushes() {
+    let settings = Settings {
+        attestation_ttl: 12,
+        generation_secs: 2,
+        ..Settings::default()
+    };
+    let mesh = Mesh::start(settings).await;
+    let serial = |m: &Mesh| {
+        m.node("a").show()["attestation"]["serial"]
+            .as_u64()
+            .expect("serial")
+    };
+    let first = serial(&mesh);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let a = mesh.node("a").show();
+    assert!(a["self_permit"].is_null(), "a must not fail closed: {a}");
+    assert!(
+        serial(&mesh) >= first + 2,
+        "a refreshed too rarely: serial {} -> {}",
+        first,
+        serial(&mesh)
+    );
+    let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80)
+        .await
+        .expect("still serving");
+    let data = Arc::new(pattern(1000, 4));
+    assert_eq!(echo_through(tcp, data.clone()).await.expect("io"), *data);
+    mesh.shutdown().await;
+}
