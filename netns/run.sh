@@ -31,7 +31,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "netns suite: must run as root (network namespaces); set HOPMESH_NETNS_SKIP_IF_NOT_ROOT=1 to skip" >&2
     exit 1
 fi
-for tool in ip nft curl sha256sum python3; do
+for tool in ip nft conntrack curl sha256sum python3; do
     command -v "$tool" >/dev/null || { echo "netns suite: missing $tool" >&2; exit 1; }
 done
 for b in hopmesh-node hopmesh-verifier hopmesh-probe; do
@@ -359,6 +359,34 @@ scenario_rotation() {
     [ "$(field b 'sum(s["counters"]["refused"].values())')" = "$before" ] || fail "b refused streams during rotation"
 }
 
+scenario_loss_delay() {
+    # 5 % loss each way and 100 ms RTT between clouds 1 and 2: a 64 MiB transfer arrives
+    # byte-identical with zero token refusals. a's packets to b are DNAT'ed to a user-space
+    # delay relay in the router (50 ms each way); nftables drops 5 % of them in both directions.
+    n "$R" python3 "$PWD/netns/udp_delay.py" 192.0.2.1 5000 198.51.100.2 4433 50 300 >>"$LOG" 2>&1 &
+    n "$R" nft add table ip hmnat
+    n "$R" nft add chain ip hmnat pre '{ type nat hook prerouting priority -100; }'
+    n "$R" nft add chain ip hmnat out '{ type nat hook output priority -100; }'
+    n "$R" nft add chain ip hmnat post '{ type nat hook postrouting priority 100; }'
+    n "$R" nft add rule ip hmnat pre ip saddr 192.0.2.2 ip daddr 198.51.100.2 udp dport 4433 dnat to 192.0.2.1:5000
+    n "$R" nft add chain inet hopmesh in '{ type filter hook input priority 0; policy accept; }'
+    n "$R" nft add rule inet hopmesh in udp dport 5000 numgen random mod 100 '<' 5 drop
+    n "$R" nft add rule inet hopmesh in ip saddr 198.51.100.2 udp sport 4433 numgen random mod 100 '<' 5 drop
+    # Existing flows keep their (un-NATed) conntrack entries: forget them, so the live QUIC
+    # connection migrates onto the impaired path.
+    n "$R" conntrack -D -p udp --orig-src 192.0.2.2 --orig-dst 198.51.100.2 >>"$LOG" 2>&1 || true
+    local before; before=$(field b 'sum(s["counters"]["refused"].values())')
+    local t0=$SECONDS rc; rc=$(FETCH_TIMEOUT=300 fetch a api.s1.mesh big "$WORK/lossy")
+    echo "    loss_delay: 64 MiB in $((SECONDS - t0)) s" | tee -a "$LOG"
+    n "$R" nft delete table ip hmnat
+    n "$R" nft delete chain inet hopmesh in
+    [ "$rc" = 0 ] || fail "64 MiB over a lossy, delayed link failed (curl $rc)"
+    [ "$(sha256sum <"$WORK/lossy")" = "$(sha256sum <"$WORK/www-b/big")" ] || fail "checksum mismatch over the lossy link"
+    [ "$(field b 'sum(s["counters"]["refused"].values())')" = "$before" ] || fail "token refusals on the lossy link"
+    local dropped; dropped=$(n "$R" nft list ruleset | grep -c 'numgen' || true)
+    log "loss rules were active: $dropped"
+}
+
 scenario_revocation() {
     # A slow transfer a -> api.s1 (on b) in flight, then revoke b.
     n "$C1" curl -sS --max-time 60 --limit-rate 2M --socks5-hostname 127.0.0.1:1080 -o "$WORK/partial" \
@@ -419,7 +447,7 @@ scenario_shutdown_leaks() {
 }
 
 # ---------------------------------------------------------------------------- runner
-ORDER="bringup matrix attacker clock_skew partition outage rotation revocation kill9 shutdown_leaks"
+ORDER="bringup matrix attacker clock_skew partition outage rotation loss_delay revocation kill9 shutdown_leaks"
 SELECTED=${*:-$ORDER}
 echo "netns suite: run $$, work dir $WORK"
 bring_up

@@ -175,6 +175,7 @@ async fn main() -> Result<()> {
             socks: socks.local_addr()?,
             socks_auth: None,
             metrics: None,
+            congestion: Default::default(),
             clock_offset: 0,
         };
         nodes.push((

@@ -9,12 +9,28 @@
 //! # socks_username = "app"             # optional RFC 1929 credentials
 //! # socks_password = "secret"
 //! # metrics = "127.0.0.1:9101"        # Prometheus /metrics, loopback only
+//! # congestion = "bbr"                 # or "cubic" (see `Congestion`)
 //! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+/// The congestion controller for data connections.
+///
+/// BBR is the default, measured on this project's machines: over a link with 5 % loss and
+/// 100 ms RTT (netns suite) BBR moved 64 MiB in 6 s where CUBIC moved 44.6 MiB in 300 s
+/// (≈ 70×); on clean loopback BBR was ≈ 15 % slower (64 MiB echo 1.79 s vs 1.52 s). Links
+/// between clouds lose packets; choose `cubic` only for clean, local links.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// BBR (quinn's implementation).
+    #[default]
+    Bbr,
+    /// CUBIC (quinn's default).
+    Cubic,
+}
 
 /// A checked node configuration.
 #[derive(Clone, Debug)]
@@ -33,6 +49,8 @@ pub struct NodeConfig {
     pub socks_auth: Option<(String, String)>,
     /// Optional Prometheus `/metrics` address (loopback).
     pub metrics: Option<SocketAddr>,
+    /// Congestion controller for data connections.
+    pub congestion: Congestion,
     /// Test only: seconds added to the clock.
     pub clock_offset: i64,
 }
@@ -50,6 +68,7 @@ struct Raw {
     socks_username: Option<String>,
     socks_password: Option<String>,
     metrics: Option<String>,
+    congestion: Option<String>,
     #[serde(default)]
     clock_offset: i64,
 }
@@ -127,6 +146,11 @@ impl NodeConfig {
                 Some(addr)
             }
         };
+        let congestion = match raw.congestion.as_deref() {
+            None | Some("bbr") => Congestion::Bbr,
+            Some("cubic") => Congestion::Cubic,
+            Some(other) => return Err(format!("congestion: `{other}` is not `bbr` or `cubic`")),
+        };
         let data_dir = if raw.data_dir.is_absolute() {
             raw.data_dir
         } else {
@@ -140,6 +164,7 @@ impl NodeConfig {
             socks,
             socks_auth,
             metrics,
+            congestion,
             clock_offset: raw.clock_offset,
         })
     }
@@ -166,6 +191,8 @@ mod tests {
         );
         assert!(err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\nsocks_username = \"u\"\n").contains("both"));
         assert!(err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"x\"\n").contains("listen"));
+        assert!(err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\ncongestion = \"reno\"\n").contains("congestion"));
+        assert_eq!(ok.congestion, Congestion::Bbr);
         assert!(
             err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\nlisen = 1\n")
                 .contains("lisen")

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::NodeError;
-use crate::config::NodeConfig;
+use crate::config::{Congestion, NodeConfig};
 use crate::counters::Counters;
 use crate::datadir::{NodeDir, write_atomic};
 use crate::state::{ATTESTATION_LEEWAY, NodeState};
@@ -231,7 +231,7 @@ pub async fn start(
         clock: clock.clone(),
         counters: counters.clone(),
     });
-    let transport = Arc::new(data_transport());
+    let transport = Arc::new(data_transport(config.congestion));
     let server = quinn_server(
         tls::server_config(&identity, ALPN_DATA, authorizer.clone())?,
         transport.clone(),
@@ -296,13 +296,22 @@ pub async fn start(
     })
 }
 
-/// Transport parameters for data connections: windows sized for throughput.
-fn data_transport() -> TransportConfig {
+/// Transport parameters for data connections: windows sized for throughput, and the
+/// configured congestion controller (see [`Congestion`]).
+fn data_transport(congestion: Congestion) -> TransportConfig {
     let mut t = transport_config(Duration::from_secs(30), Duration::from_secs(5));
     t.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
     t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
     t.send_window(32 * 1024 * 1024);
     t.max_concurrent_bidi_streams(VarInt::from_u32(4096));
+    match congestion {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+    };
     t
 }
 

@@ -194,6 +194,7 @@ impl Mesh {
             socks: socks.local_addr().expect("addr"),
             socks_auth: None,
             metrics: None,
+            congestion: Default::default(),
             clock_offset: 0,
         };
         let handle = start(config, Sockets { quic, socks }, self.verifier.clock.clone())
