@@ -245,6 +245,8 @@ fetch() {
     echo "$rc"
 }
 
+fetch_ok() { [ "$(FETCH_TIMEOUT=5 fetch "$@")" = 0 ]; }
+
 backend_hits() { grep -c '"GET ' "$WORK/backend-$1.log" 2>/dev/null || true; }
 audit_count() { python3 - "$WORK/node-$1/audit.jsonl" "$2" "$3" <<'EOF'
 import json, sys
@@ -317,6 +319,25 @@ scenario_partition() {
     local rc=0; wait "$curl_pid" || rc=$?
     [ "$rc" = 0 ] || fail "transfer across a short partition failed (curl $rc)"
     [ "$(sha256sum <"$WORK/part")" = "$(sha256sum <"$WORK/www-b/mid")" ] || fail "checksum mismatch after the partition"
+}
+
+scenario_long_partition() {
+    # A 35 s partition (longer than the 30 s idle timeout): the transfer in flight ends in an
+    # explicit error, never a clean truncation; once healed, fresh connections carry traffic.
+    n "$C1" curl -sS --max-time 120 --limit-rate 1M --socks5-hostname 127.0.0.1:1080 -o "$WORK/lpart" \
+        http://api.s1.mesh/big 2>>"$LOG" &
+    local curl_pid=$!
+    wait_for 10 "transfer flowing" test -s "$WORK/lpart"
+    n "$R" nft add rule inet hopmesh forward ip saddr 192.0.2.2 ip daddr 198.51.100.2 drop
+    n "$R" nft add rule inet hopmesh forward ip saddr 198.51.100.2 ip daddr 192.0.2.2 drop
+    local rc=0; wait "$curl_pid" || rc=$?
+    [ "$rc" != 0 ] || fail "a transfer cut by a long partition must end in an error"
+    [ "$(stat -c %s "$WORK/lpart")" -lt $((64 << 20)) ] || fail "the transfer was not cut"
+    [ "$(field a '[p["connected"] for p in s["peers"] if p["name"] == "b"]')" = "[False]" ] || fail "a still claims a connection to b"
+    n "$R" nft flush chain inet hopmesh forward
+    local t0=$SECONDS
+    wait_for 40 "a -> b recovers after healing" fetch_ok a api.s1.mesh hello "$WORK/lp"
+    echo "    long partition: curl ended with $rc; recovered $((SECONDS - t0)) s after healing" | tee -a "$LOG"
 }
 
 scenario_outage() {
@@ -447,7 +468,7 @@ scenario_shutdown_leaks() {
 }
 
 # ---------------------------------------------------------------------------- runner
-ORDER="bringup matrix attacker clock_skew partition outage rotation loss_delay revocation kill9 shutdown_leaks"
+ORDER="bringup matrix attacker clock_skew partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
 SELECTED=${*:-$ORDER}
 echo "netns suite: run $$, work dir $WORK"
 bring_up
