@@ -52,7 +52,7 @@ impl ProtocolClient {
         let identity = Identity::load(&dir.join("node.key")).expect("node key");
         let attestation = std::fs::read(dir.join("attestation.bin")).expect("attestation");
         let ep = endpoint(
-            std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"),
+            std::net::UdpSocket::bind("0.0.0.0:0").expect("bind"), // loopback and across namespaces
             None,
         )
         .expect("endpoint");
