@@ -103,7 +103,7 @@ pub async fn handle(
         Ok(h) if h.service == stream.fields().service && h.route.is_empty() => h,
         _ => return refuse_io(&node, &pc, "bad_header", &mut send, &mut recv),
     };
-    let serve = match stream.admission().clone() {
+    let serve = match stream.into_admission() {
         Admission::Serve(p) if p.relay.is_none() => {
             if h.origin != pc.peer {
                 return refuse_io(&node, &pc, "origin_not_peer", &mut send, &mut recv);

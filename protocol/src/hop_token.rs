@@ -567,6 +567,11 @@ impl StreamPermit {
     pub fn admission(&self) -> &Admission {
         &self.admission
     }
+
+    /// Takes the policy decision (when the permit is no longer needed).
+    pub fn into_admission(self) -> Admission {
+        self.admission
+    }
 }
 
 /// Verifies a token in the order of DESIGN.md, cheap checks first; no byte of the stream

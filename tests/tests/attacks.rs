@@ -16,6 +16,10 @@ struct Setup {
     a: NodeId,
     b: NodeId,
     b_addr: std::net::SocketAddr,
+    /// The generation a currently mints with towards b, as the verifier issued it.
+    grant: hopmesh_protocol::hop_token::GenerationGrant,
+    /// The current epoch.
+    epoch: hopmesh_protocol::hop_token::Epoch,
 }
 
 async fn setup() -> Setup {
@@ -23,7 +27,23 @@ async fn setup() -> Setup {
     let id = |n: &str| mesh.node(n).handle.as_ref().expect("running").node.local;
     let (a, b) = (id("a"), id("b"));
     let b_addr = mesh.node("b").handle.as_ref().expect("running").quic_addr;
-    Setup { mesh, a, b, b_addr }
+    let now = mesh.verifier.now();
+    let grant = current_grant(
+        &mesh
+            .verifier
+            .shared()
+            .authority()
+            .grants(&PairIds::new(a, b), now),
+    );
+    let epoch = EpochLength::DEFAULT.epoch_at(now);
+    Setup {
+        mesh,
+        a,
+        b,
+        b_addr,
+        grant,
+        epoch,
+    }
 }
 
 fn refused(mesh: &Mesh, node: &str) -> Value {
@@ -40,15 +60,7 @@ fn api() -> hopmesh_protocol::ids::ServiceId {
 async fn replayed_forged_and_stale_tokens_are_refused() {
     let s = setup().await;
     let dir = s.mesh.node("a").dir.path().to_owned();
-    let now = s.mesh.verifier.now();
-    let grant = current_grant(
-        &s.mesh
-            .verifier
-            .shared()
-            .authority()
-            .grants(&PairIds::new(s.a, s.b), now),
-    );
-    let epoch = EpochLength::DEFAULT.epoch_at(now);
+    let (grant, epoch) = (s.grant.clone(), s.epoch);
 
     // Baseline: an honest token is accepted (the backend answers status 0).
     let c0 = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
@@ -127,15 +139,7 @@ async fn replayed_forged_and_stale_tokens_are_refused() {
 async fn bit_flips_are_refused_and_four_forgeries_close_the_connection() {
     let s = setup().await;
     let dir = s.mesh.node("a").dir.path().to_owned();
-    let now = s.mesh.verifier.now();
-    let grant = current_grant(
-        &s.mesh
-            .verifier
-            .shared()
-            .authority()
-            .grants(&PairIds::new(s.a, s.b), now),
-    );
-    let epoch = EpochLength::DEFAULT.epoch_at(now);
+    let (grant, epoch) = (s.grant.clone(), s.epoch);
     let c = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
     // Flip one bit in the tag of three tokens: refused, connection still up.
     for bit in [0usize, 77, 255] {
@@ -171,15 +175,7 @@ async fn bit_flips_are_refused_and_four_forgeries_close_the_connection() {
 async fn impersonation_is_refused_and_closes_the_connection() {
     let s = setup().await;
     let dir = s.mesh.node("a").dir.path().to_owned();
-    let now = s.mesh.verifier.now();
-    let grant = current_grant(
-        &s.mesh
-            .verifier
-            .shared()
-            .authority()
-            .grants(&PairIds::new(s.a, s.b), now),
-    );
-    let epoch = EpochLength::DEFAULT.epoch_at(now);
+    let (grant, epoch) = (s.grant.clone(), s.epoch);
     let c_id = s
         .mesh
         .node("c")
@@ -232,15 +228,7 @@ async fn impersonation_is_refused_and_closes_the_connection() {
 async fn compromised_generation_use_is_recognised_and_reported() {
     let s = setup().await;
     let dir = s.mesh.node("a").dir.path().to_owned();
-    let now = s.mesh.verifier.now();
-    let old = current_grant(
-        &s.mesh
-            .verifier
-            .shared()
-            .authority()
-            .grants(&PairIds::new(s.a, s.b), now),
-    );
-    let epoch = EpochLength::DEFAULT.epoch_at(now);
+    let (old, epoch) = (s.grant.clone(), s.epoch);
     let client = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
     assert_eq!(
         client.try_stream(&old, epoch, api(), |_| {}).await,

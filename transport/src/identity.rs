@@ -102,9 +102,10 @@ impl Identity {
         self.cert.clone()
     }
 
-    /// The PKCS#8 document (secret: handle as key material).
-    pub fn pkcs8_der(&self) -> Vec<u8> {
-        self.pkcs8.clone()
+    /// Consumes the identity and returns its signing key (for a process that signs with the
+    /// key but never presents it in TLS, like the verifier's attestation key).
+    pub fn into_signing_key(self) -> SigningKey {
+        self.signing
     }
 
     /// The private key for rustls.

@@ -147,7 +147,7 @@ pub async fn start(
     let now = opts.clock.now();
     let parts = Parts {
         settings: opts.settings.clone(),
-        signing: SigningKeyOwner::take(&opened.signing)?,
+        signing: opened.signing.into_signing_key(),
         master: opened.master,
         store: Box::new(opened.store),
         audit: opened.audit,
@@ -216,17 +216,4 @@ pub async fn start(
         shutdown: tx,
         tasks,
     })
-}
-
-/// The signing key is used by the authority; the identity's PKCS#8 stays in the file.
-struct SigningKeyOwner;
-
-impl SigningKeyOwner {
-    fn take(
-        id: &hopmesh_transport::identity::Identity,
-    ) -> Result<hopmesh_protocol::attestation::SigningKey, VerifierError> {
-        // Re-derive from the same PKCS#8 bytes so the authority owns its own key.
-        hopmesh_protocol::attestation::SigningKey::from_pkcs8(&id.pkcs8_der())
-            .map_err(|e| VerifierError::Config(e.to_string()))
-    }
 }
