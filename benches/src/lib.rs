@@ -1,4 +1,14 @@
-//! hopmesh benchmarks. The criterion micro-benches live in `benches/`; run them with
-//! `cargo bench -p hopmesh-benches`. Each group carries a baseline measured in the same run
-//! (raw HMAC-SHA256, raw Ed25519 verify, raw postcard) so results read as ratios and survive
-//! noisy shared machines.
+//! hopmesh benchmarks.
+//!
+//! - Criterion micro-benches in `benches/` (`cargo bench -p hopmesh-benches`). Each group carries
+//!   a baseline measured in the same run (raw HMAC-SHA256, raw Ed25519 verify, raw postcard), so
+//!   results read as ratios and survive noisy shared machines.
+//! - The end-to-end benchmark `hopmesh-bench` (`benches/run.sh`): direct TCP vs `ssh -D` vs
+//!   hopmesh on the same workloads, interleaved in rounds; see [`report`] for the targets.
+
+pub mod load;
+pub mod procs;
+pub mod report;
+pub mod results;
+pub mod stats;
+pub mod systems;

@@ -570,10 +570,24 @@ impl Node {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .apply(push, now);
-        if let Some(bytes) = fx.persist_revocations
-            && let Err(e) = write_atomic(&self.dir.file("revocations.bin"), &bytes)
-        {
-            tracing::error!(error = %e, "could not persist the revocation list");
+        if let Some(bytes) = fx.persist_revocations {
+            if let Err(e) = write_atomic(&self.dir.file("revocations.bin"), &bytes) {
+                tracing::error!(error = %e, "could not persist the revocation list");
+            }
+            let (version, entries) = self
+                .state_read()
+                .revocations
+                .as_ref()
+                .map_or((0, 0), |(v, _, l)| (*v, l.revoked.len()));
+            // Wall-clock milliseconds besides the log's own seconds: propagation time is measured
+            // from these (benches/, scale workload).
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            self.audit(
+                "revocation_list_applied",
+                fields! {"version" => version, "entries" => entries, "unix_ms" => unix_ms},
+            );
         }
         if let Some(why) = fx.refused {
             self.counters.refused("push_refused");

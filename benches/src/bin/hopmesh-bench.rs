@@ -1,0 +1,648 @@
+//! `hopmesh-bench`: the end-to-end benchmark of the performance issue.
+//!
+//! `run` starts the backend, OpenSSH (`sshd` + `ssh -tt -D`) and hopmesh meshes as real
+//! processes on loopback, runs workloads 1–4, 6, 7 and 8 with the systems interleaved in every
+//! round, and writes `results.json`, `results.md` and SVG plots. Workload 5 (lossy link) needs
+//! network namespaces and runs from `benches/lossy.sh`, which adds its figures to the same
+//! `results.json`; `report` re-renders the markdown and plots. `benches/run.sh` does it all.
+
+use std::io::{Read, Write};
+use std::net::TcpStream as StdTcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use hopmesh_benches::load::{self, Via};
+use hopmesh_benches::procs::{clock_ticks, cpu_seconds, rss_bytes};
+use hopmesh_benches::results::{Results, ScalePoint, system as sys};
+use hopmesh_benches::stats::{percentile, sorted_ms};
+use hopmesh_benches::systems::{Backend, Mesh, MeshSpec, Ssh};
+use hopmesh_benches::{report, stats};
+
+#[derive(Parser)]
+#[command(about = "End-to-end benchmark: direct TCP vs ssh -D vs hopmesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The backend byte source (prints its address, serves until killed).
+    Backend,
+    /// Runs the loopback workloads and writes the results and report into `--out`.
+    Run {
+        /// Output directory.
+        #[arg(long, default_value = "benches/results/latest")]
+        out: PathBuf,
+        /// Directory with hopmesh-node and hopmesh-verifier (default: next to this binary).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// Rounds of each workload (systems interleaved within every round).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Small sizes and one round: checks the harness end to end in seconds.
+        #[arg(long)]
+        quick: bool,
+        /// Skip ssh (only where OpenSSH cannot be installed; the report then marks its
+        /// comparisons "not run").
+        #[arg(long)]
+        no_ssh: bool,
+        /// Mesh sizes of the scale workload (comma-separated; empty to skip).
+        #[arg(long, value_delimiter = ',', default_value = "10,20,40")]
+        scale: Vec<usize>,
+    },
+    /// Re-renders results.md and the plots from results.json in `--out`.
+    Report {
+        /// Output directory.
+        #[arg(long, default_value = "benches/results/latest")]
+        out: PathBuf,
+    },
+    /// Adds one figure to results.json in `--out` (used by lossy.sh).
+    Add {
+        /// Output directory.
+        #[arg(long, default_value = "benches/results/latest")]
+        out: PathBuf,
+        /// Workload key.
+        #[arg(long)]
+        workload: String,
+        /// System name.
+        #[arg(long)]
+        system: String,
+        /// Metric with unit.
+        #[arg(long)]
+        metric: String,
+        /// The value.
+        #[arg(long)]
+        value: f64,
+    },
+}
+
+/// Workload sizes.
+struct Sizes {
+    w1_bytes: u64,
+    short_bytes: u64,
+    w2_requests: usize,
+    w3_requests: usize,
+    w3_clients: usize,
+    w4_streams: usize,
+    w4_bytes: u64,
+    idle_conns: usize,
+    revocations: usize,
+}
+
+const FULL: Sizes = Sizes {
+    w1_bytes: 1 << 30,
+    short_bytes: 1024,
+    w2_requests: 500,
+    w3_requests: 10_000,
+    w3_clients: 100,
+    w4_streams: 100,
+    w4_bytes: 10 << 20,
+    idle_conns: 1000,
+    revocations: 5,
+};
+
+const QUICK: Sizes = Sizes {
+    w1_bytes: 32 << 20,
+    short_bytes: 1024,
+    w2_requests: 20,
+    w3_requests: 200,
+    w3_clients: 10,
+    w4_streams: 10,
+    w4_bytes: 1 << 20,
+    idle_conns: 50,
+    revocations: 2,
+};
+
+const MB: f64 = 1e6;
+const GIB: f64 = (1u64 << 30) as f64;
+
+struct Sys<'a> {
+    name: &'static str,
+    via: Via,
+    pids: Vec<u32>,
+    _mesh: Option<&'a Mesh>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Backend => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                println!("{}", l.local_addr()?);
+                std::io::stdout().flush()?;
+                load::serve_backend(l).await?;
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Report { out } => {
+            let r = read_results(&out)?;
+            report::write(&r, &out)?;
+            println!("{}", out.join("results.md").display());
+            Ok(())
+        }
+        Cmd::Add {
+            out,
+            workload,
+            system,
+            metric,
+            value,
+        } => {
+            if !value.is_finite() {
+                bail!("value must be a finite number");
+            }
+            let mut r = read_results(&out)?;
+            r.push(&workload, &system, &metric, value);
+            write_results(&r, &out)
+        }
+        Cmd::Run {
+            out,
+            bin,
+            rounds,
+            quick,
+            no_ssh,
+            scale,
+        } => {
+            let bin = match bin {
+                Some(b) => b,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("binary has no directory")?
+                    .to_owned(),
+            };
+            let (sizes, rounds) = if quick {
+                (QUICK, 1)
+            } else {
+                (FULL, rounds.max(1))
+            };
+            run(&out, &bin, rounds, &sizes, quick, no_ssh, &scale)
+        }
+    }
+}
+
+fn read_results(out: &Path) -> Result<Results> {
+    let path = out.join("results.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {} (run `hopmesh-bench run` first)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+}
+
+fn write_results(r: &Results, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let tmp = out.join("results.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(r)?)?;
+    std::fs::rename(&tmp, out.join("results.json"))?;
+    Ok(())
+}
+
+fn cmd_line(cmd: &str) -> String {
+    std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    out: &Path,
+    bin: &Path,
+    rounds: usize,
+    z: &Sizes,
+    quick: bool,
+    no_ssh: bool,
+    scale: &[usize],
+) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let work = tempfile::tempdir()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let ticks = clock_ticks();
+    let mut r = Results::default();
+    r.meta
+        .insert("date".into(), cmd_line("date -u +%Y-%m-%dT%H:%M:%SZ"));
+    r.meta.insert(
+        "cpu".into(),
+        cmd_line("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+    );
+    r.meta.insert("cores".into(), cmd_line("nproc"));
+    r.meta.insert("kernel".into(), cmd_line("uname -r"));
+    r.meta.insert("openssh".into(), cmd_line("ssh -V 2>&1"));
+    r.meta.insert("rounds".into(), rounds.to_string());
+    r.meta.insert(
+        "mode".into(),
+        if quick {
+            "quick (small sizes: a harness check, not a result)"
+        } else {
+            "full"
+        }
+        .into(),
+    );
+
+    let backend = Backend::start(work.path())?;
+    eprintln!("backend on {}", backend.addr);
+    let mesh_spec = |epoch| MeshSpec {
+        nodes: 2,
+        epoch,
+        generation: 300,
+        ttl: 300,
+        backend: backend.addr,
+    };
+    let main_mesh = Mesh::start(bin, &work.path().join("mesh"), &mesh_spec(10))?;
+    eprintln!("hopmesh mesh up");
+
+    // Workload 7 first, on a fresh mesh: idle RSS, then 1 000 idle connections.
+    workload7(&rt, &main_mesh, z, &mut r)?;
+
+    let e1 = Mesh::start(bin, &work.path().join("mesh-e1"), &mesh_spec(1))?;
+    let e60 = Mesh::start(bin, &work.path().join("mesh-e60"), &mesh_spec(60))?;
+    let ssh = if no_ssh {
+        None
+    } else {
+        Some(Ssh::start(work.path(), backend.addr)?)
+    };
+    eprintln!("all systems up");
+
+    let mut systems = vec![Sys {
+        name: sys::DIRECT,
+        via: Via::Direct(backend.addr),
+        pids: vec![],
+        _mesh: None,
+    }];
+    if let Some(s) = &ssh {
+        systems.push(Sys {
+            name: sys::SSH,
+            via: Via::Socks {
+                proxy: s.socks,
+                host: backend.addr.ip().to_string(),
+                port: backend.addr.port(),
+            },
+            pids: s.pids(),
+            _mesh: None,
+        });
+    }
+    systems.push(Sys {
+        name: sys::HOPMESH,
+        via: main_mesh.via(),
+        pids: main_mesh.data_path_pids(),
+        _mesh: Some(&main_mesh),
+    });
+    let rotation = [
+        Sys {
+            name: sys::HOPMESH_E1,
+            via: e1.via(),
+            pids: e1.data_path_pids(),
+            _mesh: Some(&e1),
+        },
+        Sys {
+            name: sys::HOPMESH_E60,
+            via: e60.via(),
+            pids: e60.data_path_pids(),
+            _mesh: Some(&e60),
+        },
+    ];
+
+    for round in 0..rounds {
+        eprintln!("round {} of {rounds}", round + 1);
+        let order = |n: usize| (0..n).map(move |i| (i + round) % n);
+        for i in order(systems.len()) {
+            w1(&rt, &systems[i], z, ticks, "w1", "MB/s", &mut r)?;
+        }
+        for i in order(systems.len()) {
+            w2(&rt, &systems[i], z, &mut r)?;
+        }
+        for i in order(systems.len()) {
+            w3(&rt, &systems[i], z, "w3", "req/s", &mut r)?;
+        }
+        for i in order(systems.len()) {
+            w4(&rt, &systems[i], z, ticks, &mut r)?;
+        }
+        for i in order(rotation.len()) {
+            w1(&rt, &rotation[i], z, ticks, "w6", "w1 MB/s", &mut r)?;
+            w3(&rt, &rotation[i], z, "w6", "w3 req/s", &mut r)?;
+        }
+        write_results(&r, out)?;
+    }
+    // After all that traffic: has anything been refused or has memory grown?
+    for n in [&main_mesh.nodes[0], &main_mesh.nodes[1]] {
+        r.push(
+            "w7",
+            sys::HOPMESH,
+            &format!("{} RSS after the run MiB", role(n.name == "n0")),
+            rss_bytes(n.proc.pid())? as f64 / (1 << 20) as f64,
+        );
+    }
+    check_no_refusals(&rt, &[&main_mesh, &e1, &e60])?;
+    drop(ssh);
+    drop((e1, e60, main_mesh));
+
+    for &n in scale {
+        eprintln!("scale: {n} nodes");
+        let point = workload8(
+            &rt,
+            bin,
+            &work.path().join(format!("scale-{n}")),
+            n,
+            z,
+            backend.addr,
+            ticks,
+        )?;
+        r.scale.push(point);
+        write_results(&r, out)?;
+    }
+    write_results(&r, out)?;
+    report::write(&r, out)?;
+    println!("{}", out.join("results.md").display());
+    Ok(())
+}
+
+fn role(client: bool) -> &'static str {
+    if client {
+        "client node"
+    } else {
+        "service node"
+    }
+}
+
+fn w1(
+    rt: &tokio::runtime::Runtime,
+    s: &Sys<'_>,
+    z: &Sizes,
+    ticks: f64,
+    workload: &str,
+    metric: &str,
+    r: &mut Results,
+) -> Result<()> {
+    let cpu0 = cpu_seconds(&s.pids, ticks);
+    let mut buf = vec![0u8; 256 * 1024];
+    let t = rt
+        .block_on(load::fetch(&s.via, z.w1_bytes, &mut buf))
+        .with_context(|| format!("{workload} through {}", s.name))?;
+    let cpu = cpu_seconds(&s.pids, ticks) - cpu0;
+    r.push(
+        workload,
+        s.name,
+        metric,
+        z.w1_bytes as f64 / MB / t.as_secs_f64(),
+    );
+    if !s.pids.is_empty() && workload == "w1" {
+        r.push(
+            workload,
+            s.name,
+            "proxy CPU s/GiB",
+            cpu / (z.w1_bytes as f64 / GIB),
+        );
+    }
+    Ok(())
+}
+
+fn w2(rt: &tokio::runtime::Runtime, s: &Sys<'_>, z: &Sizes, r: &mut Results) -> Result<()> {
+    let lat = rt
+        .block_on(load::sequential(&s.via, z.w2_requests, z.short_bytes))
+        .with_context(|| format!("w2 through {}", s.name))?;
+    let total: f64 = lat.iter().map(Duration::as_secs_f64).sum();
+    let ms = sorted_ms(&lat);
+    r.push("w2", s.name, "p50 ms", percentile(&ms, 50.0).unwrap_or(0.0));
+    r.push("w2", s.name, "p99 ms", percentile(&ms, 99.0).unwrap_or(0.0));
+    r.push("w2", s.name, "total s", total);
+    r.samples("w2", s.name, &ms);
+    Ok(())
+}
+
+fn w3(
+    rt: &tokio::runtime::Runtime,
+    s: &Sys<'_>,
+    z: &Sizes,
+    workload: &str,
+    metric: &str,
+    r: &mut Results,
+) -> Result<()> {
+    let (lat, wall) = rt
+        .block_on(load::concurrent(
+            &s.via,
+            z.w3_clients,
+            z.w3_requests,
+            z.short_bytes,
+        ))
+        .with_context(|| format!("{workload} through {}", s.name))?;
+    let ms = sorted_ms(&lat);
+    r.push(
+        workload,
+        s.name,
+        metric,
+        lat.len() as f64 / wall.as_secs_f64(),
+    );
+    if workload == "w3" {
+        r.push("w3", s.name, "p50 ms", percentile(&ms, 50.0).unwrap_or(0.0));
+        r.push("w3", s.name, "p99 ms", percentile(&ms, 99.0).unwrap_or(0.0));
+        r.samples("w3", s.name, &ms);
+    }
+    Ok(())
+}
+
+fn w4(
+    rt: &tokio::runtime::Runtime,
+    s: &Sys<'_>,
+    z: &Sizes,
+    ticks: f64,
+    r: &mut Results,
+) -> Result<()> {
+    let cpu0 = cpu_seconds(&s.pids, ticks);
+    let wall = rt
+        .block_on(load::parallel(&s.via, z.w4_streams, z.w4_bytes))
+        .with_context(|| format!("w4 through {}", s.name))?;
+    let cpu = cpu_seconds(&s.pids, ticks) - cpu0;
+    let bytes = z.w4_streams as f64 * z.w4_bytes as f64;
+    r.push("w4", s.name, "MB/s", bytes / MB / wall.as_secs_f64());
+    if !s.pids.is_empty() {
+        r.push("w4", s.name, "proxy CPU s/GiB", cpu / (bytes / GIB));
+    }
+    Ok(())
+}
+
+fn workload7(rt: &tokio::runtime::Runtime, mesh: &Mesh, z: &Sizes, r: &mut Results) -> Result<()> {
+    let (client, service) = (mesh.nodes[0].proc.pid(), mesh.nodes[1].proc.pid());
+    let mib = |pid| rss_bytes(pid).map(|b| b as f64 / (1 << 20) as f64);
+    // Idle: attested, connected to the verifier, no traffic yet.
+    std::thread::sleep(Duration::from_secs(1));
+    let (c0, s0) = (mib(client)?, mib(service)?);
+    r.push("w7", sys::HOPMESH, "client node idle RSS MiB", c0);
+    r.push("w7", sys::HOPMESH, "service node idle RSS MiB", s0);
+    let via = mesh.via();
+    let conns = rt
+        .block_on(load::idle(&via, z.idle_conns))
+        .context("w7: open idle connections")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let scale = 1000.0 / z.idle_conns as f64;
+    r.push(
+        "w7",
+        sys::HOPMESH,
+        "client node +1000 conns MiB",
+        (mib(client)? - c0) * scale,
+    );
+    r.push(
+        "w7",
+        sys::HOPMESH,
+        "service node +1000 conns MiB",
+        (mib(service)? - s0) * scale,
+    );
+    drop(conns);
+    Ok(())
+}
+
+fn check_no_refusals(rt: &tokio::runtime::Runtime, meshes: &[&Mesh]) -> Result<()> {
+    for m in meshes {
+        for n in &m.nodes {
+            let s = rt.block_on(hopmesh_node::ctl::request(&n.data_dir, "show"))?;
+            let refused: u64 = s["counters"]["refused"]
+                .as_object()
+                .map(|o| o.values().filter_map(serde_json::Value::as_u64).sum())
+                .unwrap_or(0);
+            if refused != 0 {
+                bail!(
+                    "node {} refused {refused} streams during the run: {}",
+                    n.name,
+                    s["counters"]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `hopmesh_verifier_attestations_issued_total{kind="refresh"}` from the admin `/metrics`.
+fn refreshes(mesh: &Mesh) -> Result<u64> {
+    let addr = std::fs::read_to_string(mesh.verifier_dir.join("admin.addr"))?;
+    let mut tcp = StdTcpStream::connect(addr.trim())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: v\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)?;
+    text.lines()
+        .find(|l| l.starts_with("hopmesh_verifier_attestations_issued_total{kind=\"refresh\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .context("no refresh counter in the verifier's /metrics")
+}
+
+/// Wall-clock ms at which each node applied its first revocation list newer than `after`
+/// (from its audit log).
+fn applied_at(mesh: &Mesh, after: u64, skip: &[String]) -> Vec<Option<u64>> {
+    mesh.nodes
+        .iter()
+        .filter(|n| !skip.contains(&n.name))
+        .map(|n| {
+            let log = std::fs::read_to_string(n.data_dir.join("audit.jsonl")).ok()?;
+            log.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| {
+                    v["event"] == "revocation_list_applied"
+                        && v["version"].as_u64().is_some_and(|x| x > after)
+                })
+                .and_then(|v| v["unix_ms"].as_u64())
+        })
+        .collect()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn workload8(
+    rt: &tokio::runtime::Runtime,
+    bin: &Path,
+    work: &Path,
+    n: usize,
+    z: &Sizes,
+    backend: std::net::SocketAddr,
+    ticks: f64,
+) -> Result<ScalePoint> {
+    if n < z.revocations + 2 {
+        bail!(
+            "scale: a mesh of {n} nodes is too small for {} revocations",
+            z.revocations
+        );
+    }
+    // A 20 s attestation lifetime: every node refreshes every 10 s.
+    let ttl = 20;
+    let mesh = Mesh::start(
+        bin,
+        work,
+        &MeshSpec {
+            nodes: n,
+            epoch: 10,
+            generation: 300,
+            ttl,
+            backend,
+        },
+    )?;
+    // Steady state: CPU of the verifier over a window of two refresh periods.
+    std::thread::sleep(Duration::from_secs(2));
+    let vpid = mesh.verifier.pid();
+    let (cpu0, ref0) = (cpu_seconds(&[vpid], ticks), refreshes(&mesh)?);
+    std::thread::sleep(Duration::from_secs(ttl));
+    let (cpu1, ref1) = (cpu_seconds(&[vpid], ticks), refreshes(&mesh)?);
+    let refreshed = ref1.saturating_sub(ref0);
+    if refreshed == 0 {
+        bail!("scale {n}: no refresh in {ttl} s");
+    }
+    let rss: Vec<f64> = mesh
+        .nodes
+        .iter()
+        .map(|m| rss_bytes(m.proc.pid()).map(|b| b as f64 / (1 << 20) as f64))
+        .collect::<Result<_>>()?;
+    // Revocations: revoke n1, n2, …; every other node must apply each new list.
+    let mut samples = Vec::new();
+    let mut revoked: Vec<String> = Vec::new();
+    for k in 1..=z.revocations {
+        // n0 is never revoked: its view gives the list version before each revoke.
+        let name = format!("n{k}");
+        let before = rt.block_on(hopmesh_node::ctl::request(&mesh.nodes[0].data_dir, "show"))?;
+        let version = before["revocation_version"].as_u64().unwrap_or(0);
+        let t0 = unix_ms();
+        mesh.vcli(&["revoke", &name])?;
+        revoked.push(name);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let times = loop {
+            let times = applied_at(&mesh, version, &revoked);
+            if times.iter().all(Option::is_some) || Instant::now() > deadline {
+                break times;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let missing = times.iter().filter(|t| t.is_none()).count();
+        if missing > 0 {
+            bail!(
+                "scale {n}: {missing} nodes did not apply a revocation list after v{version} within 10 s"
+            );
+        }
+        samples.extend(
+            times
+                .into_iter()
+                .flatten()
+                .map(|t| t.saturating_sub(t0) as f64),
+        );
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(ScalePoint {
+        nodes: n,
+        verifier_cpu_ms_per_refresh: (cpu1 - cpu0) * 1e3 / refreshed as f64,
+        refreshes: refreshed,
+        node_rss_mib_mean: rss.iter().sum::<f64>() / rss.len() as f64,
+        node_rss_mib_max: stats::Summary::of(&rss).map_or(0.0, |s| s.max),
+        revocation_p50_ms: percentile(&samples, 50.0).unwrap_or(0.0),
+        revocation_p99_ms: percentile(&samples, 99.0).unwrap_or(0.0),
+        revocation_max_ms: samples.last().copied().unwrap_or(0.0),
+        revocation_samples: samples.len(),
+    })
+}

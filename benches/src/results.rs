@@ -1,0 +1,109 @@
+//! What one benchmark run measured, as data: per-round values for each (workload, system,
+//! metric), latency samples for the CDF plots, and the scale curves. Saved as `results.json`;
+//! the report (markdown and plots) is made from it alone.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::Summary;
+
+/// The system names, as they appear in tables and plots.
+pub mod system {
+    /// Plain TCP to the backend: the physical limit.
+    pub const DIRECT: &str = "direct TCP";
+    /// OpenSSH dynamic forwarding.
+    pub const SSH: &str = "ssh -D";
+    /// hopmesh with the default epoch (10 s).
+    pub const HOPMESH: &str = "hopmesh";
+    /// hopmesh with a 1 s epoch.
+    pub const HOPMESH_E1: &str = "hopmesh E=1s";
+    /// hopmesh with a 60 s epoch.
+    pub const HOPMESH_E60: &str = "hopmesh E=60s";
+    /// Kernel TCP over the lossy namespace link.
+    pub const KERNEL_TCP: &str = "kernel TCP";
+}
+
+/// One figure, measured once per round.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Series {
+    /// Workload key (`w1` … `w8`).
+    pub workload: String,
+    /// System name.
+    pub system: String,
+    /// Metric name with its unit, e.g. `MB/s`, `p99 ms`.
+    pub metric: String,
+    /// The per-round values.
+    pub values: Vec<f64>,
+}
+
+/// One point of the scale curves.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ScalePoint {
+    /// Node processes in the mesh.
+    pub nodes: usize,
+    /// Verifier CPU milliseconds per attestation refresh (steady state, pushes included).
+    pub verifier_cpu_ms_per_refresh: f64,
+    /// Refreshes seen in the measuring window.
+    pub refreshes: u64,
+    /// Mean node RSS in MiB.
+    pub node_rss_mib_mean: f64,
+    /// Largest node RSS in MiB.
+    pub node_rss_mib_max: f64,
+    /// Revocation propagation (revoke request → node applied the list), p50 ms.
+    pub revocation_p50_ms: f64,
+    /// Same, p99.
+    pub revocation_p99_ms: f64,
+    /// Same, the slowest node.
+    pub revocation_max_ms: f64,
+    /// Propagation samples (node × revocation).
+    pub revocation_samples: usize,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Results {
+    /// When, where and how it ran.
+    pub meta: BTreeMap<String, String>,
+    /// The per-round figures.
+    pub series: Vec<Series>,
+    /// Latency samples in ms for the CDF plots, keyed `workload/system` (all rounds pooled).
+    pub latency_ms: BTreeMap<String, Vec<f64>>,
+    /// The scale curves (workload 8).
+    pub scale: Vec<ScalePoint>,
+}
+
+impl Results {
+    /// Appends one round's value.
+    pub fn push(&mut self, workload: &str, system: &str, metric: &str, value: f64) {
+        match self
+            .series
+            .iter_mut()
+            .find(|s| s.workload == workload && s.system == system && s.metric == metric)
+        {
+            Some(s) => s.values.push(value),
+            None => self.series.push(Series {
+                workload: workload.into(),
+                system: system.into(),
+                metric: metric.into(),
+                values: vec![value],
+            }),
+        }
+    }
+
+    /// The summary of one figure, if measured.
+    pub fn get(&self, workload: &str, system: &str, metric: &str) -> Option<Summary> {
+        self.series
+            .iter()
+            .find(|s| s.workload == workload && s.system == system && s.metric == metric)
+            .and_then(|s| Summary::of(&s.values))
+    }
+
+    /// Keeps latency samples for the CDF.
+    pub fn samples(&mut self, workload: &str, system: &str, ms: &[f64]) {
+        self.latency_ms
+            .entry(format!("{workload}/{system}"))
+            .or_default()
+            .extend_from_slice(ms);
+    }
+}
