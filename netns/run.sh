@@ -15,6 +15,7 @@
 # `curl --socks5-hostname` processes inside the clouds. Policy: s1 -> s1, s1 -> web.s2.
 #
 # Usage: netns/run.sh [SCENARIO...]      (all scenarios when none is named)
+#        BENCH_OUT=DIR netns/run.sh bench_lossy   (workload 5 of benches/run.sh)
 #   HOPMESH_BIN   directory with hopmesh-node, hopmesh-verifier, hopmesh-probe, hopmesh-replay
 #                 (target/release)
 #   HOPMESH_NETNS_SKIP_IF_NOT_ROOT=1   exit 0 with a notice when not root (never set in CI)
@@ -490,13 +491,65 @@ scenario_shutdown_leaks() {
     for name in a b c; do stop_node "$name"; done
 }
 
+# ---------------------------------------------------------------------------- benchmark
+# Workload 5 of the benchmark (benches/run.sh), not a pass/fail scenario: run only when named,
+# `BENCH_OUT=DIR netns/run.sh bench_lossy`. Between clouds 1 and 2: 20 ms RTT (a TUN device in
+# the router holds every packet 10 ms, netns/tun_delay.py, since this kernel has no netem) and
+# 1 % loss each way (nftables numgen), the same link for both systems: hopmesh (a -> api.s1 on
+# b) and kernel TCP (curl in cloud 1 straight to an HTTP server in cloud 2). Rounds interleave
+# the two; each transfer is checked byte for byte; figures go to DIR/results.json.
+scenario_bench_lossy() {
+    local out=${BENCH_OUT:?set BENCH_OUT to the results directory} rounds=${BENCH_ROUNDS:-3}
+    local tun=${P}t file=mid bytes=$((16 << 20))
+    [ -x "$BIN/hopmesh-bench" ] || fail "$BIN/hopmesh-bench not built"
+    n "$R" python3 "$PWD/netns/tun_delay.py" "$tun" 10 1800 >>"$LOG" 2>&1 &
+    wait_for 10 "tun device" n "$R" ip link show "$tun"
+    n "$R" ip link set "$tun" up
+    n "$R" sysctl -qw net.ipv4.conf.all.rp_filter=0 "net.ipv4.conf.$tun.rp_filter=0"
+    n "$R" ip route add default dev "$tun" table 100
+    n "$R" ip rule add iif "${P}r1" to 198.51.100.0/26 lookup 100
+    n "$R" ip rule add iif "${P}r2" to 192.0.2.0/26 lookup 100
+    n "$R" nft add rule inet hopmesh forward iifname "$tun" numgen random mod 100 '<' 1 drop
+    n "$C2" python3 -m http.server 8090 --bind 198.51.100.2 --directory "$WORK/www-b" \
+        >/dev/null 2>>"$WORK/backend-direct.log" &
+    wait_for 20 "direct HTTP server in cloud 2" n "$C1" curl -sf -o /dev/null http://198.51.100.2:8090/hello
+    local rtt; rtt=$(n "$C1" ping -c 5 -i 0.2 -q 198.51.100.2 | tail -1 | cut -d/ -f5 || echo "?")
+    echo "    bench_lossy: ping RTT ${rtt} ms over the impaired link" | tee -a "$LOG"
+    local round sys t0 t1 rc mbps
+    for round in $(seq 1 "$rounds"); do
+        local order="tcp hopmesh"; [ $((round % 2)) = 0 ] && order="hopmesh tcp"
+        for sys in $order; do
+            rm -f "$WORK/lossy-$sys"
+            t0=$(date +%s.%N)
+            rc=0
+            if [ "$sys" = tcp ]; then
+                n "$C1" curl -sS --max-time 300 -o "$WORK/lossy-$sys" "http://198.51.100.2:8090/$file" 2>>"$LOG" || rc=$?
+            else
+                n "$C1" curl -sS --max-time 300 --socks5-hostname 127.0.0.1:1080 -o "$WORK/lossy-$sys" \
+                    "http://api.s1.mesh/$file" 2>>"$LOG" || rc=$?
+            fi
+            t1=$(date +%s.%N)
+            [ "$rc" = 0 ] || fail "$sys transfer over the lossy link failed (curl $rc)"
+            [ "$(sha256sum <"$WORK/lossy-$sys")" = "$(sha256sum <"$WORK/www-b/$file")" ] || fail "$sys: checksum mismatch"
+            mbps=$(python3 -c "print($bytes / 1e6 / ($t1 - $t0))")
+            echo "    bench_lossy round $round: $sys $mbps MB/s" | tee -a "$LOG"
+            local name="kernel TCP"; [ "$sys" = hopmesh ] && name=hopmesh
+            "$BIN/hopmesh-bench" add --out "$out" --workload w5 --system "$name" --metric MB/s --value "$mbps"
+        done
+    done
+    n "$R" ip rule del iif "${P}r1" to 198.51.100.0/26 lookup 100
+    n "$R" ip rule del iif "${P}r2" to 192.0.2.0/26 lookup 100
+    n "$R" nft flush chain inet hopmesh forward
+}
+
 # ---------------------------------------------------------------------------- runner
 ORDER="bringup matrix attacker clock_skew partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
 SELECTED=${*:-$ORDER}
 echo "netns suite: run $$, work dir $WORK"
 bring_up
 failed=0
-for s in $ORDER; do
+# Benchmarks run only when named.
+for s in $ORDER bench_lossy; do
     case " $SELECTED " in *" $s "*) ;; *) continue ;; esac
     start=$(date +%s.%N)
     # Not inside `if`: bash ignores `set -e` in a subshell used as a condition.

@@ -126,6 +126,7 @@ fn token_benches(c: &mut Criterion) {
         binding: &binding,
         now,
         grace: 10,
+        cache: None,
     };
     g.bench_function("verify_full_derivation", |bench| {
         bench.iter(|| {

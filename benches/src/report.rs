@@ -252,12 +252,15 @@ pub fn markdown(r: &Results) -> String {
             );
         }
     }
-    let _ = writeln!(
-        md,
-        "\n## Plots\n\n![throughput](throughput.svg)\n![latency w2](latency_w2.svg)\n![latency w3](latency_w3.svg)\n![scale](scale.svg)"
-    );
     md
 }
+
+const PLOTS: [&str; 4] = [
+    "throughput.svg",
+    "latency_w2.svg",
+    "latency_w3.svg",
+    "scale.svg",
+];
 
 const COLORS: [RGBColor; 6] = [
     RGBColor(90, 90, 90),
@@ -357,6 +360,11 @@ fn cdf_plot(r: &Results, workload: &str, title: &str, path: &Path) -> PlotResult
             (!v.is_empty()).then_some((*s, v))
         })
         .collect();
+    if series.is_empty() {
+        // Nothing measured (workload not run): no plot rather than one with an empty range.
+        let _ = std::fs::remove_file(path);
+        return Ok(());
+    }
     let lo = series
         .iter()
         .map(|(_, v)| v[0])
@@ -401,6 +409,10 @@ fn cdf_plot(r: &Results, workload: &str, title: &str, path: &Path) -> PlotResult
 }
 
 fn scale_plot(r: &Results, path: &Path) -> PlotResult {
+    if r.scale.is_empty() {
+        let _ = std::fs::remove_file(path);
+        return Ok(());
+    }
     let root = SVGBackend::new(path, (1200, 400)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
@@ -471,7 +483,6 @@ fn scale_plot(r: &Results, path: &Path) -> PlotResult {
 
 /// Writes `results.md` and the plots into `dir`.
 pub fn write(r: &Results, dir: &Path) -> Result<()> {
-    std::fs::write(dir.join("results.md"), markdown(r))?;
     let plot = |res: PlotResult, what: &str| res.map_err(|e| anyhow::anyhow!("plot {what}: {e}"));
     plot(
         throughput_plot(r, &dir.join("throughput.svg")),
@@ -496,6 +507,12 @@ pub fn write(r: &Results, dir: &Path) -> Result<()> {
         "latency w3",
     )?;
     plot(scale_plot(r, &dir.join("scale.svg")), "scale")?;
+    let mut md = markdown(r);
+    md.push_str("\n## Plots\n\n");
+    for p in PLOTS.iter().filter(|p| dir.join(p).exists()) {
+        let _ = writeln!(md, "![{}]({p})", p.trim_end_matches(".svg"));
+    }
+    std::fs::write(dir.join("results.md"), md)?;
     Ok(())
 }
 
@@ -550,6 +567,18 @@ mod tests {
         assert_eq!(get("backend").met, Some(true), "5000 / 600 ≥ 2");
         assert_eq!(get("w8 revocation").met, Some(false), "1500 ms > 1 s");
         assert_eq!(get("w8 verifier").met, Some(true), "1.1× is flat");
+    }
+
+    #[test]
+    fn unmeasured_workloads_make_no_plot_and_no_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = Results::default();
+        r.push("w1", sys::HOPMESH, "MB/s", 100.0);
+        write(&r, dir.path()).expect("write");
+        assert!(dir.path().join("throughput.svg").exists());
+        assert!(!dir.path().join("latency_w2.svg").exists());
+        assert!(!dir.path().join("scale.svg").exists());
+        write(&Results::default(), dir.path()).expect("an empty run still reports");
     }
 
     #[test]

@@ -176,6 +176,7 @@ async fn main() -> Result<()> {
             socks_auth: None,
             metrics: None,
             congestion: Default::default(),
+            threads: 1,
             clock_offset: 0,
         };
         nodes.push((

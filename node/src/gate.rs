@@ -16,7 +16,6 @@ use hopmesh_protocol::hop_token::{
 };
 use hopmesh_protocol::ids::{NodeId, ServiceId};
 use hopmesh_protocol::routing::{Admission, IngressTable, ServePermit};
-use hopmesh_protocol::secret::{EpochKey, StreamKey};
 use hopmesh_protocol::wire::BoundedString;
 use hopmesh_transport::fields;
 use hopmesh_transport::quic::codes;
@@ -71,6 +70,7 @@ pub async fn handle(
                     binding: &pc.binding,
                     now,
                     grace: st.epoch.as_secs(),
+                    cache: Some(&pc.keys),
                 };
                 let empty_ingress = IngressTable::default();
                 let ingress = st.table.as_ref().map_or(&empty_ingress, |t| &t.ingress);
@@ -211,10 +211,8 @@ async fn forward(
             .and_then(|k| k.minting(now))
             .and_then(|g| {
                 let epoch = st.epoch.epoch_at(now);
-                let key = StreamKey::derive(
-                    &out.binding,
-                    &EpochKey::derive(&g.seed, &PairIds::new(st.local, next), epoch),
-                );
+                let key =
+                    out.stream_key(&g.seed, &PairIds::new(st.local, next), g.generation, epoch);
                 let req = MintRequest {
                     generation: g.generation,
                     epoch,

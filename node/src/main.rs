@@ -74,7 +74,21 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = tokio::runtime::Runtime::new()
+    // `run` sizes its runtime from the config file; everything else is one short task.
+    let threads = match &cli.command {
+        Command::Run { config } => match NodeConfig::load(config) {
+            Ok(c) => c.threads,
+            Err(e) => {
+                eprintln!("hopmesh-node: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        _ => 1,
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
         .context("start the async runtime")
         .and_then(|rt| rt.block_on(run(cli)));
     match result {

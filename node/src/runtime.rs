@@ -14,9 +14,12 @@ use hopmesh_protocol::attestation::verify_attestation;
 use hopmesh_protocol::control::{GoodbyeReason, MAX_ENVELOPE, NonceCache, PeerMessage};
 use hopmesh_protocol::enrollment::{Address, Refusal, Report};
 use hopmesh_protocol::frame::CONTROL_CAP;
-use hopmesh_protocol::hop_token::{ForgeryLimitExceeded, ForgeryMeter, PairIds};
+use hopmesh_protocol::hop_token::{
+    Epoch, ForgeryLimitExceeded, ForgeryMeter, Generation, PairIds, StreamKeyCache,
+};
 use hopmesh_protocol::ids::{Measurement, NodeId};
 use hopmesh_protocol::secret::ConnectionBinding;
+use hopmesh_protocol::secret::{EpochKey, PairSeed, StreamKey};
 use hopmesh_protocol::time::{Clock, UnixTime};
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 use hopmesh_transport::audit::AuditLog;
@@ -63,9 +66,27 @@ pub struct PeerConn {
     forgeries: Mutex<ForgeryMeter>,
     /// The peer said goodbye: finish open streams, open no new ones here.
     leaving: AtomicBool,
+    /// Stream keys of this connection per (generation, epoch): one derivation per epoch.
+    pub keys: Mutex<StreamKeyCache>,
 }
 
 impl PeerConn {
+    /// The stream key for minting on this connection, derived once per (generation, epoch).
+    pub fn stream_key(
+        &self,
+        seed: &PairSeed,
+        pair: &PairIds,
+        generation: Generation,
+        epoch: Epoch,
+    ) -> StreamKey {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_derive(generation, epoch, || {
+                StreamKey::derive(&self.binding, &EpochKey::derive(seed, pair, epoch))
+            })
+    }
+
     /// Records a forged token; `Err` when the connection passed the limit.
     pub fn record_forgery(&self, now: UnixTime) -> Result<(), ForgeryLimitExceeded> {
         self.forgeries
@@ -528,6 +549,7 @@ impl Node {
             control: tokio::sync::Mutex::new(send),
             forgeries: Mutex::new(ForgeryMeter::default()),
             leaving: AtomicBool::new(false),
+            keys: Mutex::new(StreamKeyCache::default()),
         });
         self.pool
             .lock()
@@ -682,6 +704,13 @@ impl Node {
                     "attestation_not_after": att.map(|a| a.not_after.as_secs()),
                     "connected": pool.get(&p.node_id).is_some_and(|v| v.iter().any(|pc| pc.conn.close_reason().is_none() && !pc.leaving.load(Ordering::SeqCst))),
                     "generation": generation,
+                    "connections": pool.get(&p.node_id).map(|v| v.iter().map(|pc| {
+                        let st = pc.conn.stats();
+                        serde_json::json!({"side": format!("{:?}", pc.conn.side()), "mtu": st.path.current_mtu, "rtt_us": st.path.rtt.as_micros() as u64,
+                                           "cwnd": st.path.cwnd, "lost_packets": st.path.lost_packets, "mtu_probes": [st.path.sent_plpmtud_probes, st.path.lost_plpmtud_probes], "black_holes": st.path.black_holes_detected, "sent_packets": st.path.sent_packets,
+                                           "udp_tx": {"datagrams": st.udp_tx.datagrams, "bytes": st.udp_tx.bytes, "ios": st.udp_tx.ios},
+                                           "udp_rx": {"datagrams": st.udp_rx.datagrams, "bytes": st.udp_rx.bytes, "ios": st.udp_rx.ios}})
+                    }).collect::<Vec<_>>()),
                 })
             })
             .collect();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hopmesh_protocol::control::{FlowAssertion, StreamHeader, StreamStatus};
 use hopmesh_protocol::hop_token::{MintRequest, mint_token};
-use hopmesh_protocol::secret::{EpochKey, StreamKey, ct_eq};
+use hopmesh_protocol::secret::ct_eq;
 use hopmesh_protocol::socks5::{
     self, Command, Reply, SocksError, SocksResponse, encode_method_selection, encode_reply,
     encode_userpass_status, method,
@@ -251,7 +251,7 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
             .cloned();
         grant.zip(header.encode().ok()).and_then(|(g, h)| {
             let pair = hopmesh_protocol::hop_token::PairIds::new(st.local, first_hop);
-            let key = StreamKey::derive(&pc.binding, &EpochKey::derive(&g.seed, &pair, epoch));
+            let key = pc.stream_key(&g.seed, &pair, g.generation, epoch);
             let req = MintRequest {
                 generation: g.generation,
                 epoch,

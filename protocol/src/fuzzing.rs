@@ -55,6 +55,7 @@ pub fn token(data: &[u8]) -> bool {
         binding: &binding,
         now,
         grace: 10,
+        cache: None,
     };
     assert!(
         verify_token(raw, &gate, &keys, &IngressTable::default()).is_err(),

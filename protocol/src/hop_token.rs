@@ -814,7 +814,56 @@ pub enum SeedLookup<'a> {
     Compromised(&'a PairSeed),
 }
 
-/// Derives stream keys for one connection from a keyring, on every call (no cache).
+/// Stream keys of one connection, remembered per (generation, epoch).
+///
+/// A stream key is a pure function of the connection (binding, pair) and of (generation,
+/// epoch): a generation's seed never changes (a different seed under a known generation number
+/// is refused, [`GrantRefusal`]). So one derivation (HKDF expand + extract, ≈ 1 µs) per epoch
+/// serves every stream of the epoch, instead of one per stream. The cache holds keys only:
+/// whether a generation is valid, unknown or compromised is looked up in the keyring on every
+/// stream, so a revocation or a compromise mark takes effect at once.
+///
+/// Four slots cover the epochs a receiver accepts (e − 1, e, e + 1) plus a generation change;
+/// the oldest slot is replaced first. Keys are zeroized when replaced or dropped (they are
+/// [`StreamKey`]s).
+#[derive(Debug, Default)]
+pub struct StreamKeyCache {
+    slots: [Option<(Generation, Epoch, StreamKey)>; 4],
+    next: usize,
+    derivations: u64,
+}
+
+impl StreamKeyCache {
+    /// The cached key for `(generation, epoch)`, or `derive()` stored and returned.
+    pub fn get_or_derive(
+        &mut self,
+        generation: Generation,
+        epoch: Epoch,
+        derive: impl FnOnce() -> StreamKey,
+    ) -> StreamKey {
+        if let Some((_, _, key)) = self
+            .slots
+            .iter()
+            .flatten()
+            .find(|(g, e, _)| *g == generation && *e == epoch)
+        {
+            return key.clone();
+        }
+        let key = derive();
+        self.derivations += 1;
+        self.slots[self.next] = Some((generation, epoch, key.clone()));
+        self.next = (self.next + 1) % self.slots.len();
+        key
+    }
+
+    /// How many keys were derived (not served from the cache) so far.
+    pub fn derivations(&self) -> u64 {
+        self.derivations
+    }
+}
+
+/// Derives stream keys for one connection from a keyring, through a [`StreamKeyCache`] when
+/// one is given.
 #[derive(Debug)]
 pub struct ConnectionKeys<'a> {
     /// The seeds for the pair this connection joins.
@@ -825,20 +874,36 @@ pub struct ConnectionKeys<'a> {
     pub now: UnixTime,
     /// Seconds of grace around a generation's window; use one epoch length.
     pub grace: u64,
+    /// This connection's key cache (`None`: derive on every call).
+    pub cache: Option<&'a std::sync::Mutex<StreamKeyCache>>,
 }
 
-impl StreamKeySource for ConnectionKeys<'_> {
-    fn stream_key(&self, generation: Generation, epoch: Epoch) -> KeyLookup {
-        let derive = |seed: &PairSeed| {
+impl ConnectionKeys<'_> {
+    fn derive(&self, seed: &PairSeed, generation: Generation, epoch: Epoch) -> StreamKey {
+        let derive = || {
             StreamKey::derive(
                 self.binding,
                 &EpochKey::derive(seed, &self.keyring.pair, epoch),
             )
         };
+        match self.cache {
+            Some(cache) => cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_or_derive(generation, epoch, derive),
+            None => derive(),
+        }
+    }
+}
+
+impl StreamKeySource for ConnectionKeys<'_> {
+    fn stream_key(&self, generation: Generation, epoch: Epoch) -> KeyLookup {
         match self.keyring.lookup(generation, self.now, self.grace) {
             SeedLookup::Unknown => KeyLookup::Unknown,
-            SeedLookup::Valid(seed) => KeyLookup::Valid(derive(seed)),
-            SeedLookup::Compromised(seed) => KeyLookup::Compromised(derive(seed)),
+            SeedLookup::Valid(seed) => KeyLookup::Valid(self.derive(seed, generation, epoch)),
+            SeedLookup::Compromised(seed) => {
+                KeyLookup::Compromised(self.derive(seed, generation, epoch))
+            }
         }
     }
 }

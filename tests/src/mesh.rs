@@ -195,6 +195,7 @@ impl Mesh {
             socks_auth: None,
             metrics: None,
             congestion: Default::default(),
+            threads: 1,
             clock_offset: 0,
         };
         let handle = start(config, Sockets { quic, socks }, self.verifier.clock.clone())

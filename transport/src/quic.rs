@@ -19,6 +19,35 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::TransportError;
+
+/// Socket buffers asked for on the QUIC socket, each direction. The kernel default (208 KiB on
+/// Debian) overflows within a millisecond at loopback or 10 Gbit/s rates whenever the receiving
+/// process is not scheduled, and every drop costs a retransmission and, in bursts, trips quinn's
+/// MTU black-hole detection back to 1200-byte packets. The kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max`; a smaller result is logged with the sysctl to raise.
+pub const UDP_BUFFER: usize = 16 << 20;
+
+/// Asks for [`UDP_BUFFER`] in both directions; returns the (receive, send) sizes obtained.
+pub fn size_udp_buffers(socket: &UdpSocket) -> (usize, usize) {
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(UDP_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_BUFFER);
+    // Linux reports twice the usable size (bookkeeping overhead included).
+    let got = (
+        sock.recv_buffer_size().unwrap_or(0) / 2,
+        sock.send_buffer_size().unwrap_or(0) / 2,
+    );
+    if got.0 < UDP_BUFFER || got.1 < UDP_BUFFER {
+        tracing::info!(
+            recv = got.0,
+            send = got.1,
+            wanted = UDP_BUFFER,
+            "UDP socket buffers capped by the kernel; raise them with \
+             `sysctl -w net.core.rmem_max={UDP_BUFFER} net.core.wmem_max={UDP_BUFFER}`",
+        );
+    }
+    got
+}
 use crate::identity::cert_spki;
 
 /// Transport parameters: idle timeout and keep-alive.
@@ -57,6 +86,7 @@ pub fn endpoint(
     socket: UdpSocket,
     server: Option<quinn::ServerConfig>,
 ) -> Result<Endpoint, TransportError> {
+    size_udp_buffers(&socket);
     Endpoint::new(
         EndpointConfig::default(),
         server,

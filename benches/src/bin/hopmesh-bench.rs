@@ -49,9 +49,40 @@ enum Cmd {
         /// comparisons "not run").
         #[arg(long)]
         no_ssh: bool,
-        /// Mesh sizes of the scale workload (comma-separated; empty to skip).
+        /// Mesh sizes of the scale workload (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "10,20,40")]
         scale: Vec<usize>,
+        /// Skip the scale workload.
+        #[arg(long)]
+        no_scale: bool,
+        /// Loopback workloads to run (comma-separated subset of w1,w2,w3,w4,w6,w7).
+        #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w6,w7")]
+        only: Vec<String>,
+    },
+    /// Starts the backend and a 2-node mesh, prints how to reach it, and holds until killed
+    /// (for profiling: `perf record -p <node pids>` while driving load through it).
+    Mesh {
+        /// Directory with hopmesh-node and hopmesh-verifier (default: next to this binary).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// Hop-token epoch in seconds.
+        #[arg(long, default_value_t = 10)]
+        epoch: u64,
+    },
+    /// Downloads through a SOCKS5 proxy (or directly) and prints MB/s: load for profiling.
+    Load {
+        /// SOCKS5 proxy; without it, `--target` is reached directly.
+        #[arg(long)]
+        socks: Option<std::net::SocketAddr>,
+        /// Destination host (a name or IP) and port.
+        #[arg(long, default_value = "svc.bench.mesh:80")]
+        target: String,
+        /// Bytes per download.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Parallel downloads.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
     },
     /// Re-renders results.md and the plots from results.json in `--out`.
     Report {
@@ -139,6 +170,63 @@ fn main() -> Result<()> {
                 anyhow::Ok(())
             })
         }
+        Cmd::Mesh { bin, epoch } => {
+            let bin = bin_dir(bin)?;
+            let work = tempfile::tempdir()?;
+            let backend = Backend::start(work.path())?;
+            let mesh = Mesh::start(
+                &bin,
+                &work.path().join("mesh"),
+                &MeshSpec {
+                    nodes: 2,
+                    epoch,
+                    generation: 300,
+                    ttl: 300,
+                    backend: backend.addr,
+                },
+            )?;
+            let show = |n: &hopmesh_benches::systems::MeshNode| {
+                format!(
+                    "{} pid {} data dir {}",
+                    n.name,
+                    n.proc.pid(),
+                    n.data_dir.display()
+                )
+            };
+            println!("backend {} (pid {})", backend.addr, backend.proc.pid());
+            println!("socks {} -> svc.bench.mesh", mesh.nodes[0].socks);
+            for n in &mesh.nodes {
+                println!("{}", show(n));
+            }
+            std::io::stdout().flush()?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(tokio::signal::ctrl_c())?;
+            Ok(())
+        }
+        Cmd::Load {
+            socks,
+            target,
+            bytes,
+            streams,
+        } => {
+            let (host, port) = target
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                .context("--target must be host:port")?;
+            let via = match socks {
+                Some(proxy) => Via::Socks { proxy, host, port },
+                None => Via::Direct(target.parse().context("direct --target must be ip:port")?),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let wall = rt.block_on(load::parallel(&via, streams.max(1), bytes))?;
+            let total = bytes as f64 * streams.max(1) as f64;
+            println!(
+                "{:.1} MB/s ({total} bytes in {:.3} s)",
+                total / MB / wall.as_secs_f64(),
+                wall.as_secs_f64()
+            );
+            Ok(())
+        }
         Cmd::Report { out } => {
             let r = read_results(&out)?;
             report::write(&r, &out)?;
@@ -166,21 +254,36 @@ fn main() -> Result<()> {
             quick,
             no_ssh,
             scale,
+            no_scale,
+            only,
         } => {
-            let bin = match bin {
-                Some(b) => b,
-                None => std::env::current_exe()?
-                    .parent()
-                    .context("binary has no directory")?
-                    .to_owned(),
-            };
+            if let Some(bad) = only
+                .iter()
+                .find(|w| !["w1", "w2", "w3", "w4", "w6", "w7"].contains(&w.as_str()))
+            {
+                bail!(
+                    "--only: unknown workload `{bad}` (w5 runs from benches/lossy.sh, w8 is --scale)"
+                );
+            }
+            let scale = if no_scale { vec![] } else { scale };
+            let bin = bin_dir(bin)?;
             let (sizes, rounds) = if quick {
                 (QUICK, 1)
             } else {
                 (FULL, rounds.max(1))
             };
-            run(&out, &bin, rounds, &sizes, quick, no_ssh, &scale)
+            run(&out, &bin, rounds, &sizes, quick, no_ssh, &scale, &only)
         }
+    }
+}
+
+fn bin_dir(bin: Option<PathBuf>) -> Result<PathBuf> {
+    match bin {
+        Some(b) => Ok(b),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .to_owned()),
     }
 }
 
@@ -217,7 +320,9 @@ fn run(
     quick: bool,
     no_ssh: bool,
     scale: &[usize],
+    only: &[String],
 ) -> Result<()> {
+    let on = |w: &str| only.iter().any(|o| o == w);
     std::fs::create_dir_all(out)?;
     let work = tempfile::tempdir()?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -256,7 +361,9 @@ fn run(
     eprintln!("hopmesh mesh up");
 
     // Workload 7 first, on a fresh mesh: idle RSS, then 1 000 idle connections.
-    workload7(&rt, &main_mesh, z, &mut r)?;
+    if on("w7") {
+        workload7(&rt, &main_mesh, z, &mut r)?;
+    }
 
     let e1 = Mesh::start(bin, &work.path().join("mesh-e1"), &mesh_spec(1))?;
     let e60 = Mesh::start(bin, &work.path().join("mesh-e60"), &mesh_spec(60))?;
@@ -309,26 +416,29 @@ fn run(
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
         let order = |n: usize| (0..n).map(move |i| (i + round) % n);
-        for i in order(systems.len()) {
+        for i in order(systems.len()).filter(|_| on("w1")) {
             w1(&rt, &systems[i], z, ticks, "w1", "MB/s", &mut r)?;
         }
-        for i in order(systems.len()) {
+        for i in order(systems.len()).filter(|_| on("w2")) {
             w2(&rt, &systems[i], z, &mut r)?;
         }
-        for i in order(systems.len()) {
+        for i in order(systems.len()).filter(|_| on("w3")) {
             w3(&rt, &systems[i], z, "w3", "req/s", &mut r)?;
         }
-        for i in order(systems.len()) {
+        for i in order(systems.len()).filter(|_| on("w4")) {
             w4(&rt, &systems[i], z, ticks, &mut r)?;
         }
-        for i in order(rotation.len()) {
+        for i in order(rotation.len()).filter(|_| on("w6")) {
             w1(&rt, &rotation[i], z, ticks, "w6", "w1 MB/s", &mut r)?;
             w3(&rt, &rotation[i], z, "w6", "w3 req/s", &mut r)?;
         }
         write_results(&r, out)?;
     }
     // After all that traffic: has anything been refused or has memory grown?
-    for n in [&main_mesh.nodes[0], &main_mesh.nodes[1]] {
+    for n in [&main_mesh.nodes[0], &main_mesh.nodes[1]]
+        .into_iter()
+        .filter(|_| on("w7"))
+    {
         r.push(
             "w7",
             sys::HOPMESH,

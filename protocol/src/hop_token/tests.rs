@@ -109,6 +109,7 @@ impl Fixture {
             binding,
             now: UnixTime::from_secs(now),
             grace: 10,
+            cache: None,
         };
         verify_token(token, &gate, &keys, &self.ingress)
     }
@@ -305,6 +306,7 @@ fn impersonation_and_misdelivery_are_refused() {
         binding: &f.binding,
         now: UnixTime::from_secs(NOW),
         grace: 10,
+        cache: None,
     };
     let got = verify_token(&token, &gate, &keys, &f.ingress).map(|_| ());
     assert_eq!(
@@ -581,4 +583,75 @@ fn generations_compose_and_pair_seeds_derive() {
         s1,
         PairSeed::derive(&MasterSecret::from_bytes([8; 32]), &ab, g)
     );
+}
+
+#[test]
+fn key_cache_derives_once_per_epoch_and_never_hides_a_compromise() {
+    let mut f = fixture();
+    let cache = std::sync::Mutex::new(StreamKeyCache::default());
+    let verify_cached = |f: &Fixture, token: &[u8; TOKEN_LEN], now: u64, stream_id: u64| {
+        let gate = GateContext {
+            local: f.b,
+            peer: f.a,
+            stream_id,
+            epoch_len: EpochLength::DEFAULT,
+            now: UnixTime::from_secs(now),
+        };
+        let keys = ConnectionKeys {
+            keyring: &f.keyring,
+            binding: &f.binding,
+            now: UnixTime::from_secs(now),
+            grace: 10,
+            cache: Some(&cache),
+        };
+        verify_token(token, &gate, &keys, &f.ingress).map(|_| ())
+    };
+    // Many streams in one epoch: one derivation; the cached key verifies like a fresh one.
+    for stream_id in [4u64, 8, 12, 16] {
+        let epoch = EpochLength::DEFAULT.epoch_at(UnixTime::from_secs(NOW));
+        let token = f.mint_with(Generation(7), epoch, stream_id, b"h", &f.binding);
+        assert_eq!(verify_cached(&f, &token, NOW, stream_id), Ok(()));
+    }
+    let derivations = || cache.lock().expect("lock").derivations();
+    assert_eq!(derivations(), 1);
+    // The next epoch needs its own key.
+    let later = NOW + EpochLength::DEFAULT.as_secs();
+    let token = f.mint_at(later, b"h");
+    assert_eq!(verify_cached(&f, &token, later, 4), Ok(()));
+    assert_eq!(derivations(), 2);
+    // Nor a generation that is no longer valid: its key is still cached, but unknown now.
+    let expired = NOW + 200 + 60;
+    assert_eq!(
+        verify_cached(&f, &f.mint_at(expired, b"h"), expired, 4),
+        Err(TokenRefusal::UnknownGeneration(7))
+    );
+    // A cached key must not outlive a compromise mark: the keyring is asked on every stream.
+    assert!(f.keyring.mark_compromised(Generation(7)));
+    assert_eq!(
+        verify_cached(&f, &token, later, 4),
+        Err(TokenRefusal::CompromisedKeyUse(7))
+    );
+}
+
+#[test]
+fn key_cache_replaces_the_oldest_of_four_slots() {
+    let mut c = StreamKeyCache::default();
+    let key = |b: u8| StreamKey::from_bytes([b; 32]);
+    for e in 0..4u64 {
+        c.get_or_derive(Generation(1), Epoch(e), || key(e as u8));
+    }
+    assert_eq!(c.derivations(), 4);
+    // All four are served from the cache (the closure would give a different key).
+    for e in 0..4u64 {
+        let k = c.get_or_derive(Generation(1), Epoch(e), || key(0xFF));
+        assert_eq!(k.expose(), &[e as u8; 32]);
+    }
+    assert_eq!(c.derivations(), 4);
+    // A fifth evicts epoch 0; a different generation is a different key.
+    c.get_or_derive(Generation(1), Epoch(4), || key(4));
+    let k = c.get_or_derive(Generation(1), Epoch(0), || key(0xAA));
+    assert_eq!(k.expose(), &[0xAA; 32]);
+    let k = c.get_or_derive(Generation(2), Epoch(4), || key(0xBB));
+    assert_eq!(k.expose(), &[0xBB; 32]);
+    assert_eq!(c.derivations(), 7);
 }
