@@ -215,11 +215,8 @@ impl Mesh {
             std::fs::write(
                 &config,
                 format!(
-                    "data_dir = \"{}\"\nverifier = \"{vaddr}\"\nlisten = \"{listen}\"\nadvertise = [\"{listen}\"]\nsocks = \"{socks}\"\n{}",
+                    "data_dir = \"{}\"\nverifier = \"{vaddr}\"\nlisten = \"{listen}\"\nadvertise = [\"{listen}\"]\nsocks = \"{socks}\"\n",
                     data_dir.display(),
-                    std::env::var("HM_CC")
-                        .map(|c| format!("congestion = \"{c}\"\n"))
-                        .unwrap_or_default()
                 ),
             )?;
             let proc = Proc::spawn(
