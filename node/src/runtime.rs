@@ -257,6 +257,7 @@ pub async fn start(
         tls::server_config(&identity, ALPN_DATA, authorizer.clone())?,
         transport.clone(),
     )?;
+    quic::log_if_capped(&sockets.quic);
     let endpoint = quic::endpoint(sockets.quic, Some(server))?;
     let quic_addr = endpoint
         .local_addr()

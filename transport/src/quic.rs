@@ -24,8 +24,24 @@ use crate::TransportError;
 /// Debian) overflows within a millisecond at loopback or 10 Gbit/s rates whenever the receiving
 /// process is not scheduled, and every drop costs a retransmission and, in bursts, trips quinn's
 /// MTU black-hole detection back to 1200-byte packets. The kernel caps the request at
-/// `net.core.rmem_max` / `wmem_max`; a smaller result is logged with the sysctl to raise.
+/// `net.core.rmem_max` / `wmem_max`; long-running services log a smaller result (see
+/// [`log_if_capped`]).
 pub const UDP_BUFFER: usize = 16 << 20;
+
+/// Logs, once at start of a long-running service, UDP buffers smaller than [`UDP_BUFFER`], with
+/// the sysctl that raises the kernel's cap.
+pub fn log_if_capped(socket: &UdpSocket) {
+    let (recv, send) = size_udp_buffers(socket);
+    if recv < UDP_BUFFER || send < UDP_BUFFER {
+        tracing::info!(
+            recv,
+            send,
+            wanted = UDP_BUFFER,
+            "UDP socket buffers capped by the kernel; raise the cap with \
+             `sysctl -w net.core.rmem_max={UDP_BUFFER} net.core.wmem_max={UDP_BUFFER}`",
+        );
+    }
+}
 
 /// Asks for [`UDP_BUFFER`] in both directions; returns the (receive, send) sizes obtained.
 pub fn size_udp_buffers(socket: &UdpSocket) -> (usize, usize) {
@@ -37,15 +53,6 @@ pub fn size_udp_buffers(socket: &UdpSocket) -> (usize, usize) {
         sock.recv_buffer_size().unwrap_or(0) / 2,
         sock.send_buffer_size().unwrap_or(0) / 2,
     );
-    if got.0 < UDP_BUFFER || got.1 < UDP_BUFFER {
-        tracing::info!(
-            recv = got.0,
-            send = got.1,
-            wanted = UDP_BUFFER,
-            "UDP socket buffers capped by the kernel; raise them with \
-             `sysctl -w net.core.rmem_max={UDP_BUFFER} net.core.wmem_max={UDP_BUFFER}`",
-        );
-    }
     got
 }
 use crate::identity::cert_spki;
