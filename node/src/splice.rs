@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hopmesh_transport::quic::codes;
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,18 +45,21 @@ pub async fn splice(
     let (mut tr, mut tw) = tcp.into_split();
     let result = {
         let up = async {
-            let mut buf = vec![0u8; BUF];
+            // `BytesMut` + `read_buf`: the buffer is never zeroed (a zeroed 64 KiB per
+            // direction per stream was 5 % of the CPU of 7 000 short requests per second).
+            let mut buf = BytesMut::with_capacity(BUF);
             let mut total = 0u64;
             loop {
+                buf.clear();
                 let n = tr
-                    .read(&mut buf)
+                    .read_buf(&mut buf)
                     .await
                     .map_err(|e| format!("tcp read: {e}"))?;
                 if n == 0 {
                     send.finish().map_err(|e| format!("quic finish: {e}"))?;
                     return Ok::<u64, String>(total);
                 }
-                send.write_all(&buf[..n])
+                send.write_all(&buf)
                     .await
                     .map_err(|e| format!("quic write: {e}"))?;
                 total += n as u64;
@@ -63,22 +67,25 @@ pub async fn splice(
             }
         };
         let down = async {
-            let mut buf = vec![0u8; BUF];
+            let mut buf = BytesMut::with_capacity(BUF);
             let mut total = 0u64;
             loop {
-                match recv.read(&mut buf).await {
-                    Ok(Some(n)) => {
-                        tw.write_all(&buf[..n])
-                            .await
-                            .map_err(|e| format!("tcp write: {e}"))?;
-                        total += n as u64;
-                        Counters::add(&counters.bytes_in, n as u64);
-                    }
-                    Ok(None) => {
+                buf.clear();
+                // quinn's `AsyncRead`: 0 is the peer's finish; a reset or a lost connection is
+                // an error.
+                match tokio::io::AsyncReadExt::read_buf(&mut recv, &mut buf).await {
+                    Ok(0) => {
                         tw.shutdown()
                             .await
                             .map_err(|e| format!("tcp shutdown: {e}"))?;
                         return Ok::<u64, String>(total);
+                    }
+                    Ok(n) => {
+                        tw.write_all(&buf)
+                            .await
+                            .map_err(|e| format!("tcp write: {e}"))?;
+                        total += n as u64;
+                        Counters::add(&counters.bytes_in, n as u64);
                     }
                     Err(e) => return Err(format!("quic read: {e}")),
                 }
@@ -122,11 +129,15 @@ pub async fn splice_quic(
     mut b_recv: RecvStream,
 ) -> Result<(), String> {
     async fn pump(from: &mut RecvStream, to: &mut SendStream) -> Result<(), String> {
-        let mut buf = vec![0u8; BUF];
+        let mut buf = BytesMut::with_capacity(BUF);
         loop {
-            match from.read(&mut buf).await.map_err(|e| e.to_string())? {
-                Some(n) => to.write_all(&buf[..n]).await.map_err(|e| e.to_string())?,
-                None => return to.finish().map_err(|e| e.to_string()),
+            buf.clear();
+            match tokio::io::AsyncReadExt::read_buf(from, &mut buf)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                0 => return to.finish().map_err(|e| e.to_string()),
+                _ => to.write_all(&buf).await.map_err(|e| e.to_string())?,
             }
         }
     }

@@ -83,6 +83,10 @@ enum Cmd {
         /// Parallel downloads.
         #[arg(long, default_value_t = 1)]
         streams: usize,
+        /// Instead: this many short requests (`--bytes` each, new connection each) from
+        /// `--streams` concurrent clients; prints requests/s.
+        #[arg(long)]
+        requests: Option<usize>,
     },
     /// Re-renders results.md and the plots from results.json in `--out`.
     Report {
@@ -208,6 +212,7 @@ fn main() -> Result<()> {
             target,
             bytes,
             streams,
+            requests,
         } => {
             let (host, port) = target
                 .rsplit_once(':')
@@ -218,6 +223,17 @@ fn main() -> Result<()> {
                 None => Via::Direct(target.parse().context("direct --target must be ip:port")?),
             };
             let rt = tokio::runtime::Runtime::new()?;
+            if let Some(n) = requests {
+                let (lat, wall) = rt.block_on(load::concurrent(&via, streams.max(1), n, bytes))?;
+                let ms = sorted_ms(&lat);
+                println!(
+                    "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+                    lat.len() as f64 / wall.as_secs_f64(),
+                    percentile(&ms, 50.0).unwrap_or(0.0),
+                    percentile(&ms, 99.0).unwrap_or(0.0)
+                );
+                return Ok(());
+            }
             let wall = rt.block_on(load::parallel(&via, streams.max(1), bytes))?;
             let total = bytes as f64 * streams.max(1) as f64;
             println!(
