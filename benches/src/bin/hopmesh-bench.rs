@@ -703,7 +703,11 @@ fn workload8(
     // 5 s, so the window below sees enough refreshes for the 10 ms resolution of the kernel's
     // CPU accounting.
     let ttl = 10;
-    let window = Duration::from_secs(if z.revocations < FULL.revocations { 10 } else { 30 });
+    let window = Duration::from_secs(if z.revocations < FULL.revocations {
+        10
+    } else {
+        30
+    });
     let mesh = Mesh::start(
         bin,
         work,
