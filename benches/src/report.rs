@@ -290,26 +290,46 @@ fn color_of(system: &str) -> RGBColor {
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
 fn throughput_plot(r: &Results, path: &Path) -> PlotResult {
-    let groups: Vec<(&str, &str, &str)> = vec![
-        ("w1", "MB/s", "w1: 1 GiB, one stream"),
-        ("w4", "MB/s", "w4: 100 × 10 MiB"),
-        ("w5", "MB/s", "w5: lossy link"),
-    ];
-    let systems = [sys::DIRECT, sys::SSH, sys::HOPMESH, sys::KERNEL_TCP];
-    let max = r
-        .series
-        .iter()
-        .filter(|s| groups.iter().any(|g| g.0 == s.workload && g.1 == s.metric))
-        .flat_map(|s| s.values.iter().copied())
-        .fold(1.0f64, f64::max);
-    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    let root = SVGBackend::new(path, (1100, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Throughput (median, whiskers min–max)", ("sans-serif", 20))
+    // Loopback and the 100 Mbit/s lossy link differ by 100×: one panel each.
+    let (left, right) = root.split_horizontally(760);
+    bar_panel(
+        r,
+        &left,
+        "Loopback throughput (median, whiskers min–max)",
+        &[("w1", "w1: 1 GiB, one stream"), ("w4", "w4: 100 × 10 MiB")],
+        &[sys::DIRECT, sys::SSH, sys::HOPMESH],
+    )?;
+    bar_panel(
+        r,
+        &right,
+        "w5: 100 Mbit/s, 20 ms RTT, 1 % loss",
+        &[("w5", "16 MiB transfer")],
+        &[sys::KERNEL_TCP, sys::HOPMESH],
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+fn bar_panel(
+    r: &Results,
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    groups: &[(&str, &str)],
+    systems: &[&str],
+) -> PlotResult {
+    let max = groups
+        .iter()
+        .flat_map(|g| systems.iter().filter_map(|s| r.get(g.0, s, "MB/s")))
+        .map(|v| v.max)
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..groups.len() as f64, 0f64..max * 1.1)?;
+        .build_cartesian_2d(0f64..groups.len() as f64, 0f64..max * 1.15)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -317,7 +337,7 @@ fn throughput_plot(r: &Results, path: &Path) -> PlotResult {
         .x_label_formatter(&|x| {
             let i = x.floor() as usize;
             if (x - x.floor() - 0.5).abs() < 0.01 && i < groups.len() {
-                groups[i].2.to_string()
+                groups[i].1.to_string()
             } else {
                 String::new()
             }
@@ -329,7 +349,7 @@ fn throughput_plot(r: &Results, path: &Path) -> PlotResult {
         let mut bars = Vec::new();
         let mut whiskers = Vec::new();
         for (i, g) in groups.iter().enumerate() {
-            if let Some(v) = r.get(g.0, s, g.1) {
+            if let Some(v) = r.get(g.0, s, "MB/s") {
                 let x0 = i as f64 + 0.1 + j as f64 * w;
                 bars.push(Rectangle::new(
                     [(x0, 0.0), (x0 + w * 0.9, v.median)],
@@ -352,7 +372,6 @@ fn throughput_plot(r: &Results, path: &Path) -> PlotResult {
         .border_style(BLACK)
         .position(SeriesLabelPosition::UpperRight)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 
