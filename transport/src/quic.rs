@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::TransportError;
+use crate::identity::cert_spki;
 
 /// Socket buffers asked for on the QUIC socket, each direction. The kernel default (208 KiB on
 /// Debian) overflows within a millisecond at loopback or 10 Gbit/s rates whenever the receiving
@@ -49,13 +50,11 @@ pub fn size_udp_buffers(socket: &UdpSocket) -> (usize, usize) {
     let _ = sock.set_recv_buffer_size(UDP_BUFFER);
     let _ = sock.set_send_buffer_size(UDP_BUFFER);
     // Linux reports twice the usable size (bookkeeping overhead included).
-    let got = (
+    (
         sock.recv_buffer_size().unwrap_or(0) / 2,
         sock.send_buffer_size().unwrap_or(0) / 2,
-    );
-    got
+    )
 }
-use crate::identity::cert_spki;
 
 /// Transport parameters: idle timeout and keep-alive.
 pub fn transport_config(idle_timeout: Duration, keep_alive: Duration) -> TransportConfig {
@@ -226,4 +225,31 @@ pub mod codes {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(0x4812);
     /// Connection closed: policy no longer allows the pair.
     pub const POLICY: VarInt = VarInt::from_u32(0x4813);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_buffers_get_what_the_kernel_allows() {
+        let cap = |f: &str| {
+            std::fs::read_to_string(f)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let (recv, send) = size_udp_buffers(&socket);
+        // The kernel grants min(asked, cap); the default (208 KiB) is what we had before.
+        match (
+            cap("/proc/sys/net/core/rmem_max"),
+            cap("/proc/sys/net/core/wmem_max"),
+        ) {
+            (Some(r), Some(w)) => {
+                assert_eq!(recv, UDP_BUFFER.min(r));
+                assert_eq!(send, UDP_BUFFER.min(w));
+            }
+            _ => assert!(recv > 0 && send > 0),
+        }
+    }
 }
