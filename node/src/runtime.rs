@@ -82,7 +82,7 @@ impl PeerConn {
         self.keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get_or_derive(generation, epoch, || {
+            .get_or_derive(generation, epoch, seed, || {
                 StreamKey::derive(&self.binding, &EpochKey::derive(seed, pair, epoch))
             })
     }

@@ -816,42 +816,44 @@ pub enum SeedLookup<'a> {
 
 /// Stream keys of one connection, remembered per (generation, epoch).
 ///
-/// A stream key is a pure function of the connection (binding, pair) and of (generation,
-/// epoch): a generation's seed never changes (a different seed under a known generation number
-/// is refused, [`GrantRefusal`]). So one derivation (HKDF expand + extract, ≈ 1 µs) per epoch
-/// serves every stream of the epoch, instead of one per stream. The cache holds keys only:
-/// whether a generation is valid, unknown or compromised is looked up in the keyring on every
-/// stream, so a revocation or a compromise mark takes effect at once.
+/// A stream key is a pure function of the connection (binding, pair), the seed and the epoch.
+/// So one derivation (HKDF expand + extract, ≈ 1 µs) per epoch serves every stream of the
+/// epoch, instead of one per stream. A slot matches on generation, epoch *and* seed (compared
+/// in constant time), so even a seed replaced under a known generation number (which the
+/// keyring refuses anyway, [`GrantRefusal`]) could never be served a stale key. The cache holds
+/// keys only: whether a generation is valid, unknown or compromised is looked up in the keyring
+/// on every stream, so a revocation or a compromise mark takes effect at once.
 ///
 /// Four slots cover the epochs a receiver accepts (e − 1, e, e + 1) plus a generation change;
-/// the oldest slot is replaced first. Keys are zeroized when replaced or dropped (they are
-/// [`StreamKey`]s).
+/// the oldest slot is replaced first. Seeds and keys are zeroized when replaced or dropped.
 #[derive(Debug, Default)]
 pub struct StreamKeyCache {
-    slots: [Option<(Generation, Epoch, StreamKey)>; 4],
+    slots: [Option<(Generation, Epoch, PairSeed, StreamKey)>; 4],
     next: usize,
     derivations: u64,
 }
 
 impl StreamKeyCache {
-    /// The cached key for `(generation, epoch)`, or `derive()` stored and returned.
+    /// The cached key for `(generation, epoch)` under `seed`, or `derive()` stored and
+    /// returned.
     pub fn get_or_derive(
         &mut self,
         generation: Generation,
         epoch: Epoch,
+        seed: &PairSeed,
         derive: impl FnOnce() -> StreamKey,
     ) -> StreamKey {
-        if let Some((_, _, key)) = self
+        if let Some((_, _, _, key)) = self
             .slots
             .iter()
             .flatten()
-            .find(|(g, e, _)| *g == generation && *e == epoch)
+            .find(|(g, e, s, _)| *g == generation && *e == epoch && s == seed)
         {
             return key.clone();
         }
         let key = derive();
         self.derivations += 1;
-        self.slots[self.next] = Some((generation, epoch, key.clone()));
+        self.slots[self.next] = Some((generation, epoch, seed.clone(), key.clone()));
         self.next = (self.next + 1) % self.slots.len();
         key
     }
@@ -890,7 +892,7 @@ impl ConnectionKeys<'_> {
             Some(cache) => cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get_or_derive(generation, epoch, derive),
+                .get_or_derive(generation, epoch, seed, derive),
             None => derive(),
         }
     }

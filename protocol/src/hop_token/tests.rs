@@ -634,24 +634,28 @@ fn key_cache_derives_once_per_epoch_and_never_hides_a_compromise() {
 }
 
 #[test]
-fn key_cache_replaces_the_oldest_of_four_slots() {
+fn key_cache_replaces_the_oldest_of_four_slots_and_matches_the_seed() {
     let mut c = StreamKeyCache::default();
+    let seed = PairSeed::from_bytes([0x11; 32]);
     let key = |b: u8| StreamKey::from_bytes([b; 32]);
     for e in 0..4u64 {
-        c.get_or_derive(Generation(1), Epoch(e), || key(e as u8));
+        c.get_or_derive(Generation(1), Epoch(e), &seed, || key(e as u8));
     }
     assert_eq!(c.derivations(), 4);
     // All four are served from the cache (the closure would give a different key).
     for e in 0..4u64 {
-        let k = c.get_or_derive(Generation(1), Epoch(e), || key(0xFF));
+        let k = c.get_or_derive(Generation(1), Epoch(e), &seed, || key(0xFF));
         assert_eq!(k.expose(), &[e as u8; 32]);
     }
     assert_eq!(c.derivations(), 4);
-    // A fifth evicts epoch 0; a different generation is a different key.
-    c.get_or_derive(Generation(1), Epoch(4), || key(4));
-    let k = c.get_or_derive(Generation(1), Epoch(0), || key(0xAA));
+    // Another seed under the same generation and epoch is never served the cached key.
+    let other = PairSeed::from_bytes([0x12; 32]);
+    let k = c.get_or_derive(Generation(1), Epoch(3), &other, || key(0xCC));
+    assert_eq!(k.expose(), &[0xCC; 32]);
+    // That evicted epoch 0 (the oldest); a different generation is a different key.
+    let k = c.get_or_derive(Generation(1), Epoch(0), &seed, || key(0xAA));
     assert_eq!(k.expose(), &[0xAA; 32]);
-    let k = c.get_or_derive(Generation(2), Epoch(4), || key(0xBB));
+    let k = c.get_or_derive(Generation(2), Epoch(3), &seed, || key(0xBB));
     assert_eq!(k.expose(), &[0xBB; 32]);
     assert_eq!(c.derivations(), 7);
 }
