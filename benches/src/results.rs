@@ -24,6 +24,22 @@ pub mod system {
     pub const KERNEL_TCP: &str = "kernel TCP";
 }
 
+/// Most points kept per latency CDF.
+pub const CDF_POINTS: usize = 1001;
+
+/// `v` sorted, or its quantiles 0, 1/(CDF_POINTS − 1), …, 1 (nearest rank) if it is longer.
+pub fn quantiles(v: &[f64]) -> Vec<f64> {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    if sorted.len() <= CDF_POINTS {
+        return sorted;
+    }
+    let last = (sorted.len() - 1) as f64;
+    (0..CDF_POINTS)
+        .map(|i| sorted[(i as f64 / (CDF_POINTS - 1) as f64 * last).round() as usize])
+        .collect()
+}
+
 /// One figure, measured once per round.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Series {
@@ -67,8 +83,13 @@ pub struct Results {
     pub meta: BTreeMap<String, String>,
     /// The per-round figures.
     pub series: Vec<Series>,
-    /// Latency samples in ms for the CDF plots, keyed `workload/system` (all rounds pooled).
+    /// Latency in ms for the CDF plots, keyed `workload/system`, all rounds pooled: sorted, and
+    /// reduced to [`CDF_POINTS`] quantiles when there are more samples (the per-round p50/p99
+    /// in `series` are computed from every sample before that).
     pub latency_ms: BTreeMap<String, Vec<f64>>,
+    /// Every sample of this run, kept in memory only.
+    #[serde(skip)]
+    pool: BTreeMap<String, Vec<f64>>,
     /// The scale curves (workload 8).
     pub scale: Vec<ScalePoint>,
 }
@@ -101,9 +122,41 @@ impl Results {
 
     /// Keeps latency samples for the CDF.
     pub fn samples(&mut self, workload: &str, system: &str, ms: &[f64]) {
-        self.latency_ms
-            .entry(format!("{workload}/{system}"))
-            .or_default()
-            .extend_from_slice(ms);
+        let key = format!("{workload}/{system}");
+        let pool = self.pool.entry(key.clone()).or_default();
+        pool.extend_from_slice(ms);
+        self.latency_ms.insert(key, quantiles(pool));
+    }
+
+    /// Reduces every latency series to at most [`CDF_POINTS`] quantiles (for files written
+    /// before the reduction existed).
+    pub fn compact(&mut self) {
+        for v in self.latency_ms.values_mut() {
+            *v = quantiles(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_is_kept_as_sorted_quantiles_of_every_sample() {
+        let mut r = Results::default();
+        let a: Vec<f64> = (0..3000).rev().map(f64::from).collect();
+        r.samples("w3", "x", &a);
+        r.samples("w3", "x", &a);
+        let q = &r.latency_ms["w3/x"];
+        assert_eq!(q.len(), CDF_POINTS);
+        assert_eq!((q[0], q[CDF_POINTS - 1]), (0.0, 2999.0));
+        assert!(q.windows(2).all(|w| w[0] <= w[1]));
+        assert!((q[500] - 1500.0).abs() <= 2.0, "median {}", q[500]);
+        r.samples("w2", "x", &[3.0, 1.0, 2.0]);
+        assert_eq!(r.latency_ms["w2/x"], vec![1.0, 2.0, 3.0]);
+        // Round trip: the pool is not written, the quantiles are.
+        let back: Results =
+            serde_json::from_str(&serde_json::to_string(&r).expect("json")).expect("parse");
+        assert_eq!(back.latency_ms, r.latency_ms);
     }
 }

@@ -244,7 +244,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Report { out } => {
-            let r = read_results(&out)?;
+            let mut r = read_results(&out)?;
+            r.compact();
+            write_results(&r, &out)?;
             report::write(&r, &out)?;
             println!("{}", out.join("results.md").display());
             Ok(())
