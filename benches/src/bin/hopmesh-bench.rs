@@ -3,7 +3,7 @@
 //! `run` starts the backend, OpenSSH (`sshd` + `ssh -tt -D`) and hopmesh meshes as real
 //! processes on loopback, runs workloads 1–4, 6, 7 and 8 with the systems interleaved in every
 //! round, and writes `results.json`, `results.md` and SVG plots. Workload 5 (lossy link) needs
-//! network namespaces and runs from `benches/lossy.sh`, which adds its figures to the same
+//! network namespaces and runs from `netns/run.sh bench_lossy`, which adds its figures to the same
 //! `results.json`; `report` re-renders the markdown and plots. `benches/run.sh` does it all.
 
 use std::io::{Read, Write};
@@ -94,7 +94,7 @@ enum Cmd {
         #[arg(long, default_value = "benches/results/latest")]
         out: PathBuf,
     },
-    /// Adds one figure to results.json in `--out` (used by lossy.sh).
+    /// Adds one figure to results.json in `--out` (used by `netns/run.sh bench_lossy`).
     Add {
         /// Output directory.
         #[arg(long, default_value = "benches/results/latest")]
@@ -154,11 +154,10 @@ const QUICK: Sizes = Sizes {
 const MB: f64 = 1e6;
 const GIB: f64 = (1u64 << 30) as f64;
 
-struct Sys<'a> {
+struct Sys {
     name: &'static str,
     via: Via,
     pids: Vec<u32>,
-    _mesh: Option<&'a Mesh>,
 }
 
 fn main() -> Result<()> {
@@ -280,7 +279,7 @@ fn main() -> Result<()> {
                 .find(|w| !["w1", "w2", "w3", "w4", "w6", "w7"].contains(&w.as_str()))
             {
                 bail!(
-                    "--only: unknown workload `{bad}` (w5 runs from benches/lossy.sh, w8 is --scale)"
+                    "--only: unknown workload `{bad}` (w5 runs from `netns/run.sh bench_lossy`, w8 is --scale)"
                 );
             }
             let scale = if no_scale { vec![] } else { scale };
@@ -396,7 +395,6 @@ fn run(
         name: sys::DIRECT,
         via: Via::Direct(backend.addr),
         pids: vec![],
-        _mesh: None,
     }];
     if let Some(s) = &ssh {
         systems.push(Sys {
@@ -407,27 +405,23 @@ fn run(
                 port: backend.addr.port(),
             },
             pids: s.pids(),
-            _mesh: None,
         });
     }
     systems.push(Sys {
         name: sys::HOPMESH,
         via: main_mesh.via(),
         pids: main_mesh.data_path_pids(),
-        _mesh: Some(&main_mesh),
     });
     let rotation = [
         Sys {
             name: sys::HOPMESH_E1,
             via: e1.via(),
             pids: e1.data_path_pids(),
-            _mesh: Some(&e1),
         },
         Sys {
             name: sys::HOPMESH_E60,
             via: e60.via(),
             pids: e60.data_path_pids(),
-            _mesh: Some(&e60),
         },
     ];
 
@@ -498,7 +492,7 @@ fn role(client: bool) -> &'static str {
 
 fn w1(
     rt: &tokio::runtime::Runtime,
-    s: &Sys<'_>,
+    s: &Sys,
     z: &Sizes,
     ticks: f64,
     workload: &str,
@@ -528,7 +522,7 @@ fn w1(
     Ok(())
 }
 
-fn w2(rt: &tokio::runtime::Runtime, s: &Sys<'_>, z: &Sizes, r: &mut Results) -> Result<()> {
+fn w2(rt: &tokio::runtime::Runtime, s: &Sys, z: &Sizes, r: &mut Results) -> Result<()> {
     let lat = rt
         .block_on(load::sequential(&s.via, z.w2_requests, z.short_bytes))
         .with_context(|| format!("w2 through {}", s.name))?;
@@ -543,7 +537,7 @@ fn w2(rt: &tokio::runtime::Runtime, s: &Sys<'_>, z: &Sizes, r: &mut Results) -> 
 
 fn w3(
     rt: &tokio::runtime::Runtime,
-    s: &Sys<'_>,
+    s: &Sys,
     z: &Sizes,
     workload: &str,
     metric: &str,
@@ -572,13 +566,7 @@ fn w3(
     Ok(())
 }
 
-fn w4(
-    rt: &tokio::runtime::Runtime,
-    s: &Sys<'_>,
-    z: &Sizes,
-    ticks: f64,
-    r: &mut Results,
-) -> Result<()> {
+fn w4(rt: &tokio::runtime::Runtime, s: &Sys, z: &Sizes, ticks: f64, r: &mut Results) -> Result<()> {
     let cpu0 = cpu_seconds(&s.pids, ticks);
     let wall = rt
         .block_on(load::parallel(&s.via, z.w4_streams, z.w4_bytes))
