@@ -265,6 +265,10 @@ async fn revoke_mid_transfer_ends_in_an_explicit_error() {
         got += r.read(&mut buf).await.expect("flowing");
     }
     let started = std::time::Instant::now();
+    let revoked_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
     mesh.verifier
         .admin()
         .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
@@ -303,6 +307,22 @@ async fn revoke_mid_transfer_ends_in_an_explicit_error() {
             .await
             .err(),
         Some(2)
+    );
+    // a audited the new list once, with the wall-clock time it applied it (the benchmark's
+    // propagation measure): after the revoke was asked for, before the transfer ended.
+    let audit =
+        hopmesh_transport::audit::read_since(&mesh.node("a").dir.path().join("audit.jsonl"), 0)
+            .expect("audit");
+    let applied: Vec<_> = audit
+        .iter()
+        .filter(|r| r["event"] == "revocation_list_applied")
+        .collect();
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(applied[0]["entries"], 1);
+    let at = applied[0]["unix_ms"].as_u64().expect("unix_ms");
+    assert!(
+        at >= revoked_at_ms && at <= revoked_at_ms + elapsed.as_millis() as u64 + 1000,
+        "applied at {at}, revoke asked at {revoked_at_ms}"
     );
     mesh.shutdown().await;
 }
