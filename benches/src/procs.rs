@@ -3,8 +3,40 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
+
+/// Pids of the live children, for [`stop_children_on_signal`].
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// On SIGTERM, SIGINT or SIGHUP: kill every live child, then exit (status 143). Without it a
+/// signal would end this process without running the `Drop`s that stop its children.
+pub fn stop_children_on_signal(rt: &tokio::runtime::Runtime) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = rt.block_on(async { signal(SignalKind::terminate()) })?;
+    let mut int = rt.block_on(async { signal(SignalKind::interrupt()) })?;
+    let mut hup = rt.block_on(async { signal(SignalKind::hangup()) })?;
+    rt.spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+        }
+        let pids = live().clone();
+        for pid in pids {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        eprintln!("hopmesh-bench: stopped by a signal; child processes killed");
+        std::process::exit(143);
+    });
+    Ok(())
+}
 
 /// A child process that is killed and reaped when dropped, so no run leaves processes behind.
 #[derive(Debug)]
@@ -28,14 +60,12 @@ impl Proc {
             .stderr(err)
             .spawn()
             .with_context(|| format!("start {name}"))?;
-        Ok(Proc {
-            name: name.into(),
-            child,
-        })
+        Ok(Self::adopt(name, child))
     }
 
     /// Wraps an already spawned child.
     pub fn adopt(name: &str, child: Child) -> Self {
+        live().push(child.id());
         Proc {
             name: name.into(),
             child,
@@ -65,6 +95,8 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let pid = self.child.id();
+        live().retain(|p| *p != pid);
     }
 }
 
@@ -162,7 +194,9 @@ mod tests {
         assert!(tree(&[me]).contains(&child.pid()));
         child.check_alive().expect("alive");
         let pid = child.pid();
+        assert!(live().contains(&pid), "registered for the signal handler");
         drop(child);
+        assert!(!live().contains(&pid));
         assert!(!Path::new(&format!("/proc/{pid}/stat")).exists() || stat(pid).is_none());
     }
 }

@@ -174,6 +174,8 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Mesh { bin, epoch } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            hopmesh_benches::procs::stop_children_on_signal(&rt)?;
             let bin = bin_dir(bin)?;
             let work = tempfile::tempdir()?;
             let backend = Backend::start(work.path())?;
@@ -202,8 +204,8 @@ fn main() -> Result<()> {
                 println!("{}", show(n));
             }
             std::io::stdout().flush()?;
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(tokio::signal::ctrl_c())?;
+            // Until a signal: the handler kills the children and exits.
+            rt.block_on(std::future::pending::<()>());
             Ok(())
         }
         Cmd::Load {
@@ -343,6 +345,7 @@ fn run(
     std::fs::create_dir_all(out)?;
     let work = tempfile::tempdir()?;
     let rt = tokio::runtime::Runtime::new()?;
+    hopmesh_benches::procs::stop_children_on_signal(&rt)?;
     let ticks = clock_ticks();
     let mut r = Results::default();
     r.meta
