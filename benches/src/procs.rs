@@ -147,13 +147,48 @@ pub fn tree(roots: &[u32]) -> Vec<u32> {
     out
 }
 
-/// CPU seconds (user + system) used so far by `roots` and their descendants.
-pub fn cpu_seconds(roots: &[u32], ticks: f64) -> f64 {
-    tree(roots)
-        .into_iter()
-        .filter_map(stat)
-        .map(|(_, t)| t as f64 / ticks)
+/// CPU used so far by some processes, read two ways: `/proc/<pid>/stat` (user + system, whole
+/// process including exited threads, but in clock ticks of 10 ms) and the sum of
+/// `/proc/<pid>/task/*/schedstat` (nanoseconds, but only threads alive now).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTime {
+    ticks_s: f64,
+    sched_s: f64,
+}
+
+impl CpuTime {
+    /// Seconds used between `earlier` and `self`: the larger of the two readings' differences,
+    /// since each can only under-count (a tick not yet reached, a thread that exited).
+    pub fn since(self, earlier: CpuTime) -> f64 {
+        (self.ticks_s - earlier.ticks_s)
+            .max(self.sched_s - earlier.sched_s)
+            .max(0.0)
+    }
+}
+
+fn sched_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|ns| ns as f64 / 1e9)
         .sum()
+}
+
+/// CPU used so far by `roots` and their descendants.
+pub fn cpu_time(roots: &[u32], ticks: f64) -> CpuTime {
+    let pids = tree(roots);
+    CpuTime {
+        ticks_s: pids
+            .iter()
+            .filter_map(|p| stat(*p))
+            .map(|(_, t)| t as f64 / ticks)
+            .sum(),
+        sched_s: pids.iter().map(|p| sched_seconds(*p)).sum(),
+    }
 }
 
 /// Resident set size of a process in bytes (`VmRSS` of `/proc/<pid>/status`).
@@ -180,11 +215,14 @@ mod tests {
     fn reads_own_cpu_and_memory_and_children() {
         let me = std::process::id();
         assert!(rss_bytes(me).expect("rss") > 1 << 20);
+        let before = cpu_time(&[me], clock_ticks());
         let spin = std::time::Instant::now();
         while spin.elapsed().as_millis() < 50 {
             std::hint::black_box(spin.elapsed());
         }
-        assert!(cpu_seconds(&[me], clock_ticks()) > 0.0);
+        let used = cpu_time(&[me], clock_ticks()).since(before);
+        // 50 ms of spinning: nanosecond schedstat sees it even where ticks would round to 0.
+        assert!((0.02..5.0).contains(&used), "{used}");
         let mut child = Proc::spawn(
             "sleep",
             Command::new("sleep").arg("30"),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use hopmesh_benches::load::{self, Via};
-use hopmesh_benches::procs::{clock_ticks, cpu_seconds, rss_bytes};
+use hopmesh_benches::procs::{clock_ticks, cpu_time, rss_bytes};
 use hopmesh_benches::results::{Results, ScalePoint, system as sys};
 use hopmesh_benches::stats::{percentile, sorted_ms};
 use hopmesh_benches::systems::{Backend, Mesh, MeshSpec, Ssh};
@@ -502,12 +502,12 @@ fn w1(
     metric: &str,
     r: &mut Results,
 ) -> Result<()> {
-    let cpu0 = cpu_seconds(&s.pids, ticks);
+    let cpu0 = cpu_time(&s.pids, ticks);
     let mut buf = vec![0u8; 256 * 1024];
     let t = rt
         .block_on(load::fetch(&s.via, z.w1_bytes, &mut buf))
         .with_context(|| format!("{workload} through {}", s.name))?;
-    let cpu = cpu_seconds(&s.pids, ticks) - cpu0;
+    let cpu = cpu_time(&s.pids, ticks).since(cpu0);
     r.push(
         workload,
         s.name,
@@ -570,11 +570,11 @@ fn w3(
 }
 
 fn w4(rt: &tokio::runtime::Runtime, s: &Sys, z: &Sizes, ticks: f64, r: &mut Results) -> Result<()> {
-    let cpu0 = cpu_seconds(&s.pids, ticks);
+    let cpu0 = cpu_time(&s.pids, ticks);
     let wall = rt
         .block_on(load::parallel(&s.via, z.w4_streams, z.w4_bytes))
         .with_context(|| format!("w4 through {}", s.name))?;
-    let cpu = cpu_seconds(&s.pids, ticks) - cpu0;
+    let cpu = cpu_time(&s.pids, ticks).since(cpu0);
     let bytes = z.w4_streams as f64 * z.w4_bytes as f64;
     r.push("w4", s.name, "MB/s", bytes / MB / wall.as_secs_f64());
     if !s.pids.is_empty() {
@@ -715,9 +715,9 @@ fn workload8(
     // Steady state: CPU of the verifier over a window of two refresh periods.
     std::thread::sleep(Duration::from_secs(2));
     let vpid = mesh.verifier.pid();
-    let (cpu0, ref0) = (cpu_seconds(&[vpid], ticks), refreshes(&mesh)?);
+    let (cpu0, ref0) = (cpu_time(&[vpid], ticks), refreshes(&mesh)?);
     std::thread::sleep(window);
-    let (cpu1, ref1) = (cpu_seconds(&[vpid], ticks), refreshes(&mesh)?);
+    let (cpu1, ref1) = (cpu_time(&[vpid], ticks), refreshes(&mesh)?);
     let refreshed = ref1.saturating_sub(ref0);
     if refreshed == 0 {
         bail!("scale {n}: no refresh in {window:?}");
@@ -762,7 +762,7 @@ fn workload8(
     samples.sort_by(f64::total_cmp);
     Ok(ScalePoint {
         nodes: n,
-        verifier_cpu_ms_per_refresh: (cpu1 - cpu0) * 1e3 / refreshed as f64,
+        verifier_cpu_ms_per_refresh: cpu1.since(cpu0) * 1e3 / refreshed as f64,
         refreshes: refreshed,
         node_rss_mib_mean: rss.iter().sum::<f64>() / rss.len() as f64,
         node_rss_mib_max: stats::Summary::of(&rss).map_or(0.0, |s| s.max),
