@@ -24,6 +24,15 @@ pub struct Verdict {
     pub met: Option<bool>,
 }
 
+/// A figure with the precision it needs: sub-millisecond latencies keep two decimals.
+fn fig(v: f64) -> String {
+    if v.abs() < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 fn med(r: &Results, w: &str, s: &str, m: &str) -> Option<f64> {
     r.get(w, s, m).map(|x| x.median)
 }
@@ -34,7 +43,7 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
     let mut ratio = |what: &str, target: &str, num: Option<f64>, den: Option<f64>, min: f64| {
         let (measured, met) = match (num, den) {
             (Some(a), Some(b)) if b > 0.0 => (
-                format!("{a:.1} / {b:.1} = {:.2}×", a / b),
+                format!("{} / {} = {:.2}×", fig(a), fig(b), a / b),
                 Some(a / b >= min),
             ),
             _ => ("not measured".into(), None),
