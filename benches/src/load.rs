@@ -10,6 +10,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use hopmesh_protocol::socks5::{self, Command, Request, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -70,51 +71,50 @@ pub async fn connect(via: &Via) -> io::Result<TcpStream> {
             Ok(tcp)
         }
         Via::Socks { proxy, host, port } => {
+            let target = match host.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) => TargetAddr::Ipv4(ip),
+                Ok(IpAddr::V6(ip)) => TargetAddr::Ipv6(ip),
+                Err(_) if host.len() > 255 => {
+                    return Err(io::Error::other("SOCKS host name longer than 255"));
+                }
+                Err(_) => TargetAddr::Domain(host.clone()),
+            };
             let mut tcp = TcpStream::connect(proxy).await?;
             tcp.set_nodelay(true)?;
             // Greeting and request in one write: both proxies accept pipelining, and it is what
             // curl does on a warm path.
-            let mut req = vec![5, 1, 0, 5, 1, 0];
-            match host.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) => {
-                    req.push(1);
-                    req.extend_from_slice(&ip.octets());
-                }
-                Ok(IpAddr::V6(ip)) => {
-                    req.push(4);
-                    req.extend_from_slice(&ip.octets());
-                }
-                Err(_) => {
-                    let len = u8::try_from(host.len())
-                        .map_err(|_| io::Error::other("SOCKS host name longer than 255"))?;
-                    req.push(3);
-                    req.push(len);
-                    req.extend_from_slice(host.as_bytes());
-                }
-            }
-            req.extend_from_slice(&port.to_be_bytes());
+            let mut req = socks5::encode_greeting(&[socks5::method::NO_AUTH]);
+            req.extend_from_slice(&socks5::encode_request(&Request {
+                command: Command::Connect,
+                target,
+                port: *port,
+            }));
             tcp.write_all(&req).await?;
-            let mut head = [0u8; 6];
-            tcp.read_exact(&mut head).await?;
-            if head[..2] != [5, 0] {
-                return Err(io::Error::other(format!("SOCKS method refused: {head:?}")));
-            }
-            if head[3] != 0 {
-                return Err(io::Error::other(format!("SOCKS REP {:#04x}", head[3])));
-            }
-            let rest = match head[5] {
-                1 => 4 + 2,
-                4 => 16 + 2,
-                3 => {
-                    let mut len = [0u8; 1];
-                    tcp.read_exact(&mut len).await?;
-                    usize::from(len[0]) + 2
+            // Method selection, then the reply. Nothing else can arrive before we send the
+            // first byte of the request, so reading whatever is there never eats payload.
+            let mut got = Vec::with_capacity(32);
+            let mut chunk = [0u8; 300];
+            loop {
+                let n = tcp.read(&mut chunk).await?;
+                if n == 0 || got.len() + n > 2 + 262 {
+                    return Err(io::Error::other("SOCKS reply cut short or too long"));
                 }
-                other => return Err(io::Error::other(format!("SOCKS ATYP {other}"))),
-            };
-            let mut skip = vec![0u8; rest];
-            tcp.read_exact(&mut skip).await?;
-            Ok(tcp)
+                got.extend_from_slice(&chunk[..n]);
+                if got.len() >= 2 && got[..2] != [5, socks5::method::NO_AUTH] {
+                    return Err(io::Error::other(format!(
+                        "SOCKS method refused: {:?}",
+                        &got[..2]
+                    )));
+                }
+                match socks5::parse_reply(got.get(2..).unwrap_or_default()) {
+                    Ok(Some((0, _))) => return Ok(tcp),
+                    Ok(Some((rep, _))) => {
+                        return Err(io::Error::other(format!("SOCKS REP {rep:#04x}")));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(io::Error::other(format!("SOCKS reply: {e}"))),
+                }
+            }
         }
     }
 }
