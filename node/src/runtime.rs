@@ -19,7 +19,7 @@ use hopmesh_protocol::hop_token::{
 };
 use hopmesh_protocol::ids::{Measurement, NodeId};
 use hopmesh_protocol::secret::ConnectionBinding;
-use hopmesh_protocol::secret::{EpochKey, PairSeed, StreamKey};
+use hopmesh_protocol::secret::{PairSeed, StreamKey};
 use hopmesh_protocol::time::{Clock, UnixTime};
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 use hopmesh_transport::audit::AuditLog;
@@ -82,9 +82,7 @@ impl PeerConn {
         self.keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get_or_derive(generation, epoch, seed, || {
-                StreamKey::derive(&self.binding, &EpochKey::derive(seed, pair, epoch))
-            })
+            .stream_key(&self.binding, pair, seed, generation, epoch)
     }
 
     /// Records a forged token; `Err` when the connection passed the limit.

@@ -858,6 +858,21 @@ impl StreamKeyCache {
         key
     }
 
+    /// The stream key of this connection (`binding`, `pair`) for `seed`'s `generation` in
+    /// `epoch`, derived only on a miss: the one derivation both minting and verifying use.
+    pub fn stream_key(
+        &mut self,
+        binding: &ConnectionBinding,
+        pair: &PairIds,
+        seed: &PairSeed,
+        generation: Generation,
+        epoch: Epoch,
+    ) -> StreamKey {
+        self.get_or_derive(generation, epoch, seed, || {
+            StreamKey::derive(binding, &EpochKey::derive(seed, pair, epoch))
+        })
+    }
+
     /// How many keys were derived (not served from the cache) so far.
     pub fn derivations(&self) -> u64 {
         self.derivations
@@ -882,18 +897,13 @@ pub struct ConnectionKeys<'a> {
 
 impl ConnectionKeys<'_> {
     fn derive(&self, seed: &PairSeed, generation: Generation, epoch: Epoch) -> StreamKey {
-        let derive = || {
-            StreamKey::derive(
-                self.binding,
-                &EpochKey::derive(seed, &self.keyring.pair, epoch),
-            )
-        };
+        let pair = &self.keyring.pair;
         match self.cache {
             Some(cache) => cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get_or_derive(generation, epoch, seed, derive),
-            None => derive(),
+                .stream_key(self.binding, pair, seed, generation, epoch),
+            None => StreamKey::derive(self.binding, &EpochKey::derive(seed, pair, epoch)),
         }
     }
 }
