@@ -3,8 +3,7 @@
 //! A library with a thin `main.rs`: [`runtime::start`] takes already-bound sockets and a
 //! clock, so tests run many nodes in one process on 127.0.0.1 port 0.
 //!
-//! What it does not do (yet): relay chains longer than one hop, and a per-epoch stream-key
-//! cache. See the issue notes.
+//! What it does not do (yet): relay chains longer than one hop. See the issue notes.
 //!
 //! # Layout
 //! - [`state`]: the node's view of the mesh and its admission decisions (no IO).
@@ -12,6 +11,7 @@
 //! - [`gate`]: inbound streams: token, header, backend.
 //! - [`socks`]: the local SOCKS5 endpoint and outbound streams.
 //! - [`splice`]: TCP ⇄ QUIC with half-close and reset on error.
+//! - [`path`]: per-path QUIC transport settings (loopback peers get 64 KiB datagrams).
 //! - [`ctl`]: the control socket (`ctl show`).
 //! - [`enroll`]: first contact with the verifier.
 //! - [`config`], [`datadir`], [`counters`].
@@ -24,6 +24,7 @@ pub mod ctl;
 pub mod datadir;
 pub mod enroll;
 pub mod gate;
+pub mod path;
 pub mod runtime;
 pub mod socks;
 pub mod splice;

@@ -12,6 +12,14 @@ use hopmesh_protocol::time::Clock;
 use hopmesh_transport::clock::SystemClock;
 use hopmesh_transport::pins::Pins;
 
+/// jemalloc, not glibc malloc: the receive path allocates one buffer per datagram (quinn copies
+/// each into its own `BytesMut`), 64 KiB each on loopback. glibc returned the freed top of the
+/// heap to the kernel and faulted it back in at once: page faults were 29 % of the receiving
+/// node's CPU (perf, 1 GiB transfer). jemalloc keeps freed pages for reuse; the same transfer
+/// took 13 % less CPU, and idle RSS stayed at 10.5 MiB.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "hopmesh-node",

@@ -28,20 +28,21 @@ use hopmesh_transport::identity::{Identity, SNI};
 use hopmesh_transport::pins::Pins;
 use hopmesh_transport::quic::{
     self, codes, connection_binding, peer_spki, quinn_client, quinn_server, read_frame,
-    read_frame_within, transport_config, write_frame,
+    read_frame_within, write_frame,
 };
 use hopmesh_transport::tls::{self, ALPN_DATA, PeerAuthorizer, ServerExpectation};
 use hopmesh_transport::verifier_client::{ClientError, VerifierClient};
-use quinn::{Connection, Endpoint, SendStream, TransportConfig, VarInt};
+use quinn::{Connection, Endpoint, SendStream, VarInt};
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::NodeError;
-use crate::config::{Congestion, NodeConfig};
+use crate::config::NodeConfig;
 use crate::counters::Counters;
 use crate::datadir::{NodeDir, write_atomic};
+use crate::path::{MAX_UDP_PAYLOAD, PathKind, Transports};
 use crate::state::{ATTESTATION_LEEWAY, NodeState};
 
 /// Deadline for the Hello exchange on a new connection.
@@ -131,7 +132,9 @@ pub struct Node {
     pins: Pins,
     endpoint: Endpoint,
     authorizer: Arc<StateAuthorizer>,
-    transport: Arc<TransportConfig>,
+    transports: Transports,
+    /// Server settings for loopback peers (the endpoint's default serves every other peer).
+    loopback_server: Arc<quinn::ServerConfig>,
     /// Every live connection per peer (both directions): revocation must close them all.
     pool: Mutex<HashMap<NodeId, Vec<Arc<PeerConn>>>>,
     dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
@@ -250,13 +253,20 @@ pub async fn start(
         clock: clock.clone(),
         counters: counters.clone(),
     });
-    let transport = Arc::new(data_transport(config.congestion));
-    let server = quinn_server(
-        tls::server_config(&identity, ALPN_DATA, authorizer.clone())?,
-        transport.clone(),
-    )?;
+    let transports = Transports::new(config.congestion);
+    let server_for = |kind| {
+        quinn_server(
+            tls::server_config(&identity, ALPN_DATA, authorizer.clone())?,
+            transports.for_kind(kind),
+        )
+    };
+    let server = server_for(PathKind::Network)?;
+    let loopback_server = Arc::new(server_for(PathKind::Loopback)?);
     quic::log_if_capped(&sockets.quic);
-    let endpoint = quic::endpoint(sockets.quic, Some(server))?;
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    // Invariant: MAX_UDP_PAYLOAD is within quinn's accepted 1200..=65527.
+    let _ = endpoint_config.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    let endpoint = quic::endpoint_with(sockets.quic, Some(server), endpoint_config)?;
     let quic_addr = endpoint
         .local_addr()
         .map_err(|e| NodeError::io("quic local address", e))?;
@@ -279,7 +289,8 @@ pub async fn start(
         pins,
         endpoint,
         authorizer,
-        transport,
+        transports,
+        loopback_server,
         pool: Mutex::new(HashMap::new()),
         dial_locks: Mutex::new(HashMap::new()),
         audit: Mutex::new(audit),
@@ -314,25 +325,6 @@ pub async fn start(
         shutdown: tx,
         tasks,
     })
-}
-
-/// Transport parameters for data connections: windows sized for throughput, and the
-/// configured congestion controller (see [`Congestion`]).
-fn data_transport(congestion: Congestion) -> TransportConfig {
-    let mut t = transport_config(Duration::from_secs(30), Duration::from_secs(5));
-    t.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
-    t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
-    t.send_window(32 * 1024 * 1024);
-    t.max_concurrent_bidi_streams(VarInt::from_u32(4096));
-    match congestion {
-        Congestion::Bbr => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
-        }
-        Congestion::Cubic => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
-        }
-    };
-    t
 }
 
 impl Node {
@@ -451,14 +443,14 @@ impl Node {
             ALPN_DATA,
             ServerExpectation::Node(peer, self.authorizer.clone()),
         )?;
-        let cfg = quinn_client(tls, self.transport.clone())?;
         let mut last = String::from("no address");
         for a in addresses {
             for addr in self.resolve_hostport(&a).await.unwrap_or_default() {
+                let cfg = quinn_client(tls.clone(), self.transports.for_peer(addr))?;
                 let attempt = async {
                     let conn = self
                         .endpoint
-                        .connect_with(cfg.clone(), addr, SNI)
+                        .connect_with(cfg, addr, SNI)
                         .map_err(|e| e.to_string())?
                         .await
                         .map_err(|e| e.to_string())?;
@@ -822,8 +814,13 @@ async fn accept_loop(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
         let Some(incoming) = incoming else { return };
         let node = node.clone();
         tokio::spawn(async move {
+            let connecting = match PathKind::of(incoming.remote_address()) {
+                PathKind::Loopback => incoming.accept_with(node.loopback_server.clone()),
+                PathKind::Network => incoming.accept(),
+            };
             // Never `into_0rtt()` (pitfall 2): wait for the full handshake.
-            match incoming.await {
+            let handshake = async { connecting?.await };
+            match handshake.await {
                 Ok(conn) => {
                     if let Err(e) = node.clone().establish(conn, false).await {
                         tracing::debug!(error = %e, "inbound connection refused");

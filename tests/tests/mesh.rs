@@ -44,6 +44,23 @@ async fn sixty_four_mib_round_trip_is_byte_identical() {
         .expect("io");
     assert_eq!(back.len(), data.len());
     assert_eq!(sha256(&back), sha256(&data));
+    // Both directions carried 64 MiB over loopback: each sending side found 64 KiB-class
+    // datagrams (the loopback path profile) and never fell back as if a black hole ate them.
+    let mut bulk_senders = 0;
+    for (name, node) in &mesh.nodes {
+        let show = node.show();
+        for peer in show["peers"].as_array().expect("peers") {
+            for c in peer["connections"].as_array().into_iter().flatten() {
+                assert_eq!(c["black_holes"], 0, "{name}: {c}");
+                if c["udp_tx"]["bytes"].as_u64().expect("bytes") > 32 << 20 {
+                    bulk_senders += 1;
+                    let mtu = c["mtu"].as_u64().expect("mtu");
+                    assert!(mtu > 16_000, "{name}: loopback path stayed at {mtu}: {c}");
+                }
+            }
+        }
+    }
+    assert_eq!(bulk_senders, 2, "one bulk sender per direction");
     mesh.shutdown().await;
 }
 

@@ -92,14 +92,17 @@ pub fn endpoint(
     socket: UdpSocket,
     server: Option<quinn::ServerConfig>,
 ) -> Result<Endpoint, TransportError> {
+    endpoint_with(socket, server, EndpointConfig::default())
+}
+
+/// [`endpoint`] with explicit endpoint settings (the node raises `max_udp_payload_size`).
+pub fn endpoint_with(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    config: EndpointConfig,
+) -> Result<Endpoint, TransportError> {
     size_udp_buffers(&socket);
-    Endpoint::new(
-        EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(TokioRuntime),
-    )
-    .map_err(|e| TransportError::Io {
+    Endpoint::new(config, server, socket, Arc::new(TokioRuntime)).map_err(|e| TransportError::Io {
         path: "udp socket".into(),
         source: e,
     })
