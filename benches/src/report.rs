@@ -197,7 +197,7 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         md,
-        "\nMedians over rounds, min–max in parentheses. Systems run interleaved in every round.\n"
+        "\nMedians over rounds, min–max in parentheses. Systems run interleaved in every round, after one unmeasured warm-up transfer each.\n"
     );
     let _ = writeln!(
         md,

@@ -428,6 +428,12 @@ fn run(
         },
     ];
 
+    // Warm-up, not measured: every system moves bytes once before round 1, so no round
+    // measures a cold path (first-use page faults, congestion and MTU state still starting).
+    eprintln!("warm-up");
+    for s in systems.iter().chain(&rotation) {
+        warm_up(&rt, s, z)?;
+    }
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
         let order = |n: usize| (0..n).map(move |i| (i + round) % n);
@@ -491,6 +497,17 @@ fn role(client: bool) -> &'static str {
     } else {
         "service node"
     }
+}
+
+/// One download of a tenth of workload 1 and a tenth of workload 3's requests; results dropped.
+fn warm_up(rt: &tokio::runtime::Runtime, s: &Sys, z: &Sizes) -> Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    rt.block_on(async {
+        load::fetch(&s.via, z.w1_bytes / 10, &mut buf).await?;
+        load::concurrent(&s.via, z.w3_clients, z.w3_requests / 10, z.short_bytes).await
+    })
+    .with_context(|| format!("warm-up through {}", s.name))?;
+    Ok(())
 }
 
 fn w1(
