@@ -253,7 +253,8 @@ pub async fn start(
         clock: clock.clone(),
         counters: counters.clone(),
     });
-    let transports = Transports::new(config.congestion);
+    let (udp_recv_buffer, _) = quic::log_if_capped(&sockets.quic);
+    let transports = Transports::new(config.congestion, udp_recv_buffer);
     let server_for = |kind| {
         quinn_server(
             tls::server_config(&identity, ALPN_DATA, authorizer.clone())?,
@@ -262,7 +263,6 @@ pub async fn start(
     };
     let server = server_for(PathKind::Network)?;
     let loopback_server = Arc::new(server_for(PathKind::Loopback)?);
-    quic::log_if_capped(&sockets.quic);
     let mut endpoint_config = quinn::EndpointConfig::default();
     // Invariant: MAX_UDP_PAYLOAD is within quinn's accepted 1200..=65527.
     let _ = endpoint_config.max_udp_payload_size(MAX_UDP_PAYLOAD);

@@ -29,9 +29,10 @@ use crate::identity::cert_spki;
 /// [`log_if_capped`]).
 pub const UDP_BUFFER: usize = 16 << 20;
 
-/// Logs, once at start of a long-running service, UDP buffers smaller than [`UDP_BUFFER`], with
-/// the sysctl that raises the kernel's cap.
-pub fn log_if_capped(socket: &UdpSocket) {
+/// Sizes the buffers (see [`size_udp_buffers`]) and logs, once at start of a long-running
+/// service, sizes smaller than [`UDP_BUFFER`], with the sysctl that raises the kernel's cap.
+/// Returns the (receive, send) sizes obtained.
+pub fn log_if_capped(socket: &UdpSocket) -> (usize, usize) {
     let (recv, send) = size_udp_buffers(socket);
     if recv < UDP_BUFFER || send < UDP_BUFFER {
         tracing::info!(
@@ -42,6 +43,7 @@ pub fn log_if_capped(socket: &UdpSocket) {
              `sysctl -w net.core.rmem_max={UDP_BUFFER} net.core.wmem_max={UDP_BUFFER}`",
         );
     }
+    (recv, send)
 }
 
 /// Asks for [`UDP_BUFFER`] in both directions; returns the (receive, send) sizes obtained.

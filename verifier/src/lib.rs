@@ -168,7 +168,7 @@ pub async fn start(
         Duration::from_secs(30),
         Duration::from_secs(10),
     ));
-    hopmesh_transport::quic::log_if_capped(&node_socket);
+    let _ = hopmesh_transport::quic::log_if_capped(&node_socket);
     let ep = endpoint(node_socket, Some(quinn_server(tls, transport)?))?;
     let node_addr = ep
         .local_addr()
