@@ -8,10 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, Bytes, BytesMut};
 use hopmesh_transport::quic::codes;
 use quinn::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::counters::Counters;
@@ -136,27 +138,24 @@ pub async fn splice(
             }
         };
         let down = async {
-            let mut buf = ReadBuf::default();
+            // `read_chunks`: quinn's received bytes as they are, written to TCP with one
+            // vectored write per batch (no copy into a buffer of ours).
+            let mut chunks: [Bytes; CHUNKS] = Default::default();
             let mut total = 0u64;
             loop {
-                let room = buf.room();
-                let free = room.capacity();
-                // quinn's `AsyncRead`: 0 is the peer's finish; a reset or a lost connection is
-                // an error.
-                match tokio::io::AsyncReadExt::read_buf(&mut recv, room).await {
-                    Ok(0) => {
+                match recv.read_chunks(&mut chunks).await {
+                    Ok(None) => {
                         tw.shutdown()
                             .await
                             .map_err(|e| format!("tcp shutdown: {e}"))?;
                         return Ok::<u64, String>(total);
                     }
-                    Ok(n) => {
-                        buf.filled(n, free);
-                        tw.write_all(buf.bytes())
+                    Ok(Some(k)) => {
+                        let n = write_all_chunks(&mut tw, &mut chunks[..k])
                             .await
                             .map_err(|e| format!("tcp write: {e}"))?;
-                        total += n as u64;
-                        Counters::add(&counters.bytes_in, n as u64);
+                        total += n;
+                        Counters::add(&counters.bytes_in, n);
                     }
                     Err(e) => return Err(format!("quic read: {e}")),
                 }
@@ -187,6 +186,50 @@ pub async fn splice(
                 rst(tcp);
             }
             SpliceEnd::Reset(e)
+        }
+    }
+}
+
+/// Chunks taken from quinn per read: a vectored write of up to this many.
+const CHUNKS: usize = 32;
+
+/// Writes every chunk, in order, with vectored writes; returns the bytes written. The chunks
+/// are consumed (left empty).
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut [Bytes],
+) -> io::Result<u64> {
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut first = 0;
+    loop {
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+        if first == chunks.len() {
+            return Ok(total as u64);
+        }
+        let live = (chunks.len() - first).min(CHUNKS);
+        let slices: [IoSlice<'_>; CHUNKS] = std::array::from_fn(|i| {
+            IoSlice::new(if i < live {
+                &chunks[first + i][..]
+            } else {
+                &[][..]
+            })
+        });
+        let mut n = w.write_vectored(&slices[..live]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && first < chunks.len() {
+            let c = &mut chunks[first];
+            if n >= c.len() {
+                n -= c.len();
+                *c = Bytes::new();
+                first += 1;
+            } else {
+                c.advance(n);
+                n = 0;
+            }
         }
     }
 }
@@ -307,6 +350,129 @@ mod tests {
             assert_eq!(t.len(), n);
             assert!(t.iter().all(|&b| b == i), "chunk {i} overwritten");
         }
+    }
+
+    /// A writer that takes at most `max` bytes per call, from the first non-empty slice on,
+    /// and can be told to return 0.
+    struct Trickle {
+        out: Vec<u8>,
+        max: usize,
+        zero: bool,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let me = self.get_mut();
+            me.calls += 1;
+            let n = if me.zero { 0 } else { buf.len().min(me.max) };
+            me.out.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let me = self.get_mut();
+            me.calls += 1;
+            let mut room = if me.zero { 0 } else { me.max };
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(room);
+                me.out.extend_from_slice(&b[..k]);
+                room -= k;
+                n += k;
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn chunks_of(sizes: &[usize]) -> (Vec<Bytes>, Vec<u8>) {
+        let mut all = Vec::new();
+        let chunks = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let c: Vec<u8> = (0..n).map(|j| (i * 31 + j) as u8).collect();
+                all.extend_from_slice(&c);
+                Bytes::from(c)
+            })
+            .collect();
+        (chunks, all)
+    }
+
+    #[tokio::test]
+    async fn chunks_are_written_whole_and_in_order_through_partial_writes() {
+        for max in [1, 7, 100, 4096, usize::MAX] {
+            let (mut chunks, all) = chunks_of(&[0, 5, 1000, 0, 3, 70_000, 1, 0]);
+            let mut w = Trickle {
+                out: Vec::new(),
+                max,
+                zero: false,
+                calls: 0,
+            };
+            let n = write_all_chunks(&mut w, &mut chunks).await.expect("write");
+            assert_eq!(n, all.len() as u64);
+            assert_eq!(w.out, all, "max {max}");
+            assert!(chunks.iter().all(Bytes::is_empty));
+            if max == usize::MAX {
+                assert_eq!(w.calls, 1, "one vectored write for the whole batch");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn more_chunks_than_one_vectored_write_takes_are_all_written() {
+        let sizes: Vec<usize> = (0..3 * CHUNKS).map(|i| i % 5 * 10).collect();
+        let (mut chunks, all) = chunks_of(&sizes);
+        let mut w = Trickle {
+            out: Vec::new(),
+            max: usize::MAX,
+            zero: false,
+            calls: 0,
+        };
+        write_all_chunks(&mut w, &mut chunks).await.expect("write");
+        assert_eq!(w.out, all);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_takes_nothing_is_an_error_not_a_hang() {
+        let (mut chunks, _) = chunks_of(&[10]);
+        let mut w = Trickle {
+            out: Vec::new(),
+            max: 0,
+            zero: true,
+            calls: 0,
+        };
+        let e = write_all_chunks(&mut w, &mut chunks)
+            .await
+            .expect_err("zero write");
+        assert_eq!(e.kind(), io::ErrorKind::WriteZero);
+        let (mut empty, _) = chunks_of(&[0, 0]);
+        assert_eq!(
+            write_all_chunks(&mut w, &mut empty).await.expect("empty"),
+            0
+        );
     }
 
     #[test]
