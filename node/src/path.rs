@@ -29,9 +29,10 @@
 //! Every other peer gets [`PathKind::Network`]: quinn's packet sizing, right for the 1 500-byte
 //! paths between clouds, and windows sized for long fat links (their buffers are in the path).
 //!
-//! Measured (`benches/`, 1 GiB over one stream, same run): 1 452-byte packets 642 MB/s and
-//! 2.34 CPU-s/GiB in the two nodes; 64 KiB datagrams (with the splice and allocator changes of
-//! the same issue) 1 451 MB/s and 0.90 CPU-s/GiB.
+//! Measured (`benches/`, 1 GiB over one stream): 642 MB/s and 2.34 CPU-s/GiB in the two nodes
+//! with 1 452-byte packets; 1 150 MB/s with 64 KiB datagrams alone (A/B, same mesh build
+//! otherwise); 1 418–1 460 MB/s and 0.91 CPU-s/GiB with the splice and allocator changes made
+//! with them (three full runs).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
