@@ -5,10 +5,9 @@
 //! quinn `SendStream` finishes cleanly, and a clean end after missing bytes would be a lie
 //! (DESIGN.md pitfall 5).
 
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::io::{self, IoSlice};
 
 use bytes::{Buf, Bytes, BytesMut};
 use hopmesh_transport::quic::codes;
@@ -73,11 +72,6 @@ impl ReadBuf {
     /// The bytes read, without a copy (the buffer's remaining room stays for the next read).
     pub fn take(&mut self) -> bytes::Bytes {
         self.buf.split().freeze()
-    }
-
-    /// The bytes read, borrowed.
-    pub fn bytes(&self) -> &[u8] {
-        &self.buf
     }
 
     /// The size reads are currently given room for.
@@ -242,22 +236,20 @@ pub async fn splice_quic(
     mut b_send: SendStream,
     mut b_recv: RecvStream,
 ) -> Result<(), String> {
+    // Chunks pass from one stream to the other as they are: no copy.
     async fn pump(from: &mut RecvStream, to: &mut SendStream) -> Result<(), String> {
-        let mut buf = ReadBuf::default();
+        let mut chunks: [Bytes; CHUNKS] = Default::default();
         loop {
-            let room = buf.room();
-            let free = room.capacity();
-            match tokio::io::AsyncReadExt::read_buf(from, room)
+            match from
+                .read_chunks(&mut chunks)
                 .await
                 .map_err(|e| e.to_string())?
             {
-                0 => return to.finish().map_err(|e| e.to_string()),
-                n => {
-                    buf.filled(n, free);
-                    to.write_chunk(buf.take())
-                        .await
-                        .map_err(|e| e.to_string())?
-                }
+                None => return to.finish().map_err(|e| e.to_string()),
+                Some(k) => to
+                    .write_all_chunks(&mut chunks[..k])
+                    .await
+                    .map_err(|e| e.to_string())?,
             }
         }
     }
@@ -332,7 +324,7 @@ mod tests {
         let mut buf = ReadBuf::default();
         for _ in 0..100 {
             read(&mut buf, 100, 2);
-            assert_eq!(buf.bytes(), &[2u8; 100][..]);
+            assert_eq!(&buf.take()[..], &[2u8; 100][..]);
         }
         assert_eq!(buf.wanted(), MIN_READ);
     }
@@ -476,10 +468,10 @@ mod tests {
     }
 
     #[test]
-    fn borrowed_reads_see_only_the_last_read() {
+    fn bytes_not_taken_are_dropped_by_the_next_read() {
         let mut buf = ReadBuf::default();
         read(&mut buf, 10, 7);
         read(&mut buf, 3, 9);
-        assert_eq!(buf.bytes(), &[9, 9, 9]);
+        assert_eq!(&buf.take()[..], &[9, 9, 9]);
     }
 }
