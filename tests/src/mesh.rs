@@ -119,6 +119,12 @@ impl TestMeshNode {
     pub fn show(&self) -> Value {
         self.handle.as_ref().expect("running").node.show()
     }
+
+    /// Every record of the node's audit log.
+    pub fn audit(&self) -> Vec<Value> {
+        hopmesh_transport::audit::read_since(&self.dir.path().join("audit.jsonl"), 0)
+            .expect("audit")
+    }
 }
 
 /// Verifier, backends and nodes.

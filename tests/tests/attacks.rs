@@ -115,9 +115,7 @@ async fn replayed_forged_and_stale_tokens_are_refused() {
     assert_eq!(r["stream_id_mismatch"], 1, "{r}");
     assert_eq!(r["epoch_out_of_window"], 2, "{r}");
     // Every refusal is audited once at b with its precise reason.
-    let audit =
-        hopmesh_transport::audit::read_since(&s.mesh.node("b").dir.path().join("audit.jsonl"), 0)
-            .expect("audit");
+    let audit = s.mesh.node("b").audit();
     let reasons: Vec<&str> = audit
         .iter()
         .filter(|r| r["event"] == "stream_refused")

@@ -114,9 +114,7 @@ async fn segment_matrix() {
         }
     }
     // Each denial is audited exactly once at the source node.
-    let audit =
-        hopmesh_transport::audit::read_since(&mesh.node("c").dir.path().join("audit.jsonl"), 0)
-            .expect("audit");
+    let audit = mesh.node("c").audit();
     let denials: Vec<_> = audit
         .iter()
         .filter(|r| r["event"] == "socks_refused")
@@ -327,9 +325,7 @@ async fn revoke_mid_transfer_ends_in_an_explicit_error() {
     );
     // a audited the new list once, with the wall-clock time it applied it (the benchmark's
     // propagation measure): after the revoke was asked for, before the transfer ended.
-    let audit =
-        hopmesh_transport::audit::read_since(&mesh.node("a").dir.path().join("audit.jsonl"), 0)
-            .expect("audit");
+    let audit = mesh.node("a").audit();
     let applied: Vec<_> = audit
         .iter()
         .filter(|r| r["event"] == "revocation_list_applied")
