@@ -13,6 +13,7 @@
 //! - [`ids`]: node ids, service ids, verifier key ids, validated names.
 //! - [`secret`]: secret newtypes (redacted, zeroized, constant-time equality).
 //! - [`time`]: `UnixTime` and the `Clock` trait.
+//! - [`codes`]: every QUIC application error code hopmesh sends.
 //! - [`hop_token`]: key schedule, token layout, mint and verify, keyrings, forgery meter.
 //! - [`attestation`]: signed envelopes, attestations, revocation lists, pinned key sets.
 //! - [`wire`]: hardened postcard decoding and bounded collections.
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attestation;
+pub mod codes;
 pub mod control;
 pub mod enrollment;
 pub mod frame;

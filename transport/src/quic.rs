@@ -211,25 +211,26 @@ pub async fn write_frame<T: Serialize>(
     Ok(())
 }
 
-/// QUIC application error codes used by hopmesh, in one place.
+/// QUIC application error codes used by hopmesh, as `VarInt`s: each is built from the table
+/// in [`hopmesh_protocol::codes`], which holds the values.
 pub mod codes {
     use super::VarInt;
+    use hopmesh_protocol::codes as table;
 
     /// A stream refused by the gate (generic; the reason is audited locally).
-    pub const STREAM_REFUSED: VarInt =
-        VarInt::from_u32(hopmesh_protocol::hop_token::STREAM_REFUSED_CODE);
+    pub const STREAM_REFUSED: VarInt = VarInt::from_u32(table::STREAM_REFUSED);
     /// A request or frame the receiver could not accept.
-    pub const BAD_REQUEST: VarInt = VarInt::from_u32(0x4802);
+    pub const BAD_REQUEST: VarInt = VarInt::from_u32(table::BAD_REQUEST);
     /// The local side failed (backend, internal error) mid-stream.
-    pub const INTERNAL: VarInt = VarInt::from_u32(0x4803);
+    pub const INTERNAL: VarInt = VarInt::from_u32(table::INTERNAL);
     /// Connection closed: the peer's credentials are revoked or expired.
-    pub const REVOKED: VarInt = VarInt::from_u32(0x4810);
+    pub const REVOKED: VarInt = VarInt::from_u32(table::REVOKED);
     /// Connection closed: too many forged tokens or compromised key use.
-    pub const ABUSE: VarInt = VarInt::from_u32(0x4811);
+    pub const ABUSE: VarInt = VarInt::from_u32(table::ABUSE);
     /// Connection closed: orderly shutdown.
-    pub const SHUTDOWN: VarInt = VarInt::from_u32(0x4812);
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(table::SHUTDOWN);
     /// Connection closed: policy no longer allows the pair.
-    pub const POLICY: VarInt = VarInt::from_u32(0x4813);
+    pub const POLICY: VarInt = VarInt::from_u32(table::POLICY);
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
+use sha2::{Digest, Sha256};
+
 use super::*;
-use crate::ids::{SegmentName, ServiceName};
-use crate::routing::{Backend, IngressEntry, MeshName};
+use crate::ids::{NodeId, SegmentName, ServiceId, ServiceName};
+use crate::routing::{Backend, IngressEntry, IngressTable, MeshName, ServeRefusal};
+use crate::secret::{ConnectionBinding, EpochKey, MasterSecret, PairSeed, StreamKey};
+use crate::time::UnixTime;
 
 const NOW: u64 = 1_800_000_005; // epoch 180_000_000 at E = 10 s
 
