@@ -90,6 +90,25 @@ fn secret(v: &Value) -> JoinSecret {
     JoinSecret::from_bytes(b)
 }
 
+/// The measurement the test's nodes present.
+const MEASUREMENT: Measurement = Measurement([1; 32]);
+
+/// The standard test policy (`tests/fixtures/standard-policy.toml`, the fixture every test
+/// uses) pinned to `m`. Included as text: the verifier cannot dev-depend on `hopmesh-tests`,
+/// which depends on the verifier.
+fn standard_policy(m: Measurement) -> String {
+    let text = include_str!("../../tests/fixtures/standard-policy.toml")
+        .replace("{measurement}", &m.to_string())
+        .replace("{api}", "127.0.0.1:1")
+        .replace("{db}", "127.0.0.1:1")
+        .replace("{web}", "127.0.0.1:1");
+    assert!(
+        !text.contains("\"{"),
+        "a placeholder of the policy fixture is not filled"
+    );
+    text
+}
+
 fn facts() -> HostFacts {
     HostFacts {
         hostname: BoundedString::truncated("t"),
@@ -111,11 +130,7 @@ async fn revoke_survives_kill_9_right_after_the_acknowledgement() {
         .output()
         .expect("run");
     assert!(!again.status.success());
-    std::fs::write(
-        dir.join("policy.toml"),
-        "[attestation]\nallow_any_measurement = true\n[[segment]]\nname = \"s\"\n[[node]]\nname = \"a\"\nsegments = [\"s\"]\n[[node]]\nname = \"b\"\nsegments = [\"s\"]\n[[service]]\nname = \"x\"\nsegment = \"s\"\nnode = \"b\"\nbackend = \"127.0.0.1:1\"\n[[allow]]\nfrom = \"s\"\nto = \"s\"\n",
-    )
-    .expect("policy");
+    std::fs::write(dir.join("policy.toml"), standard_policy(MEASUREMENT)).expect("policy");
     let check = cli(
         &dir,
         &[
@@ -124,7 +139,7 @@ async fn revoke_survives_kill_9_right_after_the_acknowledgement() {
             dir.join("policy.toml").to_str().expect("utf8"),
         ],
     );
-    assert_eq!(check["nodes"], 2);
+    assert_eq!(check["nodes"], 3, "a, b and c");
 
     let server = serve(&dir);
     let (a, b) = (
@@ -139,15 +154,9 @@ async fn revoke_survives_kill_9_right_after_the_acknowledgement() {
             &["join-token", "create", "--name", name, "--ttl", "60"],
         );
         let (_ep, c) = client(server.1, id, &pins).await;
-        c.enroll(
-            secret(&token),
-            Measurement([1; 32]),
-            facts(),
-            addrs(),
-            now(),
-        )
-        .await
-        .expect("enroll");
+        c.enroll(secret(&token), MEASUREMENT, facts(), addrs(), now())
+            .await
+            .expect("enroll");
     }
     let revoked = cli(&dir, &["revoke", "a"]);
     assert_eq!(revoked["revocation_version"], 1);
@@ -168,7 +177,7 @@ async fn revoke_survives_kill_9_right_after_the_acknowledgement() {
         .clone();
     assert!(a_row["revoked_at"].is_u64(), "revocation lost: {a_row}");
     let (_ep, ca) = client(server.1, &a, &pins).await;
-    match ca.refresh(Measurement([1; 32]), addrs(), now()).await {
+    match ca.refresh(MEASUREMENT, addrs(), now()).await {
         Err(ClientError::Refused(Refusal::Revoked)) => {}
         other => panic!("revoked node refreshed after restart: {other:?}"),
     }
