@@ -9,11 +9,16 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::runtime::Node;
+/// What `show` answers: the node's state as JSON.
+pub type ShowFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
-/// Serves the control socket until shutdown.
-pub async fn serve(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let path = crate::datadir::NodeDir::new(&node.config.data_dir).ctl();
+/// Serves the control socket in `data_dir` until shutdown.
+pub async fn serve(
+    data_dir: std::path::PathBuf,
+    show: ShowFn,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let path = crate::datadir::NodeDir::new(&data_dir).ctl();
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
         Ok(l) => l,
@@ -29,7 +34,7 @@ pub async fn serve(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         };
         let Ok((stream, _)) = conn else { continue };
-        let node = node.clone();
+        let show = show.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -39,7 +44,7 @@ pub async fn serve(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                 return;
             }
             let reply = match line.trim() {
-                "show" => node.show(),
+                "show" => show(),
                 other => {
                     serde_json::json!({"error": format!("unknown command `{other}`; try `show`")})
                 }

@@ -1,5 +1,6 @@
-//! The stream gate: every inbound stream starts with a hop token, checked in the DESIGN.md
-//! order before any byte reaches a backend.
+//! The stream gate: every inbound stream starts with a hop token, checked in the order of
+//! `docs/design.md` ("Verification order") before any byte reaches a backend. The decisions
+//! are [`crate::state::NodeState`] methods; this module does the IO around them.
 //!
 //! Refusals reset the stream with one generic code; the precise reason is counted and
 //! audited. Forged tokens feed the connection's [`ForgeryMeter`]; past the limit, or on
@@ -8,14 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hopmesh_protocol::control::{StreamHeader, StreamStatus};
+use hopmesh_protocol::control::StreamStatus;
 use hopmesh_protocol::enrollment::{Report, ReportKind};
-use hopmesh_protocol::hop_token::{
-    ConnectionKeys, GateContext, MintRequest, PairIds, PairKeyring, TOKEN_LEN, TokenRefusal,
-    mint_token, verify_token,
-};
+use hopmesh_protocol::hop_token::{Generation, TOKEN_LEN, TokenRefusal};
 use hopmesh_protocol::ids::{NodeId, ServiceId};
-use hopmesh_protocol::routing::{Admission, IngressTable, ServePermit};
+use hopmesh_protocol::routing::ServePermit;
 use hopmesh_protocol::wire::BoundedString;
 use hopmesh_transport::fields;
 use hopmesh_transport::quic::codes;
@@ -23,22 +21,28 @@ use quinn::{RecvStream, SendStream};
 use tokio::net::TcpStream;
 
 use crate::counters::Counters;
-use crate::runtime::{Node, PeerConn};
+use crate::peer::{Dial, PeerConn};
+use crate::refusal::{CloseReason, GateRefusal};
+use crate::shared::Shared;
 use crate::splice::{SpliceEnd, splice};
+use crate::state::{Admitted, ConnectionContext, Mint};
 
 /// Time a peer has to deliver the token and header once the stream is visible.
 pub const TOKEN_DEADLINE: Duration = Duration::from_secs(5);
 /// Time to connect to a backend.
 pub const BACKEND_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// Time the next hop has to report its backend connect result to a relay.
+pub const RELAY_STATUS_DEADLINE: Duration = Duration::from_secs(15);
 
-fn reset(send: &mut SendStream, recv: &mut RecvStream) {
-    let _ = send.reset(codes::STREAM_REFUSED);
-    let _ = recv.stop(codes::STREAM_REFUSED);
+fn reset(send: &mut SendStream, recv: &mut RecvStream, why: &GateRefusal) {
+    let _ = send.reset(why.code());
+    let _ = recv.stop(why.code());
 }
 
-/// Handles one inbound stream on `pc`.
+/// Handles one inbound stream on `pc`; `dial` reaches the next hop when we relay.
 pub async fn handle(
-    node: Arc<Node>,
+    node: Arc<Shared>,
+    dial: Arc<dyn Dial>,
     pc: Arc<PeerConn>,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -47,92 +51,67 @@ pub async fn handle(
     let mut raw = [0u8; TOKEN_LEN];
     match tokio::time::timeout(TOKEN_DEADLINE, recv.read_exact(&mut raw)).await {
         Ok(Ok(())) => {}
-        Ok(Err(_)) => return refuse_io(&node, &pc, "token_truncated", &mut send, &mut recv),
-        Err(_) => return refuse_io(&node, &pc, "token_timeout", &mut send, &mut recv),
-    }
-    let now = node.now();
-    let verdict = {
-        let st = node.state_read();
-        match st.self_permit(now) {
-            Err(e) => Err(Err(e)),
-            Ok(()) => {
-                let empty = PairKeyring::new(PairIds::new(st.local, pc.peer));
-                let keyring = st.keyrings.get(&pc.peer).unwrap_or(&empty);
-                let gate = GateContext {
-                    local: st.local,
-                    peer: pc.peer,
-                    stream_id,
-                    epoch_len: st.epoch,
-                    now,
-                };
-                let keys = ConnectionKeys {
-                    keyring,
-                    binding: &pc.binding,
-                    now,
-                    grace: st.epoch.as_secs(),
-                    cache: Some(&pc.keys),
-                };
-                let empty_ingress = IngressTable::default();
-                let ingress = st.table.as_ref().map_or(&empty_ingress, |t| &t.ingress);
-                verify_token(&raw, &gate, &keys, ingress).map_err(Ok)
-            }
+        Ok(Err(_)) => {
+            return refuse(
+                &node,
+                &pc,
+                GateRefusal::TokenTruncated,
+                stream_id,
+                &mut send,
+                &mut recv,
+            );
         }
+        Err(_) => {
+            return refuse(
+                &node,
+                &pc,
+                GateRefusal::TokenTimeout,
+                stream_id,
+                &mut send,
+                &mut recv,
+            );
+        }
+    }
+    let conn = ConnectionContext {
+        peer: pc.peer,
+        stream_id,
+        binding: &pc.binding,
+        keys: &pc.keys,
     };
+    let verdict = node.state_read().check_token(&raw, &conn, node.now());
     let permit = match verdict {
         Ok(p) => p,
-        Err(Err(_self_refusal)) => {
-            return refuse_io(&node, &pc, "self_not_permitted", &mut send, &mut recv);
-        }
-        Err(Ok(refusal)) => {
-            return refuse_token(&node, &pc, refusal, stream_id, &mut send, &mut recv);
-        }
+        Err(why) => return refuse(&node, &pc, why, stream_id, &mut send, &mut recv),
     };
     let mut header = vec![0u8; permit.header_len()];
     if !matches!(
         tokio::time::timeout(TOKEN_DEADLINE, recv.read_exact(&mut header)).await,
         Ok(Ok(()))
     ) {
-        return refuse_io(&node, &pc, "header_truncated", &mut send, &mut recv);
+        return refuse(
+            &node,
+            &pc,
+            GateRefusal::HeaderTruncated,
+            stream_id,
+            &mut send,
+            &mut recv,
+        );
     }
-    let stream = match permit.check_header(&header) {
-        Ok(s) => s,
-        Err(refusal) => return refuse_token(&node, &pc, refusal, stream_id, &mut send, &mut recv),
-    };
-    // The header is MAC'd; it must still agree with the token. Single-hop relays only.
-    let h = match StreamHeader::decode(&header) {
-        Ok(h) if h.service == stream.fields().service && h.route.is_empty() => h,
-        _ => return refuse_io(&node, &pc, "bad_header", &mut send, &mut recv),
-    };
-    let serve = match stream.into_admission() {
-        Admission::Serve(p) if p.relay.is_none() => {
-            if h.origin != pc.peer {
-                return refuse_io(&node, &pc, "origin_not_peer", &mut send, &mut recv);
-            }
-            p
-        }
-        Admission::Serve(_) => match check_relayed(&node, &pc, &h) {
-            Ok(p) => p,
-            Err(reason) => return refuse_io(&node, &pc, reason, &mut send, &mut recv),
-        },
-        Admission::Forward(fwd) => {
-            // Every hop checks the origin's signature: a relay forwards only its peer's own flows.
+    let admitted = permit
+        .check_header(&header)
+        .map_err(GateRefusal::Token)
+        .and_then(|stream| {
             let now = node.now();
-            let (keys, epoch) = {
-                let st = node.state_read();
-                (st.keys.clone(), st.epoch)
-            };
-            let proven = h
-                .assertion
-                .as_ref()
-                .map(|a| a.verify(&keys, &fwd.next, fwd.service, epoch, now));
-            match proven {
-                Some(Ok(origin)) if origin == pc.peer && h.origin == pc.peer => {}
-                Some(Err(e)) => return refuse_io(&node, &pc, e.reason(), &mut send, &mut recv),
-                _ => return refuse_io(&node, &pc, "flow_origin_mismatch", &mut send, &mut recv),
-            }
+            let st = node.state_read();
+            node.flow_nonces(|nonces| st.check_stream(stream, &header, pc.peer, nonces, now))
+        });
+    let serve = match admitted {
+        Ok(Admitted::Serve(p)) => p,
+        Ok(Admitted::Forward(fwd)) => {
             Counters::add(&node.counters.streams_accepted, 1);
-            return forward(node, pc, fwd.next, fwd.service, header, send, recv).await;
+            return forward(node, dial, pc, fwd.next, fwd.service, header, send, recv).await;
         }
+        Err(why) => return refuse(&node, &pc, why, stream_id, &mut send, &mut recv),
     };
     Counters::add(&node.counters.streams_accepted, 1);
     let (status, tcp) = connect_backend(&node, &serve).await;
@@ -149,35 +128,12 @@ pub async fn handle(
     }
 }
 
-/// At the serving node, for a stream that came through a relay: the origin's flow assertion
-/// must verify, be fresh and unseen, and policy must allow that origin through that relay.
-fn check_relayed(
-    node: &Node,
-    pc: &PeerConn,
-    h: &StreamHeader,
-) -> Result<ServePermit, &'static str> {
-    let a = h.assertion.as_ref().ok_or("flow_missing")?;
-    let now = node.now();
-    let st = node.state_read();
-    let origin = a
-        .verify(&st.keys, &st.local, h.service, st.epoch, now)
-        .map_err(|e| e.reason())?;
-    if origin != h.origin {
-        return Err("flow_origin_mismatch");
-    }
-    node.flow_nonces(|cache| cache.insert(a.epoch, a.nonce, st.epoch.epoch_at(now)))
-        .map_err(|e| e.reason())?;
-    let table = st.table.as_ref().ok_or("no_routes")?;
-    table
-        .ingress
-        .may_serve_via(&pc.peer, &origin, h.service)
-        .map_err(|_| "origin_not_allowed_via_relay")
-}
-
 /// As a relay: open the next hop's stream with our own token, pass the origin's header on,
 /// relay the status byte, then splice the two streams.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
-    node: Arc<Node>,
+    node: Arc<Shared>,
+    dial: Arc<dyn Dial>,
     pc: Arc<PeerConn>,
     next: NodeId,
     service: ServiceId,
@@ -185,7 +141,7 @@ async fn forward(
     mut in_send: SendStream,
     in_recv: RecvStream,
 ) {
-    let out = match node.connection_to(next).await {
+    let out = match dial.connection_to(next).await {
         Ok(out) => out,
         Err(_) => {
             let _ = in_send
@@ -202,37 +158,28 @@ async fn forward(
         let _ = in_send.finish();
         return;
     };
-    let stream_id = u64::from(out_send.id());
-    let minted = {
-        let st = node.state_read();
-        let now = node.now();
-        st.keyrings
-            .get(&next)
-            .and_then(|k| k.minting(now))
-            .and_then(|g| {
-                let epoch = st.epoch.epoch_at(now);
-                let key =
-                    out.stream_key(&g.seed, &PairIds::new(st.local, next), g.generation, epoch);
-                let req = MintRequest {
-                    generation: g.generation,
-                    epoch,
-                    src: st.local,
-                    dst: next,
-                    service,
-                    stream_id,
-                    header: &header,
-                };
-                mint_token(&req, &key).ok()
-            })
+    let mint = Mint {
+        dst: next,
+        service,
+        stream_id: u64::from(out_send.id()),
+        header: &header,
     };
-    let Some(token) = minted else {
-        node.counters.refused("no_seed_for_peer");
-        let _ = out_send.reset(codes::INTERNAL);
-        let _ = in_send
-            .write_all(&[StreamStatus::GeneralFailure.to_byte()])
-            .await;
-        let _ = in_send.finish();
-        return;
+    let minted = node.state_read().mint(
+        &mint,
+        |seed, pair, generation, epoch| out.stream_key(seed, pair, generation, epoch),
+        node.now(),
+    );
+    let token = match minted {
+        Ok(t) => t,
+        Err(why) => {
+            node.counters.refused(why.reason());
+            let _ = out_send.reset(codes::INTERNAL);
+            let _ = in_send
+                .write_all(&[StreamStatus::GeneralFailure.to_byte()])
+                .await;
+            let _ = in_send.finish();
+            return;
+        }
     };
     if out_send
         .write_all(&[token.as_slice(), &header].concat())
@@ -244,8 +191,7 @@ async fn forward(
     }
     let mut status = [0u8; 1];
     let status =
-        match tokio::time::timeout(Duration::from_secs(15), out_recv.read_exact(&mut status)).await
-        {
+        match tokio::time::timeout(RELAY_STATUS_DEADLINE, out_recv.read_exact(&mut status)).await {
             Ok(Ok(())) => status[0],
             _ => StreamStatus::NotAllowed.to_byte(),
         };
@@ -259,7 +205,7 @@ async fn forward(
     }
 }
 
-async fn connect_backend(node: &Node, serve: &ServePermit) -> (StreamStatus, Option<TcpStream>) {
+async fn connect_backend(node: &Shared, serve: &ServePermit) -> (StreamStatus, Option<TcpStream>) {
     let addrs = match node.resolve(&serve.backend.host, serve.backend.port).await {
         Ok(a) if !a.is_empty() => a,
         _ => return (StreamStatus::HostUnreachable, None),
@@ -281,42 +227,36 @@ async fn connect_backend(node: &Node, serve: &ServePermit) -> (StreamStatus, Opt
     (last, None)
 }
 
-fn refuse_io(
-    node: &Node,
+/// Counts, audits and resets a refused stream. Token refusals that prove abuse close the
+/// connection and are reported to the verifier; forged tokens feed the connection's meter.
+fn refuse(
+    node: &Shared,
     pc: &PeerConn,
-    reason: &'static str,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
-) {
-    node.counters.refused(reason);
-    node.audit(
-        "stream_refused",
-        fields! {"peer" => pc.peer.to_string(), "reason" => reason},
-    );
-    reset(send, recv);
-}
-
-fn refuse_token(
-    node: &Node,
-    pc: &PeerConn,
-    refusal: TokenRefusal,
+    why: GateRefusal,
     stream_id: u64,
     send: &mut SendStream,
     recv: &mut RecvStream,
 ) {
-    let reason = refusal.reason();
+    let reason = why.reason();
     node.counters.refused(reason);
+    reset(send, recv, &why);
+    let GateRefusal::Token(refusal) = why else {
+        node.audit(
+            "stream_refused",
+            fields! {"peer" => pc.peer.to_string(), "reason" => reason},
+        );
+        return;
+    };
     node.audit(
         "stream_refused",
         fields! {"peer" => pc.peer.to_string(), "reason" => reason, "stream" => stream_id, "detail" => refusal.to_string()},
     );
-    reset(send, recv);
     let now = node.now();
     let report = |kind| Report {
         kind,
         peer: pc.peer,
         generation: match &refusal {
-            TokenRefusal::CompromisedKeyUse(g) => Some(hopmesh_protocol::hop_token::Generation(*g)),
+            TokenRefusal::CompromisedKeyUse(g) => Some(Generation(*g)),
             _ => None,
         },
         detail: BoundedString::truncated(&refusal.to_string()),
@@ -331,13 +271,13 @@ fn refuse_token(
             kind.as_str(),
             fields! {"peer" => pc.peer.to_string(), "stream" => stream_id},
         );
-        pc.conn.close(codes::ABUSE, kind.as_str().as_bytes());
+        pc.close(CloseReason::Abuse(kind));
         node.report(report(kind));
         return;
     }
     if refusal.is_forgery() && pc.record_forgery(now).is_err() {
         node.audit("forged_tokens", fields! {"peer" => pc.peer.to_string()});
-        pc.conn.close(codes::ABUSE, b"forged tokens");
+        pc.close(CloseReason::ForgedTokens);
         node.report(report(ReportKind::ForgedTokens));
     }
 }

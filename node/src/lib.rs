@@ -6,10 +6,17 @@
 //! What it does not do (yet): relay chains longer than one hop. See the issue notes.
 //!
 //! # Layout
-//! - [`state`]: the node's view of the mesh and its admission decisions (no IO).
-//! - [`runtime`]: the running node: overlay, verifier link, watchdog, shutdown.
-//! - [`gate`]: inbound streams: token, header, backend.
+//! Acyclic: `runtime` wires the others together and nothing imports it.
+//! - [`state`]: the node's view of the mesh and every admission decision (no IO).
+//! - [`refusal`]: every refusal and close reason, with its stable string and wire code.
+//! - [`shared`]: what every task reads (identity, config, state, clock, counters, audit).
+//! - [`peer`]: peer connections, the pool, and the [`peer::Dial`] trait.
+//! - [`overlay`]: the QUIC endpoint: dial, accept, Hello exchange, control reader, watchdog.
+//! - [`verifier_link`]: refresh, pushes and reports over the verifier session.
+//! - [`runtime`]: start, the handle and graceful shutdown, the metrics endpoint.
+//! - [`gate`]: inbound streams: token, header, backend, relaying.
 //! - [`socks`]: the local SOCKS5 endpoint and outbound streams.
+//! - [`show`]: `ctl show`, the exact state as JSON.
 //! - [`splice`]: TCP ⇄ QUIC with half-close and reset on error.
 //! - [`path`]: per-path QUIC transport settings (loopback peers get 64 KiB datagrams).
 //! - [`ctl`]: the control socket (`ctl show`).
@@ -24,11 +31,17 @@ pub mod ctl;
 pub mod datadir;
 pub mod enroll;
 pub mod gate;
+pub mod overlay;
 pub mod path;
+pub mod peer;
+pub mod refusal;
 pub mod runtime;
+pub mod shared;
+pub mod show;
 pub mod socks;
 pub mod splice;
 pub mod state;
+pub mod verifier_link;
 
 /// Errors that stop a node command.
 #[derive(Debug, thiserror::Error)]

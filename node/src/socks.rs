@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hopmesh_protocol::control::{FlowAssertion, StreamHeader, StreamStatus};
-use hopmesh_protocol::hop_token::{MintRequest, mint_token};
+use hopmesh_protocol::routing::EgressRoute;
 use hopmesh_protocol::secret::ct_eq;
 use hopmesh_protocol::socks5::{
     self, Command, Reply, SocksError, SocksResponse, encode_method_selection, encode_reply,
@@ -23,8 +23,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::counters::Counters;
-use crate::runtime::Node;
+use crate::peer::Dial;
+use crate::refusal::{MintRefusal, SocksRefusal};
+use crate::shared::Shared;
 use crate::splice::{SpliceEnd, rst, splice};
+use crate::state::Mint;
 
 /// Whole SOCKS handshake deadline.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
@@ -34,15 +37,20 @@ pub const STATUS_DEADLINE: Duration = Duration::from_secs(15);
 const MAX_HANDSHAKE: usize = 1024;
 
 /// Accepts SOCKS clients until shutdown.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    node: Arc<Shared>,
+    dial: Arc<dyn Dial>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => break,
         };
         let Ok((tcp, from)) = accepted else { continue };
-        let node = node.clone();
-        tokio::spawn(async move { client(node, tcp, from).await });
+        let (node, dial) = (node.clone(), dial.clone());
+        tokio::spawn(async move { client(node, dial, tcp, from).await });
     }
 }
 
@@ -89,7 +97,7 @@ enum Handshake {
     Done,
 }
 
-async fn handshake(node: &Node, tcp: &mut TcpStream) -> Handshake {
+async fn handshake(node: &Shared, tcp: &mut TcpStream) -> Handshake {
     let mut buf = Vec::new();
     let greeting = match read_msg(tcp, &mut buf, socks5::parse_greeting).await {
         Ok(Some(g)) => g,
@@ -108,7 +116,8 @@ async fn handshake(node: &Node, tcp: &mut TcpStream) -> Handshake {
         .is_err()
         || chosen == method::NO_ACCEPTABLE
     {
-        node.counters.refused("socks_no_acceptable_method");
+        node.counters
+            .refused(SocksRefusal::NoAcceptableMethod.reason());
         return Handshake::Done;
     }
     if let Some((user, pass)) = auth {
@@ -125,7 +134,7 @@ async fn handshake(node: &Node, tcp: &mut TcpStream) -> Handshake {
             && ct_eq(&creds.password, pass.as_bytes());
         let _ = tcp.write_all(&encode_userpass_status(ok)).await;
         if !ok {
-            node.counters.refused("socks_auth_failed");
+            node.counters.refused(SocksRefusal::AuthFailed.reason());
             node.audit("socks_auth_failed", fields! {});
             return Handshake::Done;
         }
@@ -140,25 +149,54 @@ async fn handshake(node: &Node, tcp: &mut TcpStream) -> Handshake {
         }
     };
     if req.command != Command::Connect {
-        node.counters.refused("socks_command_not_supported");
+        node.counters
+            .refused(SocksRefusal::CommandNotSupported.reason());
         answer(tcp, SocksResponse::Reply(Reply::CommandNotSupported)).await;
         return Handshake::Done;
     }
     if !buf.is_empty() {
         // Data before our reply: the client did not wait for the handshake.
-        node.counters.refused("socks_pipelined_data");
+        node.counters.refused(SocksRefusal::PipelinedData.reason());
         answer(tcp, SocksResponse::Reply(Reply::GeneralFailure)).await;
         return Handshake::Done;
     }
     Handshake::Connect(req.target.host())
 }
 
-async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
+/// Our stream header for `route`; on a relayed route the origin signs the flow end to end.
+fn stream_header(node: &Shared, route: &EgressRoute) -> Option<Vec<u8>> {
+    let st = node.state_read();
+    let epoch = st.epoch.epoch_at(node.now());
+    let assertion = match route.via {
+        None => None,
+        Some(_) => st.attestation.as_ref().and_then(|(env, _)| {
+            FlowAssertion::sign(
+                node.identity.signing_key(),
+                env,
+                route.serving_node,
+                route.service,
+                epoch,
+                rand::random(),
+            )
+        }),
+    };
+    StreamHeader {
+        origin: node.local,
+        service: route.service,
+        route: BoundedVec::empty(),
+        assertion,
+    }
+    .encode()
+    .ok()
+}
+
+async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from: SocketAddr) {
     if !from.ip().is_loopback() {
-        node.counters.refused("socks_non_loopback_source");
+        let why = SocksRefusal::NonLoopbackSource;
+        node.counters.refused(why.reason());
         node.audit(
             "socks_refused",
-            fields! {"from" => from.to_string(), "reason" => "non_loopback_source"},
+            fields! {"from" => from.to_string(), "reason" => why.audit_text()},
         );
         return rst(tcp);
     }
@@ -167,38 +205,23 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
         Ok(Handshake::Connect(h)) => h,
         Ok(Handshake::Done) => return,
         Err(_) => {
-            node.counters.refused("socks_handshake_timeout");
+            node.counters
+                .refused(SocksRefusal::HandshakeTimeout.reason());
             return;
         }
     };
     let reply = |r| encode_reply(r, None);
     // Route: a pure decision, before any network action.
-    let now = node.now();
-    let route = {
-        let st = node.state_read();
-        if let Err(e) = st.self_permit(now) {
-            Err(format!("self: {e}"))
-        } else {
-            match st
-                .table
-                .as_ref()
-                .map(|t| t.egress.may_route(&host, &st.suffix))
-            {
-                Some(Ok(p)) => Ok(p.route),
-                Some(Err(e)) => {
-                    node.counters.refused(e.reason());
-                    Err(e.to_string())
-                }
-                None => Err("no routes".into()),
-            }
-        }
-    };
-    let route = match route {
+    let decided = node.state_read().route(&host, node.now());
+    let route = match decided {
         Ok(r) => r,
         Err(why) => {
+            if why.counted() {
+                node.counters.refused(why.reason());
+            }
             node.audit(
                 "socks_refused",
-                fields! {"target" => host.as_str(), "reason" => why},
+                fields! {"target" => host.as_str(), "reason" => why.audit_text()},
             );
             let _ = tcp.write_all(&reply(Reply::NotAllowed)).await;
             return;
@@ -206,10 +229,11 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
     };
     // The first hop: the serving node itself, or the relay the route goes through.
     let first_hop = route.via.unwrap_or(route.serving_node);
-    let pc = match node.connection_to(first_hop).await {
+    let pc = match dial.connection_to(first_hop).await {
         Ok(pc) => pc,
         Err(e) => {
-            node.counters.refused("peer_unreachable");
+            node.counters
+                .refused(SocksRefusal::PeerUnreachable.reason());
             tracing::debug!(target = %host, error = %e, "no connection to the serving node");
             let _ = tcp.write_all(&reply(Reply::HostUnreachable)).await;
             return;
@@ -219,58 +243,30 @@ async fn client(node: Arc<Node>, mut tcp: TcpStream, from: SocketAddr) {
         let _ = tcp.write_all(&reply(Reply::HostUnreachable)).await;
         return;
     };
-    let stream_id = u64::from(send.id());
-    let minted = {
-        let st = node.state_read();
-        let now = node.now();
-        let epoch = st.epoch.epoch_at(now);
-        // On a relayed route the origin signs the flow end to end.
-        let assertion = match route.via {
-            None => None,
-            Some(_) => st.attestation.as_ref().and_then(|(env, _)| {
-                FlowAssertion::sign(
-                    node.identity.signing_key(),
-                    env,
-                    route.serving_node,
-                    route.service,
-                    epoch,
-                    rand::random(),
-                )
-            }),
-        };
-        let header = StreamHeader {
-            origin: node.local,
-            service: route.service,
-            route: BoundedVec::empty(),
-            assertion,
-        };
-        let grant = st
-            .keyrings
-            .get(&first_hop)
-            .and_then(|k| k.minting(now))
-            .cloned();
-        grant.zip(header.encode().ok()).and_then(|(g, h)| {
-            let pair = hopmesh_protocol::hop_token::PairIds::new(st.local, first_hop);
-            let key = pc.stream_key(&g.seed, &pair, g.generation, epoch);
-            let req = MintRequest {
-                generation: g.generation,
-                epoch,
-                src: st.local,
+    let minted = stream_header(&node, &route)
+        .ok_or(MintRefusal::NoSeedForPeer)
+        .and_then(|header| {
+            let mint = Mint {
                 dst: first_hop,
                 service: route.service,
-                stream_id,
-                header: &h,
+                stream_id: u64::from(send.id()),
+                header: &header,
             };
-            mint_token(&req, &key)
-                .ok()
-                .map(|t| [t.as_slice(), &h].concat())
-        })
-    };
-    let Some(first) = minted else {
-        node.counters.refused("no_seed_for_peer");
-        let _ = send.reset(codes::INTERNAL);
-        let _ = tcp.write_all(&reply(Reply::NotAllowed)).await;
-        return;
+            let token = node.state_read().mint(
+                &mint,
+                |seed, pair, generation, epoch| pc.stream_key(seed, pair, generation, epoch),
+                node.now(),
+            )?;
+            Ok([token.as_slice(), &header].concat())
+        });
+    let first = match minted {
+        Ok(first) => first,
+        Err(why) => {
+            node.counters.refused(SocksRefusal::Mint(why).reason());
+            let _ = send.reset(codes::INTERNAL);
+            let _ = tcp.write_all(&reply(Reply::NotAllowed)).await;
+            return;
+        }
     };
     Counters::add(&node.counters.streams_opened, 1);
     if send.write_all(&first).await.is_err() {

@@ -5,16 +5,28 @@
 //! permit or a refusal. No IO here: callers hold the lock only for the decision.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use hopmesh_protocol::attestation::{
     KeySet, RevocationList, RevocationUpdate, SignedRefusal, VerifiedAttestation,
     verify_attestation, verify_revocation_list,
 };
+use hopmesh_protocol::control::{NonceCache, StreamHeader};
 use hopmesh_protocol::enrollment::{PeerInfo, Push};
-use hopmesh_protocol::hop_token::{EpochLength, GrantRefusal, PairIds, PairKeyring};
-use hopmesh_protocol::ids::NodeId;
-use hopmesh_protocol::routing::{DEFAULT_MESH_SUFFIX, RoutingTable};
+use hopmesh_protocol::hop_token::{
+    ConnectionKeys, Epoch, EpochLength, GateContext, Generation, GrantRefusal, MintRequest,
+    PairIds, PairKeyring, StreamKeyCache, StreamPermit, TOKEN_LEN, TokenPermit, mint_token,
+    verify_token,
+};
+use hopmesh_protocol::ids::{NodeId, ServiceId};
+use hopmesh_protocol::routing::{
+    Admission, DEFAULT_MESH_SUFFIX, EgressRoute, ForwardPermit, IngressTable, RoutingTable,
+    ServePermit,
+};
+use hopmesh_protocol::secret::{ConnectionBinding, PairSeed, StreamKey};
 use hopmesh_protocol::time::UnixTime;
+
+use crate::refusal::{CloseReason, GateRefusal, MintRefusal, SocksRefusal};
 
 /// Seconds of clock skew tolerated on attestation validity.
 pub const ATTESTATION_LEEWAY: u64 = 5;
@@ -75,11 +87,46 @@ pub struct PeerAttestation {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Effects {
     /// Connections to these peers must be closed now (revoked, or no longer allowed).
-    pub close: Vec<(NodeId, &'static str)>,
+    pub close: Vec<(NodeId, CloseReason)>,
     /// A new revocation list to persist (atomically) before relying on it.
     pub persist_revocations: Option<Vec<u8>>,
     /// Push refused (bad signature, rollback...): the reason, for the audit log.
     pub refused: Option<String>,
+}
+
+/// The connection an inbound stream arrived on, as the gate knows it.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionContext<'a> {
+    /// The TLS-authenticated peer.
+    pub peer: NodeId,
+    /// The QUIC stream id (raw).
+    pub stream_id: u64,
+    /// The connection's exporter bytes.
+    pub binding: &'a ConnectionBinding,
+    /// The connection's stream-key cache.
+    pub keys: &'a Mutex<StreamKeyCache>,
+}
+
+/// What an admitted stream may do here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// Reach the local backend.
+    Serve(ServePermit),
+    /// Be relayed to the next hop.
+    Forward(ForwardPermit),
+}
+
+/// What to mint a token for.
+#[derive(Clone, Copy, Debug)]
+pub struct Mint<'a> {
+    /// The next hop (the token's dst).
+    pub dst: NodeId,
+    /// The service.
+    pub service: ServiceId,
+    /// The QUIC stream id the token rides on.
+    pub stream_id: u64,
+    /// The encoded stream header it covers.
+    pub header: &'a [u8],
 }
 
 /// The node's state.
@@ -199,6 +246,192 @@ impl NodeState {
             .or_insert_with(|| PairKeyring::new(PairIds::new(local, peer)))
     }
 
+    /// The gate's first decision on an inbound stream from `peer`: may we serve at all, and
+    /// does the token verify (in the order of [`verify_token`])?
+    pub fn check_token(
+        &self,
+        raw: &[u8; TOKEN_LEN],
+        conn: &ConnectionContext<'_>,
+        now: UnixTime,
+    ) -> Result<TokenPermit, GateRefusal> {
+        self.self_permit(now)
+            .map_err(GateRefusal::SelfNotPermitted)?;
+        let empty = PairKeyring::new(PairIds::new(self.local, conn.peer));
+        let keyring = self.keyrings.get(&conn.peer).unwrap_or(&empty);
+        let gate = GateContext {
+            local: self.local,
+            peer: conn.peer,
+            stream_id: conn.stream_id,
+            epoch_len: self.epoch,
+            now,
+        };
+        let keys = ConnectionKeys {
+            keyring,
+            binding: conn.binding,
+            now,
+            grace: self.epoch.as_secs(),
+            cache: Some(conn.keys),
+        };
+        let empty_ingress = IngressTable::default();
+        let ingress = self.table.as_ref().map_or(&empty_ingress, |t| &t.ingress);
+        verify_token(raw, &gate, &keys, ingress).map_err(GateRefusal::Token)
+    }
+
+    /// After the token and the MAC'd header checked out: what the stream may do here. The
+    /// header must agree with the token; a direct stream's origin is the TLS peer; a relayed
+    /// one carries the origin's flow assertion ([`Self::check_relayed`]); a stream to relay
+    /// onwards is checked by [`Self::check_forward`].
+    pub fn check_stream(
+        &self,
+        stream: StreamPermit,
+        header: &[u8],
+        peer: NodeId,
+        nonces: &mut NonceCache,
+        now: UnixTime,
+    ) -> Result<Admitted, GateRefusal> {
+        // Single-hop relays only: a header naming a longer route is refused.
+        let h = match StreamHeader::decode(header) {
+            Ok(h) if h.service == stream.fields().service && h.route.is_empty() => h,
+            _ => return Err(GateRefusal::BadHeader),
+        };
+        match stream.into_admission() {
+            Admission::Serve(p) if p.relay.is_none() => {
+                if h.origin != peer {
+                    return Err(GateRefusal::OriginNotPeer);
+                }
+                Ok(Admitted::Serve(p))
+            }
+            Admission::Serve(_) => self
+                .check_relayed(peer, &h, nonces, now)
+                .map(Admitted::Serve),
+            Admission::Forward(fwd) => {
+                self.check_forward(&h, &fwd, peer, now)?;
+                Ok(Admitted::Forward(fwd))
+            }
+        }
+    }
+
+    /// As a relay: the origin's signature must verify, for the next hop and service, and the
+    /// origin must be the TLS peer. A relay forwards only its peer's own flows.
+    pub fn check_forward(
+        &self,
+        h: &StreamHeader,
+        fwd: &ForwardPermit,
+        peer: NodeId,
+        now: UnixTime,
+    ) -> Result<(), GateRefusal> {
+        let proven = h
+            .assertion
+            .as_ref()
+            .map(|a| a.verify(&self.keys, &fwd.next, fwd.service, self.epoch, now));
+        match proven {
+            Some(Ok(origin)) if origin == peer && h.origin == peer => Ok(()),
+            Some(Err(e)) => Err(GateRefusal::Flow(e)),
+            _ => Err(GateRefusal::FlowOriginMismatch),
+        }
+    }
+
+    /// At the serving node, for a stream that came through relay `peer`: the origin's flow
+    /// assertion must verify, be fresh and unseen, and policy must allow that origin through
+    /// that relay.
+    pub fn check_relayed(
+        &self,
+        peer: NodeId,
+        h: &StreamHeader,
+        nonces: &mut NonceCache,
+        now: UnixTime,
+    ) -> Result<ServePermit, GateRefusal> {
+        let a = h.assertion.as_ref().ok_or(GateRefusal::FlowMissing)?;
+        let origin = a
+            .verify(&self.keys, &self.local, h.service, self.epoch, now)
+            .map_err(GateRefusal::Flow)?;
+        if origin != h.origin {
+            return Err(GateRefusal::FlowOriginMismatch);
+        }
+        nonces
+            .insert(a.epoch, a.nonce, self.epoch.epoch_at(now))
+            .map_err(GateRefusal::Flow)?;
+        let table = self.table.as_ref().ok_or(GateRefusal::NoRoutes)?;
+        table
+            .ingress
+            .may_serve_via(&peer, &origin, h.service)
+            .map_err(|_| GateRefusal::OriginNotAllowedViaRelay)
+    }
+
+    /// The SOCKS endpoint's decision, before any network action: may this node initiate, and
+    /// may its apps reach `host`?
+    pub fn route(&self, host: &str, now: UnixTime) -> Result<EgressRoute, SocksRefusal> {
+        self.self_permit(now)
+            .map_err(SocksRefusal::SelfNotPermitted)?;
+        let table = self.table.as_ref().ok_or(SocksRefusal::NoRoutes)?;
+        table
+            .egress
+            .may_route(host, &self.suffix)
+            .map(|p| p.route)
+            .map_err(SocksRefusal::Route)
+    }
+
+    /// The one minting path (SOCKS client streams and relayed streams): the token for
+    /// `stream_id` to `dst` for `service`, over `header`, under the current minting
+    /// generation and epoch. `key` derives the connection's stream key (see
+    /// [`crate::peer::PeerConn::stream_key`]).
+    pub fn mint(
+        &self,
+        mint: &Mint<'_>,
+        key: impl FnOnce(&PairSeed, &PairIds, Generation, Epoch) -> StreamKey,
+        now: UnixTime,
+    ) -> Result<[u8; TOKEN_LEN], MintRefusal> {
+        let grant = self
+            .keyrings
+            .get(&mint.dst)
+            .and_then(|k| k.minting(now))
+            .ok_or(MintRefusal::NoSeedForPeer)?;
+        let epoch = self.epoch.epoch_at(now);
+        let key = key(
+            &grant.seed,
+            &PairIds::new(self.local, mint.dst),
+            grant.generation,
+            epoch,
+        );
+        let req = MintRequest {
+            generation: grant.generation,
+            epoch,
+            src: self.local,
+            dst: mint.dst,
+            service: mint.service,
+            stream_id: mint.stream_id,
+            header: mint.header,
+        };
+        mint_token(&req, &key).map_err(|_| MintRefusal::HeaderTooLong)
+    }
+
+    /// The watchdog's selection among `peers` (those with live connections): which to close
+    /// now and why. Everything while our own attestation is invalid (fail closed); a peer
+    /// that is revoked or no longer in the table; a peer whose attestation expired (with
+    /// [`ATTESTATION_LEEWAY`]) without a renewal.
+    pub fn doomed(
+        &self,
+        peers: impl IntoIterator<Item = NodeId>,
+        now: UnixTime,
+    ) -> Vec<(NodeId, CloseReason)> {
+        let self_ok = self.self_permit(now).is_ok();
+        peers
+            .into_iter()
+            .filter_map(|peer| {
+                if !self_ok {
+                    return Some((peer, CloseReason::OwnAttestationInvalid));
+                }
+                if let Err(e) = self.authorize_peer(&peer, now) {
+                    return Some((peer, CloseReason::NotAuthorized(e)));
+                }
+                match self.peer_attestations.get(&peer) {
+                    Some(a) if now < a.not_after.plus(ATTESTATION_LEEWAY) => None,
+                    _ => Some((peer, CloseReason::PeerAttestationExpired)),
+                }
+            })
+            .collect()
+    }
+
     /// Applies one verifier push.
     pub fn apply(&mut self, push: Push, _now: UnixTime) -> Effects {
         let mut fx = Effects::default();
@@ -217,7 +450,7 @@ impl NodeState {
                     .map(|t| t.peers.clone())
                     .unwrap_or_default();
                 for gone in old.difference(&table.peers) {
-                    fx.close.push((*gone, "policy_changed"));
+                    fx.close.push((*gone, CloseReason::PolicyChanged));
                     self.keyrings.remove(gone);
                 }
                 self.peers = peers.iter().map(|p| (p.node_id, p.clone())).collect();
@@ -247,7 +480,7 @@ impl NodeState {
                 match verify_revocation_list(&list, &self.keys, current) {
                     Ok(RevocationUpdate::Newer(l)) => {
                         for r in l.revoked.iter() {
-                            fx.close.push((r.node_id, "revoked"));
+                            fx.close.push((r.node_id, CloseReason::Revoked));
                             if let Some(ring) = self.keyrings.get_mut(&r.node_id) {
                                 ring.mark_all_compromised();
                             }
@@ -366,7 +599,7 @@ mod tests {
             },
             now,
         );
-        assert_eq!(fx.close, vec![(p, "revoked")]);
+        assert_eq!(fx.close, vec![(p, CloseReason::Revoked)]);
         assert_eq!(fx.persist_revocations, Some(bytes.clone()));
         assert_eq!(s.authorize_peer(&p, now), Err(PeerRefusal::Revoked));
         // Rollback: an older list is refused and nothing changes.
@@ -388,7 +621,7 @@ mod tests {
         assert_eq!(s.authorize_peer(&p, now), Err(PeerRefusal::Revoked));
         // Dropping a peer from the table closes its connections.
         let fx = s.apply(routes(&[q]), now);
-        assert_eq!(fx.close, vec![(p, "policy_changed")]);
+        assert_eq!(fx.close, vec![(p, CloseReason::PolicyChanged)]);
     }
 
     #[test]

@@ -1,0 +1,174 @@
+//! Peer connections: [`PeerConn`] (one connection that completed the Hello exchange), the
+//! [`Pool`] of every live connection per peer, and [`Dial`], the one way the gate (as a
+//! relay) and the SOCKS endpoint reach a peer.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hopmesh_protocol::control::PeerMessage;
+use hopmesh_protocol::frame::CONTROL_CAP;
+use hopmesh_protocol::hop_token::{
+    Epoch, ForgeryLimitExceeded, ForgeryMeter, Generation, PairIds, StreamKeyCache,
+};
+use hopmesh_protocol::ids::NodeId;
+use hopmesh_protocol::secret::{ConnectionBinding, PairSeed, StreamKey};
+use hopmesh_protocol::time::UnixTime;
+use hopmesh_transport::quic::{FrameIoError, write_frame};
+use quinn::{Connection, SendStream};
+
+use crate::NodeError;
+use crate::refusal::CloseReason;
+
+/// A peer connection that completed the Hello exchange.
+#[derive(Debug)]
+pub struct PeerConn {
+    /// The TLS-authenticated peer.
+    pub peer: NodeId,
+    /// The connection.
+    pub conn: Connection,
+    /// Exporter bytes binding tokens to this connection.
+    pub binding: ConnectionBinding,
+    control: tokio::sync::Mutex<SendStream>,
+    forgeries: Mutex<ForgeryMeter>,
+    /// The peer said goodbye: finish open streams, open no new ones here.
+    leaving: AtomicBool,
+    /// Stream keys of this connection per (generation, epoch): one derivation per epoch.
+    pub keys: Mutex<StreamKeyCache>,
+}
+
+impl PeerConn {
+    /// A connection whose Hello exchange succeeded; `control` is our side of its control stream.
+    pub fn new(
+        peer: NodeId,
+        conn: Connection,
+        binding: ConnectionBinding,
+        control: SendStream,
+    ) -> Self {
+        Self {
+            peer,
+            conn,
+            binding,
+            control: tokio::sync::Mutex::new(control),
+            forgeries: Mutex::new(ForgeryMeter::default()),
+            leaving: AtomicBool::new(false),
+            keys: Mutex::new(StreamKeyCache::default()),
+        }
+    }
+
+    /// The stream key for minting on this connection, derived once per (generation, epoch).
+    pub fn stream_key(
+        &self,
+        seed: &PairSeed,
+        pair: &PairIds,
+        generation: Generation,
+        epoch: Epoch,
+    ) -> StreamKey {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .stream_key(&self.binding, pair, seed, generation, epoch)
+    }
+
+    /// Records a forged token; `Err` when the connection passed the limit.
+    pub fn record_forgery(&self, now: UnixTime) -> Result<(), ForgeryLimitExceeded> {
+        self.forgeries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(now)
+    }
+
+    /// Writes one message on our control stream.
+    pub async fn send_control(&self, msg: &PeerMessage) -> Result<(), FrameIoError> {
+        let mut control = self.control.lock().await;
+        write_frame(&mut control, msg, CONTROL_CAP).await
+    }
+
+    /// Marks the connection as leaving (the peer said goodbye).
+    pub fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::SeqCst);
+    }
+
+    /// Open, and the peer has not said goodbye: usable for new streams.
+    pub fn usable(&self) -> bool {
+        self.conn.close_reason().is_none() && !self.leaving.load(Ordering::SeqCst)
+    }
+
+    /// Closes the connection with `why`'s code and reason.
+    pub fn close(&self, why: CloseReason) {
+        self.conn.close(why.code(), why.reason().as_bytes());
+    }
+}
+
+/// Every live connection per peer (both directions): revocation must close them all.
+#[derive(Debug, Default)]
+pub struct Pool {
+    conns: Mutex<HashMap<NodeId, Vec<Arc<PeerConn>>>>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Vec<Arc<PeerConn>>>> {
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A usable connection to `peer`, if any.
+    pub fn usable(&self, peer: &NodeId) -> Option<Arc<PeerConn>> {
+        self.lock()
+            .get(peer)
+            .into_iter()
+            .flatten()
+            .find(|pc| pc.usable())
+            .cloned()
+    }
+
+    /// Adds an established connection.
+    pub fn insert(&self, pc: Arc<PeerConn>) {
+        self.lock().entry(pc.peer).or_default().push(pc);
+    }
+
+    /// Removes every connection to `peer` and returns them.
+    pub fn remove(&self, peer: &NodeId) -> Vec<Arc<PeerConn>> {
+        self.lock().remove(peer).unwrap_or_default()
+    }
+
+    /// Every connection.
+    pub fn snapshot(&self) -> Vec<Arc<PeerConn>> {
+        self.lock().values().flatten().cloned().collect()
+    }
+
+    /// The peers with at least one connection.
+    pub fn peers(&self) -> Vec<NodeId> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// The connections to `peer`.
+    pub fn of(&self, peer: &NodeId) -> Vec<Arc<PeerConn>> {
+        self.lock().get(peer).cloned().unwrap_or_default()
+    }
+
+    /// Forgets closed connections.
+    pub fn prune(&self) {
+        let mut pool = self.lock();
+        for conns in pool.values_mut() {
+            conns.retain(|pc| pc.conn.close_reason().is_none());
+        }
+        pool.retain(|_, conns| !conns.is_empty());
+    }
+}
+
+/// A future that yields a pooled or freshly dialed connection.
+pub type DialFuture = Pin<Box<dyn Future<Output = Result<Arc<PeerConn>, NodeError>> + Send>>;
+
+/// Reaches a peer: a pooled connection, or a new one after the Hello exchange.
+///
+/// The future is boxed on purpose: relaying makes the call graph recursive (gate → dial →
+/// establish → gate), and a named future type breaks the cycle that would otherwise defeat
+/// the compiler's `Send` inference.
+pub trait Dial: Send + Sync + std::fmt::Debug {
+    /// A connection to `peer`, dialing if needed.
+    fn connection_to(&self, peer: NodeId) -> DialFuture;
+}

@@ -1,0 +1,216 @@
+//! What every task of a running node reads: identity, config, state, clock, counters, audit
+//! log, the report queue to the verifier, the flow-nonce cache and the resolver.
+//!
+//! No QUIC endpoint here: tasks that open connections get a [`crate::peer::Dial`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use hickory_resolver::TokioResolver;
+use hopmesh_protocol::control::NonceCache;
+use hopmesh_protocol::enrollment::Report;
+use hopmesh_protocol::ids::{Measurement, NodeId};
+use hopmesh_protocol::time::{Clock, UnixTime};
+use hopmesh_transport::audit::AuditLog;
+use hopmesh_transport::identity::Identity;
+use hopmesh_transport::pins::Pins;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::config::NodeConfig;
+use crate::counters::Counters;
+use crate::datadir::NodeDir;
+use crate::state::NodeState;
+
+/// The node's shared context.
+pub struct Shared {
+    /// This node's id.
+    pub local: NodeId,
+    /// Its identity.
+    pub identity: Identity,
+    /// Configuration.
+    pub config: NodeConfig,
+    /// Counters.
+    pub counters: Arc<Counters>,
+    /// The node's view of the mesh; read by the TLS authorizer too.
+    pub state: Arc<RwLock<NodeState>>,
+    /// The clock every decision reads.
+    pub clock: Arc<dyn Clock>,
+    /// The data directory.
+    pub dir: NodeDir,
+    /// The verifier pins.
+    pub pins: Pins,
+    /// SHA-256 of this node's executable.
+    pub measurement: Measurement,
+    audit: Mutex<AuditLog>,
+    reports: mpsc::Sender<Report>,
+    resolver: Option<TokioResolver>,
+    nonces: Mutex<NonceCache>,
+    verifier_connected: AtomicBool,
+    active: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of [`Shared`] that `start` builds.
+#[derive(Debug)]
+pub struct SharedParts {
+    /// Identity.
+    pub identity: Identity,
+    /// Configuration.
+    pub config: NodeConfig,
+    /// Initial state.
+    pub state: NodeState,
+    /// Clock.
+    pub clock: Arc<dyn Clock>,
+    /// Data directory.
+    pub dir: NodeDir,
+    /// Verifier pins.
+    pub pins: Pins,
+    /// Own measurement.
+    pub measurement: Measurement,
+    /// The opened audit log.
+    pub audit: AuditLog,
+    /// Where reports for the verifier go.
+    pub reports: mpsc::Sender<Report>,
+}
+
+impl Shared {
+    /// Builds the shared context.
+    pub fn new(p: SharedParts) -> Self {
+        let resolver = TokioResolver::builder_tokio()
+            .ok()
+            .and_then(|b| b.build().ok());
+        Self {
+            local: p.identity.node_id(),
+            identity: p.identity,
+            config: p.config,
+            counters: Arc::new(Counters::default()),
+            state: Arc::new(RwLock::new(p.state)),
+            clock: p.clock,
+            dir: p.dir,
+            pins: p.pins,
+            measurement: p.measurement,
+            audit: Mutex::new(p.audit),
+            reports: p.reports,
+            resolver,
+            nonces: Mutex::new(NonceCache::default()),
+            verifier_connected: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Now on the node's clock.
+    pub fn now(&self) -> UnixTime {
+        self.clock.now()
+    }
+
+    /// The state, read-locked (keep the guard short; never across an await).
+    pub fn state_read(&self) -> RwLockReadGuard<'_, NodeState> {
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The state, write-locked (keep the guard short; never across an await).
+    pub fn state_write(&self) -> RwLockWriteGuard<'_, NodeState> {
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records an audit event.
+    pub fn audit(&self, event: &str, fields: Map<String, Value>) {
+        let now = self.now().as_secs();
+        if let Err(e) = self
+            .audit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(now, event, fields)
+        {
+            tracing::error!(error = %e, "audit log write failed");
+        }
+    }
+
+    /// Queues a report for the verifier (dropped with a log line if the queue is full).
+    pub fn report(&self, r: Report) {
+        if self.reports.try_send(r).is_err() {
+            tracing::warn!("report queue full; report dropped (it is in the audit log)");
+        }
+    }
+
+    /// Resolves `host:port` (IP literals directly, names with hickory).
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        let resolver = self.resolver.as_ref().ok_or("no DNS resolver configured")?;
+        let ips = resolver.lookup_ip(host).await.map_err(|e| e.to_string())?;
+        Ok(ips.iter().map(|ip| SocketAddr::new(ip, port)).collect())
+    }
+
+    /// Resolves a `host:port` string.
+    pub async fn resolve_hostport(&self, hostport: &str) -> Result<Vec<SocketAddr>, String> {
+        let b = hopmesh_protocol::policy::parse_backend(hostport)?;
+        self.resolve(&b.host, b.port).await
+    }
+
+    /// Runs `f` on the flow-nonce replay cache.
+    pub fn flow_nonces<T>(&self, f: impl FnOnce(&mut NonceCache) -> T) -> T {
+        f(&mut self
+            .nonces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// True once shutdown began: new streams are refused, open ones finish.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Starts the drain.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the verifier link is up.
+    pub fn verifier_connected(&self) -> bool {
+        self.verifier_connected.load(Ordering::SeqCst)
+    }
+
+    /// Marks the verifier link up or down.
+    pub fn set_verifier_connected(&self, up: bool) {
+        self.verifier_connected.store(up, Ordering::SeqCst);
+    }
+
+    /// Inbound streams still being handled.
+    pub fn active_streams(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Counts an inbound stream for the drain until the guard drops.
+    pub fn stream_guard(self: &Arc<Self>) -> ActiveStream {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        ActiveStream(self.clone())
+    }
+}
+
+/// One inbound stream being handled (see [`Shared::stream_guard`]).
+#[derive(Debug)]
+pub struct ActiveStream(Arc<Shared>);
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
