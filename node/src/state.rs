@@ -657,4 +657,443 @@ mod tests {
         assert_eq!(s.epoch.as_secs(), 1);
         assert_eq!(s.suffix, "corp");
     }
+
+    /// The decisions of the gate, SOCKS, relays and the watchdog, without a socket.
+    mod decisions {
+        use super::*;
+        use hopmesh_protocol::control::{FlowAssertion, FlowRefusal};
+        use hopmesh_protocol::hop_token::{Epoch, Generation, GenerationGrant, TokenRefusal};
+        use hopmesh_protocol::routing::RouteRefusal;
+        use hopmesh_protocol::routing::{
+            Backend, EgressRoute, EgressTable, ForwardPermit, IngressEntry, IngressTable, MeshName,
+        };
+
+        const A: u8 = 2;
+        const B: u8 = 3;
+        const R: u8 = 4;
+
+        fn key_of(seed: u8) -> SigningKey {
+            SigningKey::from_seed(&SigningSeed::from_bytes([seed; 32]))
+        }
+
+        fn id(seed: u8) -> NodeId {
+            NodeId::from_spki(&key_of(seed).verifying_key().to_spki_der())
+        }
+
+        fn api() -> MeshName {
+            MeshName::parse("api.s.mesh", DEFAULT_MESH_SUFFIX).expect("mesh name")
+        }
+
+        fn grant() -> GenerationGrant {
+            GenerationGrant {
+                generation: Generation(1),
+                seed: PairSeed::from_bytes([5; 32]),
+                valid_from: UnixTime::from_secs(NOW - 100),
+                valid_until: UnixTime::from_secs(NOW + 300),
+            }
+        }
+
+        /// Node `seed`, attested, with `table` and one seed for each of `peers`.
+        fn node(seed: u8, table: RoutingTable) -> NodeState {
+            let (env, v, spki) = attestation_for(seed, NOW + 300);
+            let mut s = NodeState::new(
+                NodeId::from_spki(&spki),
+                KeySet::new(vec![verifier().verifying_key()]).expect("keys"),
+            );
+            s.set_attestation(env, v);
+            for p in table.peers.clone() {
+                s.keyring(p).insert(grant()).expect("grant");
+            }
+            s.table = Some(table);
+            s
+        }
+
+        /// a reaches api on b; b serves api to a, and to a through relay r.
+        fn a_and_b() -> (NodeState, NodeState) {
+            let name = api();
+            let service = name.service_id();
+            let a = node(
+                A,
+                RoutingTable {
+                    egress: EgressTable::from_routes([EgressRoute {
+                        name: name.clone(),
+                        service,
+                        serving_node: id(B),
+                        via: None,
+                    }]),
+                    peers: [id(B)].into(),
+                    ..RoutingTable::default()
+                },
+            );
+            let b = node(
+                B,
+                RoutingTable {
+                    ingress: IngressTable::from_entries([IngressEntry {
+                        service,
+                        name,
+                        backend: Backend {
+                            host: "127.0.0.1".into(),
+                            port: 8080,
+                        },
+                        allowed_peers: [id(A)].into(),
+                        relayed: [(id(R), id(A))].into(),
+                    }]),
+                    peers: [id(A), id(R)].into(),
+                    ..RoutingTable::default()
+                },
+            );
+            (a, b)
+        }
+
+        fn header(origin: NodeId, service: ServiceId, assertion: Option<FlowAssertion>) -> Vec<u8> {
+            StreamHeader {
+                origin,
+                service,
+                route: hopmesh_protocol::wire::BoundedVec::empty(),
+                assertion,
+            }
+            .encode()
+            .expect("header")
+        }
+
+        fn mint_on(
+            st: &NodeState,
+            dst: NodeId,
+            stream_id: u64,
+            header: &[u8],
+            binding: &ConnectionBinding,
+        ) -> Result<[u8; TOKEN_LEN], MintRefusal> {
+            let cache = Mutex::new(StreamKeyCache::default());
+            let mint = Mint {
+                dst,
+                service: api().service_id(),
+                stream_id,
+                header,
+            };
+            st.mint(
+                &mint,
+                |seed, pair, generation, epoch| {
+                    cache
+                        .lock()
+                        .expect("cache")
+                        .stream_key(binding, pair, seed, generation, epoch)
+                },
+                UnixTime::from_secs(NOW),
+            )
+        }
+
+        fn gate(
+            st: &NodeState,
+            peer: NodeId,
+            stream_id: u64,
+            raw: &[u8; TOKEN_LEN],
+            binding: &ConnectionBinding,
+        ) -> Result<TokenPermit, GateRefusal> {
+            let keys = Mutex::new(StreamKeyCache::default());
+            let conn = ConnectionContext {
+                peer,
+                stream_id,
+                binding,
+                keys: &keys,
+            };
+            st.check_token(raw, &conn, UnixTime::from_secs(NOW))
+        }
+
+        #[test]
+        fn a_minted_token_passes_the_gate_on_its_connection_and_stream_only() {
+            let (a, b) = a_and_b();
+            let x = ConnectionBinding::from_bytes([7; 32]);
+            let h = header(a.local, api().service_id(), None);
+            let raw = mint_on(&a, b.local, 4, &h, &x).expect("minted");
+            let permit = gate(&b, a.local, 4, &raw, &x).expect("admitted");
+            assert_eq!(permit.header_len(), h.len());
+            let stream = permit.check_header(&h).expect("header hash");
+            let admitted = b
+                .check_stream(
+                    stream,
+                    &h,
+                    a.local,
+                    &mut NonceCache::default(),
+                    UnixTime::from_secs(NOW),
+                )
+                .expect("serve");
+            assert!(
+                matches!(&admitted, Admitted::Serve(p) if p.service == api().service_id() && p.backend.port == 8080)
+            );
+            // Another connection: the exporter differs, the MAC fails.
+            let y = ConnectionBinding::from_bytes([8; 32]);
+            assert_eq!(
+                gate(&b, a.local, 4, &raw, &y).err(),
+                Some(GateRefusal::Token(TokenRefusal::BadMac))
+            );
+            // Another stream of the same connection.
+            assert!(matches!(
+                gate(&b, a.local, 8, &raw, &x),
+                Err(GateRefusal::Token(TokenRefusal::StreamIdMismatch { .. }))
+            ));
+            // Another TLS peer claiming a's token.
+            assert!(matches!(
+                gate(&b, id(R), 4, &raw, &x),
+                Err(GateRefusal::Token(TokenRefusal::SrcNotPeer { .. }))
+            ));
+        }
+
+        #[test]
+        fn the_gate_fails_closed_before_reading_the_token() {
+            let (a, mut b) = a_and_b();
+            let x = ConnectionBinding::from_bytes([7; 32]);
+            let h = header(a.local, api().service_id(), None);
+            let raw = mint_on(&a, b.local, 0, &h, &x).expect("minted");
+            b.table = None;
+            assert_eq!(
+                gate(&b, a.local, 0, &raw, &x).err(),
+                Some(GateRefusal::SelfNotPermitted(SelfRefusal::NoRoutes))
+            );
+            b.attestation = None;
+            assert_eq!(
+                gate(&b, a.local, 0, &raw, &x).err(),
+                Some(GateRefusal::SelfNotPermitted(SelfRefusal::NoAttestation))
+            );
+        }
+
+        #[test]
+        fn headers_must_agree_with_the_token_and_the_peer() {
+            let (a, b) = a_and_b();
+            let x = ConnectionBinding::from_bytes([7; 32]);
+            let now = UnixTime::from_secs(NOW);
+            let check = |h: &[u8]| {
+                let raw = mint_on(&a, b.local, 0, h, &x).expect("minted");
+                let stream = gate(&b, a.local, 0, &raw, &x)
+                    .expect("token")
+                    .check_header(h)
+                    .expect("hash");
+                b.check_stream(stream, h, a.local, &mut NonceCache::default(), now)
+            };
+            // An origin other than the TLS peer on a direct stream.
+            assert_eq!(
+                check(&header(id(R), api().service_id(), None)),
+                Err(GateRefusal::OriginNotPeer)
+            );
+            // Bytes that are not a header (MAC'd, so only the minter could send them).
+            assert_eq!(check(b"not a header"), Err(GateRefusal::BadHeader));
+        }
+
+        #[test]
+        fn mint_needs_a_current_seed_for_the_next_hop() {
+            let (a, _) = a_and_b();
+            let x = ConnectionBinding::from_bytes([7; 32]);
+            let h = header(a.local, api().service_id(), None);
+            assert_eq!(
+                mint_on(&a, id(R), 0, &h, &x),
+                Err(MintRefusal::NoSeedForPeer)
+            );
+            let mut late = a_and_b().0;
+            late.keyrings.clear();
+            assert_eq!(
+                mint_on(&late, id(B), 0, &h, &x),
+                Err(MintRefusal::NoSeedForPeer)
+            );
+        }
+
+        #[test]
+        fn route_decides_before_any_network_action() {
+            let (a, _) = a_and_b();
+            let now = UnixTime::from_secs(NOW);
+            let r = a.route("api.s.mesh", now).expect("route");
+            assert_eq!((r.serving_node, r.via), (id(B), None));
+            assert_eq!(
+                a.route("10.0.0.1", now),
+                Err(SocksRefusal::Route(RouteRefusal::IpLiteral))
+            );
+            assert_eq!(
+                a.route("example.com", now),
+                Err(SocksRefusal::Route(RouteRefusal::NotMeshName))
+            );
+            assert_eq!(
+                a.route("ledger.s.mesh", now),
+                Err(SocksRefusal::Route(RouteRefusal::NoRoute))
+            );
+            assert_eq!(
+                a.route("api.s.mesh", UnixTime::from_secs(NOW + 300)),
+                Err(SocksRefusal::SelfNotPermitted(SelfRefusal::Expired))
+            );
+        }
+
+        fn assertion_by(origin: u8, final_node: NodeId, nonce: u8) -> FlowAssertion {
+            let (env, _, _) = attestation_for(origin, NOW + 300);
+            FlowAssertion::sign(
+                &key_of(origin),
+                &env,
+                final_node,
+                api().service_id(),
+                EpochLength::DEFAULT.epoch_at(UnixTime::from_secs(NOW)),
+                [nonce; 16],
+            )
+            .expect("signed")
+        }
+
+        #[test]
+        fn a_relayed_stream_needs_the_origins_fresh_assertion_and_policy() {
+            let (_, b) = a_and_b();
+            let now = UnixTime::from_secs(NOW);
+            let service = api().service_id();
+            let mut nonces = NonceCache::default();
+            let h = |origin, assertion| StreamHeader {
+                origin,
+                service,
+                route: hopmesh_protocol::wire::BoundedVec::empty(),
+                assertion,
+            };
+            assert_eq!(
+                b.check_relayed(id(R), &h(id(A), None), &mut nonces, now),
+                Err(GateRefusal::FlowMissing)
+            );
+            // The relay names another origin than the one that signed.
+            assert_eq!(
+                b.check_relayed(
+                    id(R),
+                    &h(id(R), Some(assertion_by(A, id(B), 1))),
+                    &mut nonces,
+                    now
+                ),
+                Err(GateRefusal::FlowOriginMismatch)
+            );
+            // Signed for another final node.
+            assert!(matches!(
+                b.check_relayed(
+                    id(R),
+                    &h(id(A), Some(assertion_by(A, id(R), 2))),
+                    &mut nonces,
+                    now
+                ),
+                Err(GateRefusal::Flow(_))
+            ));
+            let good = h(id(A), Some(assertion_by(A, id(B), 3)));
+            let p = b
+                .check_relayed(id(R), &good, &mut nonces, now)
+                .expect("allowed");
+            assert_eq!(p.service, service);
+            // The same assertion again: a relay replaying the origin's flow.
+            assert_eq!(
+                b.check_relayed(id(R), &good, &mut nonces, now),
+                Err(GateRefusal::Flow(FlowRefusal::Replayed))
+            );
+            // Through a relay policy does not name for that origin.
+            let other = h(id(A), Some(assertion_by(A, id(B), 4)));
+            assert_eq!(
+                b.check_relayed(id(A), &other, &mut nonces, now),
+                Err(GateRefusal::OriginNotAllowedViaRelay)
+            );
+        }
+
+        #[test]
+        fn a_relay_forwards_only_its_peers_own_flows() {
+            let r = node(R, RoutingTable::default());
+            let now = UnixTime::from_secs(NOW);
+            let service = api().service_id();
+            let fwd = ForwardPermit {
+                origin: id(A),
+                service,
+                next: id(B),
+            };
+            let h = |origin, assertion| StreamHeader {
+                origin,
+                service,
+                route: hopmesh_protocol::wire::BoundedVec::empty(),
+                assertion,
+            };
+            let signed = Some(assertion_by(A, id(B), 1));
+            assert_eq!(
+                r.check_forward(&h(id(A), signed.clone()), &fwd, id(A), now),
+                Ok(())
+            );
+            // Another peer passing on a's assertion.
+            assert_eq!(
+                r.check_forward(&h(id(A), signed.clone()), &fwd, id(B), now),
+                Err(GateRefusal::FlowOriginMismatch)
+            );
+            assert_eq!(
+                r.check_forward(&h(id(A), None), &fwd, id(A), now),
+                Err(GateRefusal::FlowOriginMismatch)
+            );
+            assert!(matches!(
+                r.check_forward(&h(id(A), Some(assertion_by(A, id(R), 2))), &fwd, id(A), now),
+                Err(GateRefusal::Flow(_))
+            ));
+            // A stale assertion (three epochs later).
+            let later = UnixTime::from_secs(NOW + 30);
+            assert_eq!(
+                r.check_forward(&h(id(A), signed), &fwd, id(A), later),
+                Err(GateRefusal::Flow(FlowRefusal::EpochOutOfWindow))
+            );
+        }
+
+        #[test]
+        fn doomed_picks_exactly_the_connections_to_close() {
+            let (_, mut b) = a_and_b();
+            let now = UnixTime::from_secs(NOW);
+            let live = PeerAttestation {
+                serial: 1,
+                not_after: UnixTime::from_secs(NOW + 100),
+                segments: vec![],
+            };
+            b.peer_attestations.insert(id(A), live.clone());
+            // r's attestation ended 6 s ago: past the leeway.
+            b.peer_attestations.insert(
+                id(R),
+                PeerAttestation {
+                    not_after: UnixTime::from_secs(NOW - ATTESTATION_LEEWAY - 1),
+                    ..live.clone()
+                },
+            );
+            let stranger = NodeId::from_bytes([9; 32]);
+            assert_eq!(
+                b.doomed([id(A), id(R), stranger], now),
+                vec![
+                    (id(R), CloseReason::PeerAttestationExpired),
+                    (stranger, CloseReason::NotAuthorized(PeerRefusal::NotAPeer)),
+                ]
+            );
+            // Within the leeway the connection stays.
+            b.peer_attestations.insert(
+                id(R),
+                PeerAttestation {
+                    not_after: UnixTime::from_secs(NOW - 1),
+                    ..live
+                },
+            );
+            assert_eq!(b.doomed([id(A), id(R)], now), vec![]);
+            // Our own attestation expired: everything closes.
+            let late = UnixTime::from_secs(NOW + 300);
+            assert_eq!(
+                b.doomed([id(A), id(R)], late),
+                vec![
+                    (id(A), CloseReason::OwnAttestationInvalid),
+                    (id(R), CloseReason::OwnAttestationInvalid),
+                ]
+            );
+        }
+
+        #[test]
+        fn epochs_move_the_token_key() {
+            let (a, b) = a_and_b();
+            let x = ConnectionBinding::from_bytes([7; 32]);
+            let h = header(a.local, api().service_id(), None);
+            let raw = mint_on(&a, b.local, 0, &h, &x).expect("minted");
+            // Three epochs later the same token is out of the ±1 window.
+            let keys = Mutex::new(StreamKeyCache::default());
+            let conn = ConnectionContext {
+                peer: a.local,
+                stream_id: 0,
+                binding: &x,
+                keys: &keys,
+            };
+            let epoch = EpochLength::DEFAULT.epoch_at(UnixTime::from_secs(NOW));
+            assert!(matches!(
+                b.check_token(&raw, &conn, UnixTime::from_secs(NOW + 30)),
+                Err(GateRefusal::Token(TokenRefusal::EpochOutOfWindow { .. }))
+            ));
+            assert_eq!(epoch, Epoch(NOW / 10));
+        }
+    }
 }
