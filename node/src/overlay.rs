@@ -32,6 +32,8 @@ use crate::state::NodeState;
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 /// Deadline for dialing one address.
 pub const DIAL_DEADLINE: Duration = Duration::from_secs(5);
+/// Deadline for writing one control message (a renewal) to a peer.
+pub const CONTROL_WRITE_DEADLINE: Duration = Duration::from_secs(5);
 /// How often the watchdog re-checks every connection.
 pub const WATCHDOG_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -244,7 +246,8 @@ impl Overlay {
         };
         node.state_write().peer_attestations.insert(peer, pa);
         let binding = connection_binding(&conn, ALPN_DATA, &PairIds::new(node.local, peer))?;
-        let pc = Arc::new(PeerConn::new(peer, conn, binding, send));
+        let (pc, renewals) = PeerConn::new(peer, conn, binding, send);
+        let pc = Arc::new(pc);
         self.pool.insert(pc.clone());
         node.audit(
             "peer_connected",
@@ -252,6 +255,7 @@ impl Overlay {
         );
         tokio::spawn(self.clone().control_reader(pc.clone(), recv, spki));
         tokio::spawn(self.clone().serve_streams(pc.clone()));
+        tokio::spawn(self.clone().control_writer(pc.clone(), renewals));
         Ok(pc)
     }
 
@@ -366,6 +370,11 @@ impl Overlay {
                 _ = shutdown.changed() => return,
             }
             let now = self.shared.now();
+            // A refreshed attestation that was not valid yet on our clock may be now.
+            let promoted = self.shared.state_write().promote_pending(now);
+            if let Some(envelope) = promoted {
+                self.renew_all(envelope);
+            }
             let doomed = self.shared.state_read().doomed(self.pool.peers(), now);
             for (peer, why) in doomed {
                 self.close_peer(&peer, why);
@@ -374,10 +383,42 @@ impl Overlay {
         }
     }
 
-    /// Sends `msg` on every connection's control stream.
-    pub async fn tell_all(&self, msg: &PeerMessage) {
+    /// Queues a renewal of our attestation for every connection; never waits.
+    pub fn renew_all(&self, envelope: Vec<u8>) {
+        let Ok(attestation) = BoundedVec::new(envelope) else {
+            return;
+        };
+        let msg = Arc::new(PeerMessage::Renewal { attestation });
         for pc in self.pool.snapshot() {
-            let _ = pc.send_control(msg).await;
+            pc.renew(msg.clone());
+        }
+    }
+
+    /// One per connection: writes the newest queued renewal, each within
+    /// [`CONTROL_WRITE_DEADLINE`]. A write that misses it leaves a partial frame behind, and
+    /// means the peer gives no credit or does not read: the connection is closed.
+    async fn control_writer(
+        self: Arc<Self>,
+        pc: Arc<PeerConn>,
+        mut renewals: watch::Receiver<Option<Arc<PeerMessage>>>,
+    ) {
+        loop {
+            tokio::select! {
+                changed = renewals.changed() => if changed.is_err() { return },
+                _ = pc.conn.closed() => return,
+            }
+            let Some(msg) = renewals.borrow_and_update().clone() else {
+                continue;
+            };
+            match tokio::time::timeout(CONTROL_WRITE_DEADLINE, pc.send_control(&msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    self.shared.counters.refused("control_stalled");
+                    self.close_peer(&pc.peer, CloseReason::ControlStalled);
+                    return;
+                }
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ use hopmesh_protocol::secret::{ConnectionBinding, PairSeed, StreamKey};
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_transport::quic::{FrameIoError, write_frame};
 use quinn::{Connection, SendStream};
+use tokio::sync::watch;
 
 use crate::NodeError;
 use crate::refusal::CloseReason;
@@ -37,17 +38,21 @@ pub struct PeerConn {
     leaving: AtomicBool,
     /// Stream keys of this connection per (generation, epoch): one derivation per epoch.
     pub keys: Mutex<StreamKeyCache>,
+    /// The newest renewal for this peer; the connection's control writer sends it.
+    renewal: watch::Sender<Option<Arc<PeerMessage>>>,
 }
 
 impl PeerConn {
-    /// A connection whose Hello exchange succeeded; `control` is our side of its control stream.
+    /// A connection whose Hello exchange succeeded; `control` is our side of its control
+    /// stream. The receiver is for the connection's control writer (see [`Self::renew`]).
     pub fn new(
         peer: NodeId,
         conn: Connection,
         binding: ConnectionBinding,
         control: SendStream,
-    ) -> Self {
-        Self {
+    ) -> (Self, watch::Receiver<Option<Arc<PeerMessage>>>) {
+        let (renewal, pending) = watch::channel(None);
+        let pc = Self {
             peer,
             conn,
             binding,
@@ -55,7 +60,15 @@ impl PeerConn {
             forgeries: Mutex::new(ForgeryMeter::default()),
             leaving: AtomicBool::new(false),
             keys: Mutex::new(StreamKeyCache::default()),
-        }
+            renewal,
+        };
+        (pc, pending)
+    }
+
+    /// Queues `msg` (a renewal) for the control writer; a newer one replaces one not yet
+    /// sent, so the peer never sees serials go backwards and the caller never waits.
+    pub fn renew(&self, msg: Arc<PeerMessage>) {
+        self.renewal.send_replace(Some(msg));
     }
 
     /// The stream key for minting on this connection, derived once per (generation, epoch).

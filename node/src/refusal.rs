@@ -175,6 +175,8 @@ pub enum CloseReason {
     ForgedTokens,
     /// A token under a compromised generation (or impersonation): see [`ReportKind`].
     Abuse(ReportKind),
+    /// A control message (a renewal) could not be written within its deadline.
+    ControlStalled,
     /// Orderly shutdown.
     Shutdown,
 }
@@ -194,6 +196,7 @@ impl CloseReason {
             Self::ControlStream => "control stream",
             Self::ForgedTokens => "forged tokens",
             Self::Abuse(kind) => kind.as_str(),
+            Self::ControlStalled => "control stream stalled",
             Self::Shutdown => "shutdown",
         }
     }
@@ -210,6 +213,7 @@ impl CloseReason {
             Self::PolicyChanged => codes::POLICY,
             Self::ExpectedHello | Self::ControlStream => codes::BAD_REQUEST,
             Self::ForgedTokens | Self::Abuse(_) => codes::ABUSE,
+            Self::ControlStalled => codes::CONTROL_STALLED,
             Self::Shutdown => codes::SHUTDOWN,
         }
     }
@@ -262,6 +266,11 @@ mod tests {
                 CloseReason::Abuse(ReportKind::Impersonation),
                 "impersonation",
                 0x4811,
+            ),
+            (
+                CloseReason::ControlStalled,
+                "control stream stalled",
+                0x4814,
             ),
             (CloseReason::Shutdown, "shutdown", 0x4812),
         ];

@@ -26,7 +26,7 @@ use crate::overlay::{Overlay, OverlayParts, StateAuthorizer};
 use crate::path::{MAX_UDP_PAYLOAD, PathKind, Transports};
 use crate::refusal::CloseReason;
 use crate::shared::{Shared, SharedParts};
-use crate::state::NodeState;
+use crate::state::{ATTESTATION_LEEWAY, NodeState};
 
 pub use crate::overlay::{DIAL_DEADLINE, HELLO_DEADLINE};
 pub use crate::verifier_link::MAX_BACKOFF;
@@ -124,7 +124,7 @@ fn load_state(dir: &NodeDir, clock: &dyn Clock) -> Result<(Identity, Pins, NodeS
             .map_err(|e| NodeError::Config(format!("revocations.bin does not verify ({e}); refusing to start with an unknown revocation state")))?;
     }
     if let Ok(bytes) = std::fs::read(dir.file("attestation.bin"))
-        && let Ok(v) = verify_attestation(&bytes, &keys, clock.now(), 0)
+        && let Ok(v) = verify_attestation(&bytes, &keys, clock.now(), ATTESTATION_LEEWAY)
         && v.get().node_id == local
     {
         st.set_attestation(bytes, v);

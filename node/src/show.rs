@@ -11,7 +11,7 @@ pub fn show(node: &Shared, pool: &Pool) -> Value {
     let st = node.state_read();
     let own = st.attestation.as_ref().map(|(_, v)| {
         let a = v.get();
-        serde_json::json!({"serial": a.serial, "not_after": a.not_after.as_secs(), "valid": v.check_validity(now, 0).is_ok(),
+        serde_json::json!({"serial": a.serial, "not_after": a.not_after.as_secs(), "valid": crate::state::own_validity(v, now).is_ok(),
                            "name": a.name.as_str(), "segments": a.segments.iter().map(|s| s.as_str()).collect::<Vec<_>>()})
     });
     let peers: Vec<Value> = st

@@ -40,6 +40,10 @@ pub enum SelfRefusal {
     /// Our attestation expired: fail closed until the next good refresh.
     #[error("this node's attestation expired")]
     Expired,
+    /// Our attestation starts more than [`ATTESTATION_LEEWAY`] after our clock's now (the
+    /// clock is far behind the verifier's).
+    #[error("this node's attestation is not valid yet (clock behind the verifier's?)")]
+    NotYetValid,
     /// No routing table yet from the verifier.
     #[error("no routing table from the verifier yet")]
     NoRoutes,
@@ -65,6 +69,7 @@ impl PeerRefusal {
         match self {
             Self::Self_(SelfRefusal::NoAttestation) => "self_no_attestation",
             Self::Self_(SelfRefusal::Expired) => "self_expired",
+            Self::Self_(SelfRefusal::NotYetValid) => "self_not_yet_valid",
             Self::Self_(SelfRefusal::NoRoutes) => "self_no_routes",
             Self::Revoked => "peer_revoked",
             Self::NotAPeer => "not_a_peer",
@@ -92,6 +97,20 @@ pub struct Effects {
     pub persist_revocations: Option<Vec<u8>>,
     /// Push refused (bad signature, rollback...): the reason, for the audit log.
     pub refused: Option<String>,
+}
+
+/// Our own attestation's validity at `now` on our clock: it may start up to
+/// [`ATTESTATION_LEEWAY`] in our future (our clock a little behind the verifier's), but it
+/// ends exactly at `not_after` (fail closed on time).
+pub fn own_validity(v: &VerifiedAttestation, now: UnixTime) -> Result<(), SelfRefusal> {
+    let a = v.get();
+    if now.plus(ATTESTATION_LEEWAY) < a.not_before {
+        return Err(SelfRefusal::NotYetValid);
+    }
+    if now >= a.not_after {
+        return Err(SelfRefusal::Expired);
+    }
+    Ok(())
 }
 
 /// The connection an inbound stream arrived on, as the gate knows it.
@@ -138,6 +157,9 @@ pub struct NodeState {
     pub keys: KeySet,
     /// Our attestation envelope and what it says.
     pub attestation: Option<(Vec<u8>, VerifiedAttestation)>,
+    /// A newer attestation that is not valid yet on our clock; it replaces
+    /// [`Self::attestation`] once it is ([`Self::promote_pending`]).
+    pub pending: Option<(Vec<u8>, VerifiedAttestation)>,
     /// Epoch length in force.
     pub epoch: EpochLength,
     /// Mesh-name suffix.
@@ -161,6 +183,7 @@ impl NodeState {
             local,
             keys,
             attestation: None,
+            pending: None,
             epoch: EpochLength::DEFAULT,
             suffix: DEFAULT_MESH_SUFFIX.to_owned(),
             table: None,
@@ -177,7 +200,7 @@ impl NodeState {
             .attestation
             .as_ref()
             .ok_or(SelfRefusal::NoAttestation)?;
-        v.check_validity(now, 0).map_err(|_| SelfRefusal::Expired)?;
+        own_validity(v, now)?;
         if self.table.is_none() {
             return Err(SelfRefusal::NoRoutes);
         }
@@ -222,9 +245,39 @@ impl NodeState {
         })
     }
 
-    /// Replaces our own attestation (after enroll or refresh).
+    /// Replaces our own attestation (at start, after enroll).
     pub fn set_attestation(&mut self, envelope: Vec<u8>, v: VerifiedAttestation) {
         self.attestation = Some((envelope, v));
+    }
+
+    /// A refreshed attestation. It becomes ours at once when it is valid at `now`, or when the
+    /// one we hold is not valid either; otherwise we keep the old one (a stream must outlive
+    /// any refresh) and hold the new one until it is valid ([`Self::promote_pending`]).
+    /// Returns whether it is ours now (then peers must get it as a renewal).
+    pub fn refreshed(&mut self, envelope: Vec<u8>, v: VerifiedAttestation, now: UnixTime) -> bool {
+        let old_ok = self
+            .attestation
+            .as_ref()
+            .is_some_and(|(_, old)| own_validity(old, now).is_ok());
+        if own_validity(&v, now).is_ok() || !old_ok {
+            self.attestation = Some((envelope, v));
+            self.pending = None;
+            true
+        } else {
+            self.pending = Some((envelope, v));
+            false
+        }
+    }
+
+    /// Installs the pending attestation once it is valid at `now` (or the current one is
+    /// not); returns its envelope for the renewals.
+    pub fn promote_pending(&mut self, now: UnixTime) -> Option<Vec<u8>> {
+        let (env, v) = self.pending.take()?;
+        if self.refreshed(env.clone(), v, now) {
+            Some(env)
+        } else {
+            None
+        }
     }
 
     /// Loads a persisted revocation list at start. A list that does not verify is an error:
@@ -515,6 +568,15 @@ mod tests {
     }
 
     fn attestation_for(seed: u8, not_after: u64) -> (Vec<u8>, VerifiedAttestation, Vec<u8>) {
+        attestation_window(seed, 7, NOW - 10, not_after)
+    }
+
+    fn attestation_window(
+        seed: u8,
+        serial: u64,
+        not_before: u64,
+        not_after: u64,
+    ) -> (Vec<u8>, VerifiedAttestation, Vec<u8>) {
         let k = verifier();
         let spki = SigningKey::from_seed(&SigningSeed::from_bytes([seed; 32]))
             .verifying_key()
@@ -526,14 +588,14 @@ mod tests {
             name: NodeName::new("n").expect("name"),
             segments: BoundedVec::new(vec![SegmentName::new("s").expect("seg")]).expect("fits"),
             measurement: Measurement([0; 32]),
-            serial: 7,
-            not_before: UnixTime::from_secs(NOW - 10),
+            serial,
+            not_before: UnixTime::from_secs(not_before),
             not_after: UnixTime::from_secs(not_after),
             verifier_key_id: k.key_id(),
         };
         let env = a.sign(&k).expect("sign");
         let keys = KeySet::new(vec![k.verifying_key()]).expect("keys");
-        let v = verify_attestation(&env, &keys, UnixTime::from_secs(NOW - 10), 0).expect("valid");
+        let v = verify_attestation(&env, &keys, UnixTime::from_secs(not_before), 0).expect("valid");
         (env, v, spki)
     }
 
@@ -570,6 +632,46 @@ mod tests {
         );
         let empty = NodeState::new(s.local, s.keys.clone());
         assert_eq!(empty.self_permit(now), Err(SelfRefusal::NoAttestation));
+    }
+
+    #[test]
+    fn own_attestation_tolerates_a_clock_a_little_behind_but_ends_on_time() {
+        let (_, v, _) = attestation_window(2, 1, NOW, NOW + 10);
+        let at = |t: u64| own_validity(&v, UnixTime::from_secs(t));
+        assert_eq!(at(NOW - ATTESTATION_LEEWAY), Ok(()));
+        assert_eq!(
+            at(NOW - ATTESTATION_LEEWAY - 1),
+            Err(SelfRefusal::NotYetValid)
+        );
+        assert_eq!(at(NOW + 9), Ok(()));
+        assert_eq!(at(NOW + 10), Err(SelfRefusal::Expired));
+    }
+
+    #[test]
+    fn a_refresh_never_replaces_a_valid_attestation_with_one_not_yet_valid() {
+        let mut s = state();
+        s.apply(routes(&[]), UnixTime::from_secs(NOW));
+        // Our clock is 20 s behind the verifier that issued the new one.
+        let now = UnixTime::from_secs(NOW);
+        let (env, v, _) = attestation_window(2, 8, NOW + 20, NOW + 320);
+        assert!(!s.refreshed(env.clone(), v, now));
+        assert_eq!(s.attestation.as_ref().map(|(_, v)| v.get().serial), Some(7));
+        assert_eq!(s.self_permit(now), Ok(()));
+        assert_eq!(s.promote_pending(now), None);
+        // Once it is valid on our clock it becomes ours, and peers must hear of it.
+        let later = UnixTime::from_secs(NOW + 20 - ATTESTATION_LEEWAY);
+        assert_eq!(s.promote_pending(later), Some(env));
+        assert_eq!(s.attestation.as_ref().map(|(_, v)| v.get().serial), Some(8));
+        assert!(s.pending.is_none());
+        // A new one that is valid replaces at once.
+        let (env9, v9, _) = attestation_window(2, 9, NOW, NOW + 400);
+        assert!(s.refreshed(env9, v9, later));
+        assert_eq!(s.attestation.as_ref().map(|(_, v)| v.get().serial), Some(9));
+        // With nothing valid held, the newest is taken even if not valid yet.
+        let mut expired = state();
+        let past = UnixTime::from_secs(NOW + 300);
+        let (env10, v10, _) = attestation_window(2, 10, NOW + 320, NOW + 600);
+        assert!(expired.refreshed(env10, v10, past));
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hopmesh_protocol::attestation::VerifiedAttestation;
-use hopmesh_protocol::control::PeerMessage;
 use hopmesh_protocol::enrollment::{Address, Push, Refusal, Report};
+use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 use hopmesh_transport::fields;
 use hopmesh_transport::verifier_client::{ClientError, VerifierClient};
@@ -74,11 +74,9 @@ async fn refresh(overlay: &Overlay, client: &VerifierClient) -> Result<Duration,
     let (env, v) = client
         .refresh(node.measurement, addresses(node), node.now())
         .await?;
-    let ttl = v.get().not_after.secs_since(v.get().not_before).max(2);
-    set_attestation(overlay, env, v).await;
-    // Refresh at half-life with ±10 % jitter.
-    let fraction = rand::random_range(0.4..=0.6);
-    Ok(Duration::from_secs_f64(ttl as f64 * fraction))
+    let interval = refresh_interval(&v, node.now(), rand::random_range(0.4..=0.6));
+    set_attestation(overlay, env, v);
+    Ok(interval)
 }
 
 async fn run_session(
@@ -144,17 +142,31 @@ fn apply_push(overlay: &Overlay, push: Push) {
     }
 }
 
-async fn set_attestation(overlay: &Overlay, envelope: Vec<u8>, v: VerifiedAttestation) {
+/// When to refresh next: at `fraction` (half-life with ±10 % jitter) of what is left of the
+/// attestation on our clock, and never later than that fraction of its whole lifetime. A
+/// clock ahead of the verifier's sees less left and refreshes sooner; the verifier backdates
+/// `not_before` (by `ATTESTATION_BACKDATE`), which only lengthens the lifetime, so the time
+/// left is what counts.
+pub fn refresh_interval(v: &VerifiedAttestation, now: UnixTime, fraction: f64) -> Duration {
+    let a = v.get();
+    let lifetime = a.not_after.secs_since(a.not_before);
+    let left = a.not_after.secs_since(now);
+    let base = lifetime.min(left).max(2);
+    Duration::from_secs_f64(base as f64 * fraction)
+}
+
+/// Persists a refreshed attestation and installs it, unless it is not valid yet on our clock
+/// while the old one still is (then the watchdog installs it later); peers get it as a
+/// renewal from each connection's control writer, so the session never waits on a peer.
+fn set_attestation(overlay: &Overlay, envelope: Vec<u8>, v: VerifiedAttestation) {
     let node = &overlay.shared;
     if let Err(e) = write_atomic(&node.dir.file("attestation.bin"), &envelope) {
         tracing::warn!(error = %e, "could not persist the attestation");
     }
-    node.state_write().set_attestation(envelope.clone(), v);
-    let renewal = match BoundedVec::new(envelope) {
-        Ok(attestation) => PeerMessage::Renewal { attestation },
-        Err(_) => return,
-    };
-    overlay.tell_all(&renewal).await;
+    let now = node.now();
+    if node.state_write().refreshed(envelope.clone(), v, now) {
+        overlay.renew_all(envelope);
+    }
 }
 
 fn addresses(node: &Shared) -> BoundedVec<Address, 4> {

@@ -42,6 +42,9 @@ pub const MAX_REVOKED: usize = 1024;
 pub const MAX_SPKI_LEN: usize = 256;
 /// Attestation payload format version.
 pub const ATTESTATION_VERSION: u8 = 1;
+/// Seconds the verifier backdates an attestation's `not_before` by, so that a node whose
+/// clock is a little behind the verifier's can use a fresh attestation at once.
+pub const ATTESTATION_BACKDATE: u64 = 30;
 
 /// The kind of signed document, fixing the signature's domain separation string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

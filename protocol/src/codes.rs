@@ -24,6 +24,9 @@ pub const ABUSE: u32 = 0x4811;
 pub const SHUTDOWN: u32 = 0x4812;
 /// Connection closed: policy no longer allows the pair.
 pub const POLICY: u32 = 0x4813;
+/// Connection closed: a control message could not be written within its deadline (the peer
+/// gives no flow-control credit or does not read its control stream).
+pub const CONTROL_STALLED: u32 = 0x4814;
 
 /// Every code with its constant's name, in numeric order.
 pub const ALL: &[(u32, &str)] = &[
@@ -34,6 +37,7 @@ pub const ALL: &[(u32, &str)] = &[
     (ABUSE, "ABUSE"),
     (SHUTDOWN, "SHUTDOWN"),
     (POLICY, "POLICY"),
+    (CONTROL_STALLED, "CONTROL_STALLED"),
 ];
 
 #[cfg(test)]
@@ -69,6 +73,7 @@ mod tests {
                 (0x4811, "ABUSE"),
                 (0x4812, "SHUTDOWN"),
                 (0x4813, "POLICY"),
+                (0x4814, "CONTROL_STALLED"),
             ]
         );
     }

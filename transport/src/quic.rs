@@ -231,6 +231,8 @@ pub mod codes {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(table::SHUTDOWN);
     /// Connection closed: policy no longer allows the pair.
     pub const POLICY: VarInt = VarInt::from_u32(table::POLICY);
+    /// Connection closed: a control message could not be written within its deadline.
+    pub const CONTROL_STALLED: VarInt = VarInt::from_u32(hopmesh_protocol::codes::CONTROL_STALLED);
 }
 
 #[cfg(test)]
