@@ -174,8 +174,19 @@ impl Mesh {
         mesh
     }
 
-    /// Enrolls and starts node `name`.
+    /// Enrolls and starts node `name` on the verifier's clock.
     pub async fn add_node(&mut self, name: &str) {
+        let clock = self.verifier.clock.clone();
+        self.add_node_with_clock(name, clock).await;
+    }
+
+    /// Enrolls node `name` (on the verifier's clock) and starts it on `clock`, for example
+    /// one that runs ahead of or behind the verifier's.
+    pub async fn add_node_with_clock(
+        &mut self,
+        name: &str,
+        clock: std::sync::Arc<dyn hopmesh_protocol::time::Clock>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind quic");
         let advertise = vec![quic.local_addr().expect("addr").to_string()];
@@ -204,7 +215,7 @@ impl Mesh {
             threads: 1,
             clock_offset: 0,
         };
-        let handle = start(config, Sockets { quic, socks }, self.verifier.clock.clone())
+        let handle = start(config, Sockets { quic, socks }, clock)
             .await
             .expect("start node");
         let socks = handle.socks_addr;
