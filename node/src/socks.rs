@@ -43,15 +43,64 @@ pub async fn serve(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => break,
         };
-        let Ok((tcp, from)) = accepted else { continue };
+        let (tcp, from) = match accepted {
+            Ok(a) => {
+                backoff.succeeded();
+                a
+            }
+            Err(e) => {
+                // Out of descriptors (EMFILE/ENFILE) or memory: the error repeats at once, so
+                // wait instead of spinning; clients queue in the listen backlog meanwhile.
+                node.counters.refused("socks_accept_failed");
+                let wait = backoff.failed();
+                tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "SOCKS accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = shutdown.changed() => break,
+                }
+            }
+        };
         let (node, dial) = (node.clone(), dial.clone());
         tokio::spawn(async move { client(node, dial, tcp, from).await });
     }
+}
+
+/// First wait after a failed accept.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest wait after repeated failed accepts.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How long the accept loop waits after a failed accept: doubling from
+/// [`ACCEPT_BACKOFF_MIN`] to [`ACCEPT_BACKOFF_MAX`], reset by a good accept.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    next: Option<Duration>,
+}
+
+impl AcceptBackoff {
+    /// A failed accept: the wait before the next attempt.
+    pub fn failed(&mut self) -> Duration {
+        let wait = self.next.unwrap_or(ACCEPT_BACKOFF_MIN);
+        self.next = Some((wait * 2).min(ACCEPT_BACKOFF_MAX));
+        wait
+    }
+
+    /// A good accept.
+    pub fn succeeded(&mut self) {
+        self.next = None;
+    }
+}
+
+/// RFC 1929 credentials check: both fields compared in constant time (per field length),
+/// both always compared.
+pub fn credentials_match(user: &[u8], pass: &[u8], want_user: &str, want_pass: &str) -> bool {
+    ct_eq(user, want_user.as_bytes()) & ct_eq(pass, want_pass.as_bytes())
 }
 
 /// Reads until `parse` has a whole message or fails; `Ok(None)` on EOF.
@@ -129,9 +178,7 @@ async fn handshake(node: &Shared, tcp: &mut TcpStream) -> Handshake {
                 return Handshake::Done;
             }
         };
-        let ok = creds.username == user.as_bytes()
-            && creds.password.len() == pass.len()
-            && ct_eq(&creds.password, pass.as_bytes());
+        let ok = credentials_match(&creds.username, &creds.password, &user, &pass);
         let _ = tcp.write_all(&encode_userpass_status(ok)).await;
         if !ok {
             node.counters.refused(SocksRefusal::AuthFailed.reason());
@@ -289,5 +336,29 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from
     Counters::add(&node.counters.socks_ok, 1);
     if let SpliceEnd::Reset(e) = splice(tcp, send, recv, node.counters.clone()).await {
         tracing::debug!(target = %host, error = %e, "outbound stream reset");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_to_its_cap_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let waits: Vec<u128> = (0..10).map(|_| b.failed().as_millis()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        b.succeeded();
+        assert_eq!(b.failed(), ACCEPT_BACKOFF_MIN);
+    }
+
+    #[test]
+    fn both_credentials_must_match() {
+        assert!(credentials_match(b"u", b"p", "u", "p"));
+        assert!(!credentials_match(b"u", b"x", "u", "p"));
+        assert!(!credentials_match(b"x", b"p", "u", "p"));
+        assert!(!credentials_match(b"uu", b"p", "u", "p"));
+        assert!(!credentials_match(b"u", b"", "u", "p"));
+        assert!(!credentials_match(b"", b"", "u", "p"));
     }
 }

@@ -3,7 +3,7 @@
 //! EOF on one side finishes the other side's send direction; the other direction goes on.
 //! Any error resets the QUIC stream and RSTs the TCP socket (`SO_LINGER 0`): a dropped
 //! quinn `SendStream` finishes cleanly, and a clean end after missing bytes would be a lie
-//! (DESIGN.md pitfall 5).
+//! (`docs/design.md`, pitfall 5).
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
