@@ -24,8 +24,9 @@ use crate::counters::Counters;
 use crate::peer::{Dial, PeerConn};
 use crate::refusal::{CloseReason, GateRefusal};
 use crate::shared::Shared;
-use crate::splice::{SpliceEnd, splice};
+use crate::splice::{SpliceEnd, splice_until};
 use crate::state::{Admitted, ConnectionContext, Mint};
+use crate::streams::Flow;
 
 /// Time a peer has to deliver the token and header once the stream is visible.
 pub const TOKEN_DEADLINE: Duration = Duration::from_secs(5);
@@ -105,8 +106,8 @@ pub async fn handle(
             let st = node.state_read();
             node.flow_nonces(|nonces| st.check_stream(stream, &header, pc.peer, nonces, now))
         });
-    let serve = match admitted {
-        Ok(Admitted::Serve(p)) => p,
+    let (serve, origin) = match admitted {
+        Ok(Admitted::Serve(p, origin)) => (p, origin),
         Ok(Admitted::Forward(fwd)) => {
             Counters::add(&node.counters.streams_accepted, 1);
             return forward(node, dial, pc, fwd.next, fwd.service, header, send, recv).await;
@@ -123,7 +124,17 @@ pub async fn handle(
         let _ = send.finish();
         return;
     };
-    if let SpliceEnd::Reset(e) = splice(tcp, send, recv, node.counters.clone()).await {
+    // Tracked while it is served: a policy change that forbids it ends it (the watchdog).
+    let mut ticket = node.streams.track(Flow {
+        peer: pc.peer,
+        origin,
+        service: serve.service,
+    });
+    let stop = async {
+        let why = ticket.stopped().await;
+        (why.code(), why.reason())
+    };
+    if let SpliceEnd::Reset(e) = splice_until(tcp, send, recv, node.counters.clone(), stop).await {
         tracing::debug!(peer = %pc.peer.short(), error = %e, "inbound stream reset");
     }
 }

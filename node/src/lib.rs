@@ -17,6 +17,7 @@
 //! - [`gate`]: inbound streams: token, header, backend, relaying.
 //! - [`socks`]: the local SOCKS5 endpoint and outbound streams.
 //! - [`show`]: `ctl show`, the exact state as JSON.
+//! - [`streams`]: the streams being served, so a policy change can end the ones it forbids.
 //! - [`splice`]: TCP ⇄ QUIC with half-close and reset on error.
 //! - [`path`]: per-path QUIC transport settings (loopback peers get 64 KiB datagrams).
 //! - [`ctl`]: the control socket (`ctl show`).
@@ -41,6 +42,7 @@ pub mod show;
 pub mod socks;
 pub mod splice;
 pub mod state;
+pub mod streams;
 pub mod verifier_link;
 
 /// Errors that stop a node command.

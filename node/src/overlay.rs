@@ -379,7 +379,26 @@ impl Overlay {
             for (peer, why) in doomed {
                 self.close_peer(&peer, why);
             }
+            self.stop_disallowed_streams();
             self.pool.prune();
+        }
+    }
+
+    /// Resets the served streams that the current table no longer allows (a policy change
+    /// that kept their peer: removing the peer closes its connections instead).
+    fn stop_disallowed_streams(&self) {
+        let node = &self.shared;
+        let flows = node.streams.snapshot();
+        let stale = node.state_read().disallowed(flows);
+        for (id, flow) in stale {
+            let why = CloseReason::PolicyChanged;
+            if node.streams.stop(id, why) {
+                node.counters.refused("stream_policy_changed");
+                node.audit(
+                    "stream_closed",
+                    fields! {"peer" => flow.peer.to_string(), "origin" => flow.origin.to_string(), "reason" => why.reason()},
+                );
+            }
         }
     }
 

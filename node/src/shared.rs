@@ -22,6 +22,7 @@ use crate::config::NodeConfig;
 use crate::counters::Counters;
 use crate::datadir::NodeDir;
 use crate::state::NodeState;
+use crate::streams::Streams;
 
 /// The node's shared context.
 pub struct Shared {
@@ -43,6 +44,8 @@ pub struct Shared {
     pub pins: Pins,
     /// SHA-256 of this node's executable.
     pub measurement: Measurement,
+    /// The inbound streams being served.
+    pub streams: Arc<Streams>,
     audit: Mutex<AuditLog>,
     reports: mpsc::Sender<Report>,
     resolver: Option<TokioResolver>,
@@ -99,6 +102,7 @@ impl Shared {
             dir: p.dir,
             pins: p.pins,
             measurement: p.measurement,
+            streams: Arc::new(Streams::default()),
             audit: Mutex::new(p.audit),
             reports: p.reports,
             resolver,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hopmesh_transport::quic::codes;
-use quinn::{RecvStream, SendStream};
+use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -98,9 +98,21 @@ pub enum SpliceEnd {
 /// backend into the mesh) count as `bytes_out`, QUIC → TCP as `bytes_in`, on either end.
 pub async fn splice(
     tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+    counters: Arc<Counters>,
+) -> SpliceEnd {
+    splice_until(tcp, send, recv, counters, std::future::pending()).await
+}
+
+/// [`splice`], ended early when `stop` resolves: both sides are reset with the code it gives
+/// (a policy change that forbids the stream), never finished cleanly.
+pub async fn splice_until(
+    tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
     counters: Arc<Counters>,
+    stop: impl std::future::Future<Output = (VarInt, &'static str)>,
 ) -> SpliceEnd {
     let _ = tcp.set_nodelay(true);
     let (mut tr, mut tw) = tcp.into_split();
@@ -155,12 +167,13 @@ pub async fn splice(
                 }
             }
         };
-        tokio::pin!(up, down);
+        tokio::pin!(up, down, stop);
         let (mut u, mut d) = (None, None);
         loop {
             tokio::select! {
-                r = &mut up, if u.is_none() => match r { Ok(n) => u = Some(n), Err(e) => break Err(e) },
-                r = &mut down, if d.is_none() => match r { Ok(n) => d = Some(n), Err(e) => break Err(e) },
+                r = &mut up, if u.is_none() => match r { Ok(n) => u = Some(n), Err(e) => break Err((codes::INTERNAL, e)) },
+                r = &mut down, if d.is_none() => match r { Ok(n) => d = Some(n), Err(e) => break Err((codes::INTERNAL, e)) },
+                (code, why) = &mut stop => break Err((code, format!("stopped: {why}"))),
             }
             if let (Some(up), Some(down)) = (u, d) {
                 break Ok((up, down));
@@ -173,9 +186,9 @@ pub async fn splice(
             let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
             SpliceEnd::Clean { up, down }
         }
-        Err(e) => {
-            let _ = send.reset(codes::INTERNAL);
-            let _ = recv.stop(codes::INTERNAL);
+        Err((code, e)) => {
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
             if let Ok(tcp) = tr.reunite(tw) {
                 rst(tcp);
             }

@@ -27,6 +27,7 @@ use hopmesh_protocol::secret::{ConnectionBinding, PairSeed, StreamKey};
 use hopmesh_protocol::time::UnixTime;
 
 use crate::refusal::{CloseReason, GateRefusal, MintRefusal, SocksRefusal};
+use crate::streams::Flow;
 
 /// Seconds of clock skew tolerated on attestation validity.
 pub const ATTESTATION_LEEWAY: u64 = 5;
@@ -129,8 +130,9 @@ pub struct ConnectionContext<'a> {
 /// What an admitted stream may do here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Admitted {
-    /// Reach the local backend.
-    Serve(ServePermit),
+    /// Reach the local backend, for the flow of this origin (the peer, or the node behind a
+    /// relay).
+    Serve(ServePermit, NodeId),
     /// Be relayed to the next hop.
     Forward(ForwardPermit),
 }
@@ -352,11 +354,11 @@ impl NodeState {
                 if h.origin != peer {
                     return Err(GateRefusal::OriginNotPeer);
                 }
-                Ok(Admitted::Serve(p))
+                Ok(Admitted::Serve(p, peer))
             }
             Admission::Serve(_) => self
                 .check_relayed(peer, &h, nonces, now)
-                .map(Admitted::Serve),
+                .map(|p| Admitted::Serve(p, h.origin)),
             Admission::Forward(fwd) => {
                 self.check_forward(&h, &fwd, peer, now)?;
                 Ok(Admitted::Forward(fwd))
@@ -480,6 +482,29 @@ impl NodeState {
                 match self.peer_attestations.get(&peer) {
                     Some(a) if now < a.not_after.plus(ATTESTATION_LEEWAY) => None,
                     _ => Some((peer, CloseReason::PeerAttestationExpired)),
+                }
+            })
+            .collect()
+    }
+
+    /// Among the streams being served, the ones the current table no longer allows (after a
+    /// policy change that kept the peer): a direct stream needs its peer in the service's
+    /// allowed peers; a relayed one needs its origin allowed through that relay.
+    pub fn disallowed(&self, flows: impl IntoIterator<Item = (u64, Flow)>) -> Vec<(u64, Flow)> {
+        let empty = IngressTable::default();
+        let ingress = self.table.as_ref().map_or(&empty, |t| &t.ingress);
+        flows
+            .into_iter()
+            .filter(|(_, f)| {
+                if f.origin == f.peer {
+                    !matches!(
+                        ingress.admit(&f.peer, f.service),
+                        Ok(Admission::Serve(ServePermit { relay: None, .. }))
+                    )
+                } else {
+                    ingress
+                        .may_serve_via(&f.peer, &f.origin, f.service)
+                        .is_err()
                 }
             })
             .collect()
@@ -920,7 +945,7 @@ mod tests {
                 )
                 .expect("serve");
             assert!(
-                matches!(&admitted, Admitted::Serve(p) if p.service == api().service_id() && p.backend.port == 8080)
+                matches!(&admitted, Admitted::Serve(p, origin) if *origin == a.local && p.service == api().service_id() && p.backend.port == 8080)
             );
             // Another connection: the exporter differs, the MAC fails.
             let y = ConnectionBinding::from_bytes([8; 32]);
@@ -1173,6 +1198,45 @@ mod tests {
                     (id(A), CloseReason::OwnAttestationInvalid),
                     (id(R), CloseReason::OwnAttestationInvalid),
                 ]
+            );
+        }
+
+        #[test]
+        fn a_policy_change_disallows_exactly_the_streams_it_forbids() {
+            let (_, mut b) = a_and_b();
+            let service = api().service_id();
+            let direct = Flow {
+                peer: id(A),
+                origin: id(A),
+                service,
+            };
+            let relayed = Flow {
+                peer: id(R),
+                origin: id(A),
+                service,
+            };
+            let forged = Flow {
+                peer: id(R),
+                origin: id(R),
+                service,
+            };
+            assert_eq!(
+                b.disallowed([(1, direct), (2, relayed), (3, forged)]),
+                vec![(3, forged)]
+            );
+            // The new table keeps a as a peer but no longer lets it reach api directly.
+            let mut table = b.table.clone().expect("table");
+            table.ingress =
+                IngressTable::from_entries(table.ingress.entries().cloned().map(|mut e| {
+                    e.allowed_peers.clear();
+                    e
+                }));
+            b.table = Some(table);
+            assert_eq!(b.disallowed([(1, direct), (2, relayed)]), vec![(1, direct)]);
+            b.table = None;
+            assert_eq!(
+                b.disallowed([(1, direct), (2, relayed)]),
+                vec![(1, direct), (2, relayed)]
             );
         }
 
