@@ -22,7 +22,7 @@ pub const REVOKED: u32 = 0x4810;
 pub const ABUSE: u32 = 0x4811;
 /// Connection closed: orderly shutdown.
 pub const SHUTDOWN: u32 = 0x4812;
-/// Connection closed: policy no longer allows the pair.
+/// Stream reset or connection closed: policy no longer allows the stream or the pair.
 pub const POLICY: u32 = 0x4813;
 /// Connection closed: a control message could not be written within its deadline (the peer
 /// gives no flow-control credit or does not read its control stream).

@@ -229,7 +229,7 @@ pub mod codes {
     pub const ABUSE: VarInt = VarInt::from_u32(table::ABUSE);
     /// Connection closed: orderly shutdown.
     pub const SHUTDOWN: VarInt = VarInt::from_u32(table::SHUTDOWN);
-    /// Connection closed: policy no longer allows the pair.
+    /// Stream reset or connection closed: policy no longer allows the stream or the pair.
     pub const POLICY: VarInt = VarInt::from_u32(table::POLICY);
     /// Connection closed: a control message could not be written within its deadline.
     pub const CONTROL_STALLED: VarInt = VarInt::from_u32(hopmesh_protocol::codes::CONTROL_STALLED);
