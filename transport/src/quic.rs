@@ -232,7 +232,7 @@ pub mod codes {
     /// Stream reset or connection closed: policy no longer allows the stream or the pair.
     pub const POLICY: VarInt = VarInt::from_u32(table::POLICY);
     /// Connection closed: a control message could not be written within its deadline.
-    pub const CONTROL_STALLED: VarInt = VarInt::from_u32(hopmesh_protocol::codes::CONTROL_STALLED);
+    pub const CONTROL_STALLED: VarInt = VarInt::from_u32(table::CONTROL_STALLED);
 }
 
 #[cfg(test)]
