@@ -1,5 +1,5 @@
-//! Signed envelopes, attestations and revocation lists (DESIGN.md "Identity and
-//! attestation").
+//! Signed envelopes, attestations and revocation lists (docs/design.md,
+//! "Identity, enrolment, attestation").
 //!
 //! Envelope layout (fixed, outside postcard):
 //!
@@ -184,7 +184,7 @@ impl KeySet {
     }
 }
 
-/// Why a signed document was refused. Each variant is a distinct local reason (TESTING.md
+/// Why a signed document was refused. Each variant is a distinct local reason (docs/testing.md,
 /// case 6); peers only ever see a generic refusal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignedRefusal {

@@ -28,7 +28,7 @@ pub const MAX_RELAY_HOPS: usize = 4;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMessage {
     /// First message each side sends: its current attestation envelope. The dialer treats the
-    /// connection as accepted only once the acceptor's `Hello` arrived (DESIGN.md pitfall 1).
+    /// connection as accepted only once the acceptor's `Hello` arrived (docs/design.md, pitfall 1).
     Hello {
         /// Signed attestation envelope.
         attestation: BoundedVec<u8, MAX_ENVELOPE>,

@@ -14,9 +14,9 @@ use crate::wire::{DecodeError, EncodeError, decode_canonical, encode_capped};
 pub const FRAME_VERSION: u8 = 1;
 /// Bytes in the length prefix.
 pub const LEN_PREFIX: usize = 4;
-/// Cap on control-stream frames (DESIGN.md: 4 KiB control payloads).
+/// Cap on control-stream frames (docs/design.md, "Wire hardening": 4 KiB control frames).
 pub const CONTROL_CAP: usize = 4 * 1024;
-/// Cap on data-plane request headers (DESIGN.md: 64 KiB).
+/// Cap on data-plane request headers (docs/design.md, "Wire hardening": 64 KiB).
 pub const HEADER_CAP: usize = 64 * 1024;
 
 /// Encodes `msg` as one frame whose body (version + payload) is at most `cap` bytes.

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
 
-/// A node's identity: `SHA-256(SPKI DER)` of its Ed25519 key (DESIGN.md "Identity").
+/// A node's identity: `SHA-256(SPKI DER)` of its Ed25519 key (docs/design.md, "Identity, enrolment, attestation").
 ///
 /// It is computed from the key the TLS handshake authenticated, never taken from a field a
 /// peer wrote.

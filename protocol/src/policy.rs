@@ -1,5 +1,5 @@
-//! The policy file and its compilation into per-node routing tables (DESIGN.md "Segments,
-//! services, routing").
+//! The policy file and its compilation into per-node routing tables (docs/design.md,
+//! "Segments, services, routing, relays").
 //!
 //! ```toml
 //! suffix = "mesh"                      # optional, default "mesh"

@@ -1,5 +1,5 @@
-//! Per-node routing tables and the two segmentation decisions (DESIGN.md "Segments,
-//! services, routing").
+//! Per-node routing tables and the two segmentation decisions (docs/design.md,
+//! "Segments, services, routing, relays").
 //!
 //! The verifier compiles policy into one [`RoutingTable`] per node ([`crate::policy`]); the
 //! node enforces it on both ends of every stream: [`EgressTable::may_route`] before any

@@ -57,7 +57,7 @@ macro_rules! secret_type {
 }
 
 secret_type!(
-    /// A verifier-issued 32-byte seed for one node pair and generation (DESIGN.md "Hop tokens").
+    /// A verifier-issued 32-byte seed for one node pair and generation (docs/design.md, "Key schedule").
     PairSeed,
     32
 );

@@ -1,4 +1,4 @@
-//! Hardened postcard decoding and bounded collections (DESIGN.md "Wire-format hardening").
+//! Hardened postcard decoding and bounded collections (docs/design.md, "Wire hardening").
 //!
 //! postcard's `from_bytes` ignores trailing bytes and accepts overlong varints
 //! (`[0x80, 0x00]` decodes as `0u32`), so two different byte strings can mean the same

@@ -1,5 +1,5 @@
 //! The protocol crate stays sans-IO: no async runtime, no QUIC stack, no sockets crate in
-//! its normal dependency tree (DESIGN.md "Workspace").
+//! its normal dependency tree (docs/design.md, "Crates and dependency direction").
 
 use std::process::Command;
 

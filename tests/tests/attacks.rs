@@ -1,5 +1,5 @@
 //! Token attacks against a real node, with a client holding a real node's key, attestation
-//! and pair seeds (TESTING.md cases 9–13).
+//! and pair seeds (docs/testing.md, cases 9–13).
 
 use std::time::Duration;
 

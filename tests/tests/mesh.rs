@@ -124,7 +124,7 @@ async fn segment_matrix() {
     mesh.shutdown().await;
 }
 
-/// TESTING.md cases 1–3 and 20 against the real listener.
+/// docs/testing.md, cases 1–3 and 20 against the real listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks_bad_input_is_answered_and_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -340,7 +340,7 @@ async fn revoke_mid_transfer_ends_in_an_explicit_error() {
     mesh.shutdown().await;
 }
 
-/// The dependency floor of DESIGN.md: quinn-proto ≥ 0.11.18.
+/// The dependency floor (docs/testing.md, case 23; docs/design.md, pitfall 8): quinn-proto ≥ 0.11.18.
 #[test]
 fn quinn_proto_is_at_least_0_11_18() {
     let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))

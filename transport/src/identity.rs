@@ -18,7 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::TransportError;
 
-/// The constant SNI every hopmesh client sends; it names no node (DESIGN.md "TLS settings").
+/// The constant SNI every hopmesh client sends; it names no node (docs/design.md, "TLS and QUIC settings").
 pub const SNI: &str = "hopmesh";
 
 /// An Ed25519 identity: the PKCS#8 document, its signing key and a self-signed certificate.

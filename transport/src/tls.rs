@@ -1,12 +1,12 @@
-//! Hand-built rustls configurations (DESIGN.md "TLS settings").
+//! Hand-built rustls configurations (docs/design.md, "TLS and QUIC settings").
 //!
 //! - TLS 1.3 only; AES-128-GCM first (measured 5–13 % faster than ring's default
-//!   AES-256-GCM on these machines, DESIGN.md pitfall 9).
+//!   AES-256-GCM on these machines, docs/design.md, pitfall 9).
 //! - 0-RTT off and session resumption off on both sides: a resumed handshake skips the
-//!   certificate verifiers and would let a revoked key back in (pitfall 3).
+//!   certificate verifiers and would let a revoked key back in (docs/design.md, pitfall 3).
 //! - Custom verifiers that **do** verify the TLS 1.3 `CertificateVerify` signature with
 //!   `rustls::crypto::verify_tls13_signature`; a pin or attestation check alone is forgeable
-//!   because certificates are public (pitfall 4).
+//!   because certificates are public (docs/design.md, pitfall 4).
 //! - Only Ed25519 keys; identity is `SHA-256(SPKI)`; authorization is a synchronous lookup in
 //!   an in-memory snapshot ([`PeerAuthorizer`]), never IO inside a handshake callback.
 

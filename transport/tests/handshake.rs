@@ -86,7 +86,7 @@ async fn dial(
     let conn = ep
         .connect_with(cfg, server.endpoint.local_addr()?, SNI)?
         .await?;
-    // A refused client certificate only shows on the first stream operation (pitfall 1).
+    // A refused client certificate only shows on the first stream operation (docs/design.md, pitfall 1).
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&[1]).await?;
     let mut b = [0u8; 1];
@@ -124,7 +124,7 @@ async fn authorized_peers_connect_and_refused_ones_do_not() {
     task.abort();
 }
 
-/// Every connection runs both verifiers: no session resumption, no 0-RTT (pitfall 3).
+/// Every connection runs both verifiers: no session resumption, no 0-RTT (docs/design.md, pitfall 3).
 #[tokio::test]
 async fn every_connection_runs_a_full_handshake() {
     let s = server(ALPN_DATA);

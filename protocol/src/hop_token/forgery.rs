@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use crate::time::UnixTime;
 
 /// More than this many forged tokens within [`FORGERY_WINDOW_SECS`] on one connection closes
-/// it (DESIGN.md "Compromise").
+/// it (docs/design.md, "Verification order").
 pub const MAX_FORGED_PER_WINDOW: usize = 3;
 /// The sliding window for [`MAX_FORGED_PER_WINDOW`].
 pub const FORGERY_WINDOW_SECS: u64 = 60;

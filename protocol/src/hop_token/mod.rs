@@ -1,4 +1,4 @@
-//! Hop tokens: the per-stream credential that changes every epoch (DESIGN.md "Hop tokens").
+//! Hop tokens: the per-stream credential that changes every epoch (docs/design.md, "Key schedule" and "Token layout").
 //!
 //! Key schedule, all pure and clock-free:
 //!
@@ -27,9 +27,9 @@
 //! 134  32 tag
 //! ```
 //!
-//! **Deviation from DESIGN.md, on purpose:** the design MACs `fields ‖ SHA-256(header)`
-//! without carrying the hash. We carry the hash inside the token, under the MAC. The receiver
-//! can then authenticate the token from its fixed 162 bytes *before* it reads up to 64 KiB of
+//! **The header hash is carried in the token, under the MAC** (docs/design.md, "Token
+//! layout"), rather than only mixed into the MAC input. The receiver can then authenticate
+//! the token from its fixed 166 bytes *before* it reads up to 64 KiB of
 //! header, and a header that does not match is a distinct, final refusal
 //! (`HeaderHashMismatch`) instead of an indistinguishable bad MAC. The security argument is
 //! unchanged: the tag still covers the header through its hash.

@@ -16,7 +16,7 @@ pub const ALG_HMAC_SHA256: u8 = 1;
 pub const TAG_OFFSET: usize = 134;
 /// Length of an encoded token.
 pub const TOKEN_LEN: usize = TAG_OFFSET + 32;
-/// Largest request header a token may announce (DESIGN.md: 64 KiB data-plane headers).
+/// Largest request header a token may announce (docs/design.md, "Token layout").
 pub const MAX_HEADER_LEN: u32 = 64 * 1024;
 
 /// The fields of a token, as minted or as decoded (before any check).

@@ -206,7 +206,7 @@ impl StreamPermit {
     }
 }
 
-/// Verifies a token in the order of DESIGN.md, cheap checks first; no byte of the stream
+/// Verifies a token in the order of docs/design.md ("Verification order"), cheap checks first; no byte of the stream
 /// beyond the token is needed. Call as soon as [`TOKEN_LEN`] bytes have arrived.
 pub fn verify_token(
     raw: &[u8; TOKEN_LEN],

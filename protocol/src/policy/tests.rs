@@ -1,7 +1,7 @@
 use super::*;
 use crate::routing::{RouteRefusal, ServeRefusal};
 
-/// The TESTING.md standard topology: a, b in s1; c in s2; allow s1 -> s1 and s1 -> web.s2;
+/// The standard topology of docs/testing.md: a, b in s1; c in s2; allow s1 -> s1 and s1 -> web.s2;
 /// s2 -> s1 denied (no rule).
 pub(crate) const SAMPLE: &str = r#"
 [attestation]
