@@ -349,8 +349,21 @@ impl Overlay {
                 let handshake = async { connecting?.await };
                 match handshake.await {
                     Ok(conn) => {
-                        if let Err(e) = overlay.establish(conn, false).await {
-                            tracing::debug!(error = %e, "inbound connection refused");
+                        // The whole Hello exchange, our write included, within the deadline:
+                        // a peer that gives no credit cannot hold this task.
+                        let established = tokio::time::timeout(
+                            2 * HELLO_DEADLINE,
+                            overlay.establish(conn.clone(), false),
+                        )
+                        .await;
+                        match established {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => tracing::debug!(error = %e, "inbound connection refused"),
+                            Err(_) => {
+                                let why = CloseReason::ControlStalled;
+                                conn.close(why.code(), why.reason().as_bytes());
+                                tracing::debug!("inbound Hello exchange timed out");
+                            }
                         }
                     }
                     Err(e) => tracing::debug!(error = %e, "inbound handshake failed"),

@@ -97,7 +97,9 @@ pub fn receive_windows(kind: PathKind, udp_recv_buffer: usize) -> (u32, u32) {
             let cap = u32::try_from(udp_recv_buffer)
                 .unwrap_or(u32::MAX)
                 .clamp(MIN_LOOPBACK_WINDOW, CONNECTION_WINDOW);
-            (STREAM_WINDOW.min(cap), cap)
+            // One stream never takes the whole connection window: a stream whose app reads
+            // slowly must not starve the control stream (renewals) of credit.
+            (STREAM_WINDOW.min(cap / 2), cap)
         }
     }
 }
@@ -215,11 +217,11 @@ mod tests {
         );
         assert_eq!(
             receive_windows(PathKind::Loopback, 212_992),
-            (212_992, 212_992)
+            (106_496, 212_992)
         );
         assert_eq!(
             receive_windows(PathKind::Loopback, 4 << 20),
-            (4 << 20, 4 << 20)
+            (2 << 20, 4 << 20)
         );
         assert_eq!(
             receive_windows(PathKind::Loopback, 16 << 20),
@@ -228,7 +230,7 @@ mod tests {
         assert_eq!(receive_windows(PathKind::Loopback, 1 << 30), net);
         assert_eq!(
             receive_windows(PathKind::Loopback, 1000),
-            (MIN_LOOPBACK_WINDOW, MIN_LOOPBACK_WINDOW)
+            (MIN_LOOPBACK_WINDOW / 2, MIN_LOOPBACK_WINDOW)
         );
         assert_eq!(receive_windows(PathKind::Loopback, usize::MAX), net);
     }
