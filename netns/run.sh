@@ -19,6 +19,11 @@
 #   HOPMESH_BIN   directory with hopmesh-node, hopmesh-verifier, hopmesh-probe, hopmesh-replay
 #                 (target/release)
 #   HOPMESH_NETNS_SKIP_IF_NOT_ROOT=1   exit 0 with a notice when not root (never set in CI)
+#   NETNS_LEAK_SELFTEST=1   no scenarios: plant a leak of every kind and prove the leak check
+#                 fails on them and removes them (see leak_selftest)
+# After the scenarios a `leak_check` row always runs: everything the run started is stopped,
+# its namespaces deleted, and nothing may be left (processes, namespaces, listening sockets,
+# nft tables; netns/leaks.py). It counts in the summary line like a scenario.
 # Exit status 0 only if every scenario passed. One line per scenario with result and time.
 
 set -euo pipefail
@@ -56,15 +61,82 @@ log() { printf '[%s] %s\n' "$(date +%T.%3N)" "$*" >>"$LOG"; }
 n() { local ns=$1; shift; log "[$ns] $*"; ip netns exec "$ns" "$@"; }
 fail() { echo "    FAIL: $*" | tee -a "$LOG" >&2; return 1; }
 
-cleanup() {
-    local rc=$?
+# ---------------------------------------------------------------------------- leak tracking
+# Every process the suite starts in the background goes through bgn, which lists it in
+# $WORK/pids (pid, start time, command); every namespace's inode goes to $WORK/netns; the
+# host's listening sockets before the run go to $WORK/listen-baseline. netns/leaks.py reads
+# them to find what a run left behind (see leak_check).
+: >"$WORK/pids"
+: >"$WORK/netns"
+ss -Hlntup >"$WORK/listen-baseline" 2>/dev/null || true
+track() { # track PID WHAT...
+    local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}')
+    echo "$1 ${st:--} ${*:2}" >>"$WORK/pids"
+}
+# bgn NS CMD...: CMD in namespace NS in the background, tracked. `ip netns exec` execs CMD,
+# so $! afterwards is CMD's own pid (wait "$!" works as with `&`).
+bgn() {
+    local ns=$1; shift
+    log "[$ns] $* &"
+    ip netns exec "$ns" "$@" &
+    track $! "[$ns] $*"
+}
+# The run's live tracked pids (same start time: a reused pid is not ours).
+tracked_alive() {
+    local pid st cmd
+    while read -r pid st cmd; do
+        [ "$st" != - ] && [ "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $20}')" = "$st" ] && echo "$pid"
+    done <"$WORK/pids"
+    return 0
+}
+# stop_all: SIGTERM to every tracked process and every process in the run's namespaces; wait
+# (bounded) for them to exit. What is still there afterwards is the leak checker's business.
+stop_all() {
+    local pids ns deadline=$((SECONDS + 20))
+    pids="$(tracked_alive) $(for ns in $ALL_NS; do ip netns pids "$ns" 2>/dev/null; done)"
+    # shellcheck disable=SC2086
+    [ -z "${pids// /}" ] || kill -TERM $pids 2>/dev/null || true
+    while [ $SECONDS -lt $deadline ]; do
+        pids="$(tracked_alive) $(for ns in $ALL_NS; do ip netns pids "$ns" 2>/dev/null; done)"
+        [ -n "${pids// /}" ] || return 0
+        sleep 0.1
+    done
+    log "stop_all: still running after SIGTERM and 20 s: $pids"
+}
+# leak_inside [--clean]: nothing of the run left inside its namespaces (processes, listening
+# sockets, nft tables other than the router's `inet hopmesh`); call after stop_all.
+leak_inside() {
+    python3 "$PWD/netns/leaks.py" inside --work "$WORK" --allow-table "$R:inet:hopmesh" "$@" $ALL_NS
+}
+# leak_host [--namespaces-gone] [--clean]: nothing of the run left in the host (processes,
+# listening sockets, nft tables; with --namespaces-gone also no namespace named $P*).
+leak_host() {
+    python3 "$PWD/netns/leaks.py" host --work "$WORK" --bin "$BIN" --prefix "$P" --root $$ "$@"
+}
+# leak_check: the whole check after the suite: stop everything, check inside the namespaces,
+# delete them, check the host. Fails (and removes what it found) if anything was left.
+LEAK_CHECKED=0
+leak_check() {
+    local rc=0
+    stop_all
+    leak_inside --clean || rc=1
     for ns in $ALL_NS; do
-        if ip netns list | grep -qw "$ns"; then
-            ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-        fi
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     done
     sleep 0.2
     for ns in $ALL_NS; do ip netns del "$ns" 2>/dev/null || true; done
+    leak_host --namespaces-gone --clean || rc=1
+    return $rc
+}
+
+cleanup() {
+    local rc=$?
+    if [ "$LEAK_CHECKED" = 0 ]; then
+        # Ended early (a failure, a signal): still stop and remove everything of the run,
+        # and say what had to be removed by force.
+        LEAK_CHECKED=1
+        leak_check >&2 || rc=1
+    fi
     if [ "$rc" != 0 ]; then
         echo "---- last 60 log lines ($LOG) ----" >&2
         tail -60 "$LOG" >&2 || true
@@ -86,7 +158,11 @@ wait_for() {
 
 # ---------------------------------------------------------------------------- topology
 topology() {
-    for ns in $ALL_NS; do ip netns add "$ns"; n "$ns" ip link set lo up; done
+    for ns in $ALL_NS; do
+        ip netns add "$ns"
+        echo "$ns $(stat -L -c %i "/run/netns/$ns")" >>"$WORK/netns"
+        n "$ns" ip link set lo up
+    done
     n "$R" sysctl -qw net.ipv4.ip_forward=1
     local i=0
     for spec in "$C1 192.0.2.1/26 192.0.2.2/26" "$C2 198.51.100.1/26 198.51.100.2/26" \
@@ -108,57 +184,20 @@ topology() {
 }
 
 # ---------------------------------------------------------------------------- mesh
+# The standard test policy (tests/fixtures/standard-policy.toml, the one every test uses),
+# pinned to the node binary's SHA-256; every backend on its cloud's own 127.0.0.1:8080.
 policy() {
-    cat <<EOF
-[attestation]
-measurements = ["$(sha256sum "$NODE" | cut -d' ' -f1)"]
-
-[[segment]]
-name = "s1"
-[[segment]]
-name = "s2"
-
-[[node]]
-name = "a"
-segments = ["s1"]
-[[node]]
-name = "b"
-segments = ["s1"]
-[[node]]
-name = "c"
-segments = ["s2"]
-
-[[service]]
-name = "db"
-segment = "s1"
-node = "a"
-backend = "127.0.0.1:8080"
-[[service]]
-name = "api"
-segment = "s1"
-node = "b"
-backend = "127.0.0.1:8080"
-[[service]]
-name = "web"
-segment = "s2"
-node = "c"
-backend = "127.0.0.1:8080"
-
-[[allow]]
-from = "s1"
-to = "s1"
-[[allow]]
-from = "s1"
-to = "web.s2"
-EOF
+    local m; m=$(sha256sum "$NODE" | cut -d' ' -f1)
+    sed -e "s/{measurement}/$m/" -e 's/{api}/127.0.0.1:8080/' -e 's/{db}/127.0.0.1:8080/' \
+        -e 's/{web}/127.0.0.1:8080/' tests/fixtures/standard-policy.toml
 }
 
 # Extra `serve` flags for the mesh (e.g. --epoch 1 --generation 10 for the rotation scenario).
 VERIFIER_FLAGS=()
 start_verifier() {
-    n "$V" "$VERIFIER" --data-dir "$WORK/v" serve --policy "$WORK/policy.toml" --listen "$VIP:7443" \
+    bgn "$V" "$VERIFIER" --data-dir "$WORK/v" serve --policy "$WORK/policy.toml" --listen "$VIP:7443" \
         --admin-listen 127.0.0.1:7444 --attestation-ttl "${TTL:-30}" "${VERIFIER_FLAGS[@]}" \
-        >>"$WORK/verifier.out" 2>>"$WORK/verifier.err" &
+        >>"$WORK/verifier.out" 2>>"$WORK/verifier.err"
     wait_for 10 "verifier admin API" n "$V" "$VERIFIER" --data-dir "$WORK/v" nodes
 }
 stop_verifier() {
@@ -176,8 +215,8 @@ start_backend() {
     [ "$name" != b ] || head -c $((64 << 20)) /dev/urandom >"$WORK/www-$name/big"
     [ "$name" != b ] || head -c $((16 << 20)) /dev/urandom >"$WORK/www-$name/mid"
     echo "hello from $name" >"$WORK/www-$name/hello"
-    n "$ns" python3 -m http.server 8080 --bind 127.0.0.1 --directory "$WORK/www-$name" \
-        >/dev/null 2>>"$WORK/backend-$name.log" &
+    bgn "$ns" python3 -m http.server 8080 --bind 127.0.0.1 --directory "$WORK/www-$name" \
+        >/dev/null 2>>"$WORK/backend-$name.log"
     wait_for 10 "backend $name" n "$ns" curl -sf -o /dev/null http://127.0.0.1:8080/hello
 }
 
@@ -197,7 +236,7 @@ EOF
 start_node() {
     local name=$1 ns=${NODE_NS[$1]}
     : >"$WORK/node-$name.out"
-    n "$ns" "$NODE" run --config "$WORK/$name.toml" >>"$WORK/node-$name.out" 2>>"$WORK/node-$name.err" &
+    bgn "$ns" "$NODE" run --config "$WORK/$name.toml" >>"$WORK/node-$name.out" 2>>"$WORK/node-$name.err"
 }
 
 # The node's own pid (a backgrounded shell function runs in a subshell, so not $!).
@@ -319,8 +358,8 @@ scenario_attacker() {
 scenario_partition() {
     # A 3 s partition between clouds 1 and 2 (shorter than the 30 s idle timeout) during a
     # paced transfer: it stalls, then resumes and completes byte-identical.
-    n "$C1" curl -sS --max-time 60 --limit-rate 2M --socks5-hostname 127.0.0.1:1080 -o "$WORK/part" \
-        http://api.s1.mesh/mid 2>>"$LOG" &
+    bgn "$C1" curl -sS --max-time 60 --limit-rate 2M --socks5-hostname 127.0.0.1:1080 -o "$WORK/part" \
+        http://api.s1.mesh/mid 2>>"$LOG"
     local curl_pid=$!
     wait_for 10 "transfer flowing" test -s "$WORK/part"
     n "$R" nft add rule inet hopmesh forward ip saddr 192.0.2.2 ip daddr 198.51.100.2 drop
@@ -335,8 +374,8 @@ scenario_partition() {
 scenario_long_partition() {
     # A 35 s partition (longer than the 30 s idle timeout): the transfer in flight ends in an
     # explicit error, never a clean truncation; once healed, fresh connections carry traffic.
-    n "$C1" curl -sS --max-time 120 --limit-rate 1M --socks5-hostname 127.0.0.1:1080 -o "$WORK/lpart" \
-        http://api.s1.mesh/big 2>>"$LOG" &
+    bgn "$C1" curl -sS --max-time 120 --limit-rate 1M --socks5-hostname 127.0.0.1:1080 -o "$WORK/lpart" \
+        http://api.s1.mesh/big 2>>"$LOG"
     local curl_pid=$!
     wait_for 10 "transfer flowing" test -s "$WORK/lpart"
     n "$R" nft add rule inet hopmesh forward ip saddr 192.0.2.2 ip daddr 198.51.100.2 drop
@@ -373,8 +412,8 @@ scenario_rotation() {
         wait_for 45 "$name on epoch 1 s" bash -c "[ \"\$(ip netns exec ${NODE_NS[$name]} $NODE ctl --data-dir $WORK/node-$name show | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s[\"epoch_secs\"], s[\"self_permit\"])')\" = '1 None' ]"
     done
     local before; before=$(field b 'sum(s["counters"]["refused"].values())')
-    n "$C1" curl -sS --max-time 120 --limit-rate 1M --socks5-hostname 127.0.0.1:1080 -o "$WORK/rot" \
-        http://api.s1.mesh/big 2>>"$LOG" &
+    bgn "$C1" curl -sS --max-time 120 --limit-rate 1M --socks5-hostname 127.0.0.1:1080 -o "$WORK/rot" \
+        http://api.s1.mesh/big 2>>"$LOG"
     local curl_pid=$! i failures=0
     local started=$SECONDS
     i=0
@@ -402,7 +441,7 @@ scenario_loss_delay() {
         n "$R" tc qdisc add dev "${P}r2" root netem delay 50ms loss 5%
         mode=netem
     else
-        n "$R" python3 "$PWD/netns/udp_delay.py" 192.0.2.1 5000 198.51.100.2 4433 50 300 >>"$LOG" 2>&1 &
+        bgn "$R" python3 "$PWD/netns/udp_delay.py" 192.0.2.1 5000 198.51.100.2 4433 50 300 >>"$LOG" 2>&1
         n "$R" nft add table ip hmnat
         n "$R" nft add chain ip hmnat pre '{ type nat hook prerouting priority -100; }'
         n "$R" nft add chain ip hmnat out '{ type nat hook output priority -100; }'
@@ -434,8 +473,8 @@ scenario_loss_delay() {
 
 scenario_revocation() {
     # A slow transfer a -> api.s1 (on b) in flight, then revoke b.
-    n "$C1" curl -sS --max-time 60 --limit-rate 2M --socks5-hostname 127.0.0.1:1080 -o "$WORK/partial" \
-        http://api.s1.mesh/big 2>>"$LOG" &
+    bgn "$C1" curl -sS --max-time 60 --limit-rate 2M --socks5-hostname 127.0.0.1:1080 -o "$WORK/partial" \
+        http://api.s1.mesh/big 2>>"$LOG"
     local curl_pid=$!
     wait_for 10 "transfer a -> b flowing" test -s "$WORK/partial"
     local t0 t1; t0=$(date +%s.%N)
@@ -487,8 +526,24 @@ scenario_clock_skew() {
 }
 
 scenario_shutdown_leaks() {
-    # SIGTERM every node: each exits 0 on its own within the drain deadline.
+    # SIGTERM every node: each exits on its own within the drain deadline, printing its final
+    # line, and takes its sockets with it.
     for name in a b c; do stop_node "$name"; done
+    local name
+    for name in a b c; do
+        if n "${NODE_NS[$name]}" ss -Hlntup | grep -E ':(1080|4433)\b'; then
+            fail "node $name's sockets outlived it"
+        fi
+    done
+    # Then everything else the suite started (verifier, backends, relays): afterwards nothing of
+    # the run may be left, neither inside the namespaces (processes, listening sockets, stray
+    # nft tables) nor in the host (processes, listeners, nft tables). The mesh is down after
+    # this scenario: it runs last.
+    stop_all
+    local rc=0
+    leak_inside --clean || rc=1
+    leak_host --clean || rc=1
+    [ "$rc" = 0 ] || fail "the mesh left something behind when stopped (LEAK lines above)"
 }
 
 # ---------------------------------------------------------------------------- benchmark
@@ -503,7 +558,7 @@ scenario_bench_lossy() {
     local out=${BENCH_OUT:?set BENCH_OUT to the results directory} rounds=${BENCH_ROUNDS:-3}
     local tun=${P}t file=mid bytes=$((16 << 20))
     [ -x "$BIN/hopmesh-bench" ] || fail "$BIN/hopmesh-bench not built"
-    n "$R" python3 "$PWD/netns/tun_delay.py" "$tun" 10 100 200 1800 >>"$LOG" 2>&1 &
+    bgn "$R" python3 "$PWD/netns/tun_delay.py" "$tun" 10 100 200 1800 >>"$LOG" 2>&1
     wait_for 10 "tun device" n "$R" ip link show "$tun"
     n "$R" ip link set "$tun" up
     n "$R" sysctl -qw net.ipv4.conf.all.rp_filter=0 "net.ipv4.conf.$tun.rp_filter=0"
@@ -511,8 +566,8 @@ scenario_bench_lossy() {
     n "$R" ip rule add iif "${P}r1" to 198.51.100.0/26 lookup 100
     n "$R" ip rule add iif "${P}r2" to 192.0.2.0/26 lookup 100
     n "$R" nft add rule inet hopmesh forward iifname "$tun" numgen random mod 100 '<' 1 counter drop
-    n "$C2" python3 -m http.server 8090 --bind 198.51.100.2 --directory "$WORK/www-b" \
-        >/dev/null 2>>"$WORK/backend-direct.log" &
+    bgn "$C2" python3 -m http.server 8090 --bind 198.51.100.2 --directory "$WORK/www-b" \
+        >/dev/null 2>>"$WORK/backend-direct.log"
     wait_for 20 "direct HTTP server in cloud 2" n "$C1" curl -sf -o /dev/null http://198.51.100.2:8090/hello
     # TCP connect time is one round trip: proof the delay is in the path.
     local rtt; rtt=$(n "$C1" curl -s -o /dev/null -w '%{time_connect}' http://198.51.100.2:8090/hello)
@@ -546,9 +601,73 @@ scenario_bench_lossy() {
     n "$R" nft flush chain inet hopmesh forward
 }
 
+# ---------------------------------------------------------------------------- leak self-test
+# NETNS_LEAK_SELFTEST=1 netns/run.sh: proof that the leak check fails when something is left.
+# Builds the topology (no mesh), plants one leak of every kind, runs leak_check (it must fail
+# and name each one), then checks that leak_check removed them all. Exit 0 only if so.
+leak_selftest() {
+    echo "netns leak self-test: run $$, work dir $WORK"
+    topology
+    # 1. A tracked process that ignores SIGTERM (stop_all cannot end it): `sleep 300`.
+    setsid bash -c 'trap "" TERM; exec sleep 300' </dev/null >/dev/null 2>&1 &
+    local sleep_pid=$!
+    track "$sleep_pid" "planted: sleep 300"
+    # 2. An untracked hopmesh-node (its name, really `sleep 300`) of this run re-parented away
+    #    from the suite: only pgrep and its work-dir argument find it.
+    setsid -f bash -c 'exec -a "$0 $*" sleep 300' "$NODE" run --config "$WORK/leak.toml" </dev/null >/dev/null 2>&1
+    # 3. An untracked listener inside a namespace that ignores SIGTERM.
+    ip netns exec "$C1" python3 -c 'import signal, socket, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket(); s.bind(("127.0.0.1", 8080)); s.listen(); time.sleep(300)' </dev/null >/dev/null 2>&1 &
+    # 4. An untracked listener in the host (loopback, port 0) that ignores SIGTERM.
+    python3 -c 'import signal, socket, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); time.sleep(300)' </dev/null >/dev/null 2>&1 &
+    local host_pid=$!
+    # 5. A namespace of the run that teardown does not know about, 6. an nft table in the host
+    #    (empty: no chain, no effect on traffic).
+    ip netns add "${P}leak"
+    nft add table inet "${P}leak"
+    wait_for 10 "planted listeners" bash -c "ip netns exec $C1 ss -Hlnt | grep -q 127.0.0.1:8080 && ss -Hlntp | grep -q pid=$host_pid,"
+    local fake_pid; fake_pid=$(pgrep -f "^$NODE run --config $WORK/leak.toml")
+
+    local out="$WORK/selftest.out" rc=0
+    leak_check >"$out" 2>&1 || rc=$?
+    LEAK_CHECKED=1
+    sed 's/^/    | /' "$out"
+    local bad=0
+    [ "$rc" != 0 ] || { echo "    FAIL: leak_check passed with six planted leaks"; bad=1; }
+    local want
+    for want in "LEAK process: $sleep_pid (tracked)" \
+        "LEAK process: $fake_pid (hopmesh binary, names the work dir)" \
+        "LEAK process: [0-9]* still inside namespace $C1" "LEAK listener: in namespace $C1: tcp .*127.0.0.1:8080" \
+        "LEAK process: $host_pid (a descendant of the suite)" "LEAK listener: in the host: .*pid=$host_pid," \
+        "LEAK namespace: ${P}leak" "LEAK nft: table inet ${P}leak in the host"; do
+        grep -q -- "$want" "$out" || { echo "    FAIL: leak_check did not report: $want"; bad=1; }
+    done
+    # It removed what it found: nothing left now.
+    sleep 0.3
+    if ! leak_host --namespaces-gone >"$WORK/selftest.after" 2>&1; then
+        echo "    FAIL: still left after leak_check cleaned up:"; cat "$WORK/selftest.after"; bad=1
+    fi
+    for pid in "$sleep_pid" "$fake_pid" "$host_pid"; do
+        [ ! -d "/proc/$pid" ] || [ "$(awk '{print $3}' "/proc/$pid/stat")" = Z ] || { echo "    FAIL: planted pid $pid still running"; bad=1; }
+    done
+    if [ "$bad" = 0 ]; then
+        echo "netns leak self-test: PASS (leak_check failed as it must, reported all 6 planted leaks, removed them)"
+    else
+        echo "netns leak self-test: FAIL"
+    fi
+    return "$bad"
+}
+
 # ---------------------------------------------------------------------------- runner
 ORDER="bringup matrix attacker clock_skew partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
 SELECTED=${*:-$ORDER}
+if [ "${NETNS_LEAK_SELFTEST:-}" = 1 ]; then
+    leak_selftest
+    exit
+fi
 echo "netns suite: run $$, work dir $WORK"
 bring_up
 failed=0
@@ -564,6 +683,16 @@ for s in $ORDER bench_lossy; do
     if [ "$rc" = 0 ]; then result=PASS; else result=FAIL; failed=$((failed + 1)); fi
     printf '%-16s %s %6.1fs\n' "$s" "$result" "$(python3 -c "print($(date +%s.%N) - $start)")"
 done
-count=$(wc -w <<<"$SELECTED")
+# After the suite, always: everything the run started is stopped and its namespaces deleted;
+# nothing may be left (a row of its own, counted like a scenario).
+start=$(date +%s.%N)
+set +e
+( set -e; leak_check )
+rc=$?
+set -e
+LEAK_CHECKED=1
+if [ "$rc" = 0 ]; then result=PASS; else result=FAIL; failed=$((failed + 1)); fi
+printf '%-16s %s %6.1fs\n' leak_check "$result" "$(python3 -c "print($(date +%s.%N) - $start)")"
+count=$(($(wc -w <<<"$SELECTED") + 1))
 echo "netns: $((count - failed)) passed, $failed failed"
 [ "$failed" = 0 ]
