@@ -249,7 +249,8 @@ mod tests {
         assert!(lo.contains("enable_segmentation_offload: false"), "{lo}");
         assert!(net.contains("upper_bound: 1452"), "{net}");
         assert!(net.contains("enable_segmentation_offload: true"), "{net}");
-        assert!(lo.contains("stream_receive_window: 212992"), "{lo}");
+        assert!(lo.contains("stream_receive_window: 106496"), "{lo}");
+        assert!(lo.contains(" receive_window: 212992"), "{lo}");
         assert!(net.contains("stream_receive_window: 8388608"), "{net}");
     }
 }
