@@ -5,7 +5,7 @@
 //! [`Authority`](crate::authority::Authority) decides what that key may do.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hopmesh_protocol::enrollment::{NodeRequest, PUSH_CAP, REQUEST_CAP, Refusal, VerifierResponse};
 use hopmesh_protocol::ids::NodeId;
@@ -15,7 +15,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::Shared;
-use crate::authority::Enrollment;
+use crate::authority::{Authority, Enrollment, Issued};
 
 /// How long a node has to send its request once it opened a stream.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -68,6 +68,24 @@ async fn respond(mut send: SendStream, resp: &VerifierResponse) {
     }
 }
 
+/// Runs an admission under the authority lock: `issuance_seconds` times the check and the
+/// signing (not the recompile and pushes of [`Authority::publish`]), as the authority reads no
+/// clock.
+fn timed_admission(
+    shared: &Shared,
+    now: hopmesh_protocol::time::UnixTime,
+    admit: impl FnOnce(&mut Authority) -> Result<Issued, Refusal>,
+) -> Result<Vec<u8>, Refusal> {
+    let mut authority = shared.authority();
+    let started = Instant::now();
+    let issued = admit(&mut authority)?;
+    authority
+        .metrics()
+        .issuance_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(authority.publish(issued, now))
+}
+
 fn attested(result: Result<Vec<u8>, Refusal>) -> VerifierResponse {
     match result.and_then(|env| BoundedVec::new(env).map_err(|_| Refusal::Internal)) {
         Ok(attestation) => VerifierResponse::Attested { attestation },
@@ -109,16 +127,16 @@ async fn handle_stream(
                 addresses: &addresses,
                 hostname: facts.hostname.as_str(),
             };
-            let result = shared.authority().enroll(&e, now);
+            let result = timed_admission(&shared, now, |a| a.admit_enrollment(&e, now));
             respond(send, &attested(result)).await;
         }
         NodeRequest::Refresh {
             measurement,
             addresses,
         } => {
-            let result = shared
-                .authority()
-                .refresh(&node_id, &measurement, &addresses, now);
+            let result = timed_admission(&shared, now, |a| {
+                a.admit_refresh(&node_id, &measurement, &addresses, now)
+            });
             respond(send, &attested(result)).await;
         }
         NodeRequest::Report(report) => {

@@ -1,0 +1,217 @@
+//! Operator and node-report operations: join tokens, revoke, ban, reissue, reports, policy
+//! reload.
+
+use hopmesh_protocol::enrollment::{Push, Refusal, Report, ReportKind};
+use hopmesh_protocol::hop_token::PairIds;
+use hopmesh_protocol::ids::{NodeId, NodeName};
+use hopmesh_protocol::policy::Policy;
+use hopmesh_protocol::secret::JoinSecret;
+use hopmesh_protocol::time::UnixTime;
+use hopmesh_protocol::wire::BoundedVec;
+use hopmesh_transport::fields;
+
+use super::Authority;
+use super::admission::sha256;
+use super::refusals::AdminError;
+use super::settings::CompromiseMode;
+use super::views::{NodeRef, ReissueOutcome, RevokeOutcome};
+use crate::store::{BanSubject, JoinTokenRecord};
+
+impl Authority {
+    /// Creates a one-time join secret for `name`.
+    pub fn create_join_token(
+        &mut self,
+        name: &NodeName,
+        segments: Option<Vec<String>>,
+        ttl: u64,
+        now: UnixTime,
+    ) -> Result<(JoinSecret, UnixTime), AdminError> {
+        self.registry.check_join_token_request(
+            self.tables.policy(),
+            name,
+            segments.as_deref(),
+            ttl,
+        )?;
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| AdminError::Internal("rng".into()))?;
+        let secret = JoinSecret::from_bytes(secret);
+        let expires_at = now.plus(ttl);
+        self.store.put_join_token(&JoinTokenRecord {
+            secret_hash: sha256(secret.expose()),
+            name: name.clone(),
+            segments,
+            created_at: now,
+            expires_at,
+        })?;
+        self.audit(
+            now,
+            "join_token_created",
+            fields! {"name" => name.as_str(), "expires_at" => expires_at.as_secs()},
+        );
+        Ok((secret, expires_at))
+    }
+
+    /// Revokes a node: committed durably first, then pushed to every connected node.
+    pub fn revoke(&mut self, target: &NodeRef, now: UnixTime) -> Result<RevokeOutcome, AdminError> {
+        let rec = self.registry.resolve(target)?;
+        if rec.revoked_at.is_some() {
+            return Err(AdminError::AlreadyRevoked(rec.name.to_string()));
+        }
+        let list = self.revocations.with_revoked(
+            rec.node_id,
+            self.settings.attestation_ttl,
+            self.issuer.key(),
+            now,
+        )?;
+        let bans = [BanSubject::Node(rec.node_id)];
+        self.store
+            .commit_revocation(&rec.node_id, now, &bans, &list.0)?;
+        // Committed: from here on nothing may fail the revoke.
+        let version = list.0.version;
+        self.revocations.install(list);
+        self.registry.add_bans(bans);
+        self.registry.mark_revoked(&rec.node_id, now);
+        self.metrics.revocations.inc();
+        self.audit_durable(now, "revoke", fields! {"node" => rec.node_id.to_string(), "name" => rec.name.as_str(), "revocation_version" => version});
+
+        // Its peers treat every generation they share with it as compromised.
+        let peers = self.tables.peers_of(&rec.node_id);
+        for p in &peers {
+            let gens = self
+                .seeds
+                .recent_generations(&PairIds::new(*p, rec.node_id), now);
+            let msg = Push::Compromised {
+                peer: rec.node_id,
+                generations: BoundedVec::new(gens).unwrap_or_default(),
+            };
+            self.push(p, &[msg]);
+        }
+        self.broadcast_revocations();
+        self.subscribers.close(&rec.node_id);
+        let changed = self.recompile();
+        self.push_changed(&changed, now);
+        Ok(RevokeOutcome {
+            node_id: rec.node_id.to_string(),
+            revocation_version: version,
+            notified: peers.len(),
+        })
+    }
+
+    /// Bans a node's key and name: it can never attest or enroll again. Revokes it too if live.
+    pub fn ban(&mut self, target: &NodeRef, now: UnixTime) -> Result<(), AdminError> {
+        let rec = self.registry.resolve(target)?;
+        if rec.revoked_at.is_none() {
+            self.revoke(target, now)?;
+        }
+        let bans = [
+            BanSubject::Node(rec.node_id),
+            BanSubject::Name(rec.name.clone()),
+        ];
+        self.store.put_bans(&bans, "operator ban", now)?;
+        self.registry.add_bans(bans);
+        self.audit_durable(
+            now,
+            "ban",
+            fields! {"node" => rec.node_id.to_string(), "name" => rec.name.as_str()},
+        );
+        Ok(())
+    }
+
+    /// Reissues the pair `{a, b}`: its recent generations become compromised and both ends get
+    /// fresh ones. No other pair changes.
+    pub fn reissue(
+        &mut self,
+        a: &NodeRef,
+        b: &NodeRef,
+        now: UnixTime,
+    ) -> Result<ReissueOutcome, AdminError> {
+        let a = self.registry.resolve(a)?;
+        let b = self.registry.resolve(b)?;
+        if a.node_id == b.node_id {
+            return Err(AdminError::BadRequest(
+                "a pair needs two different nodes".into(),
+            ));
+        }
+        self.reissue_pair(&a.node_id, &b.node_id, now, "operator")
+    }
+
+    fn reissue_pair(
+        &mut self,
+        a: &NodeId,
+        b: &NodeId,
+        now: UnixTime,
+        why: &str,
+    ) -> Result<ReissueOutcome, AdminError> {
+        let plan = self.seeds.plan_reissue(PairIds::new(*a, *b), now)?;
+        self.store
+            .commit_reissue(&plan.pair, plan.next, &plan.compromised, now)?;
+        self.seeds.apply_reissue(&plan);
+        self.metrics.reissues.inc();
+        let compromised: Vec<u64> = plan.compromised.iter().map(|g| g.0).collect();
+        self.audit_durable(
+            now,
+            "reissue",
+            fields! {"a" => a.to_string(), "b" => b.to_string(), "reissues" => plan.next, "why" => why,
+            "compromised" => compromised.clone()},
+        );
+        for (me, peer) in [(a, b), (b, a)] {
+            let msgs = self.seeds.pair_pushes(me, peer, now);
+            self.push(me, &msgs);
+        }
+        Ok(ReissueOutcome {
+            reissues: plan.next,
+            compromised,
+        })
+    }
+
+    /// Records a node's security report; reissues the pair on `compromised_key_use` when so
+    /// configured.
+    pub fn report(
+        &mut self,
+        reporter: &NodeId,
+        report: &Report,
+        now: UnixTime,
+    ) -> Result<(), Refusal> {
+        if !self.registry.is_unrevoked(reporter) {
+            self.metrics.refused("report_not_live");
+            return Err(Refusal::NotEnrolled);
+        }
+        self.metrics
+            .reports
+            .get_or_create(&[("kind", report.kind.as_str())])
+            .inc();
+        self.audit_durable(
+            now,
+            report.kind.as_str(),
+            fields! {"reporter" => reporter.to_string(), "peer" => report.peer.to_string(),
+            "generation" => report.generation.map(|g| g.0), "detail" => report.detail.as_str()},
+        );
+        if report.kind == ReportKind::CompromisedKeyUse
+            && self.settings.on_compromise == CompromiseMode::AutoReissue
+        {
+            if reporter == &report.peer || !self.registry.contains(&report.peer) {
+                return Ok(());
+            }
+            if let Err(e) = self.reissue_pair(reporter, &report.peer, now, "compromised_key_use") {
+                tracing::error!(error = %e, "automatic reissue failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the policy and pushes exactly the routing tables that changed.
+    pub fn reload_policy(&mut self, text: &str, now: UnixTime) -> Result<Vec<String>, AdminError> {
+        let policy = Policy::parse(text)?;
+        self.tables.set_policy(policy);
+        let changed = self.recompile();
+        self.push_changed(&changed, now);
+        let names: Vec<String> = changed
+            .iter()
+            .filter_map(|id| self.registry.get(id))
+            .map(|n| n.name.to_string())
+            .collect();
+        self.audit(now, "policy_reload", fields! {"changed" => names.clone()});
+        Ok(names)
+    }
+}

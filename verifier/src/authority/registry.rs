@@ -1,0 +1,238 @@
+//! The registry: enrolled node records, names, bans, and the pure admission decisions that
+//! read them with the policy (join-token requests, enrollment, refresh, measurement
+//! allowlist).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hopmesh_protocol::enrollment::Address;
+use hopmesh_protocol::ids::{Measurement, NodeId, NodeName, SegmentName};
+use hopmesh_protocol::policy::{NodeDirectory, Policy, parse_backend};
+use hopmesh_protocol::time::UnixTime;
+
+use super::refusals::{AdminError, EnrollRefusal, RefreshRefusal};
+use super::views::{Enrollment, NodeRef};
+use crate::store::{BanSubject, JoinTokenRecord, NodeRecord, Store, StoreError};
+
+/// Longest join-secret lifetime an operator may ask for.
+pub(super) const MAX_JOIN_TTL: u64 = 7 * 24 * 3600;
+
+/// Every node record (live and revoked) and every ban.
+#[derive(Debug, Default)]
+pub(super) struct Registry {
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    bans: BTreeSet<BanSubject>,
+}
+
+/// Whether `m` may attest under `policy`.
+pub(super) fn measurement_allowed(policy: &Policy, m: &Measurement) -> bool {
+    policy.allow_any_measurement || policy.measurements.contains(m)
+}
+
+/// Whether every advertised address is `host:port`.
+pub(super) fn addresses_ok(addresses: &[Address]) -> bool {
+    addresses.iter().all(|a| parse_backend(a.as_str()).is_ok())
+}
+
+impl Registry {
+    /// Loads the records and bans from the store.
+    pub(super) fn load(store: &dyn Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            nodes: store.nodes()?.into_iter().map(|n| (n.node_id, n)).collect(),
+            bans: store.bans()?.into_iter().collect(),
+        })
+    }
+
+    pub(super) fn get(&self, id: &NodeId) -> Option<&NodeRecord> {
+        self.nodes.get(id)
+    }
+
+    pub(super) fn contains(&self, id: &NodeId) -> bool {
+        self.nodes.contains_key(id)
+    }
+
+    pub(super) fn records(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub(super) fn is_banned(&self, id: &NodeId, name: &NodeName) -> bool {
+        self.bans.contains(&BanSubject::Node(*id))
+            || self.bans.contains(&BanSubject::Name(name.clone()))
+    }
+
+    pub(super) fn name_banned(&self, name: &NodeName) -> bool {
+        self.bans.contains(&BanSubject::Name(name.clone()))
+    }
+
+    /// Enrolled, not revoked, not banned.
+    pub(super) fn is_live(&self, id: &NodeId) -> bool {
+        self.nodes
+            .get(id)
+            .is_some_and(|n| n.revoked_at.is_none() && !self.is_banned(id, &n.name))
+    }
+
+    /// Enrolled and not revoked (bans not considered).
+    pub(super) fn is_unrevoked(&self, id: &NodeId) -> bool {
+        self.nodes.get(id).is_some_and(|n| n.revoked_at.is_none())
+    }
+
+    fn live_node_named(&self, name: &NodeName) -> Option<&NodeRecord> {
+        self.nodes
+            .values()
+            .find(|n| n.name == *name && n.revoked_at.is_none())
+    }
+
+    /// The record an operator means: by id, or the live (else the latest) node of a name.
+    pub(super) fn resolve(&self, r: &NodeRef) -> Result<NodeRecord, AdminError> {
+        let found = match r {
+            NodeRef::Id(id) => self.nodes.get(id),
+            NodeRef::Name(n) => self
+                .nodes
+                .values()
+                .filter(|rec| rec.name == *n)
+                .max_by_key(|rec| (rec.revoked_at.is_none(), rec.enrolled_at)),
+        };
+        found.cloned().ok_or_else(|| {
+            AdminError::UnknownNode(match r {
+                NodeRef::Id(id) => id.to_string(),
+                NodeRef::Name(n) => n.to_string(),
+            })
+        })
+    }
+
+    /// Live, unbanned nodes by name: what the policy compiles against.
+    pub(super) fn directory(&self) -> NodeDirectory {
+        self.nodes
+            .values()
+            .filter(|n| n.revoked_at.is_none() && !self.is_banned(&n.node_id, &n.name))
+            .map(|n| (n.name.clone(), n.node_id))
+            .collect()
+    }
+
+    /// Applies a committed node record.
+    pub(super) fn insert(&mut self, rec: NodeRecord) {
+        self.nodes.insert(rec.node_id, rec);
+    }
+
+    /// Applies a committed revocation.
+    pub(super) fn mark_revoked(&mut self, id: &NodeId, at: UnixTime) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.revoked_at = Some(at);
+        }
+    }
+
+    /// Applies committed bans.
+    pub(super) fn add_bans(&mut self, bans: impl IntoIterator<Item = BanSubject>) {
+        self.bans.extend(bans);
+    }
+
+    /// Decides an operator's join-token request.
+    pub(super) fn check_join_token_request(
+        &self,
+        policy: &Policy,
+        name: &NodeName,
+        segments: Option<&[String]>,
+        ttl: u64,
+    ) -> Result<(), AdminError> {
+        if ttl == 0 || ttl > MAX_JOIN_TTL {
+            return Err(AdminError::BadRequest("ttl must be 1 s to 7 days".into()));
+        }
+        if !policy.nodes.contains_key(name) {
+            return Err(AdminError::BadRequest(format!(
+                "node `{name}` is not in the policy"
+            )));
+        }
+        if self.name_banned(name) {
+            return Err(AdminError::BadRequest(format!(
+                "node name `{name}` is banned"
+            )));
+        }
+        for s in segments.into_iter().flatten() {
+            SegmentName::new(s)
+                .map_err(|e| AdminError::BadRequest(format!("segment `{s}`: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Decides an enrollment whose join secret was valid (and is now consumed): bans, policy,
+    /// segments, measurement, name, addresses. The permit is the record to commit.
+    pub(super) fn decide_enrollment(
+        &self,
+        policy: &Policy,
+        token: JoinTokenRecord,
+        e: &Enrollment<'_>,
+        now: UnixTime,
+    ) -> Result<NodeRecord, EnrollRefusal> {
+        let node_id = NodeId::from_spki(e.spki);
+        if self.bans.contains(&BanSubject::Node(node_id)) {
+            return Err(EnrollRefusal::KeyBanned);
+        }
+        if self.name_banned(&token.name) {
+            return Err(EnrollRefusal::NameBanned);
+        }
+        let Some(policy_segments) = policy.nodes.get(&token.name) else {
+            return Err(EnrollRefusal::NameNotInPolicy);
+        };
+        if let Some(bound) = &token.segments {
+            let bound: BTreeSet<&str> = bound.iter().map(String::as_str).collect();
+            let policy: BTreeSet<&str> = policy_segments.iter().map(SegmentName::as_str).collect();
+            if bound != policy {
+                return Err(EnrollRefusal::SegmentsMismatch);
+            }
+        }
+        if !measurement_allowed(policy, &e.measurement) {
+            return Err(EnrollRefusal::Measurement);
+        }
+        if self
+            .live_node_named(&token.name)
+            .is_some_and(|n| n.node_id != node_id)
+        {
+            return Err(EnrollRefusal::NameTaken);
+        }
+        if !addresses_ok(e.addresses) {
+            return Err(EnrollRefusal::BadAddress);
+        }
+        Ok(NodeRecord {
+            node_id,
+            name: token.name,
+            spki: e.spki.to_vec(),
+            measurement: e.measurement,
+            addresses: e.addresses.iter().map(|a| a.as_str().to_owned()).collect(),
+            enrolled_at: now,
+            revoked_at: None,
+        })
+    }
+
+    /// Decides a refresh of an enrolled key. The permit is the updated record.
+    pub(super) fn decide_refresh(
+        &self,
+        policy: &Policy,
+        node_id: &NodeId,
+        measurement: &Measurement,
+        addresses: &[Address],
+    ) -> Result<NodeRecord, RefreshRefusal> {
+        let rec = self.nodes.get(node_id).ok_or(RefreshRefusal::NotEnrolled)?;
+        if rec.revoked_at.is_some() {
+            return Err(RefreshRefusal::Revoked);
+        }
+        if self.is_banned(node_id, &rec.name) {
+            return Err(RefreshRefusal::Banned);
+        }
+        if !policy.nodes.contains_key(&rec.name) {
+            return Err(RefreshRefusal::NotInPolicy);
+        }
+        if !measurement_allowed(policy, measurement) {
+            return Err(RefreshRefusal::Measurement);
+        }
+        if !addresses_ok(addresses) {
+            return Err(RefreshRefusal::BadAddress);
+        }
+        let mut rec = rec.clone();
+        rec.measurement = *measurement;
+        rec.addresses = addresses.iter().map(|a| a.as_str().to_owned()).collect();
+        Ok(rec)
+    }
+}

@@ -1,0 +1,173 @@
+//! Pair seeds: generation slots, per-pair reissue counts, grants and compromised generations.
+
+use std::collections::BTreeMap;
+
+use hopmesh_protocol::enrollment::Push;
+use hopmesh_protocol::hop_token::{Generation, GenerationGrant, PairIds};
+use hopmesh_protocol::ids::NodeId;
+use hopmesh_protocol::secret::{MasterSecret, PairSeed};
+use hopmesh_protocol::time::UnixTime;
+use hopmesh_protocol::wire::BoundedVec;
+
+use super::refusals::AdminError;
+use crate::store::{PairState, Store, StoreError};
+
+/// Compromised generations of a pair repeated in a snapshot or reissue push.
+const RECENT_COMPROMISED: usize = 16;
+
+/// The master secret, the generation clock and every pair's reissue state.
+pub(super) struct Seeds {
+    master: MasterSecret,
+    generation_secs: u64,
+    pairs: BTreeMap<PairIds, PairState>,
+    last_slot: u64,
+}
+
+impl std::fmt::Debug for Seeds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seeds")
+            .field("generation_secs", &self.generation_secs)
+            .field("pairs", &self.pairs.len())
+            .field("last_slot", &self.last_slot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A decided reissue, not yet committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ReissuePlan {
+    /// The pair.
+    pub(super) pair: PairIds,
+    /// Its reissue count after the commit.
+    pub(super) next: u16,
+    /// The generations that become compromised.
+    pub(super) compromised: Vec<Generation>,
+}
+
+impl Seeds {
+    /// Loads the pair states; the slot clock starts at `now`.
+    pub(super) fn load(
+        master: MasterSecret,
+        generation_secs: u64,
+        store: &dyn Store,
+        now: UnixTime,
+    ) -> Result<Self, StoreError> {
+        let pairs = store
+            .pair_states()?
+            .into_iter()
+            .map(|p| (p.pair, p))
+            .collect();
+        let mut me = Self {
+            master,
+            generation_secs,
+            pairs,
+            last_slot: 0,
+        };
+        me.last_slot = me.slot(now);
+        Ok(me)
+    }
+
+    /// The generation slot `now` falls in.
+    pub(super) fn slot(&self, now: UnixTime) -> u64 {
+        now.as_secs() / self.generation_secs.max(1)
+    }
+
+    /// Moves the slot clock to `now`; true when a slot edge was crossed since the last call.
+    pub(super) fn advance(&mut self, now: UnixTime) -> bool {
+        let slot = self.slot(now);
+        if slot == self.last_slot {
+            return false;
+        }
+        self.last_slot = slot;
+        true
+    }
+
+    pub(super) fn reissues_of(&self, pair: &PairIds) -> u16 {
+        self.pairs.get(pair).map_or(0, |p| p.reissues)
+    }
+
+    /// The previous, current and next generation of a pair at `now` under its current reissue
+    /// count: what a revoke or reissue marks compromised.
+    pub(super) fn recent_generations(&self, pair: &PairIds, now: UnixTime) -> Vec<Generation> {
+        let r = self.reissues_of(pair);
+        let slot = self.slot(now);
+        (slot.saturating_sub(1)..=slot + 1)
+            .map(|s| Generation::compose(s, r))
+            .collect()
+    }
+
+    /// The grants (current and next generation) for a pair at `now`.
+    pub(super) fn grants(&self, pair: &PairIds, now: UnixTime) -> Vec<GenerationGrant> {
+        let g = self.generation_secs.max(1);
+        let slot = self.slot(now);
+        let r = self.reissues_of(pair);
+        (slot..=slot + 1)
+            .map(|s| {
+                let generation = Generation::compose(s, r);
+                GenerationGrant {
+                    generation,
+                    seed: PairSeed::derive(&self.master, pair, generation),
+                    valid_from: UnixTime::from_secs(s * g),
+                    valid_until: UnixTime::from_secs((s + 1) * g),
+                }
+            })
+            .collect()
+    }
+
+    /// `node`'s seeds for its pair with `peer`.
+    pub(super) fn seeds_push(&self, node: &NodeId, peer: &NodeId, now: UnixTime) -> Push {
+        let grants = self.grants(&PairIds::new(*node, *peer), now);
+        Push::Seeds {
+            peer: *peer,
+            // Invariant: grants() returns exactly two.
+            grants: BoundedVec::new(grants).unwrap_or_default(),
+        }
+    }
+
+    /// The pair's most recent compromised generations, if it has any.
+    pub(super) fn compromised_push(&self, node: &NodeId, peer: &NodeId) -> Option<Push> {
+        let state = self.pairs.get(&PairIds::new(*node, *peer))?;
+        let skip = state.compromised.len().saturating_sub(RECENT_COMPROMISED);
+        let recent: Vec<Generation> = state.compromised[skip..].to_vec();
+        (!recent.is_empty()).then(|| Push::Compromised {
+            peer: *peer,
+            generations: BoundedVec::new(recent).unwrap_or_default(),
+        })
+    }
+
+    /// What `node` gets when its pair with `peer` changed: recent compromised generations (if
+    /// any), then fresh seeds.
+    pub(super) fn pair_pushes(&self, node: &NodeId, peer: &NodeId, now: UnixTime) -> Vec<Push> {
+        let mut out: Vec<Push> = self.compromised_push(node, peer).into_iter().collect();
+        out.push(self.seeds_push(node, peer, now));
+        out
+    }
+
+    /// Decides a reissue of `pair` at `now`.
+    pub(super) fn plan_reissue(
+        &self,
+        pair: PairIds,
+        now: UnixTime,
+    ) -> Result<ReissuePlan, AdminError> {
+        let next = self
+            .reissues_of(&pair)
+            .checked_add(1)
+            .ok_or(AdminError::ReissueLimit)?;
+        Ok(ReissuePlan {
+            pair,
+            next,
+            compromised: self.recent_generations(&pair, now),
+        })
+    }
+
+    /// Applies a committed reissue.
+    pub(super) fn apply_reissue(&mut self, plan: &ReissuePlan) {
+        let state = self.pairs.entry(plan.pair).or_insert(PairState {
+            pair: plan.pair,
+            reissues: 0,
+            compromised: Vec::new(),
+        });
+        state.reissues = plan.next;
+        state.compromised.extend(plan.compromised.iter().copied());
+    }
+}
