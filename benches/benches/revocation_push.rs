@@ -8,15 +8,15 @@
 use std::time::{Duration, Instant};
 
 use hopmesh_protocol::enrollment::Push;
-use hopmesh_tests::{GOOD_MEASUREMENT, VerifierHarness};
+use hopmesh_tests::{GOOD_MEASUREMENT, VerifierHarness, standard_policy};
 use hopmesh_verifier::authority::{NodeRef, Settings};
 
 const SUBSCRIBERS: usize = 20;
 
+/// The standard test policy plus segment `s` (no allow rule: no route pushes) with `n`
+/// nodes `n0`, `n1`, ….
 fn policy(n: usize) -> String {
-    let mut p = format!(
-        "[attestation]\nmeasurements = [\"{GOOD_MEASUREMENT}\"]\n[[segment]]\nname = \"s\"\n"
-    );
+    let mut p = standard_policy() + "\n[[segment]]\nname = \"s\"\n";
     for i in 0..n {
         p += &format!("[[node]]\nname = \"n{i}\"\nsegments = [\"s\"]\n");
     }

@@ -15,6 +15,7 @@ use hopmesh_protocol::ids::{Measurement, NodeName};
 use hopmesh_protocol::policy::Policy;
 use hopmesh_protocol::secret::{MasterSecret, SigningSeed};
 use hopmesh_protocol::time::UnixTime;
+use hopmesh_tests::{Attest, standard_policy_with};
 use hopmesh_transport::audit::AuditLog;
 use hopmesh_transport::identity::Identity;
 use hopmesh_verifier::authority::{Authority, Enrollment, Parts, Settings};
@@ -25,7 +26,15 @@ fn issuance(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SqliteStore::create(&dir.path().join("store.db")).expect("store");
     let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
-    let policy = Policy::parse("[attestation]\nallow_any_measurement = true\n[[segment]]\nname = \"s\"\n[[node]]\nname = \"a\"\nsegments = [\"s\"]\n").expect("policy");
+    // The standard test policy; node `a` enrolls and refreshes.
+    let measurement = Measurement([3; 32]);
+    let policy = Policy::parse(&standard_policy_with(
+        Attest::Pinned(measurement),
+        "127.0.0.1:1",
+        "127.0.0.1:1",
+        "127.0.0.1:1",
+    ))
+    .expect("policy");
     let now = UnixTime::from_secs(1_800_000_000);
     let mut auth = Authority::new(
         Parts {
@@ -50,7 +59,7 @@ fn issuance(c: &mut Criterion) {
         &Enrollment {
             spki: &spki,
             join_secret: &secret,
-            measurement: Measurement([3; 32]),
+            measurement,
             addresses: &addresses,
             hostname: "bench",
         },
@@ -67,7 +76,7 @@ fn issuance(c: &mut Criterion) {
     });
     g.bench_function("attestation_issue_refresh", |b| {
         b.iter(|| {
-            auth.refresh(black_box(&id), &Measurement([3; 32]), &addresses, now)
+            auth.refresh(black_box(&id), &measurement, &addresses, now)
                 .expect("refresh")
         })
     });

@@ -27,47 +27,51 @@ use hopmesh_verifier::{Running, ServeOptions, start};
 /// The measurement test nodes present.
 pub const GOOD_MEASUREMENT: Measurement = Measurement([0x11; 32]);
 
-/// The TESTING.md standard topology: a, b in s1; c in s2; s1 -> s1 and s1 -> web.s2.
+/// `tests/fixtures/standard-policy.toml` as written: the one standard test policy, with
+/// placeholders. Fill it with [`standard_policy_with`]; variants append TOML to the result.
+pub const STANDARD_POLICY_TEMPLATE: &str = include_str!("../fixtures/standard-policy.toml");
+
+/// How a filled standard policy attests nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attest {
+    /// `measurements = ["<this>"]`.
+    Pinned(Measurement),
+    /// `allow_any_measurement = true` (in-process nodes measure the test binary).
+    Any,
+}
+
+/// The standard test policy (TESTING.md's topology: a, b in s1; c in s2; api.s1 on b, db.s1
+/// on a, web.s2 on c; s1 -> s1 and s1 -> web.s2) with `attest` and the three backends.
+pub fn standard_policy_with(attest: Attest, api: &str, db: &str, web: &str) -> String {
+    const PINNED: &str = "measurements = [\"{measurement}\"]";
+    assert!(
+        STANDARD_POLICY_TEMPLATE.contains(PINNED),
+        "the fixture lost its measurements line"
+    );
+    let attestation = match attest {
+        Attest::Pinned(m) => format!("measurements = [\"{m}\"]"),
+        Attest::Any => "allow_any_measurement = true".to_owned(),
+    };
+    let text = STANDARD_POLICY_TEMPLATE
+        .replace(PINNED, &attestation)
+        .replace("{api}", api)
+        .replace("{db}", db)
+        .replace("{web}", web);
+    assert!(
+        !text.contains("\"{"),
+        "a placeholder of the policy fixture is not filled"
+    );
+    text
+}
+
+/// The standard test policy, nodes pinned to [`GOOD_MEASUREMENT`]; backends on unused
+/// loopback ports (the verifier never connects to them).
 pub fn standard_policy() -> String {
-    format!(
-        r#"
-[attestation]
-measurements = ["{m}"]
-
-[[segment]]
-name = "s1"
-[[segment]]
-name = "s2"
-
-[[node]]
-name = "a"
-segments = ["s1"]
-[[node]]
-name = "b"
-segments = ["s1"]
-[[node]]
-name = "c"
-segments = ["s2"]
-
-[[service]]
-name = "api"
-segment = "s1"
-node = "b"
-backend = "127.0.0.1:18080"
-[[service]]
-name = "web"
-segment = "s2"
-node = "c"
-backend = "127.0.0.1:18081"
-
-[[allow]]
-from = "s1"
-to = "s1"
-[[allow]]
-from = "s1"
-to = "web.s2"
-"#,
-        m = GOOD_MEASUREMENT
+    standard_policy_with(
+        Attest::Pinned(GOOD_MEASUREMENT),
+        "127.0.0.1:18080",
+        "127.0.0.1:18082",
+        "127.0.0.1:18081",
     )
 }
 

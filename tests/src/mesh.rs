@@ -52,52 +52,14 @@ impl Drop for EchoBackend {
     }
 }
 
-/// The standard mesh policy: a, b in s1; c in s2; api.s1 on b, db.s1 on a, web.s2 on c;
-/// s1 -> s1 and s1 -> web.s2; s2 reaches nothing.
+/// The standard test policy (the fixture, [`crate::standard_policy_with`]) with these
+/// backends and any measurement (in-process nodes measure the test binary).
 pub fn mesh_policy(api: SocketAddr, db: SocketAddr, web: SocketAddr) -> String {
-    format!(
-        r#"
-[attestation]
-allow_any_measurement = true
-
-[[segment]]
-name = "s1"
-[[segment]]
-name = "s2"
-
-[[node]]
-name = "a"
-segments = ["s1"]
-[[node]]
-name = "b"
-segments = ["s1"]
-[[node]]
-name = "c"
-segments = ["s2"]
-
-[[service]]
-name = "api"
-segment = "s1"
-node = "b"
-backend = "{api}"
-[[service]]
-name = "db"
-segment = "s1"
-node = "a"
-backend = "{db}"
-[[service]]
-name = "web"
-segment = "s2"
-node = "c"
-backend = "{web}"
-
-[[allow]]
-from = "s1"
-to = "s1"
-[[allow]]
-from = "s1"
-to = "web.s2"
-"#
+    crate::standard_policy_with(
+        crate::Attest::Any,
+        &api.to_string(),
+        &db.to_string(),
+        &web.to_string(),
     )
 }
 
