@@ -70,7 +70,11 @@ async fn enroll_attest_refresh() {
         vec!["s1"]
     );
     assert_eq!(a.measurement, GOOD_MEASUREMENT);
-    assert_eq!(a.not_after.secs_since(a.not_before), 300);
+    // Valid for the TTL from now, and usable from ATTESTATION_BACKDATE earlier (clocks behind).
+    assert_eq!(
+        a.not_after.secs_since(a.not_before),
+        300 + hopmesh_protocol::attestation::ATTESTATION_BACKDATE
+    );
 
     let second = node
         .refresh(GOOD_MEASUREMENT, h.now())

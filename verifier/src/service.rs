@@ -38,7 +38,7 @@ pub async fn serve(endpoint: Endpoint, shared: Arc<Shared>, mut shutdown: watch:
         let shared = shared.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            // Never `into_0rtt()` (DESIGN.md pitfall 2): await the full handshake.
+            // Never `into_0rtt()` (docs/design.md, pitfall 2): await the full handshake.
             match incoming.await {
                 Ok(conn) => handle_connection(conn, shared).await,
                 Err(e) => tracing::debug!(error = %e, "handshake failed"),

@@ -1,6 +1,8 @@
 //! Attestation issuance: the signing key and the block of reserved serials.
 
-use hopmesh_protocol::attestation::{ATTESTATION_VERSION, Attestation, SigningKey};
+use hopmesh_protocol::attestation::{
+    ATTESTATION_BACKDATE, ATTESTATION_VERSION, Attestation, SigningKey,
+};
 use hopmesh_protocol::ids::SegmentName;
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedVec;
@@ -67,7 +69,8 @@ impl Issuer {
             segments: BoundedVec::new(segments).map_err(|e| AdminError::Internal(e.to_string()))?,
             measurement: rec.measurement,
             serial: self.next_serial(store)?,
-            not_before: now,
+            // Backdated: a node whose clock is a little behind ours can use it at once.
+            not_before: now.minus(ATTESTATION_BACKDATE),
             not_after: now.plus(ttl),
             verifier_key_id: self.signing.key_id(),
         };
