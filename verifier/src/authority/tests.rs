@@ -1,1 +1,1343 @@
+//! Unit tests of the authority: a real SQLite store in a temp dir, a fixed clock, fixed keys.
 
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use hopmesh_protocol::attestation::{
+    ATTESTATION_BACKDATE, KeySet, RevocationUpdate, SigningKey, verify_attestation,
+    verify_revocation_list,
+};
+use hopmesh_protocol::enrollment::{Address, Push, Refusal, Report, ReportKind};
+use hopmesh_protocol::hop_token::{Generation, PairIds};
+use hopmesh_protocol::ids::{Measurement, NodeId, NodeName};
+use hopmesh_protocol::policy::Policy;
+use hopmesh_protocol::secret::{JoinSecret, MasterSecret, SigningSeed};
+use hopmesh_protocol::time::UnixTime;
+use hopmesh_protocol::wire::BoundedString;
+use hopmesh_transport::audit::{AuditLog, read_since};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::store::SqliteStore;
+
+/// Mid-slot: generation slot 6 000 000 runs from 1 800 000 000 to 1 800 000 300.
+const T0: u64 = 1_800_000_100;
+const SLOT0: u64 = T0 / 300;
+const NEXT_EDGE: u64 = (SLOT0 + 1) * 300;
+const GOOD: Measurement = Measurement([7; 32]);
+const BAD: Measurement = Measurement([8; 32]);
+
+fn t(secs: u64) -> UnixTime {
+    UnixTime::from_secs(secs)
+}
+
+fn name(s: &str) -> NodeName {
+    NodeName::new(s).expect("valid node name")
+}
+
+/// The standard topology: a, b in s1; c in s2; api on b, db on a, web on c; s1 -> s1 and
+/// s1 -> web.s2. Every node pairs with both others.
+fn standard_policy() -> String {
+    format!(
+        r#"[attestation]
+measurements = ["{GOOD}"]
+[[segment]]
+name = "s1"
+[[segment]]
+name = "s2"
+[[node]]
+name = "a"
+segments = ["s1"]
+[[node]]
+name = "b"
+segments = ["s1"]
+[[node]]
+name = "c"
+segments = ["s2"]
+[[service]]
+name = "api"
+segment = "s1"
+node = "b"
+backend = "127.0.0.1:18080"
+[[service]]
+name = "db"
+segment = "s1"
+node = "a"
+backend = "127.0.0.1:18082"
+[[service]]
+name = "web"
+segment = "s2"
+node = "c"
+backend = "127.0.0.1:18081"
+[[allow]]
+from = "s1"
+to = "s1"
+[[allow]]
+from = "s1"
+to = "web.s2"
+"#
+    )
+}
+
+/// Two islands: a, b in s1 (api on b); c, d in s2 (web on d). Pairs: a-b and c-d. With
+/// `s1_open = false` the s1 -> s1 rule is gone and a, b lose each other.
+fn islands_policy(s1_open: bool) -> String {
+    let s1_rule = if s1_open {
+        "[[allow]]\nfrom = \"s1\"\nto = \"s1\"\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"[attestation]
+measurements = ["{GOOD}"]
+[[segment]]
+name = "s1"
+[[segment]]
+name = "s2"
+[[node]]
+name = "a"
+segments = ["s1"]
+[[node]]
+name = "b"
+segments = ["s1"]
+[[node]]
+name = "c"
+segments = ["s2"]
+[[node]]
+name = "d"
+segments = ["s2"]
+[[service]]
+name = "api"
+segment = "s1"
+node = "b"
+backend = "127.0.0.1:18080"
+[[service]]
+name = "web"
+segment = "s2"
+node = "d"
+backend = "127.0.0.1:18081"
+{s1_rule}[[allow]]
+from = "s2"
+to = "s2"
+"#
+    )
+}
+
+fn signing() -> SigningKey {
+    SigningKey::from_seed(&SigningSeed::from_bytes([1; 32]))
+}
+
+/// A fixed key per test node.
+fn spki(i: u8) -> Vec<u8> {
+    vec![i; 44]
+}
+
+fn id(i: u8) -> NodeId {
+    NodeId::from_spki(&spki(i))
+}
+
+fn addresses(i: u8) -> Vec<Address> {
+    vec![Address::truncated(&format!(
+        "127.0.0.1:{}",
+        20_000 + u16::from(i)
+    ))]
+}
+
+fn open_authority(
+    dir: &Path,
+    policy: &str,
+    settings: Settings,
+    create: bool,
+    now: UnixTime,
+) -> Authority {
+    let path = dir.join("store.db");
+    let store = if create {
+        SqliteStore::create(&path)
+    } else {
+        SqliteStore::open(&path)
+    }
+    .expect("store opens");
+    let (audit, _) = AuditLog::open(&dir.join("audit.jsonl")).expect("audit log opens");
+    Authority::new(
+        Parts {
+            settings,
+            signing: signing(),
+            master: MasterSecret::from_bytes([2; 32]),
+            store: Box::new(store),
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            policy: Policy::parse(policy).expect("test policy parses"),
+        },
+        now,
+    )
+    .expect("authority builds")
+}
+
+/// An authority on a fresh temp-dir store.
+struct Harness {
+    dir: tempfile::TempDir,
+    policy: String,
+    settings: Settings,
+    auth: Authority,
+}
+
+impl Harness {
+    fn new(policy: String) -> Self {
+        Self::with_settings(policy, Settings::default())
+    }
+
+    fn with_settings(policy: String, settings: Settings) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let auth = open_authority(dir.path(), &policy, settings.clone(), true, t(T0));
+        Self {
+            dir,
+            policy,
+            settings,
+            auth,
+        }
+    }
+
+    /// Drops the authority and builds a new one on the same store at `now`.
+    fn reopen(self, now: UnixTime) -> Self {
+        let Self {
+            dir,
+            policy,
+            settings,
+            auth,
+        } = self;
+        drop(auth);
+        let auth = open_authority(dir.path(), &policy, settings.clone(), false, now);
+        Self {
+            dir,
+            policy,
+            settings,
+            auth,
+        }
+    }
+
+    fn token(&mut self, node: &str) -> JoinSecret {
+        self.auth
+            .create_join_token(&name(node), None, 3600, t(T0))
+            .expect("join token")
+            .0
+    }
+
+    fn try_enroll(
+        &mut self,
+        key: u8,
+        secret: &JoinSecret,
+        measurement: Measurement,
+        addrs: &[Address],
+        now: UnixTime,
+    ) -> Result<Vec<u8>, Refusal> {
+        let key = spki(key);
+        self.auth.enroll(
+            &Enrollment {
+                spki: &key,
+                join_secret: secret,
+                measurement,
+                addresses: addrs,
+                hostname: "test-host",
+            },
+            now,
+        )
+    }
+
+    /// Enrolls key `key` under `node` with a fresh token; panics on refusal.
+    fn enroll(&mut self, key: u8, node: &str) -> NodeId {
+        let secret = self.token(node);
+        self.try_enroll(key, &secret, GOOD, &addresses(key), t(T0))
+            .expect("enrollment accepted");
+        id(key)
+    }
+
+    fn refusals(&self, reason: &'static str) -> u64 {
+        self.auth
+            .metrics()
+            .refusals
+            .get_or_create(&[("reason", reason)])
+            .get()
+    }
+
+    fn pushes(&self, kind: &'static str) -> u64 {
+        self.auth
+            .metrics()
+            .pushes
+            .get_or_create(&[("kind", kind)])
+            .get()
+    }
+
+    fn subscribe(&mut self, node: &NodeId) -> mpsc::Receiver<Push> {
+        self.auth.subscribe(node, t(T0)).expect("subscribe")
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        read_since(self.auth.audit_path(), 0).expect("audit log reads")
+    }
+
+    fn last_event(&self, event: &str) -> Value {
+        self.audit()
+            .into_iter()
+            .rev()
+            .find(|r| r["event"] == event)
+            .unwrap_or_else(|| panic!("no `{event}` audit record"))
+    }
+}
+
+/// Everything queued on a push stream right now.
+fn drain(rx: &mut mpsc::Receiver<Push>) -> Vec<Push> {
+    let mut out = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        out.push(p);
+    }
+    out
+}
+
+/// Whether the verifier closed the stream (all senders dropped) once drained.
+fn closed(rx: &mut mpsc::Receiver<Push>) -> bool {
+    matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected))
+}
+
+fn kinds(pushes: &[Push]) -> Vec<&'static str> {
+    pushes.iter().map(subscribers::push_kind).collect()
+}
+
+fn seeds_peers(pushes: &[Push]) -> BTreeSet<NodeId> {
+    pushes
+        .iter()
+        .filter_map(|p| match p {
+            Push::Seeds { peer, .. } => Some(*peer),
+            _ => None,
+        })
+        .collect()
+}
+
+fn peer_set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+    ids.iter().copied().collect()
+}
+
+// --- enrollment ---------------------------------------------------------------------------
+
+#[test]
+fn enrollment_issues_a_signed_attestation_with_policy_segments() {
+    let mut h = Harness::new(standard_policy());
+    let secret = h.token("a");
+    let env = h
+        .try_enroll(1, &secret, GOOD, &addresses(1), t(T0))
+        .expect("enrolls");
+    let keys = KeySet::new(vec![signing().verifying_key()]).expect("key set");
+    let verified = verify_attestation(&env, &keys, t(T0), 0).expect("attestation verifies");
+    let a = verified.get();
+    assert_eq!(a.node_id, id(1));
+    assert_eq!(a.name, name("a"));
+    assert_eq!(
+        a.segments.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        ["s1"]
+    );
+    assert_eq!(a.measurement, GOOD);
+    assert_eq!(a.not_before, t(T0 - ATTESTATION_BACKDATE));
+    assert_eq!(a.not_after, t(T0 + 300));
+    let view = h.auth.nodes_view();
+    assert_eq!(view.len(), 1);
+    assert_eq!(view[0].name, "a");
+    assert_eq!(view[0].addresses, ["127.0.0.1:20001"]);
+    assert!(!view[0].connected);
+    let rec = h.last_event("enroll");
+    assert_eq!(rec["node"], id(1).to_string());
+    assert_eq!(rec["name"], "a");
+    assert_eq!(rec["measurement"], GOOD.to_string());
+    assert_eq!(rec["hostname"], "test-host");
+    assert_eq!(
+        h.auth
+            .metrics()
+            .attested
+            .get_or_create(&[("kind", "enroll")])
+            .get(),
+        1
+    );
+}
+
+/// Asserts an enrollment refusal: wire refusal, audited reason, counted reason.
+fn assert_enroll_refused(
+    h: &Harness,
+    result: &Result<Vec<u8>, Refusal>,
+    want: EnrollRefusal,
+    key: u8,
+) {
+    assert_eq!(*result, Err(want.to_wire()), "want {}", want.reason());
+    let rec = h.last_event("enroll_refused");
+    assert_eq!(rec["reason"], want.reason());
+    assert_eq!(rec["node"], id(key).to_string());
+    assert_eq!(rec["hostname"], "test-host");
+    assert_eq!(h.refusals(want.reason()), 1);
+}
+
+#[test]
+fn enrollment_refuses_an_unknown_join_secret() {
+    let mut h = Harness::new(standard_policy());
+    let secret = JoinSecret::from_bytes([9; 32]);
+    let r = h.try_enroll(1, &secret, GOOD, &addresses(1), t(T0));
+    assert_enroll_refused(&h, &r, EnrollRefusal::JoinSecretUnknown, 1);
+    assert_eq!(r, Err(Refusal::JoinSecret));
+    assert!(h.auth.nodes_view().is_empty());
+}
+
+#[test]
+fn join_secret_is_single_use() {
+    let mut h = Harness::new(standard_policy());
+    let secret = h.token("a");
+    h.try_enroll(1, &secret, GOOD, &addresses(1), t(T0))
+        .expect("first use enrolls");
+    // The same key again, and another key: both refused as used.
+    let again = h.try_enroll(1, &secret, GOOD, &addresses(1), t(T0 + 1));
+    assert_eq!(again, Err(Refusal::JoinSecret));
+    let other = h.try_enroll(2, &secret, GOOD, &addresses(2), t(T0 + 1));
+    assert_eq!(other, Err(Refusal::JoinSecret));
+    let rec = h.last_event("enroll_refused");
+    assert_eq!(rec["reason"], "join_secret_used");
+    assert_eq!(rec["node"], id(2).to_string());
+    assert_eq!(h.refusals("join_secret_used"), 2);
+    assert_eq!(h.auth.nodes_view().len(), 1);
+}
+
+#[test]
+fn a_refused_enrollment_burns_the_join_secret() {
+    let mut h = Harness::new(standard_policy());
+    let secret = h.token("a");
+    let bad = h.try_enroll(1, &secret, BAD, &addresses(1), t(T0));
+    assert_eq!(bad, Err(Refusal::Measurement));
+    let retry = h.try_enroll(1, &secret, GOOD, &addresses(1), t(T0));
+    assert_enroll_refused(&h, &retry, EnrollRefusal::JoinSecretUsed, 1);
+}
+
+#[test]
+fn enrollment_refuses_an_expired_join_secret() {
+    let mut h = Harness::new(standard_policy());
+    let (secret, expires) = h
+        .auth
+        .create_join_token(&name("a"), None, 60, t(T0))
+        .expect("token");
+    assert_eq!(expires, t(T0 + 60));
+    let r = h.try_enroll(1, &secret, GOOD, &addresses(1), t(T0 + 60));
+    assert_enroll_refused(&h, &r, EnrollRefusal::JoinSecretExpired, 1);
+}
+
+#[test]
+fn enrollment_refuses_a_measurement_not_in_policy() {
+    let mut h = Harness::new(standard_policy());
+    let secret = h.token("a");
+    let r = h.try_enroll(1, &secret, BAD, &addresses(1), t(T0));
+    assert_enroll_refused(&h, &r, EnrollRefusal::Measurement, 1);
+    assert_eq!(
+        EnrollRefusal::Measurement.reason(),
+        "measurement_not_allowed"
+    );
+}
+
+#[test]
+fn enrollment_refuses_a_revoked_key_as_key_banned() {
+    let mut h = Harness::new(standard_policy());
+    h.enroll(1, "a");
+    h.auth
+        .revoke(&NodeRef::Name(name("a")), t(T0))
+        .expect("revoke");
+    // The name is free again, the key is not.
+    let secret = h.token("a");
+    let r = h.try_enroll(1, &secret, GOOD, &addresses(1), t(T0 + 1));
+    assert_enroll_refused(&h, &r, EnrollRefusal::KeyBanned, 1);
+    assert_eq!(r, Err(Refusal::Revoked));
+    h.enroll(2, "a");
+}
+
+#[test]
+fn enrollment_refuses_a_banned_name() {
+    let mut h = Harness::new(standard_policy());
+    let early = h.token("a");
+    h.enroll(1, "a");
+    h.auth.ban(&NodeRef::Name(name("a")), t(T0)).expect("ban");
+    let r = h.try_enroll(2, &early, GOOD, &addresses(2), t(T0 + 1));
+    assert_enroll_refused(&h, &r, EnrollRefusal::NameBanned, 2);
+}
+
+#[test]
+fn enrollment_refuses_a_name_the_policy_no_longer_has() {
+    let mut h = Harness::new(standard_policy());
+    let secret = h.token("c");
+    let without_c = standard_policy()
+        .replace("[[node]]\nname = \"c\"\nsegments = [\"s2\"]\n", "")
+        .replace(
+            "[[service]]\nname = \"web\"\nsegment = \"s2\"\nnode = \"c\"\nbackend = \"127.0.0.1:18081\"\n",
+            "",
+        )
+        .replace("[[allow]]\nfrom = \"s1\"\nto = \"web.s2\"\n", "");
+    assert!(!without_c.contains("\"c\""), "the policy still names c");
+    h.auth
+        .reload_policy(&without_c, t(T0))
+        .expect("policy reloads");
+    let r = h.try_enroll(3, &secret, GOOD, &addresses(3), t(T0));
+    assert_enroll_refused(&h, &r, EnrollRefusal::NameNotInPolicy, 3);
+    assert_eq!(r, Err(Refusal::NotInPolicy));
+}
+
+#[test]
+fn enrollment_refuses_segments_bound_in_the_token_that_policy_disagrees_with() {
+    let mut h = Harness::new(standard_policy());
+    let (wrong, _) = h
+        .auth
+        .create_join_token(&name("a"), Some(vec!["s2".into()]), 60, t(T0))
+        .expect("token");
+    let r = h.try_enroll(1, &wrong, GOOD, &addresses(1), t(T0));
+    assert_enroll_refused(&h, &r, EnrollRefusal::SegmentsMismatch, 1);
+    let (right, _) = h
+        .auth
+        .create_join_token(&name("a"), Some(vec!["s1".into()]), 60, t(T0))
+        .expect("token");
+    h.try_enroll(1, &right, GOOD, &addresses(1), t(T0))
+        .expect("matching segments enroll");
+}
+
+#[test]
+fn enrollment_refuses_a_name_held_by_another_live_key() {
+    let mut h = Harness::new(standard_policy());
+    h.enroll(1, "a");
+    let secret = h.token("a");
+    let r = h.try_enroll(2, &secret, GOOD, &addresses(2), t(T0));
+    assert_enroll_refused(&h, &r, EnrollRefusal::NameTaken, 2);
+    assert_eq!(r, Err(Refusal::NameTaken));
+    // The holder itself may enroll again under its name.
+    let secret = h.token("a");
+    h.try_enroll(1, &secret, GOOD, &addresses(1), t(T0))
+        .expect("same key re-enrolls");
+}
+
+#[test]
+fn enrollment_refuses_an_address_that_is_not_host_port() {
+    let mut h = Harness::new(standard_policy());
+    let secret = h.token("a");
+    let r = h.try_enroll(
+        1,
+        &secret,
+        GOOD,
+        &[Address::truncated("not an address")],
+        t(T0),
+    );
+    assert_enroll_refused(&h, &r, EnrollRefusal::BadAddress, 1);
+    assert_eq!(r, Err(Refusal::BadRequest));
+}
+
+#[test]
+fn refusal_reasons_and_wire_refusals_are_stable() {
+    let enroll = [
+        (
+            EnrollRefusal::JoinSecretUnknown,
+            "join_secret_unknown",
+            Refusal::JoinSecret,
+        ),
+        (
+            EnrollRefusal::JoinSecretUsed,
+            "join_secret_used",
+            Refusal::JoinSecret,
+        ),
+        (
+            EnrollRefusal::JoinSecretExpired,
+            "join_secret_expired",
+            Refusal::JoinSecret,
+        ),
+        (EnrollRefusal::KeyBanned, "key_banned", Refusal::Revoked),
+        (EnrollRefusal::NameBanned, "name_banned", Refusal::Revoked),
+        (
+            EnrollRefusal::NameNotInPolicy,
+            "name_not_in_policy",
+            Refusal::NotInPolicy,
+        ),
+        (
+            EnrollRefusal::SegmentsMismatch,
+            "segments_mismatch",
+            Refusal::NotInPolicy,
+        ),
+        (
+            EnrollRefusal::Measurement,
+            "measurement_not_allowed",
+            Refusal::Measurement,
+        ),
+        (EnrollRefusal::NameTaken, "name_taken", Refusal::NameTaken),
+        (
+            EnrollRefusal::BadAddress,
+            "bad_address",
+            Refusal::BadRequest,
+        ),
+        (EnrollRefusal::Internal, "internal", Refusal::Internal),
+    ];
+    for (r, reason, wire) in enroll {
+        assert_eq!((r.reason(), r.to_wire()), (reason, wire));
+    }
+    let refresh = [
+        (
+            RefreshRefusal::NotEnrolled,
+            "not_enrolled",
+            Refusal::NotEnrolled,
+        ),
+        (RefreshRefusal::Revoked, "revoked", Refusal::Revoked),
+        (RefreshRefusal::Banned, "banned", Refusal::Revoked),
+        (
+            RefreshRefusal::Measurement,
+            "measurement_not_allowed",
+            Refusal::Measurement,
+        ),
+        (
+            RefreshRefusal::NotInPolicy,
+            "name_not_in_policy",
+            Refusal::NotInPolicy,
+        ),
+        (
+            RefreshRefusal::BadAddress,
+            "bad_address",
+            Refusal::BadRequest,
+        ),
+        (RefreshRefusal::Internal, "internal", Refusal::Internal),
+    ];
+    for (r, reason, wire) in refresh {
+        assert_eq!((r.reason(), r.to_wire()), (reason, wire));
+    }
+}
+
+#[test]
+fn join_token_requests_are_checked() {
+    let mut h = Harness::new(standard_policy());
+    let bad = |r: Result<(JoinSecret, UnixTime), AdminError>| match r {
+        Err(AdminError::BadRequest(msg)) => msg,
+        other => panic!("expected a bad request, got {other:?}"),
+    };
+    let a = name("a");
+    assert_eq!(
+        bad(h.auth.create_join_token(&a, None, 0, t(T0))),
+        "ttl must be 1 s to 7 days"
+    );
+    assert_eq!(
+        bad(h.auth.create_join_token(&a, None, 7 * 24 * 3600 + 1, t(T0))),
+        "ttl must be 1 s to 7 days"
+    );
+    assert_eq!(
+        bad(h.auth.create_join_token(&name("zz"), None, 60, t(T0))),
+        "node `zz` is not in the policy"
+    );
+    assert!(
+        bad(h
+            .auth
+            .create_join_token(&a, Some(vec!["Not A Segment!".into()]), 60, t(T0)))
+        .starts_with("segment `Not A Segment!`")
+    );
+    let (_, expires) = h
+        .auth
+        .create_join_token(&a, None, 7 * 24 * 3600, t(T0))
+        .expect("seven days is allowed");
+    assert_eq!(expires, t(T0 + 7 * 24 * 3600));
+    let rec = h.last_event("join_token_created");
+    assert_eq!(rec["name"], "a");
+    assert_eq!(rec["expires_at"], T0 + 7 * 24 * 3600);
+}
+
+// --- refresh ------------------------------------------------------------------------------
+
+fn assert_refresh_refused(
+    h: &Harness,
+    result: &Result<Vec<u8>, Refusal>,
+    want: RefreshRefusal,
+    node: NodeId,
+) {
+    assert_eq!(*result, Err(want.to_wire()), "want {}", want.reason());
+    let rec = h.last_event("refresh_refused");
+    assert_eq!(rec["reason"], want.reason());
+    assert_eq!(rec["node"], node.to_string());
+    assert!(h.refusals(want.reason()) >= 1);
+}
+
+#[test]
+fn refresh_refuses_a_key_that_never_enrolled() {
+    let mut h = Harness::new(standard_policy());
+    let r = h.auth.refresh(&id(5), &GOOD, &addresses(5), t(T0));
+    assert_refresh_refused(&h, &r, RefreshRefusal::NotEnrolled, id(5));
+    assert_eq!(h.refusals("not_enrolled"), 1);
+}
+
+#[test]
+fn refresh_refuses_a_revoked_node() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    h.auth.revoke(&NodeRef::Id(a), t(T0)).expect("revoke");
+    let r = h.auth.refresh(&a, &GOOD, &addresses(1), t(T0 + 1));
+    assert_refresh_refused(&h, &r, RefreshRefusal::Revoked, a);
+    assert_eq!(
+        h.auth.check_refresh(&a, &GOOD, &addresses(1)),
+        Err(RefreshRefusal::Revoked)
+    );
+}
+
+#[test]
+fn refresh_refuses_a_live_key_whose_name_was_banned() {
+    let mut h = Harness::new(standard_policy());
+    let old = h.enroll(1, "a");
+    h.auth.revoke(&NodeRef::Id(old), t(T0)).expect("revoke");
+    let new = h.enroll(2, "a");
+    // Banning the old (revoked) record by id bans the name "a", which the new key holds.
+    h.auth.ban(&NodeRef::Id(old), t(T0)).expect("ban");
+    let r = h.auth.refresh(&new, &GOOD, &addresses(2), t(T0 + 1));
+    assert_refresh_refused(&h, &r, RefreshRefusal::Banned, new);
+    assert_eq!(r, Err(Refusal::Revoked));
+}
+
+#[test]
+fn refresh_refuses_a_node_the_policy_no_longer_has() {
+    let mut h = Harness::new(islands_policy(true));
+    let c = h.enroll(3, "c");
+    let without_c =
+        islands_policy(true).replace("[[node]]\nname = \"c\"\nsegments = [\"s2\"]\n", "");
+    h.auth.reload_policy(&without_c, t(T0)).expect("reload");
+    let r = h.auth.refresh(&c, &GOOD, &addresses(3), t(T0));
+    assert_refresh_refused(&h, &r, RefreshRefusal::NotInPolicy, c);
+}
+
+#[test]
+fn refresh_refuses_a_measurement_not_in_policy() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let r = h.auth.refresh(&a, &BAD, &addresses(1), t(T0));
+    assert_refresh_refused(&h, &r, RefreshRefusal::Measurement, a);
+    // The stored measurement is unchanged.
+    assert_eq!(h.auth.nodes_view()[0].measurement, GOOD.to_string());
+}
+
+#[test]
+fn refresh_refuses_an_address_that_is_not_host_port() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let r = h
+        .auth
+        .refresh(&a, &GOOD, &[Address::truncated("nope")], t(T0));
+    assert_refresh_refused(&h, &r, RefreshRefusal::BadAddress, a);
+}
+
+#[test]
+fn refresh_pushes_routes_only_when_the_record_changed() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let c = h.enroll(3, "c");
+    let mut rb = h.subscribe(&b);
+    let mut rc = h.subscribe(&c);
+    drain(&mut rb);
+    drain(&mut rc);
+    // Same measurement and addresses: a new attestation, nothing pushed.
+    let env = h
+        .auth
+        .refresh(&a, &GOOD, &addresses(1), t(T0 + 10))
+        .expect("refresh");
+    assert!(!env.is_empty());
+    assert_eq!(h.last_event("attest")["name"], "a");
+    assert!(drain(&mut rb).is_empty());
+    assert!(drain(&mut rc).is_empty());
+    // A new address: b and c see a's new peer info.
+    let moved = [Address::truncated("127.0.0.1:29999")];
+    h.auth
+        .refresh(&a, &GOOD, &moved, t(T0 + 20))
+        .expect("refresh");
+    for rx in [&mut rb, &mut rc] {
+        let got = drain(rx);
+        let Some(Push::Routes { peers, .. }) = got.first() else {
+            panic!("expected routes first, got {got:?}");
+        };
+        let info = peers.iter().find(|p| p.node_id == a).expect("a is a peer");
+        assert_eq!(
+            info.addresses
+                .iter()
+                .map(|x| x.as_str())
+                .collect::<Vec<_>>(),
+            ["127.0.0.1:29999"]
+        );
+    }
+    assert_eq!(
+        h.auth
+            .metrics()
+            .attested
+            .get_or_create(&[("kind", "refresh")])
+            .get(),
+        2
+    );
+}
+
+#[test]
+fn attestation_serials_increase_and_never_repeat_across_a_reopen() {
+    let mut h = Harness::new(standard_policy());
+    let keys = KeySet::new(vec![signing().verifying_key()]).expect("key set");
+    let a = h.enroll(1, "a");
+    let serial = |env: &[u8]| {
+        verify_attestation(env, &keys, t(T0), 0)
+            .expect("verifies")
+            .get()
+            .serial
+    };
+    let s1 = serial(
+        &h.auth
+            .refresh(&a, &GOOD, &addresses(1), t(T0))
+            .expect("refresh"),
+    );
+    let s2 = serial(
+        &h.auth
+            .refresh(&a, &GOOD, &addresses(1), t(T0))
+            .expect("refresh"),
+    );
+    assert_eq!(s2, s1 + 1);
+    let mut h = h.reopen(t(T0));
+    let s3 = serial(
+        &h.auth
+            .refresh(&a, &GOOD, &addresses(1), t(T0))
+            .expect("refresh"),
+    );
+    // The enrollment took the first serial of the first block; a new process reserves the
+    // next block and never reuses the rest of the first.
+    let first = s1 - 1;
+    assert_eq!(s3, first + SERIAL_BLOCK);
+}
+
+// --- subscribe and snapshot ---------------------------------------------------------------
+
+#[test]
+fn subscribe_refuses_unknown_and_revoked_nodes_and_snapshots_the_rest() {
+    let mut h = Harness::new(standard_policy());
+    assert_eq!(
+        h.auth.subscribe(&id(9), t(T0)).err(),
+        Some(Refusal::NotEnrolled)
+    );
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let c = h.enroll(3, "c");
+    let mut ra = h.subscribe(&a);
+    let snap = drain(&mut ra);
+    assert_eq!(kinds(&snap), ["config", "routes", "seeds", "seeds"]);
+    let Push::Config(cfg) = &snap[0] else {
+        panic!("config first")
+    };
+    assert_eq!(cfg.generation_secs, 300);
+    assert_eq!(seeds_peers(&snap), peer_set(&[b, c]));
+    assert!(
+        h.auth
+            .nodes_view()
+            .iter()
+            .any(|v| v.name == "a" && v.connected)
+    );
+    h.auth.revoke(&NodeRef::Id(b), t(T0)).expect("revoke");
+    assert_eq!(h.auth.subscribe(&b, t(T0)).err(), Some(Refusal::Revoked));
+    assert_eq!(h.refusals("subscribe_not_live"), 2);
+    assert_eq!(h.last_event("subscribe_refused")["node"], b.to_string());
+    // After a revoke the snapshot carries the revocation list.
+    let mut rc = h.subscribe(&c);
+    assert_eq!(
+        kinds(&drain(&mut rc)),
+        ["config", "revocations", "routes", "seeds"]
+    );
+}
+
+// --- revoke, ban --------------------------------------------------------------------------
+
+#[test]
+fn revoke_pushes_compromised_to_exactly_the_revoked_nodes_peers() {
+    let mut h = Harness::new(islands_policy(true));
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let c = h.enroll(3, "c");
+    let d = h.enroll(4, "d");
+    assert_eq!(
+        h.auth.table(&a).map(|t| t.peers.clone()),
+        Some(peer_set(&[b]))
+    );
+    let mut rx: Vec<_> = [a, b, c, d].iter().map(|n| h.subscribe(n)).collect();
+    for r in &mut rx {
+        drain(r);
+    }
+    let outcome = h
+        .auth
+        .revoke(&NodeRef::Name(name("a")), t(T0))
+        .expect("revoke");
+    assert_eq!(outcome.node_id, a.to_string());
+    assert_eq!(outcome.revocation_version, 1);
+    assert_eq!(outcome.notified, 1);
+
+    let got: Vec<Vec<Push>> = rx.iter_mut().map(drain).collect();
+    let compromised = |pushes: &[Push]| -> Vec<(NodeId, Vec<Generation>)> {
+        pushes
+            .iter()
+            .filter_map(|p| match p {
+                Push::Compromised { peer, generations } => {
+                    Some((*peer, generations.iter().copied().collect()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let want: Vec<Generation> = (SLOT0 - 1..=SLOT0 + 1)
+        .map(|s| Generation::compose(s, 0))
+        .collect();
+    assert_eq!(compromised(&got[1]), [(a, want)]);
+    assert!(compromised(&got[0]).is_empty());
+    assert!(compromised(&got[2]).is_empty());
+    assert!(compromised(&got[3]).is_empty());
+    // b: compromised, the new list, then its table without a.
+    assert_eq!(kinds(&got[1]), ["compromised", "revocations", "routes"]);
+    // c and d's tables do not change: they only get the new list.
+    assert_eq!(kinds(&got[2]), ["revocations"]);
+    assert_eq!(kinds(&got[3]), ["revocations"]);
+    // a got the list, then its stream was closed.
+    assert_eq!(kinds(&got[0]), ["revocations"]);
+    assert!(closed(&mut rx[0]));
+    assert_eq!(h.auth.table(&a), None);
+    assert_eq!(h.auth.table(&b).map(|t| t.peers.len()), Some(0));
+    let rec = h.last_event("revoke");
+    assert_eq!(rec["node"], a.to_string());
+    assert_eq!(rec["name"], "a");
+    assert_eq!(rec["revocation_version"], 1);
+    assert_eq!(h.auth.metrics().revocations.get(), 1);
+}
+
+#[test]
+fn revoke_refuses_unknown_and_already_revoked_nodes() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    assert!(matches!(
+        h.auth.revoke(&NodeRef::Name(name("b")), t(T0)),
+        Err(AdminError::UnknownNode(n)) if n == "b"
+    ));
+    h.auth.revoke(&NodeRef::Id(a), t(T0)).expect("revoke");
+    assert!(matches!(
+        h.auth.revoke(&NodeRef::Id(a), t(T0 + 1)),
+        Err(AdminError::AlreadyRevoked(n)) if n == "a"
+    ));
+    assert_eq!(h.auth.revocation_list().map(|l| l.version), Some(1));
+}
+
+#[test]
+fn revocation_list_versions_increase_and_survive_a_reopen() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    h.enroll(3, "c");
+    assert!(h.auth.revocation_list().is_none());
+    let v1 = h.auth.revoke(&NodeRef::Id(a), t(T0)).expect("revoke a");
+    let v2 = h.auth.revoke(&NodeRef::Id(b), t(T0 + 5)).expect("revoke b");
+    assert_eq!((v1.revocation_version, v2.revocation_version), (1, 2));
+    let before = h.auth.revocation_list().cloned().expect("a list");
+
+    let mut h = h.reopen(t(T0 + 10));
+    let after = h
+        .auth
+        .revocation_list()
+        .cloned()
+        .expect("the list survives");
+    assert_eq!(after, before);
+    let keys = KeySet::new(vec![signing().verifying_key()]).expect("key set");
+    let Ok(RevocationUpdate::Newer(list)) = verify_revocation_list(&after.bytes, &keys, None)
+    else {
+        panic!("the stored list verifies")
+    };
+    let revoked: BTreeSet<NodeId> = list.revoked.iter().map(|r| r.node_id).collect();
+    assert_eq!(revoked, peer_set(&[a, b]));
+    let v3 = h
+        .auth
+        .revoke(&NodeRef::Name(name("c")), t(T0 + 10))
+        .expect("revoke c");
+    assert_eq!(v3.revocation_version, 3);
+    // The revoked nodes stay revoked.
+    assert_eq!(
+        h.auth.refresh(&a, &GOOD, &addresses(1), t(T0 + 10)),
+        Err(Refusal::Revoked)
+    );
+}
+
+#[test]
+fn a_stored_revocation_list_signed_by_another_key_fails_closed() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    h.auth.revoke(&NodeRef::Id(a), t(T0)).expect("revoke");
+    let Harness { dir, auth, .. } = h;
+    drop(auth);
+    let store = SqliteStore::open(&dir.path().join("store.db")).expect("store");
+    let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
+    let other = Authority::new(
+        Parts {
+            settings: Settings::default(),
+            signing: SigningKey::from_seed(&SigningSeed::from_bytes([3; 32])),
+            master: MasterSecret::from_bytes([2; 32]),
+            store: Box::new(store),
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            policy: Policy::parse(&standard_policy()).expect("policy"),
+        },
+        t(T0),
+    );
+    match other {
+        Err(AdminError::Store(e)) => assert!(
+            e.to_string()
+                .contains("does not verify under this verifier's key"),
+            "{e}"
+        ),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+}
+
+#[test]
+fn ban_survives_a_reopen() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    h.enroll(2, "b");
+    h.auth.ban(&NodeRef::Name(name("a")), t(T0)).expect("ban");
+    let rec = h.last_event("ban");
+    assert_eq!(rec["node"], a.to_string());
+    assert_eq!(rec["name"], "a");
+    // Banning a live node revokes it first.
+    assert_eq!(h.last_event("revoke")["node"], a.to_string());
+
+    let mut h = h.reopen(t(T0 + 1000));
+    assert!(matches!(
+        h.auth.create_join_token(&name("a"), None, 60, t(T0 + 1000)),
+        Err(AdminError::BadRequest(m)) if m == "node name `a` is banned"
+    ));
+    assert_eq!(
+        h.auth.subscribe(&a, t(T0 + 1000)).err(),
+        Some(Refusal::Revoked)
+    );
+    assert_eq!(
+        h.auth.check_refresh(&a, &GOOD, &addresses(1)),
+        Err(RefreshRefusal::Revoked)
+    );
+    let view = h.auth.nodes_view();
+    let va = view.iter().find(|v| v.name == "a").expect("a listed");
+    assert_eq!(va.revoked_at, Some(T0));
+    // Banning again (already revoked) is accepted and does not revoke twice.
+    h.auth
+        .ban(&NodeRef::Id(a), t(T0 + 1000))
+        .expect("second ban");
+    assert_eq!(h.auth.revocation_list().map(|l| l.version), Some(1));
+}
+
+// --- reissue ------------------------------------------------------------------------------
+
+#[test]
+fn reissue_touches_exactly_one_pair() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let c = h.enroll(3, "c");
+    let now = t(T0);
+    let ab = h.auth.grants(&PairIds::new(a, b), now);
+    let ac = h.auth.grants(&PairIds::new(a, c), now);
+    let bc = h.auth.grants(&PairIds::new(b, c), now);
+    let mut rx: Vec<_> = [a, b, c].iter().map(|n| h.subscribe(n)).collect();
+    for r in &mut rx {
+        drain(r);
+    }
+
+    let out = h
+        .auth
+        .reissue(&NodeRef::Name(name("a")), &NodeRef::Id(b), now)
+        .expect("reissue");
+    let want: Vec<u64> = (SLOT0 - 1..=SLOT0 + 1)
+        .map(|s| Generation::compose(s, 0).0)
+        .collect();
+    assert_eq!(out.reissues, 1);
+    assert_eq!(out.compromised, want);
+
+    assert_eq!(h.auth.grants(&PairIds::new(a, c), now), ac);
+    assert_eq!(h.auth.grants(&PairIds::new(b, c), now), bc);
+    let ab2 = h.auth.grants(&PairIds::new(a, b), now);
+    assert_ne!(ab2, ab);
+    assert_eq!(
+        ab2.iter().map(|g| g.generation).collect::<Vec<_>>(),
+        [
+            Generation::compose(SLOT0, 1),
+            Generation::compose(SLOT0 + 1, 1)
+        ]
+    );
+    let got: Vec<Vec<Push>> = rx.iter_mut().map(drain).collect();
+    assert_eq!(kinds(&got[0]), ["compromised", "seeds"]);
+    assert_eq!(kinds(&got[1]), ["compromised", "seeds"]);
+    assert_eq!(seeds_peers(&got[0]), peer_set(&[b]));
+    assert_eq!(seeds_peers(&got[1]), peer_set(&[a]));
+    assert!(got[2].is_empty(), "c saw {got:?}");
+    let rec = h.last_event("reissue");
+    assert_eq!(rec["why"], "operator");
+    assert_eq!(rec["reissues"], 1);
+    assert_eq!(rec["compromised"], serde_json::json!(want));
+    assert_eq!(h.auth.metrics().reissues.get(), 1);
+    assert!(matches!(
+        h.auth.reissue(&NodeRef::Id(a), &NodeRef::Name(name("a")), now),
+        Err(AdminError::BadRequest(m)) if m == "a pair needs two different nodes"
+    ));
+}
+
+#[test]
+fn reissue_state_survives_a_reopen() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    h.auth
+        .reissue(&NodeRef::Id(a), &NodeRef::Id(b), t(T0))
+        .expect("reissue");
+    let ab = h.auth.grants(&PairIds::new(a, b), t(T0));
+    let mut h = h.reopen(t(T0));
+    assert_eq!(h.auth.grants(&PairIds::new(a, b), t(T0)), ab);
+    // The snapshot repeats the compromised generations of the pair.
+    let mut ra = h.subscribe(&a);
+    let snap = drain(&mut ra);
+    let compromised: Vec<&Push> = snap
+        .iter()
+        .filter(|p| matches!(p, Push::Compromised { peer, .. } if *peer == b))
+        .collect();
+    assert_eq!(compromised.len(), 1);
+    let out = h
+        .auth
+        .reissue(&NodeRef::Id(b), &NodeRef::Id(a), t(T0))
+        .expect("second reissue");
+    assert_eq!(out.reissues, 2);
+}
+
+// --- tick ---------------------------------------------------------------------------------
+
+#[test]
+fn ticks_push_seeds_at_generation_slot_edges_and_not_between() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let c = h.enroll(3, "c");
+    let mut ra = h.subscribe(&a);
+    drain(&mut ra);
+    for s in [T0, T0 + 1, NEXT_EDGE - 1] {
+        h.auth.tick(t(s));
+        assert!(drain(&mut ra).is_empty(), "pushed at {s}, inside the slot");
+    }
+    h.auth.tick(t(NEXT_EDGE));
+    let got = drain(&mut ra);
+    assert_eq!(kinds(&got), ["seeds", "seeds"]);
+    assert_eq!(seeds_peers(&got), peer_set(&[b, c]));
+    for p in &got {
+        let Push::Seeds { grants, .. } = p else {
+            unreachable!()
+        };
+        let from: Vec<UnixTime> = grants.iter().map(|g| g.valid_from).collect();
+        assert_eq!(from, [t(NEXT_EDGE), t(NEXT_EDGE + 300)]);
+    }
+    h.auth.tick(t(NEXT_EDGE));
+    h.auth.tick(t(NEXT_EDGE + 299));
+    assert!(drain(&mut ra).is_empty());
+    h.auth.tick(t(NEXT_EDGE + 300));
+    assert_eq!(kinds(&drain(&mut ra)), ["seeds", "seeds"]);
+}
+
+#[test]
+fn tick_prunes_expired_revocations_and_broadcasts_the_new_list() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    h.auth.revoke(&NodeRef::Id(a), t(T0)).expect("revoke");
+    let mut rb = h.subscribe(&b);
+    drain(&mut rb);
+    // Inside the attestation lifetime nothing is pruned (T0 + 299 is still the same slot).
+    h.auth.tick(t(T0 + 199));
+    assert!(drain(&mut rb).is_empty());
+    assert_eq!(h.auth.revocation_list().map(|l| l.version), Some(1));
+    // At until = T0 + 300 the entry runs out (and a slot edge passes).
+    h.auth.tick(t(T0 + 300));
+    let got = drain(&mut rb);
+    assert!(kinds(&got).contains(&"revocations"), "{got:?}");
+    let stored = h.auth.revocation_list().cloned().expect("list");
+    assert_eq!(stored.version, 2);
+    let keys = KeySet::new(vec![signing().verifying_key()]).expect("key set");
+    let Ok(RevocationUpdate::Newer(list)) = verify_revocation_list(&stored.bytes, &keys, None)
+    else {
+        panic!("the pruned list verifies")
+    };
+    assert!(list.revoked.is_empty());
+    // Nothing left to prune: no new version.
+    h.auth.tick(t(T0 + 301));
+    assert_eq!(h.auth.revocation_list().map(|l| l.version), Some(2));
+}
+
+// --- policy reload ------------------------------------------------------------------------
+
+#[test]
+fn policy_reload_pushes_new_routes_only_to_the_changed_nodes() {
+    let mut h = Harness::new(islands_policy(true));
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let c = h.enroll(3, "c");
+    let d = h.enroll(4, "d");
+    let mut rx: Vec<_> = [a, b, c, d].iter().map(|n| h.subscribe(n)).collect();
+    for r in &mut rx {
+        drain(r);
+    }
+    let before = h.pushes("routes");
+    let changed = h
+        .auth
+        .reload_policy(&islands_policy(false), t(T0))
+        .expect("reload");
+    assert_eq!(
+        changed.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from(["a", "b"])
+    );
+    let got: Vec<Vec<Push>> = rx.iter_mut().map(drain).collect();
+    for i in [0, 1] {
+        let [Push::Routes { table, peers }] = got[i].as_slice() else {
+            panic!("node {i} expected exactly new routes, got {:?}", got[i]);
+        };
+        assert!(table.peers.is_empty());
+        assert!(peers.is_empty());
+    }
+    assert!(got[2].is_empty());
+    assert!(got[3].is_empty());
+    assert_eq!(h.pushes("routes"), before + 2);
+    assert_eq!(
+        h.auth.table(&c).map(|t| t.peers.clone()),
+        Some(peer_set(&[d]))
+    );
+    let rec = h.last_event("policy_reload");
+    let mut names: Vec<String> = rec["changed"]
+        .as_array()
+        .expect("changed is a list")
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b"]);
+    // Reloading the same text changes nothing.
+    assert!(
+        h.auth
+            .reload_policy(&islands_policy(false), t(T0))
+            .expect("reload")
+            .is_empty()
+    );
+    assert!(matches!(
+        h.auth.reload_policy("not = [toml", t(T0)),
+        Err(AdminError::Policy(_))
+    ));
+}
+
+// --- reports ------------------------------------------------------------------------------
+
+fn report(kind: ReportKind, peer: NodeId) -> Report {
+    Report {
+        kind,
+        peer,
+        generation: Some(Generation::compose(SLOT0, 0)),
+        detail: BoundedString::truncated("seen in a test"),
+    }
+}
+
+#[test]
+fn reports_are_audited_and_compromised_key_use_reissues_the_pair() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let c = h.enroll(3, "c");
+    assert_eq!(
+        h.auth
+            .report(&id(9), &report(ReportKind::ForgedTokens, a), t(T0)),
+        Err(Refusal::NotEnrolled)
+    );
+    assert_eq!(h.refusals("report_not_live"), 1);
+
+    h.auth
+        .report(&a, &report(ReportKind::ForgedTokens, b), t(T0))
+        .expect("report");
+    let rec = h.last_event("forged_tokens");
+    assert_eq!(rec["reporter"], a.to_string());
+    assert_eq!(rec["peer"], b.to_string());
+    assert_eq!(rec["generation"], Generation::compose(SLOT0, 0).0);
+    assert_eq!(rec["detail"], "seen in a test");
+    assert_eq!(h.auth.metrics().reissues.get(), 0);
+
+    let ac = h.auth.grants(&PairIds::new(a, c), t(T0));
+    h.auth
+        .report(&a, &report(ReportKind::CompromisedKeyUse, b), t(T0))
+        .expect("report");
+    assert_eq!(h.last_event("reissue")["why"], "compromised_key_use");
+    assert_eq!(
+        h.auth.grants(&PairIds::new(a, b), t(T0))[0].generation,
+        Generation::compose(SLOT0, 1)
+    );
+    assert_eq!(h.auth.grants(&PairIds::new(a, c), t(T0)), ac);
+    // About itself or an unknown peer: recorded, nothing reissued.
+    h.auth
+        .report(&a, &report(ReportKind::CompromisedKeyUse, a), t(T0))
+        .expect("report");
+    h.auth
+        .report(&a, &report(ReportKind::CompromisedKeyUse, id(9)), t(T0))
+        .expect("report");
+    assert_eq!(h.auth.metrics().reissues.get(), 1);
+    assert_eq!(
+        h.auth
+            .metrics()
+            .reports
+            .get_or_create(&[("kind", "compromised_key_use")])
+            .get(),
+        3
+    );
+    // A revoked reporter is refused.
+    h.auth.revoke(&NodeRef::Id(c), t(T0)).expect("revoke");
+    assert_eq!(
+        h.auth
+            .report(&c, &report(ReportKind::Impersonation, a), t(T0)),
+        Err(Refusal::NotEnrolled)
+    );
+}
+
+#[test]
+fn alert_only_mode_records_compromised_key_use_without_reissuing() {
+    let settings = Settings {
+        on_compromise: CompromiseMode::AlertOnly,
+        ..Settings::default()
+    };
+    let mut h = Harness::with_settings(standard_policy(), settings);
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let ab = h.auth.grants(&PairIds::new(a, b), t(T0));
+    h.auth
+        .report(&b, &report(ReportKind::CompromisedKeyUse, a), t(T0))
+        .expect("report");
+    assert_eq!(
+        h.last_event("compromised_key_use")["reporter"],
+        b.to_string()
+    );
+    assert_eq!(h.auth.grants(&PairIds::new(a, b), t(T0)), ab);
+    assert_eq!(h.auth.metrics().reissues.get(), 0);
+}
+
+// --- node references ----------------------------------------------------------------------
+
+#[test]
+fn node_refs_parse_ids_and_names() {
+    let hex = id(1).to_string();
+    assert_eq!(hex.parse::<NodeRef>(), Ok(NodeRef::Id(id(1))));
+    assert_eq!("web-1".parse::<NodeRef>(), Ok(NodeRef::Name(name("web-1"))));
+    let err = "Not A Name!".parse::<NodeRef>().expect_err("refused");
+    assert!(
+        err.starts_with("`Not A Name!` is neither a node id nor a node name"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_name_resolves_to_its_live_node_before_revoked_ones() {
+    let mut h = Harness::new(standard_policy());
+    let old = h.enroll(1, "a");
+    h.auth.revoke(&NodeRef::Id(old), t(T0)).expect("revoke");
+    let new = h.enroll(2, "a");
+    let out = h
+        .auth
+        .revoke(&NodeRef::Name(name("a")), t(T0 + 1))
+        .expect("revoke by name");
+    assert_eq!(out.node_id, new.to_string());
+    assert!(matches!(
+        h.auth.revoke(&NodeRef::Name(name("a")), t(T0 + 2)),
+        Err(AdminError::AlreadyRevoked(_))
+    ));
+}
