@@ -171,3 +171,63 @@ impl Seeds {
         state.compromised.extend(plan.compromised.iter().copied());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hopmesh_protocol::hop_token::{Generation, PairIds};
+    use hopmesh_protocol::ids::NodeId;
+    use hopmesh_protocol::secret::MasterSecret;
+    use hopmesh_protocol::time::UnixTime;
+
+    use super::Seeds;
+    use crate::store::SqliteStore;
+
+    fn seeds(now: u64) -> (tempfile::TempDir, Seeds) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::create(&dir.path().join("store.db")).expect("store");
+        let seeds = Seeds::load(
+            MasterSecret::from_bytes([2; 32]),
+            300,
+            &store,
+            UnixTime::from_secs(now),
+        )
+        .expect("seeds load");
+        (dir, seeds)
+    }
+
+    #[test]
+    fn the_slot_clock_advances_once_per_edge() {
+        let (_dir, mut s) = seeds(1_000);
+        assert_eq!(s.slot(UnixTime::from_secs(1_000)), 3);
+        assert!(!s.advance(UnixTime::from_secs(1_199)));
+        assert!(s.advance(UnixTime::from_secs(1_200)));
+        assert!(!s.advance(UnixTime::from_secs(1_200)));
+        assert!(!s.advance(UnixTime::from_secs(1_499)));
+        // A clock stepping back across an edge is an edge too.
+        assert!(s.advance(UnixTime::from_secs(1_199)));
+    }
+
+    #[test]
+    fn a_reissue_plan_compromises_the_last_current_and_next_generation() {
+        let (_dir, mut s) = seeds(1_000);
+        let pair = PairIds::new(NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+        let now = UnixTime::from_secs(1_000);
+        let plan = s.plan_reissue(pair, now).expect("plan");
+        assert_eq!(plan.next, 1);
+        assert_eq!(
+            plan.compromised,
+            [2, 3, 4].map(|slot| Generation::compose(slot, 0))
+        );
+        // Deciding changed nothing; applying does.
+        assert_eq!(s.reissues_of(&pair), 0);
+        s.apply_reissue(&plan);
+        assert_eq!(s.reissues_of(&pair), 1);
+        let grants = s.grants(&pair, now);
+        assert_eq!(
+            grants.iter().map(|g| g.generation).collect::<Vec<_>>(),
+            [Generation::compose(3, 1), Generation::compose(4, 1)]
+        );
+        assert_eq!(grants[0].valid_from, UnixTime::from_secs(900));
+        assert_eq!(grants[1].valid_until, UnixTime::from_secs(1_500));
+    }
+}

@@ -88,3 +88,51 @@ impl Subscribers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use hopmesh_protocol::enrollment::Push;
+    use hopmesh_protocol::ids::NodeId;
+
+    use super::{PUSH_QUEUE, Subscribers};
+    use crate::metrics::Metrics;
+
+    fn revocations() -> Push {
+        Push::Revocations {
+            list: hopmesh_protocol::wire::BoundedVec::new(vec![1, 2, 3]).expect("small list"),
+        }
+    }
+
+    #[test]
+    fn a_subscriber_that_cannot_keep_up_is_dropped_and_others_keep_theirs() {
+        let metrics = Metrics::default();
+        let mut subs = Subscribers::default();
+        let (slow, fast) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+        let mut slow_rx = subs.open(slow, Vec::new(), &metrics);
+        let mut fast_rx = subs.open(fast, Vec::new(), &metrics);
+        assert_eq!(metrics.subscribed.get(), 2);
+        for _ in 0..PUSH_QUEUE {
+            subs.push(&slow, &[revocations()], &metrics);
+        }
+        assert!(subs.is_connected(&slow));
+        // The queue is full: the next push drops the stream.
+        subs.push(&slow, &[revocations()], &metrics);
+        assert!(!subs.is_connected(&slow));
+        assert_eq!(metrics.subscribed.get(), 1);
+        let mut queued = 0;
+        while slow_rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, PUSH_QUEUE);
+        assert!(slow_rx.try_recv().is_err());
+        subs.broadcast(&revocations(), &metrics);
+        assert_eq!(fast_rx.try_recv().ok(), Some(revocations()));
+        assert_eq!(
+            metrics
+                .pushes
+                .get_or_create(&[("kind", "revocations")])
+                .get(),
+            PUSH_QUEUE as u64 + 2
+        );
+    }
+}
