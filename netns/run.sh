@@ -271,6 +271,7 @@ ready() { [ "$(field "$1" 's["self_permit"] is None and s["verifier_connected"]'
 bring_up() {
     topology
     policy >"$WORK/policy.toml"
+    ! grep -q '"{' "$WORK/policy.toml" || { echo "netns suite: a placeholder of the policy fixture is not filled" >&2; exit 1; }
     vcli init >"$WORK/pins.json"
     start_verifier
     for name in a b c; do start_backend "$name"; done
