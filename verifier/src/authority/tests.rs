@@ -1341,3 +1341,173 @@ fn a_name_resolves_to_its_live_node_before_revoked_ones() {
         Err(AdminError::AlreadyRevoked(_))
     ));
 }
+
+// --- fail closed --------------------------------------------------------------------------
+
+/// A SQLite store whose writes fail while `fail` is set.
+#[derive(Debug)]
+struct FlakyStore {
+    inner: SqliteStore,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyStore {
+    fn check(&self) -> Result<(), crate::store::StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::store::StoreError::BadValue(
+                "injected failure".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Store for FlakyStore {
+    fn put_join_token(
+        &mut self,
+        t: &crate::store::JoinTokenRecord,
+    ) -> Result<(), crate::store::StoreError> {
+        self.check()?;
+        self.inner.put_join_token(t)
+    }
+    fn take_join_token(
+        &mut self,
+        secret_hash: &[u8; 32],
+        now: UnixTime,
+    ) -> Result<crate::store::JoinTokenUse, crate::store::StoreError> {
+        self.inner.take_join_token(secret_hash, now)
+    }
+    fn put_node(&mut self, n: &crate::store::NodeRecord) -> Result<(), crate::store::StoreError> {
+        self.check()?;
+        self.inner.put_node(n)
+    }
+    fn nodes(&self) -> Result<Vec<crate::store::NodeRecord>, crate::store::StoreError> {
+        self.inner.nodes()
+    }
+    fn bans(&self) -> Result<Vec<crate::store::BanSubject>, crate::store::StoreError> {
+        self.inner.bans()
+    }
+    fn put_bans(
+        &mut self,
+        bans: &[crate::store::BanSubject],
+        reason: &str,
+        at: UnixTime,
+    ) -> Result<(), crate::store::StoreError> {
+        self.check()?;
+        self.inner.put_bans(bans, reason, at)
+    }
+    fn commit_revocation(
+        &mut self,
+        node: &NodeId,
+        at: UnixTime,
+        bans: &[crate::store::BanSubject],
+        list: &StoredList,
+    ) -> Result<(), crate::store::StoreError> {
+        self.check()?;
+        self.inner.commit_revocation(node, at, bans, list)
+    }
+    fn revocation_list(&self) -> Result<Option<StoredList>, crate::store::StoreError> {
+        self.inner.revocation_list()
+    }
+    fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), crate::store::StoreError> {
+        self.check()?;
+        self.inner.put_revocation_list(list)
+    }
+    fn reserve_serials(&mut self, n: u64) -> Result<u64, crate::store::StoreError> {
+        self.check()?;
+        self.inner.reserve_serials(n)
+    }
+    fn pair_states(&self) -> Result<Vec<crate::store::PairState>, crate::store::StoreError> {
+        self.inner.pair_states()
+    }
+    fn commit_reissue(
+        &mut self,
+        pair: &PairIds,
+        reissues: u16,
+        compromised: &[Generation],
+        at: UnixTime,
+    ) -> Result<(), crate::store::StoreError> {
+        self.check()?;
+        self.inner.commit_reissue(pair, reissues, compromised, at)
+    }
+}
+
+#[test]
+fn a_failing_store_fails_closed_and_changes_nothing_in_memory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = FlakyStore {
+        inner: SqliteStore::create(&dir.path().join("store.db")).expect("store"),
+        fail: fail.clone(),
+    };
+    let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
+    let mut auth = Authority::new(
+        Parts {
+            settings: Settings::default(),
+            signing: signing(),
+            master: MasterSecret::from_bytes([2; 32]),
+            store: Box::new(store),
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            policy: Policy::parse(&standard_policy()).expect("policy"),
+        },
+        t(T0),
+    )
+    .expect("authority");
+    let token = |auth: &mut Authority, n: &str| {
+        auth.create_join_token(&name(n), None, 60, t(T0))
+            .expect("token")
+            .0
+    };
+    let enroll = |auth: &mut Authority, key: u8, secret: &JoinSecret| {
+        let k = spki(key);
+        auth.enroll(
+            &Enrollment {
+                spki: &k,
+                join_secret: secret,
+                measurement: GOOD,
+                addresses: &addresses(key),
+                hostname: "test-host",
+            },
+            t(T0),
+        )
+    };
+    let (sa, sb) = (token(&mut auth, "a"), token(&mut auth, "b"));
+    enroll(&mut auth, 2, &sb).expect("b enrolls");
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Enrollment: refused as internal; the node is not registered.
+    assert_eq!(enroll(&mut auth, 1, &sa), Err(Refusal::Internal));
+    assert_eq!(
+        auth.metrics()
+            .refusals
+            .get_or_create(&[("reason", "internal")])
+            .get(),
+        1
+    );
+    assert!(auth.nodes_view().iter().all(|v| v.name != "a"));
+    // Revoke: an error, and the node stays live with no revocation list.
+    assert!(matches!(
+        auth.revoke(&NodeRef::Name(name("b")), t(T0)),
+        Err(AdminError::Store(_))
+    ));
+    assert!(auth.revocation_list().is_none());
+    assert!(auth.table(&id(2)).is_some());
+    // A join token is not handed out unless stored.
+    let enrolled_b = id(2);
+    assert!(matches!(
+        auth.create_join_token(&name("a"), None, 60, t(T0)),
+        Err(AdminError::Store(_))
+    ));
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let sa2 = token(&mut auth, "a");
+    enroll(&mut auth, 1, &sa2).expect("a enrolls once the store works");
+    let ab = auth.grants(&PairIds::new(id(1), enrolled_b), t(T0));
+    // Reissue: an error, and the pair keeps its generations.
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(
+        auth.reissue(&NodeRef::Id(id(1)), &NodeRef::Id(enrolled_b), t(T0)),
+        Err(AdminError::Store(_))
+    ));
+    assert_eq!(auth.grants(&PairIds::new(id(1), enrolled_b), t(T0)), ab);
+    assert_eq!(auth.metrics().reissues.get(), 0);
+}
