@@ -3,7 +3,7 @@
 //! are [`crate::state::NodeState`] methods; this module does the IO around them.
 //!
 //! Refusals reset the stream with one generic code; the precise reason is counted and
-//! audited. Forged tokens feed the connection's [`ForgeryMeter`]; past the limit, or on
+//! audited. Forged tokens feed the connection's [`ForgeryMeter`](hopmesh_protocol::hop_token::ForgeryMeter); past the limit, or on
 //! compromised key use or impersonation, the connection is closed and the verifier told.
 
 use std::sync::Arc;

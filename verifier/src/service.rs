@@ -2,7 +2,7 @@
 //!
 //! One bidirectional stream per request. The node is the key its TLS handshake proved; the
 //! TLS layer admits any Ed25519 key ([`hopmesh_transport::tls::AnyKey`]) and the
-//! [`Authority`](crate::authority::Authority) decides what that key may do.
+//! [`Authority`] decides what that key may do.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
