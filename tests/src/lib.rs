@@ -40,7 +40,7 @@ pub enum Attest {
     Any,
 }
 
-/// The standard test policy (TESTING.md's topology: a, b in s1; c in s2; api.s1 on b, db.s1
+/// The standard test policy (docs/testing.md, "Standard topology": a, b in s1; c in s2; api.s1 on b, db.s1
 /// on a, web.s2 on c; s1 -> s1 and s1 -> web.s2) with `attest` and the three backends.
 pub fn standard_policy_with(attest: Attest, api: &str, db: &str, web: &str) -> String {
     const PINNED: &str = "measurements = [\"{measurement}\"]";
