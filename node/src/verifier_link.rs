@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hopmesh_protocol::attestation::VerifiedAttestation;
+use hopmesh_protocol::attestation::{ATTESTATION_BACKDATE, VerifiedAttestation};
 use hopmesh_protocol::enrollment::{Address, Push, Refusal, Report};
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
@@ -142,14 +142,18 @@ fn apply_push(overlay: &Overlay, push: Push) {
     }
 }
 
-/// When to refresh next: at `fraction` (half-life with ±10 % jitter) of what is left of the
-/// attestation on our clock, and never later than that fraction of its whole lifetime. A
-/// clock ahead of the verifier's sees less left and refreshes sooner; the verifier backdates
-/// `not_before` (by `ATTESTATION_BACKDATE`), which only lengthens the lifetime, so the time
-/// left is what counts.
+/// When to refresh next: at `fraction` (half-life with ±10 % jitter) of the attestation's
+/// TTL (its lifetime less the verifier's `ATTESTATION_BACKDATE`), and never later than that
+/// fraction of what is left of it on our clock (a clock ahead of the verifier's sees less
+/// left and refreshes sooner; one behind does not refresh later than the TTL says).
 pub fn refresh_interval(v: &VerifiedAttestation, now: UnixTime, fraction: f64) -> Duration {
     let a = v.get();
     let lifetime = a.not_after.secs_since(a.not_before);
+    let lifetime = match lifetime.checked_sub(ATTESTATION_BACKDATE) {
+        Some(ttl) if ttl >= 2 => ttl,
+        // Not backdated (an older verifier): the whole lifetime is the TTL.
+        _ => lifetime,
+    };
     let left = a.not_after.secs_since(now);
     let base = lifetime.min(left).max(2);
     Duration::from_secs_f64(base as f64 * fraction)

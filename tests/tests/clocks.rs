@@ -27,10 +27,10 @@ const OFFSETS: [(&str, i64); 5] = [
     ("early5", 5),
 ];
 /// Bytes each app sends and reads back.
-const TOTAL: usize = 10 << 20;
+const TOTAL: usize = 14 << 20;
 /// The app reads this much ...
 const READ_CHUNK: usize = 16 << 10;
-/// ... this often: 320 KiB/s, so the transfer takes about 32 s.
+/// ... this often: 320 KiB/s, so the transfer takes about 45 s (at least 7 refreshes).
 const READ_EVERY: Duration = Duration::from_millis(50);
 /// Refreshes a transfer must span.
 const MIN_REFRESHES: u64 = 6;
