@@ -40,45 +40,12 @@ fn name(s: &str) -> NodeName {
 /// The standard topology: a, b in s1; c in s2; api on b, db on a, web on c; s1 -> s1 and
 /// s1 -> web.s2. Every node pairs with both others.
 fn standard_policy() -> String {
-    format!(
-        r#"[attestation]
-measurements = ["{GOOD}"]
-[[segment]]
-name = "s1"
-[[segment]]
-name = "s2"
-[[node]]
-name = "a"
-segments = ["s1"]
-[[node]]
-name = "b"
-segments = ["s1"]
-[[node]]
-name = "c"
-segments = ["s2"]
-[[service]]
-name = "api"
-segment = "s1"
-node = "b"
-backend = "127.0.0.1:18080"
-[[service]]
-name = "db"
-segment = "s1"
-node = "a"
-backend = "127.0.0.1:18082"
-[[service]]
-name = "web"
-segment = "s2"
-node = "c"
-backend = "127.0.0.1:18081"
-[[allow]]
-from = "s1"
-to = "s1"
-[[allow]]
-from = "s1"
-to = "web.s2"
-"#
-    )
+    // The one fixture every test uses (docs/testing.md, "Standard topology").
+    include_str!("../../../tests/fixtures/standard-policy.toml")
+        .replace("{measurement}", &GOOD.to_string())
+        .replace("{api}", "127.0.0.1:18080")
+        .replace("{db}", "127.0.0.1:18082")
+        .replace("{web}", "127.0.0.1:18081")
 }
 
 /// Two islands: a, b in s1 (api on b); c, d in s2 (web on d). Pairs: a-b and c-d. With
