@@ -23,10 +23,12 @@
 //! - [`socks5`]: SOCKS5 (RFC 1928) and username/password (RFC 1929) parsing and encoding.
 //! - [`policy`]: the policy file model and its compilation into routing tables.
 //! - [`routing`]: per-node egress and ingress tables, `may_route` and `may_serve`.
+//! - [`audit_aggregate`]: one audit record per (source, reason) and interval, with a count.
 
 #![forbid(unsafe_code)]
 
 pub mod attestation;
+pub mod audit_aggregate;
 pub mod codes;
 pub mod control;
 pub mod enrollment;
