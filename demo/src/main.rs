@@ -174,6 +174,7 @@ async fn main() -> Result<()> {
             advertise,
             socks: socks.local_addr()?,
             socks_auth: None,
+            socks_max_clients: hopmesh_node::config::DEFAULT_SOCKS_MAX_CLIENTS,
             metrics: None,
             congestion: Default::default(),
             threads: 1,
@@ -221,7 +222,7 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "  verifier     quic {}  admin http://{}",
+        "  verifier     quic {}  admin {}",
         verifier.node_addr, verifier.admin_addr
     );
     println!();

@@ -8,6 +8,7 @@
 //! socks = "127.0.0.1:1080"             # must be a loopback address
 //! # socks_username = "app"             # optional RFC 1929 credentials
 //! # socks_password = "secret"
+//! # socks_max_clients = 512            # concurrent SOCKS clients (see DEFAULT_SOCKS_MAX_CLIENTS)
 //! # metrics = "127.0.0.1:9101"        # Prometheus /metrics, loopback only
 //! # congestion = "bbr"                 # or "cubic" (see `Congestion`)
 //! ```
@@ -47,6 +48,10 @@ pub struct NodeConfig {
     pub socks: SocketAddr,
     /// Optional SOCKS credentials.
     pub socks_auth: Option<(String, String)>,
+    /// Most SOCKS clients served at once (`socks_max_clients`, default
+    /// [`DEFAULT_SOCKS_MAX_CLIENTS`], 1 to [`MAX_SOCKS_MAX_CLIENTS`]); one more is answered
+    /// `05 FF` and closed, and counted (`socks_clients_limit`).
+    pub socks_max_clients: usize,
     /// Optional Prometheus `/metrics` address (loopback).
     pub metrics: Option<SocketAddr>,
     /// Congestion controller for data connections.
@@ -69,6 +74,7 @@ struct Raw {
     socks: String,
     socks_username: Option<String>,
     socks_password: Option<String>,
+    socks_max_clients: Option<usize>,
     metrics: Option<String>,
     congestion: Option<String>,
     threads: Option<usize>,
@@ -87,6 +93,14 @@ struct Raw {
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
+
+/// Default of `socks_max_clients`: concurrent SOCKS clients (in handshake or streaming). Each
+/// holds one descriptor (its TCP socket) and a spawned task with small buffers; 512 leaves half
+/// of the common default descriptor limit (`ulimit -n` 1024) to backend connections, the audit
+/// log and the rest, so a local flood meets this limit (answered, counted) before `EMFILE`.
+pub const DEFAULT_SOCKS_MAX_CLIENTS: usize = 512;
+/// Largest accepted `socks_max_clients`.
+pub const MAX_SOCKS_MAX_CLIENTS: usize = 1 << 20;
 
 fn default_socks() -> String {
     "127.0.0.1:1080".into()
@@ -149,6 +163,15 @@ impl NodeConfig {
                 );
             }
         };
+        let socks_max_clients = match raw.socks_max_clients {
+            None => DEFAULT_SOCKS_MAX_CLIENTS,
+            Some(n @ 1..=MAX_SOCKS_MAX_CLIENTS) => n,
+            Some(n) => {
+                return Err(format!(
+                    "socks_max_clients: {n} is not between 1 and {MAX_SOCKS_MAX_CLIENTS}"
+                ));
+            }
+        };
         let metrics = match raw.metrics {
             None => None,
             Some(m) => {
@@ -183,6 +206,7 @@ impl NodeConfig {
             advertise: raw.advertise,
             socks,
             socks_auth,
+            socks_max_clients,
             metrics,
             congestion,
             threads,
@@ -224,6 +248,16 @@ mod tests {
         assert_eq!(ok.threads, default_threads());
         assert!(ok.threads >= 1);
         assert_eq!(ok.congestion, Congestion::Bbr);
+        assert_eq!(ok.socks_max_clients, DEFAULT_SOCKS_MAX_CLIENTS);
+        let base = "data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\n";
+        for bad in [0, MAX_SOCKS_MAX_CLIENTS + 1] {
+            assert!(
+                err(&format!("{base}socks_max_clients = {bad}\n")).contains("socks_max_clients")
+            );
+        }
+        let two = NodeConfig::parse(&format!("{base}socks_max_clients = 2\n"), Path::new("."))
+            .expect("valid");
+        assert_eq!(two.socks_max_clients, 2);
         assert!(
             err("data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\nlisen = 1\n")
                 .contains("lisen")

@@ -74,6 +74,8 @@ impl GateRefusal {
 pub enum SocksRefusal {
     /// The client is not on a loopback address.
     NonLoopbackSource,
+    /// `socks_max_clients` clients are being served already.
+    ClientLimit,
     /// The handshake did not finish within the deadline.
     HandshakeTimeout,
     /// No method both sides accept.
@@ -101,6 +103,7 @@ impl SocksRefusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::NonLoopbackSource => "socks_non_loopback_source",
+            Self::ClientLimit => "socks_clients_limit",
             Self::HandshakeTimeout => "socks_handshake_timeout",
             Self::NoAcceptableMethod => "socks_no_acceptable_method",
             Self::AuthFailed => "socks_auth_failed",
@@ -313,6 +316,7 @@ mod tests {
             SocksRefusal::NonLoopbackSource.reason(),
             "socks_non_loopback_source"
         );
+        assert_eq!(SocksRefusal::ClientLimit.reason(), "socks_clients_limit");
         assert_eq!(
             SocksRefusal::NonLoopbackSource.audit_text(),
             "non_loopback_source"

@@ -20,7 +20,7 @@ use hopmesh_transport::fields;
 use hopmesh_transport::quic::codes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::counters::Counters;
 use crate::peer::Dial;
@@ -36,7 +36,16 @@ pub const STATUS_DEADLINE: Duration = Duration::from_secs(15);
 /// Largest handshake message (a request with a 255-byte name is 262 bytes; auth is 513).
 const MAX_HANDSHAKE: usize = 1024;
 
-/// Accepts SOCKS clients until shutdown.
+/// Time a client refused at the `socks_max_clients` limit has to send its greeting before the
+/// `05 FF` answer (reading the greeting first lets the close be a FIN, not an RST that could
+/// discard the answer).
+pub const REFUSAL_DEADLINE: Duration = Duration::from_millis(500);
+/// Refused clients answered at once (each for at most [`REFUSAL_DEADLINE`]); past it a refused
+/// client is closed without an answer (still counted), so a flood costs bounded tasks.
+pub const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+
+/// Accepts SOCKS clients until shutdown, at most `socks_max_clients` at once
+/// ([`crate::config::NodeConfig::socks_max_clients`]).
 pub async fn serve(
     node: Arc<Shared>,
     dial: Arc<dyn Dial>,
@@ -44,6 +53,8 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = AcceptBackoff::default();
+    let clients = Arc::new(Semaphore::new(node.config.socks_max_clients));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -66,9 +77,41 @@ pub async fn serve(
                 }
             }
         };
+        let Ok(permit) = clients.clone().try_acquire_owned() else {
+            node.counters.refused(SocksRefusal::ClientLimit.reason());
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse_at_limit(tcp).await;
+                    drop(slot);
+                });
+            } else {
+                rst(tcp);
+            }
+            continue;
+        };
         let (node, dial) = (node.clone(), dial.clone());
-        tokio::spawn(async move { client(node, dial, tcp, from).await });
+        tokio::spawn(async move {
+            client(node, dial, tcp, from).await;
+            drop(permit);
+        });
     }
+}
+
+/// Answers a client refused at the limit: `05 FF` (no acceptable method, the one refusal a
+/// greeting can get), after its greeting or [`REFUSAL_DEADLINE`], then a clean close.
+async fn refuse_at_limit(mut tcp: TcpStream) {
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, async {
+        let mut greeting = [0u8; MAX_HANDSHAKE];
+        let _ = tcp.read(&mut greeting).await;
+    })
+    .await;
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, async {
+        let _ = tcp
+            .write_all(&encode_method_selection(method::NO_ACCEPTABLE))
+            .await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
 }
 
 /// First wait after a failed accept.

@@ -1,5 +1,5 @@
 //! The verifier link: one session at a time (refresh at half-life with jitter, apply pushes,
-//! deliver reports), reconnecting with backoff; renewals of our attestation go to every peer.
+//! deliver reports), reconnecting with [`Backoff`]; renewals of our attestation go to every peer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,8 @@ use hopmesh_protocol::enrollment::{Address, Push, Refusal, Report};
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 use hopmesh_transport::fields;
-use hopmesh_transport::verifier_client::{ClientError, VerifierClient};
+use hopmesh_transport::quic::FrameIoError;
+use hopmesh_transport::verifier_client::{ClientError, PushStream, VerifierClient};
 use tokio::sync::{mpsc, watch};
 
 use crate::datadir::write_atomic;
@@ -22,16 +23,66 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest wait between verifier reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// A session that stayed subscribed at least this long counts as healthy: the next
+/// reconnection waits [`MIN_BACKOFF`] again, whatever ended the session (a verifier restart
+/// after hours of service must not cost the doubled wait of earlier failures).
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Pushes read ahead of the session loop (the push reader waits when it is full, never drops).
+pub const PUSH_QUEUE: usize = 16;
+
+/// How a verifier session ended, as the backoff sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The verifier finished the push stream.
+    Clean,
+    /// The verifier refuses this node (revoked, not enrolled): retry rarely.
+    Refused,
+    /// Network, handshake or protocol failure.
+    Failed,
+}
+
+/// The reconnection backoff of the verifier link: doubling from [`MIN_BACKOFF`] to
+/// [`MAX_BACKOFF`], back to [`MIN_BACKOFF`] after a clean end or a healthy session (one that
+/// stayed subscribed for [`HEALTHY_SESSION`]), [`MAX_BACKOFF`] at once when refused.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: MIN_BACKOFF }
+    }
+}
+
+impl Backoff {
+    /// The wait (without jitter) before the next attempt, after a session that ended with
+    /// `end` having been subscribed for `subscribed_for` (`None`: it never got that far).
+    pub fn after(&mut self, end: SessionEnd, subscribed_for: Option<Duration>) -> Duration {
+        if end == SessionEnd::Refused {
+            self.next = MAX_BACKOFF;
+            return MAX_BACKOFF;
+        }
+        if end == SessionEnd::Clean || subscribed_for.is_some_and(|d| d >= HEALTHY_SESSION) {
+            self.next = MIN_BACKOFF;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        wait
+    }
+}
+
 /// Keeps the verifier link up: refresh at half-life with jitter, apply pushes, send reports,
-/// reconnect with backoff.
+/// reconnect with [`Backoff`].
 pub async fn run(
     overlay: Arc<Overlay>,
     mut reports: mpsc::Receiver<Report>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let node = overlay.shared.clone();
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::default();
     loop {
+        let mut subscribed_at = None;
         let session = async {
             let addrs = node
                 .resolve_hostport(&node.config.verifier)
@@ -43,29 +94,34 @@ pub async fn run(
             let client =
                 VerifierClient::connect(&overlay.endpoint, addr, &node.identity, &node.pins)
                     .await?;
-            run_session(&overlay, &client, &mut reports).await
+            run_session(&overlay, &client, &mut reports, &mut subscribed_at).await
         };
         let result = tokio::select! {
             r = session => r,
             _ = shutdown.changed() => return,
         };
         node.set_verifier_connected(false);
-        match result {
-            Ok(()) => backoff = MIN_BACKOFF,
+        let end = match result {
+            Ok(()) => SessionEnd::Clean,
             Err(ClientError::Refused(r @ (Refusal::Revoked | Refusal::NotEnrolled))) => {
                 node.audit("verifier_refused", fields! {"reason" => r.to_string()});
                 tracing::error!(reason = %r, "the verifier refuses this node; failing closed when the attestation expires");
-                backoff = MAX_BACKOFF;
+                SessionEnd::Refused
             }
-            Err(e) => tracing::warn!(error = %e, "verifier link down"),
-        }
-        let jitter =
-            Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4 + 1));
+            Err(e) => {
+                tracing::warn!(error = %e, "verifier link down");
+                SessionEnd::Failed
+            }
+        };
+        let wait = backoff.after(
+            end,
+            subscribed_at.map(|t: tokio::time::Instant| t.elapsed()),
+        );
+        let jitter = Duration::from_millis(rand::random_range(0..=wait.as_millis() as u64 / 4 + 1));
         tokio::select! {
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = tokio::time::sleep(wait + jitter) => {}
             _ = shutdown.changed() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -83,20 +139,25 @@ async fn run_session(
     overlay: &Arc<Overlay>,
     client: &VerifierClient,
     reports: &mut mpsc::Receiver<Report>,
+    subscribed_at: &mut Option<tokio::time::Instant>,
 ) -> Result<(), ClientError> {
     let node = &overlay.shared;
     // A fixed deadline: a `sleep(next)` inside the select would restart on every push and
     // never fire while pushes arrive faster than the refresh interval.
     let mut next = tokio::time::Instant::now() + refresh(overlay, client).await?;
-    let mut pushes = client.subscribe().await?;
+    let mut pushes = PushReader::spawn(client.subscribe().await?);
+    *subscribed_at = Some(tokio::time::Instant::now());
     node.set_verifier_connected(true);
     node.audit("verifier_connected", fields! {});
     loop {
+        // Every branch is cancel-safe: the push stream is read by its own task (a frame half
+        // read when another branch wins is never lost), `mpsc::recv` and `sleep_until` keep
+        // nothing across a cancel, and the work each branch starts runs outside the select.
         tokio::select! {
             p = pushes.next() => match p {
-                Ok(Some(push)) => apply_push(overlay, push),
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(ClientError::Frame(e)),
+                Some(Ok(Some(push))) => apply_push(overlay, push),
+                Some(Ok(None)) | None => return Ok(()),
+                Some(Err(e)) => return Err(ClientError::Frame(e)),
             },
             _ = tokio::time::sleep_until(next) => next = tokio::time::Instant::now() + refresh(overlay, client).await?,
             Some(r) = reports.recv() => {
@@ -105,6 +166,41 @@ async fn run_session(
                 }
             }
         }
+    }
+}
+
+/// The one long-lived reader of a session's push stream: a task that owns the stream (and so
+/// every partial frame), handing whole pushes to the session through a [`PUSH_QUEUE`]-deep
+/// channel. Dropping it stops the task.
+struct PushReader {
+    rx: mpsc::Receiver<Result<Option<Push>, FrameIoError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PushReader {
+    fn spawn(mut stream: PushStream) -> Self {
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let task = tokio::spawn(async move {
+            loop {
+                let item = stream.next().await;
+                let last = !matches!(item, Ok(Some(_)));
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Self { rx, task }
+    }
+
+    /// The next push, the end of the stream (`Ok(None)`), or its error; cancel-safe.
+    async fn next(&mut self) -> Option<Result<Option<Push>, FrameIoError>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for PushReader {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -183,4 +279,35 @@ fn addresses(node: &Shared) -> BoundedVec<Address, 4> {
             .collect(),
     )
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets_after_a_healthy_session() {
+        let mut b = Backoff::default();
+        let failed: Vec<Duration> = (0..8).map(|_| b.after(SessionEnd::Failed, None)).collect();
+        assert_eq!(failed[0], MIN_BACKOFF);
+        assert_eq!(failed[1], MIN_BACKOFF * 2);
+        assert_eq!(*failed.last().expect("some"), MAX_BACKOFF);
+        // Subscribed, but just short of healthy: still backing off.
+        let short = HEALTHY_SESSION - Duration::from_millis(1);
+        assert_eq!(b.after(SessionEnd::Failed, Some(short)), MAX_BACKOFF);
+        // A session that lived HEALTHY_SESSION and then failed starts over.
+        assert_eq!(
+            b.after(SessionEnd::Failed, Some(HEALTHY_SESSION)),
+            MIN_BACKOFF
+        );
+        assert_eq!(b.after(SessionEnd::Failed, None), MIN_BACKOFF * 2);
+        // A clean end starts over too; a refusal waits the longest at once.
+        assert_eq!(b.after(SessionEnd::Clean, None), MIN_BACKOFF);
+        assert_eq!(b.after(SessionEnd::Refused, None), MAX_BACKOFF);
+        assert_eq!(b.after(SessionEnd::Failed, None), MAX_BACKOFF);
+        assert_eq!(
+            b.after(SessionEnd::Refused, Some(HEALTHY_SESSION)),
+            MAX_BACKOFF
+        );
+    }
 }

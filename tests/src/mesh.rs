@@ -108,6 +108,17 @@ impl Mesh {
 
     /// The standard mesh plus `extra_policy` text and `extra_nodes` (declared in it).
     pub async fn start_with(settings: Settings, extra_policy: &str, extra_nodes: &[&str]) -> Self {
+        Self::start_configured(settings, extra_policy, extra_nodes, |_, _| {}).await
+    }
+
+    /// [`Self::start_with`], each node's config changed by `tweak(name, config)` before it
+    /// starts (a lower limit on one node, for example).
+    pub async fn start_configured(
+        settings: Settings,
+        extra_policy: &str,
+        extra_nodes: &[&str],
+        tweak: impl Fn(&str, &mut NodeConfig),
+    ) -> Self {
         let backends = vec![
             EchoBackend::start().await,
             EchoBackend::start().await,
@@ -126,7 +137,8 @@ impl Mesh {
             .chain(extra_nodes.iter().copied())
             .collect();
         for name in &names {
-            mesh.add_node(name).await;
+            let clock = mesh.verifier.clock.clone();
+            mesh.add_node_with(name, clock, |c| tweak(name, c)).await;
         }
         for name in &names {
             mesh.wait_ready(name).await;
@@ -149,6 +161,17 @@ impl Mesh {
         name: &str,
         clock: std::sync::Arc<dyn hopmesh_protocol::time::Clock>,
     ) {
+        self.add_node_with(name, clock, |_| {}).await;
+    }
+
+    /// Enrolls node `name` (on the verifier's clock) and starts it on `clock` with its config
+    /// changed by `tweak` first (a lower limit, for example).
+    pub async fn add_node_with(
+        &mut self,
+        name: &str,
+        clock: std::sync::Arc<dyn hopmesh_protocol::time::Clock>,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let quic = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind quic");
         let advertise = vec![quic.local_addr().expect("addr").to_string()];
@@ -165,18 +188,20 @@ impl Mesh {
         .await
         .expect("enroll");
         let socks = TcpListener::bind("127.0.0.1:0").await.expect("bind socks");
-        let config = NodeConfig {
+        let mut config = NodeConfig {
             data_dir: dir.path().to_owned(),
             verifier: running.node_addr.to_string(),
             listen: quic.local_addr().expect("addr"),
             advertise,
             socks: socks.local_addr().expect("addr"),
             socks_auth: None,
+            socks_max_clients: hopmesh_node::config::DEFAULT_SOCKS_MAX_CLIENTS,
             metrics: None,
             congestion: Default::default(),
             threads: 1,
             clock_offset: 0,
         };
+        tweak(&mut config);
         let handle = start(config, Sockets { quic, socks }, clock)
             .await
             .expect("start node");
