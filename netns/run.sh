@@ -196,7 +196,7 @@ policy() {
 VERIFIER_FLAGS=()
 start_verifier() {
     bgn "$V" "$VERIFIER" --data-dir "$WORK/v" serve --policy "$WORK/policy.toml" --listen "$VIP:7443" \
-        --admin-listen 127.0.0.1:7444 --attestation-ttl "${TTL:-30}" "${VERIFIER_FLAGS[@]}" \
+        --attestation-ttl "${TTL:-30}" "${VERIFIER_FLAGS[@]}" \
         >>"$WORK/verifier.out" 2>>"$WORK/verifier.err"
     wait_for 10 "verifier admin API" n "$V" "$VERIFIER" --data-dir "$WORK/v" nodes
 }
@@ -256,7 +256,8 @@ peer_down() { [ "$(field "$1" "any(p['connected'] for p in s['peers'] if p['name
 enroll_node() {
     local name=$1 ns=${NODE_NS[$1]} secret
     secret=$(vcli join-token create --name "$name" --ttl 120 | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
-    n "$ns" "$NODE" enroll --data-dir "$WORK/node-$name" --verifier "$VIP:7443" --join-token "$secret" \
+    # The join secret on stdin, never on argv (other users can read /proc/PID/cmdline).
+    printf '%s\n' "$secret" | n "$ns" "$NODE" enroll --data-dir "$WORK/node-$name" --verifier "$VIP:7443" --join-token-file - \
         --pins "$WORK/pins.json" --advertise "${NODE_IP[$name]}:4433" >>"$WORK/enroll.log"
     write_node_config "$name"
     start_node "$name"

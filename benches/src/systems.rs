@@ -206,7 +206,8 @@ impl Mesh {
                     .arg("enroll")
                     .arg("--data-dir")
                     .arg(&data_dir)
-                    .args(["--verifier", &vaddr, "--join-token", secret])
+                    .args(["--verifier", &vaddr])
+                    .env("HOPMESH_JOIN_TOKEN", secret)
                     .arg("--pins")
                     .arg(&pins_path)
                     .args(["--advertise", &listen.to_string()]),

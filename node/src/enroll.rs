@@ -94,3 +94,109 @@ pub async fn enroll(
         not_after: v.get().not_after,
     })
 }
+
+/// The environment variable that may hold the join secret.
+pub const JOIN_TOKEN_ENV: &str = "HOPMESH_JOIN_TOKEN";
+
+/// Most bytes read from a join-secret file or stdin (64 hex digits and whitespace fit).
+pub const JOIN_TOKEN_READ_CAP: u64 = 1024;
+
+/// Where the join secret comes from: never argv (other users can read a process's arguments
+/// in `/proc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinTokenSource {
+    /// A file, read once.
+    File(std::path::PathBuf),
+    /// Standard input (`--join-token-file -`).
+    Stdin,
+    /// The environment variable [`JOIN_TOKEN_ENV`].
+    Env,
+}
+
+/// Reads the join secret: from `file` (`-` is stdin) if given, else from `env` (the value of
+/// [`JOIN_TOKEN_ENV`]). Returns where it came from for messages.
+pub fn read_join_secret(
+    file: Option<&Path>,
+    env: Option<String>,
+    stdin: impl std::io::Read,
+) -> Result<(JoinSecret, JoinTokenSource), String> {
+    use std::io::Read;
+    let (text, source) = match file {
+        Some(p) if p == Path::new("-") => {
+            let mut s = String::new();
+            stdin
+                .take(JOIN_TOKEN_READ_CAP)
+                .read_to_string(&mut s)
+                .map_err(|e| format!("read the join secret from stdin: {e}"))?;
+            (s, JoinTokenSource::Stdin)
+        }
+        Some(p) => {
+            let f = std::fs::File::open(p)
+                .map_err(|e| format!("read the join secret from {}: {e}", p.display()))?;
+            let mut s = String::new();
+            f.take(JOIN_TOKEN_READ_CAP)
+                .read_to_string(&mut s)
+                .map_err(|e| format!("read the join secret from {}: {e}", p.display()))?;
+            (s, JoinTokenSource::File(p.to_owned()))
+        }
+        None => match env {
+            Some(v) => (v, JoinTokenSource::Env),
+            None => {
+                return Err(format!(
+                    "no join secret: pass --join-token-file PATH (or - for stdin), or set {JOIN_TOKEN_ENV}"
+                ));
+            }
+        },
+    };
+    let mut b = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut b).map_err(|_| {
+        let from = match &source {
+            JoinTokenSource::File(p) => p.display().to_string(),
+            JoinTokenSource::Stdin => "stdin".into(),
+            JoinTokenSource::Env => JOIN_TOKEN_ENV.into(),
+        };
+        format!("the join secret (from {from}) must be 64 hex digits")
+    })?;
+    Ok((JoinSecret::from_bytes(b), source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn join_secret_from_file_stdin_or_env_never_argv() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
+        std::fs::write(&f, format!("{HEX}\n")).unwrap();
+        let empty: &[u8] = b"";
+        let (s, src) = read_join_secret(Some(&f), Some("ignored".into()), empty).unwrap();
+        assert_eq!(hex::encode(s.expose()), HEX);
+        assert_eq!(src, JoinTokenSource::File(f.clone()));
+
+        let (s, src) =
+            read_join_secret(Some(Path::new("-")), None, format!("  {HEX}\n").as_bytes()).unwrap();
+        assert_eq!(hex::encode(s.expose()), HEX);
+        assert_eq!(src, JoinTokenSource::Stdin);
+
+        let (s, src) = read_join_secret(None, Some(HEX.into()), empty).unwrap();
+        assert_eq!(hex::encode(s.expose()), HEX);
+        assert_eq!(src, JoinTokenSource::Env);
+
+        let err = read_join_secret(None, None, empty).unwrap_err();
+        assert!(err.contains("--join-token-file"), "{err}");
+        let err = read_join_secret(None, Some("xyz".into()), empty).unwrap_err();
+        assert!(
+            err.contains("HOPMESH_JOIN_TOKEN") && err.contains("64 hex"),
+            "{err}"
+        );
+        let err = read_join_secret(Some(&dir.path().join("missing")), None, empty).unwrap_err();
+        assert!(err.contains("missing"), "{err}");
+        // A huge stdin is read only up to the cap, then refused as not a secret.
+        let big = vec![b'a'; 10 * 1024 * 1024];
+        let err = read_join_secret(Some(Path::new("-")), None, &big[..]).unwrap_err();
+        assert!(err.contains("64 hex"), "{err}");
+    }
+}

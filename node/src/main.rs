@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow};
 use clap::{Parser, Subcommand};
 use hopmesh_node::config::NodeConfig;
+use hopmesh_node::enroll::{JOIN_TOKEN_ENV, read_join_secret};
 use hopmesh_node::runtime::{Sockets, start};
-use hopmesh_protocol::secret::JoinSecret;
 use hopmesh_protocol::time::Clock;
 use hopmesh_transport::clock::SystemClock;
 use hopmesh_transport::pins::Pins;
@@ -41,9 +41,12 @@ enum Command {
         /// Verifier host:port.
         #[arg(long)]
         verifier: String,
-        /// The join secret (64 hex digits) from `hopmesh-verifier join-token create`.
-        #[arg(long, env = "HOPMESH_JOIN_TOKEN")]
-        join_token: String,
+        /// A file holding the join secret (64 hex digits) from `hopmesh-verifier join-token
+        /// create`; `-` reads it from stdin. Without it, the secret is read from the
+        /// environment variable HOPMESH_JOIN_TOKEN. Never on the command line: other users can
+        /// read a process's arguments.
+        #[arg(long, value_name = "PATH|-")]
+        join_token_file: Option<PathBuf>,
         /// The pins JSON printed by `hopmesh-verifier init`.
         #[arg(long)]
         pins: PathBuf,
@@ -108,22 +111,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn parse_secret(hex_text: &str) -> Result<JoinSecret> {
-    let mut b = [0u8; 32];
-    hex::decode_to_slice(hex_text.trim(), &mut b)
-        .map_err(|_| anyhow!("--join-token must be 64 hex digits"))?;
-    Ok(JoinSecret::from_bytes(b))
-}
-
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Enroll {
             data_dir,
             verifier,
-            join_token,
+            join_token_file,
             pins,
             advertise,
         } => {
+            let (join_secret, _) = read_join_secret(
+                join_token_file.as_deref(),
+                std::env::var(JOIN_TOKEN_ENV).ok(),
+                std::io::stdin(),
+            )
+            .map_err(anyhow::Error::msg)?;
             let pins: Pins = serde_json::from_str(
                 &std::fs::read_to_string(&pins)
                     .with_context(|| format!("read {}", pins.display()))?,
@@ -139,7 +141,7 @@ async fn run(cli: Cli) -> Result<()> {
             let out = hopmesh_node::enroll::enroll(
                 &data_dir,
                 addr,
-                parse_secret(&join_token)?,
+                join_secret,
                 &pins,
                 &advertise,
                 measurement,

@@ -1,15 +1,18 @@
-//! The admin HTTP API (loopback, bearer token) and its client used by the CLI.
+//! The admin HTTP API (Unix socket 0600 or loopback TCP, bearer token) and its client used by
+//! the CLI. Where it listens and how the client authenticates the server before sending the
+//! token: [`crate::admin_addr`].
 //!
 //! | method | path | body | does |
 //! | --- | --- | --- | --- |
 //! | GET | `/metrics` | | Prometheus text (no token: counters only) |
+//! | GET | `/v1/whoami?challenge=HEX` | | the server's proof that it holds the token (no token) |
 //! | GET | `/v1/nodes` | | enrolled nodes |
 //! | POST | `/v1/join-tokens` | `{name, segments?, ttl_secs?}` | one-time join secret |
 //! | POST | `/v1/revoke` | `{node}` | revoke (answered after the commit) |
 //! | POST | `/v1/ban` | `{node}` | ban key and name (revokes too) |
 //! | POST | `/v1/reissue` | `{a, b}` | new generation for one pair |
 //! | POST | `/v1/policy/reload` | | re-read the policy file |
-//! | GET | `/v1/audit?since=N` | | audit records after seq N |
+//! | GET | `/v1/audit?since=N&limit=L` | | audit records after seq N, one capped page |
 
 use std::sync::Arc;
 
@@ -23,14 +26,16 @@ use hopmesh_protocol::ids::NodeName;
 use hopmesh_protocol::secret::ct_eq;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::Shared;
+use crate::admin_addr::{AdminAddr, CHALLENGE_LEN, proof, proof_is_valid};
 use crate::authority::{AdminError, NodeRef};
+
+/// How long the CLI waits for the admin API (connect, proof and answer).
+pub const CLIENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Default join-secret lifetime: one hour.
 pub const DEFAULT_JOIN_TTL: u64 = 3600;
@@ -67,8 +72,12 @@ fn node_ref(s: &str) -> Result<NodeRef, ApiError> {
     s.parse().map_err(bad)
 }
 
-/// The router; `/v1` requires `Authorization: Bearer <admin token>`.
-pub fn router(shared: Arc<Shared>) -> Router {
+/// The router; `/v1` requires `Authorization: Bearer <admin token>`, except `/v1/whoami`,
+/// which proves to the client that this server holds the token for `addr`, where it listens.
+pub fn router(shared: Arc<Shared>, addr: AdminAddr) -> Router {
+    let whoami_route = Router::new()
+        .route("/v1/whoami", get(whoami))
+        .with_state((shared.clone(), Arc::new(addr)));
     let v1 = Router::new()
         .route("/v1/nodes", get(nodes))
         .route("/v1/join-tokens", post(join_token))
@@ -85,6 +94,24 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .merge(v1)
         .with_state(shared)
+        .merge(whoami_route)
+}
+
+#[derive(Deserialize)]
+struct WhoamiQuery {
+    challenge: String,
+}
+
+async fn whoami(
+    State((shared, addr)): State<(Arc<Shared>, Arc<AdminAddr>)>,
+    Query(q): Query<WhoamiQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let challenge = hex::decode(&q.challenge)
+        .ok()
+        .filter(|c| c.len() == CHALLENGE_LEN)
+        .ok_or_else(|| bad(format!("challenge must be {CHALLENGE_LEN} bytes in hex")))?;
+    let p = proof(&shared.admin_token, &addr, &challenge);
+    Ok(Json(json!({"proof": hex::encode(p)})))
 }
 
 async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -192,63 +219,168 @@ async fn reload(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiErr
 #[derive(Deserialize)]
 struct AuditQuery {
     since: Option<u64>,
+    limit: Option<usize>,
 }
 
+/// Response header set to `true` when `/v1/audit` was cut at the page cap and more records
+/// follow: ask again with `since` = the last record's seq.
+pub const AUDIT_MORE_HEADER: &str = "x-hopmesh-audit-more";
+
+/// `/v1/audit?since=N&limit=L`: at most `min(L, MAX_PAGE_RECORDS)` records (and about
+/// `MAX_PAGE_BYTES` of them) after seq N, read by streaming off the async workers; a cut page
+/// is counted (`audit_pages_capped`) and flagged with [`AUDIT_MORE_HEADER`].
 async fn audit(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<AuditQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
+    use hopmesh_transport::audit::{MAX_PAGE_BYTES, MAX_PAGE_RECORDS, read_page};
     let path = shared.authority().audit_path().to_owned();
-    let records = hopmesh_transport::audit::read_since(&path, q.since.unwrap_or(0))
+    let since = q.since.unwrap_or(0);
+    let limit = q
+        .limit
+        .unwrap_or(MAX_PAGE_RECORDS)
+        .clamp(1, MAX_PAGE_RECORDS);
+    let page = tokio::task::spawn_blocking(move || read_page(&path, since, limit, MAX_PAGE_BYTES))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(Value::Array(records)))
+    if page.more {
+        shared.metrics.audit_pages_capped.inc();
+    }
+    let more = if page.more { "true" } else { "false" };
+    Ok((
+        [(AUDIT_MORE_HEADER, more)],
+        Json(Value::Array(page.records)),
+    )
+        .into_response())
 }
 
-/// A client of the admin API.
+/// A client of the admin API: one connection per call; before the token is sent, the server
+/// must prove it holds it (see [`crate::admin_addr`]).
 #[derive(Debug, Clone)]
 pub struct AdminClient {
-    base: String,
+    addr: Result<AdminAddr, String>,
     token: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Either kind of admin connection.
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    req: hyper::Request<Full<Bytes>>,
+) -> Result<(hyper::StatusCode, String), String> {
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 impl AdminClient {
-    /// A client for the API at `addr` (`host:port`) with `token`.
+    /// A client for the API at `addr` (as written to `admin.addr`: `unix:PATH` or a loopback
+    /// `IP:PORT`) with `token`. An address that is neither fails every call.
     pub fn new(addr: &str, token: &str) -> Self {
         Self {
-            base: format!("http://{addr}"),
+            addr: AdminAddr::parse(addr, std::path::Path::new(""))
+                .map_err(|e| format!("bad admin address in admin.addr: {e}")),
             token: token.to_owned(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
 
-    /// Sends a request; returns the JSON body, or an error with the server's message.
+    /// Sends a request; returns the JSON body, or an error with the server's message. Nothing
+    /// is sent with the token unless the server first proved it holds the token.
     pub async fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, String> {
+        let addr = self.addr.clone()?;
+        tokio::time::timeout(CLIENT_DEADLINE, self.call_at(&addr, method, path, body))
+            .await
+            .map_err(|_| {
+                format!(
+                    "the verifier admin API at {addr} did not answer within {} s",
+                    CLIENT_DEADLINE.as_secs()
+                )
+            })?
+    }
+
+    async fn call_at(
+        &self,
+        addr: &AdminAddr,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
+        let unreachable = |e: std::io::Error| {
+            format!("cannot reach the verifier admin API at {addr}: {e} (is the verifier running?)")
+        };
+        let conn = match addr {
+            AdminAddr::Tcp(a) => Conn::Tcp(
+                tokio::net::TcpStream::connect(a)
+                    .await
+                    .map_err(unreachable)?,
+            ),
+            AdminAddr::Unix(p) => Conn::Unix(
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(unreachable)?,
+            ),
+        };
+        let mut sender = match conn {
+            Conn::Tcp(s) => handshake(s).await?,
+            Conn::Unix(s) => handshake(s).await?,
+        };
+        // 1. The server proves it holds the token, over the address we dialled.
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut challenge)
+            .map_err(|_| "OS random generator failed".to_owned())?;
+        let req = hyper::Request::builder()
+            .method("GET")
+            .uri(format!("/v1/whoami?challenge={}", hex::encode(challenge)))
+            .header("host", "hopmesh-verifier")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let not_proven = || {
+            format!(
+                "the admin API at {addr} did not prove it holds this verifier's admin token; \
+                 the token was not sent (a stale admin.addr from a verifier that stopped, with \
+                 another process on its port?)"
+            )
+        };
+        let (status, text) = send(&mut sender, req).await.map_err(|_| not_proven())?;
+        let given = serde_json::from_str::<Value>(&text).ok().and_then(|v| {
+            v.get("proof")
+                .and_then(Value::as_str)
+                .and_then(|p| hex::decode(p).ok())
+        });
+        match given {
+            Some(p) if status.is_success() && proof_is_valid(&self.token, addr, &challenge, &p) => {
+            }
+            _ => return Err(not_proven()),
+        }
+        // 2. The request, with the token.
         let bytes = body.map(|b| b.to_string()).unwrap_or_default();
         let req = hyper::Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base))
+            .uri(path)
+            .header("host", "hopmesh-verifier")
             .header("authorization", format!("Bearer {}", self.token))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| e.to_string())?;
-        let resp =
-            self.client.request(req).await.map_err(|e| {
-                format!("cannot reach the verifier admin API at {}: {e}", self.base)
-            })?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
+        let (status, text) = send(&mut sender, req)
             .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        let text = String::from_utf8_lossy(&body).into_owned();
+            .map_err(|e| format!("the verifier admin API at {addr} failed: {e}"))?;
         let value: Value = if path == "/metrics" {
             Value::String(text.clone())
         } else {
@@ -265,4 +397,19 @@ impl AdminClient {
             Err(format!("{status}: {msg}"))
         }
     }
+}
+
+async fn handshake<S>(
+    stream: S,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("admin API handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }

@@ -14,12 +14,15 @@
 //! - [`datadir`]: the data directory (keys, token, store, pins).
 //! - [`service`]: the node-facing QUIC service.
 //! - [`admin`]: the admin HTTP API and its client.
+//! - [`admin_addr`]: where the admin API listens (Unix socket 0600 or loopback TCP) and how
+//!   the client knows it reached this verifier.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: the crate's error type.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_addr;
 pub mod authority;
 pub mod datadir;
 pub mod error;
@@ -34,12 +37,12 @@ use std::time::Duration;
 
 use hopmesh_protocol::policy::Policy;
 use hopmesh_protocol::time::{Clock, UnixTime};
-use hopmesh_transport::quic::{endpoint, quinn_server, transport_config};
+use hopmesh_transport::quic::{endpoint, quinn_server};
 use hopmesh_transport::tls::{self, ALPN_CONTROL, AnyKey};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin_addr::{AdminAddr, AdminListener};
 use crate::authority::{Authority, Parts, Settings};
 use crate::datadir::DataDir;
 use crate::error::VerifierError;
@@ -111,7 +114,7 @@ pub struct Running {
     /// The node-facing QUIC address.
     pub node_addr: SocketAddr,
     /// The admin API address.
-    pub admin_addr: SocketAddr,
+    pub admin_addr: AdminAddr,
     /// Shared state (tests drive the authority directly).
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
@@ -133,8 +136,9 @@ pub async fn start(
     dir: &Path,
     opts: ServeOptions,
     node_socket: UdpSocket,
-    admin: TcpListener,
+    admin: impl Into<AdminListener>,
 ) -> Result<Running, VerifierError> {
+    let admin = admin.into();
     let data = DataDir::new(dir);
     let opened = data.open()?;
     let text = std::fs::read_to_string(&opts.policy_path)
@@ -164,10 +168,7 @@ pub async fn start(
     });
 
     let tls = tls::server_config(&opened.tls, ALPN_CONTROL, Arc::new(AnyKey))?;
-    let transport = Arc::new(transport_config(
-        Duration::from_secs(30),
-        Duration::from_secs(10),
-    ));
+    let transport = Arc::new(service::transport());
     let _ = hopmesh_transport::quic::log_if_capped(&node_socket);
     let ep = endpoint(node_socket, Some(quinn_server(tls, transport)?))?;
     let node_addr = ep
@@ -182,16 +183,21 @@ pub async fn start(
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(service::serve(ep, shared.clone(), rx.clone())));
-    let router = admin::router(shared.clone());
+    let router = admin::router(shared.clone(), admin_addr.clone());
     let mut admin_rx = rx.clone();
     tasks.push(tokio::spawn(async move {
         let stop = async move {
             let _ = admin_rx.changed().await;
         };
-        if let Err(e) = axum::serve(admin, router)
-            .with_graceful_shutdown(stop)
-            .await
-        {
+        let served = match admin {
+            AdminListener::Tcp(l) => axum::serve(l, router).with_graceful_shutdown(stop).await,
+            AdminListener::Unix(l, path) => {
+                let r = axum::serve(l, router).with_graceful_shutdown(stop).await;
+                let _ = std::fs::remove_file(path);
+                r
+            }
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "admin API failed");
         }
     }));

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hopmesh_protocol::hop_token::EpochLength;
 use hopmesh_transport::clock::SystemClock;
 use hopmesh_verifier::admin::{AdminClient, DEFAULT_JOIN_TTL};
+use hopmesh_verifier::admin_addr::{AdminAddr, AdminListener};
 use hopmesh_verifier::authority::{CompromiseMode, Settings};
 use hopmesh_verifier::datadir::DataDir;
 use hopmesh_verifier::{ServeOptions, start};
@@ -51,9 +52,10 @@ enum Command {
         /// Node-facing QUIC address.
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: SocketAddr,
-        /// Admin API address (keep it on loopback).
-        #[arg(long, default_value = "127.0.0.1:7444")]
-        admin_listen: SocketAddr,
+        /// Admin API: `unix` (the socket `admin.sock` in the data directory, mode 0600),
+        /// `unix:PATH`, or a loopback IP:PORT (any other address is refused).
+        #[arg(long, default_value = "unix")]
+        admin_listen: String,
         /// Attestation lifetime in seconds.
         #[arg(long, default_value_t = 300)]
         attestation_ttl: u64,
@@ -137,7 +139,8 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Verify the hash chain of the local audit log (exit 1 if tampered).
+    /// Verify the local audit log: hash chain across rotated files, signed checkpoints, and
+    /// the head anchored in the store (exit 1 if edited, truncated or rewritten).
     Verify,
 }
 
@@ -222,11 +225,14 @@ async fn run(cli: Cli) -> Result<()> {
                     OnCompromise::AutoReissue => CompromiseMode::AutoReissue,
                     OnCompromise::AlertOnly => CompromiseMode::AlertOnly,
                 },
+                ..Settings::default()
             };
             let udp = UdpSocket::bind(listen).with_context(|| format!("bind {listen}"))?;
-            let tcp = tokio::net::TcpListener::bind(admin_listen)
+            let admin_addr = AdminAddr::parse(&admin_listen, dir)
+                .with_context(|| format!("--admin-listen {admin_listen}"))?;
+            let admin = AdminListener::bind(&admin_addr)
                 .await
-                .with_context(|| format!("bind {admin_listen}"))?;
+                .with_context(|| format!("bind the admin API at {admin_addr}"))?;
             let opts = ServeOptions {
                 settings,
                 policy_path: policy,
@@ -234,10 +240,10 @@ async fn run(cli: Cli) -> Result<()> {
                     offset_secs: clock_offset,
                 }),
             };
-            let running = start(dir, opts, udp, tcp).await?;
+            let running = start(dir, opts, udp, admin).await?;
             println!(
                 "{}",
-                json!({"node_addr": running.node_addr, "admin_addr": running.admin_addr})
+                json!({"node_addr": running.node_addr, "admin_addr": running.admin_addr.to_string()})
             );
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
             let mut term =
@@ -298,8 +304,13 @@ async fn run(cli: Cli) -> Result<()> {
             command: Some(AuditCommand::Verify),
             ..
         } => {
-            let summary = hopmesh_transport::audit::verify(&DataDir::new(dir).file("audit.jsonl"))?;
-            print(&json!({"ok": true, "records": summary.records, "last_hash": summary.last_hash}));
+            // Chain, every rotated file, signed checkpoints and the store's anchor; exit 1 if
+            // anything was edited, removed, cut from the tail or rewritten.
+            let r = DataDir::new(dir).verify_audit()?;
+            print(
+                &json!({"ok": true, "records": r.summary.records, "last_hash": r.summary.last_hash,
+                "files": r.summary.files, "checkpoints": r.summary.checkpoints, "anchored_seq": r.anchored_seq}),
+            );
         }
         Command::Audit {
             since,
