@@ -527,6 +527,38 @@ scenario_clock_skew() {
     wait_for 20 "node a ready" ready a
 }
 
+scenario_clock_behind() {
+    # Node a's clock 3 s behind the verifier's (and b's) during a 64 MiB download paced at
+    # 1 MB/s (about 64 s: several refreshes at TTL 30 s). Before the backdated not_before and
+    # the held attestation, such a transfer was cut at the first refresh (curl 56, `own
+    # attestation invalid`). It must arrive byte-identical, with nothing refused at b.
+    stop_node a
+    write_node_config a -3
+    start_node a
+    wait_for 20 "node a (3 s behind) ready" ready a
+    local before; before=$(field b 'sum(s["counters"]["refused"].values())')
+    bgn "$C1" curl -sS --max-time 150 --limit-rate 1M --socks5-hostname 127.0.0.1:1080 -o "$WORK/behind" \
+        http://api.s1.mesh/big 2>>"$LOG"
+    local curl_pid=$! seen="" na
+    # Sample a's attestation expiry while the transfer runs (bounded by curl's --max-time).
+    while kill -0 "$curl_pid" 2>/dev/null; do
+        na=$(field a 's["attestation"]["not_after"]' 2>/dev/null || true)
+        case " $seen " in *" $na "*) ;; *) seen="$seen $na" ;; esac
+        sleep 2
+    done
+    local rc=0; wait "$curl_pid" || rc=$?
+    local refreshes=$(($(wc -w <<<"$seen") - 1))
+    echo "    clock_behind: 64 MiB with node a 3 s behind, $refreshes refreshes during the transfer, curl $rc" | tee -a "$LOG"
+    [ "$rc" = 0 ] || fail "a transfer from a node 3 s behind was cut (curl $rc)"
+    [ "$(sha256sum <"$WORK/behind")" = "$(sha256sum <"$WORK/www-b/big")" ] || fail "checksum mismatch with the clock behind"
+    [ "$refreshes" -ge 2 ] || fail "only $refreshes refreshes during the transfer: it did not cross refresh boundaries"
+    [ "$(field b 'sum(s["counters"]["refused"].values())')" = "$before" ] || fail "b refused streams from the node behind"
+    stop_node a
+    write_node_config a 0
+    start_node a
+    wait_for 20 "node a ready" ready a
+}
+
 scenario_shutdown_leaks() {
     # SIGTERM every node: each exits on its own within the drain deadline, printing its final
     # line, and takes its sockets with it.
@@ -664,7 +696,7 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); time.sleep(300)' </de
 }
 
 # ---------------------------------------------------------------------------- runner
-ORDER="bringup matrix attacker clock_skew partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
+ORDER="bringup matrix attacker clock_skew clock_behind partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
 SELECTED=${*:-$ORDER}
 if [ "${NETNS_LEAK_SELFTEST:-}" = 1 ]; then
     leak_selftest
