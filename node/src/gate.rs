@@ -3,15 +3,17 @@
 //! are [`crate::state::NodeState`] methods; this module does the IO around them.
 //!
 //! Refusals reset the stream with one generic code; the precise reason is counted and
-//! audited. Forged tokens feed the connection's [`ForgeryMeter`](hopmesh_protocol::hop_token::ForgeryMeter); past the limit, or on
-//! compromised key use or impersonation, the connection is closed and the verifier told.
+//! audited. Forged tokens feed the peer's entry in the node's
+//! [`ForgeryLedger`](hopmesh_protocol::hop_token::ForgeryLedger) (across its connections); past
+//! the limit the peer is suspended (its connections closed, handshakes refused), or on
+//! compromised key use or impersonation the connection is closed; the verifier is told.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hopmesh_protocol::control::StreamStatus;
 use hopmesh_protocol::enrollment::{Report, ReportKind};
-use hopmesh_protocol::hop_token::{Generation, TOKEN_LEN, TokenRefusal};
+use hopmesh_protocol::hop_token::{ForgeryVerdict, Generation, TOKEN_LEN, TokenRefusal};
 use hopmesh_protocol::ids::{NodeId, ServiceId};
 use hopmesh_protocol::routing::ServePermit;
 use hopmesh_protocol::wire::BoundedString;
@@ -286,8 +288,18 @@ fn refuse(
         node.report(report(kind));
         return;
     }
-    if refusal.is_forgery() && pc.record_forgery(now).is_err() {
-        node.audit("forged_tokens", fields! {"peer" => pc.peer.to_string()});
+    if !refusal.is_forgery() {
+        return;
+    }
+    let verdict = node.state_write().forgeries.record(pc.peer, now);
+    if let ForgeryVerdict::Suspend { until, strikes } = verdict {
+        // The peer's other connections close at the next watchdog tick (`doomed`: the peer
+        // is no longer authorized while suspended); new handshakes are refused until `until`.
+        node.counters.refused("forgery_suspension");
+        node.audit(
+            "forged_tokens",
+            fields! {"peer" => pc.peer.to_string(), "strikes" => strikes, "suspended_until" => until.as_secs()},
+        );
         pc.close(CloseReason::ForgedTokens);
         node.report(report(ReportKind::ForgedTokens));
     }

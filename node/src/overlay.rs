@@ -384,7 +384,11 @@ impl Overlay {
             }
             let now = self.shared.now();
             // A refreshed attestation that was not valid yet on our clock may be now.
-            let promoted = self.shared.state_write().promote_pending(now);
+            let promoted = {
+                let mut st = self.shared.state_write();
+                st.forgeries.prune(now);
+                st.promote_pending(now)
+            };
             if let Some(envelope) = promoted {
                 self.renew_all(envelope);
             }

@@ -10,12 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use hopmesh_protocol::control::PeerMessage;
 use hopmesh_protocol::frame::CONTROL_CAP;
-use hopmesh_protocol::hop_token::{
-    Epoch, ForgeryLimitExceeded, ForgeryMeter, Generation, PairIds, StreamKeyCache,
-};
+use hopmesh_protocol::hop_token::{Epoch, Generation, PairIds, StreamKeyCache};
 use hopmesh_protocol::ids::NodeId;
 use hopmesh_protocol::secret::{ConnectionBinding, PairSeed, StreamKey};
-use hopmesh_protocol::time::UnixTime;
 use hopmesh_transport::quic::{FrameIoError, write_frame};
 use quinn::{Connection, SendStream};
 use tokio::sync::watch;
@@ -33,7 +30,6 @@ pub struct PeerConn {
     /// Exporter bytes binding tokens to this connection.
     pub binding: ConnectionBinding,
     control: tokio::sync::Mutex<SendStream>,
-    forgeries: Mutex<ForgeryMeter>,
     /// The peer said goodbye: finish open streams, open no new ones here.
     leaving: AtomicBool,
     /// Stream keys of this connection per (generation, epoch): one derivation per epoch.
@@ -57,7 +53,6 @@ impl PeerConn {
             conn,
             binding,
             control: tokio::sync::Mutex::new(control),
-            forgeries: Mutex::new(ForgeryMeter::default()),
             leaving: AtomicBool::new(false),
             keys: Mutex::new(StreamKeyCache::default()),
             renewal,
@@ -83,14 +78,6 @@ impl PeerConn {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .stream_key(&self.binding, pair, seed, generation, epoch)
-    }
-
-    /// Records a forged token; `Err` when the connection passed the limit.
-    pub fn record_forgery(&self, now: UnixTime) -> Result<(), ForgeryLimitExceeded> {
-        self.forgeries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record(now)
     }
 
     /// Writes one message on our control stream.

@@ -207,6 +207,7 @@ impl CloseReason {
     /// The QUIC connection close code: the one mapping from reasons to codes.
     pub fn code(&self) -> VarInt {
         match self {
+            Self::NotAuthorized(PeerRefusal::Suspended) => codes::ABUSE,
             Self::OwnAttestationInvalid
             | Self::NotAuthorized(_)
             | Self::PeerAttestationExpired
@@ -248,6 +249,11 @@ mod tests {
                 CloseReason::PeerAttestationExpired,
                 "peer attestation expired",
                 0x4810,
+            ),
+            (
+                CloseReason::NotAuthorized(PeerRefusal::Suspended),
+                "peer_suspended",
+                0x4811,
             ),
             (CloseReason::BadRenewal, "bad renewal", 0x4810),
             (CloseReason::PolicyChanged, "policy_changed", 0x4813),

@@ -14,9 +14,9 @@ use hopmesh_protocol::attestation::{
 use hopmesh_protocol::control::{NonceCache, StreamHeader};
 use hopmesh_protocol::enrollment::{PeerInfo, Push};
 use hopmesh_protocol::hop_token::{
-    ConnectionKeys, Epoch, EpochLength, GateContext, Generation, GrantRefusal, MintRequest,
-    PairIds, PairKeyring, StreamKeyCache, StreamPermit, TOKEN_LEN, TokenPermit, mint_token,
-    verify_token,
+    ConnectionKeys, Epoch, EpochLength, ForgeryLedger, GateContext, Generation, GrantRefusal,
+    MintRequest, PairIds, PairKeyring, StreamKeyCache, StreamPermit, TOKEN_LEN, TokenPermit,
+    mint_token, verify_token,
 };
 use hopmesh_protocol::ids::{NodeId, ServiceId};
 use hopmesh_protocol::routing::{
@@ -62,6 +62,10 @@ pub enum PeerRefusal {
     /// Policy gives us no pair with that peer.
     #[error("peer is not in this node's routing table")]
     NotAPeer,
+    /// The peer passed the forged-token limit and is refused for a while
+    /// ([`hopmesh_protocol::hop_token::ForgeryLedger`]).
+    #[error("peer is suspended for forged tokens")]
+    Suspended,
 }
 
 impl PeerRefusal {
@@ -74,6 +78,7 @@ impl PeerRefusal {
             Self::Self_(SelfRefusal::NoRoutes) => "self_no_routes",
             Self::Revoked => "peer_revoked",
             Self::NotAPeer => "not_a_peer",
+            Self::Suspended => "peer_suspended",
         }
     }
 }
@@ -176,6 +181,9 @@ pub struct NodeState {
     pub revocations: Option<(u64, Vec<u8>, RevocationList)>,
     /// Peers' attestations, as verified at connect or renewal.
     pub peer_attestations: HashMap<NodeId, PeerAttestation>,
+    /// Forged tokens per peer, across its connections; a peer past the limit is suspended
+    /// ([`PeerRefusal::Suspended`]) and reconnecting resets nothing.
+    pub forgeries: ForgeryLedger,
 }
 
 impl NodeState {
@@ -193,6 +201,7 @@ impl NodeState {
             keyrings: HashMap::new(),
             revocations: None,
             peer_attestations: HashMap::new(),
+            forgeries: ForgeryLedger::default(),
         }
     }
 
@@ -224,6 +233,9 @@ impl NodeState {
         }
         if !self.table.as_ref().is_some_and(|t| t.peers.contains(peer)) {
             return Err(PeerRefusal::NotAPeer);
+        }
+        if self.forgeries.suspended_until(peer, now).is_some() {
+            return Err(PeerRefusal::Suspended);
         }
         Ok(())
     }

@@ -49,57 +49,62 @@ pub enum StreamOutcome {
 impl ProtocolClient {
     /// Connects as the node whose data directory is `dir` to the node `peer` at `addr`.
     pub async fn connect(dir: &Path, peer: NodeId, addr: SocketAddr) -> Self {
-        let identity = Identity::load(&dir.join("node.key")).expect("node key");
-        let attestation = std::fs::read(dir.join("attestation.bin")).expect("attestation");
+        Self::try_connect(dir, peer, addr).await.expect("connect")
+    }
+
+    /// [`Self::connect`], returning why the handshake or the Hello exchange failed.
+    pub async fn try_connect(dir: &Path, peer: NodeId, addr: SocketAddr) -> Result<Self, String> {
+        let identity = Identity::load(&dir.join("node.key")).map_err(|e| e.to_string())?;
+        let attestation = std::fs::read(dir.join("attestation.bin")).map_err(|e| e.to_string())?;
         let ep = endpoint(
-            std::net::UdpSocket::bind("0.0.0.0:0").expect("bind"), // loopback and across namespaces
+            std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?, // loopback and across namespaces
             None,
         )
-        .expect("endpoint");
+        .map_err(|e| e.to_string())?;
         let cfg = quinn_client(
             tls::client_config(
                 &identity,
                 ALPN_DATA,
                 ServerExpectation::Node(peer, Arc::new(AnyKey)),
             )
-            .expect("tls"),
+            .map_err(|e| e.to_string())?,
             Arc::new(transport_config(
                 Duration::from_secs(10),
                 Duration::from_secs(2),
             )),
         )
-        .expect("quinn");
+        .map_err(|e| e.to_string())?;
         let conn = ep
             .connect_with(cfg, addr, SNI)
-            .expect("connect")
+            .map_err(|e| e.to_string())?
             .await
-            .expect("handshake");
-        let (mut s, mut r) = conn.open_bi().await.expect("control stream");
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let hello = PeerMessage::Hello {
-            attestation: BoundedVec::<u8, MAX_ENVELOPE>::new(attestation).expect("fits"),
+            attestation: BoundedVec::<u8, MAX_ENVELOPE>::new(attestation)
+                .map_err(|e| e.to_string())?,
         };
         write_frame(&mut s, &hello, CONTROL_CAP)
             .await
-            .expect("hello");
+            .map_err(|e| format!("hello: {e}"))?;
         let theirs: Option<PeerMessage> =
             read_frame_within(&mut r, CONTROL_CAP, Duration::from_secs(5))
                 .await
-                .expect("their hello");
-        assert!(
-            matches!(theirs, Some(PeerMessage::Hello { .. })),
-            "peer must answer hello"
-        );
+                .map_err(|e| format!("their hello: {e}"))?;
+        if !matches!(theirs, Some(PeerMessage::Hello { .. })) {
+            return Err("peer did not answer hello".into());
+        }
         let local = identity.node_id();
-        let binding =
-            connection_binding(&conn, ALPN_DATA, &PairIds::new(local, peer)).expect("binding");
-        Self {
+        let binding = connection_binding(&conn, ALPN_DATA, &PairIds::new(local, peer))
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
             conn,
             binding,
             local,
             peer,
             _endpoint: ep,
             _control: (s, r),
-        }
+        })
     }
 
     /// Mints a token for the next stream with `grant`, `epoch` and `service`; `tweak` may

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use hopmesh_protocol::hop_token::{EpochLength, PairIds};
+use hopmesh_protocol::hop_token::{EpochLength, MAX_FORGED_PER_WINDOW, PairIds};
 use hopmesh_protocol::ids::NodeId;
 use hopmesh_protocol::routing::MeshName;
 use hopmesh_tests::attacker::{ProtocolClient, StreamOutcome, current_grant};
@@ -166,6 +166,68 @@ async fn bit_flips_are_refused_and_four_forgeries_close_the_connection() {
         "the fourth forgery within 60 s closes the connection"
     );
     assert_eq!(refused(&s.mesh, "b")["bad_mac"], 4);
+    s.mesh.shutdown().await;
+}
+
+/// Forged tokens are counted per peer, not per connection: three on one connection and one
+/// on the next pass the limit, the peer is suspended (its connection closed with ABUSE, a new
+/// handshake refused) and reported (case 13, issue 12 item 7). Before the ledger, each
+/// connection had a fresh meter and the fourth forgery on a new connection was tolerated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgeries_follow_the_peer_across_reconnects_and_suspend_it() {
+    let s = setup().await;
+    let dir = s.mesh.node("a").dir.path().to_owned();
+    let (grant, epoch) = (s.grant.clone(), s.epoch);
+    let forge = |c: &ProtocolClient, id: u64| {
+        let mut bytes = c.mint(&grant, epoch, api(), id, |_| {});
+        bytes[140] ^= 0x01;
+        bytes
+    };
+    let first = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
+    for _ in 0..MAX_FORGED_PER_WINDOW {
+        let (mut st, mut rs, id) = first.open().await.expect("stream");
+        let bytes = forge(&first, id);
+        assert_eq!(
+            ProtocolClient::send_on(&mut st, &mut rs, &bytes).await,
+            StreamOutcome::Refused
+        );
+    }
+    assert!(first.conn.close_reason().is_none(), "under the limit");
+    first.conn.close(0u32.into(), b"reconnecting");
+    drop(first);
+
+    // A new connection does not start a new count.
+    let second = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
+    let (mut st, mut rs, id) = second.open().await.expect("stream");
+    let bytes = forge(&second, id);
+    assert_eq!(
+        ProtocolClient::send_on(&mut st, &mut rs, &bytes).await,
+        StreamOutcome::Refused
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), second.conn.closed())
+        .await
+        .expect("the connection of a peer past the limit is closed");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(hopmesh_protocol::codes::ABUSE)),
+        "{closed:?}"
+    );
+    // Suspended: the next handshake is refused.
+    let again = ProtocolClient::try_connect(&dir, s.b, s.b_addr).await;
+    assert!(again.is_err(), "a suspended peer was let back in");
+    let refused_b = refused(&s.mesh, "b");
+    assert_eq!(refused_b["bad_mac"], MAX_FORGED_PER_WINDOW as u64 + 1);
+    assert_eq!(refused_b["forgery_suspension"], 1);
+    assert!(
+        refused_b["peer_suspended"].as_u64().unwrap_or(0) >= 1,
+        "{refused_b}"
+    );
+    let audit = s.mesh.node("b").audit();
+    let record = audit
+        .iter()
+        .find(|r| r["event"] == "forged_tokens")
+        .expect("a forged_tokens record");
+    assert_eq!(record["strikes"], 1, "{record}");
+    assert_eq!(record["peer"], s.a.to_string(), "{record}");
     s.mesh.shutdown().await;
 }
 

@@ -43,7 +43,7 @@
 //! - `verify`: [`verify_token`], the gate context, permits, refusals, [`ConnectionKeys`].
 //! - `keyring`: [`PairKeyring`], generation grants, grant refusals.
 //! - `key_cache`: [`StreamKeyCache`], one key derivation per connection and epoch.
-//! - `forgery`: [`ForgeryMeter`], the forged-token limit of a connection.
+//! - `forgery`: [`ForgeryMeter`] and [`ForgeryLedger`], the forged-token limit per peer.
 //!
 //! The submodules are private; every item is re-exported here, at `hop_token::X`.
 
@@ -54,7 +54,11 @@ mod schedule;
 mod token;
 mod verify;
 
-pub use forgery::{FORGERY_WINDOW_SECS, ForgeryLimitExceeded, ForgeryMeter, MAX_FORGED_PER_WINDOW};
+pub use forgery::{
+    FORGERY_SUSPENSION_SECS, FORGERY_WINDOW_SECS, ForgeryLedger, ForgeryLimitExceeded,
+    ForgeryMeter, ForgeryVerdict, MAX_FORGED_PER_WINDOW, MAX_SUSPENSION_SECS, MAX_TRACKED_PEERS,
+    STRIKE_MEMORY_SECS,
+};
 pub use key_cache::StreamKeyCache;
 pub use keyring::{
     GenerationGrant, GrantRefusal, MAX_COMPROMISED_GENERATIONS, MAX_LIVE_GENERATIONS, PairKeyring,
