@@ -6,7 +6,8 @@
 //! DIR/master.key    32 random bytes, 0600: every pair seed derives from it
 //! DIR/admin.token   hex bearer token, 0600: the admin API's credential
 //! DIR/store.db      SQLite store (WAL)
-//! DIR/audit.jsonl   hash-chained audit log
+//! DIR/audit.jsonl   hash-chained audit log (the active file; rotated ones are
+//!                   audit.jsonl.<first seq>; its signed head is anchored in store.db)
 //! DIR/pins.json     what nodes pin (public)
 //! DIR/admin.addr    the admin API's address while `serve` runs
 //! ```
@@ -16,14 +17,14 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use hopmesh_protocol::secret::MasterSecret;
-use hopmesh_transport::audit::AuditLog;
+use hopmesh_transport::audit::{self, AuditLog, AuditOptions, ChainSummary};
 use hopmesh_transport::identity::{Identity, write_secret_file};
 use hopmesh_transport::pins::Pins;
 use hopmesh_transport::tls::spki_pin;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::error::VerifierError;
-use crate::store::SqliteStore;
+use crate::store::{SqliteStore, Store};
 
 /// Paths inside a data directory.
 #[derive(Debug, Clone)]
@@ -104,7 +105,8 @@ impl DataDir {
     }
 
     /// Opens everything `serve` needs; refuses a missing or corrupt store, a broken audit
-    /// chain, or key files readable by others.
+    /// chain, an audit log that does not reach the head anchored in the store (records cut
+    /// from the tail, or the active file rewritten), or key files readable by others.
     pub fn open(&self) -> Result<Opened, VerifierError> {
         let store = SqliteStore::open(&self.file("store.db"))?;
         let signing = Identity::load(&self.file("signing.key"))?;
@@ -117,7 +119,19 @@ impl DataDir {
             .map_err(|_| VerifierError::Config("admin.token is not text".into()))?
             .trim()
             .to_owned();
-        let (audit, repaired) = AuditLog::open(&self.file("audit.jsonl"))?;
+        let anchor = store.audit_anchor()?;
+        if let Some(a) = &anchor {
+            let keys = hopmesh_protocol::attestation::KeySet::new(vec![signing.verifying_key()])
+                .map_err(|e| VerifierError::Config(e.to_string()))?;
+            a.check(&keys).map_err(|e| {
+                VerifierError::Config(format!("the audit anchor in store.db does not verify: {e}"))
+            })?;
+        }
+        let opts = AuditOptions {
+            anchor: anchor.map(|a| a.head()),
+            ..AuditOptions::default()
+        };
+        let (audit, repaired) = AuditLog::open_with(&self.file("audit.jsonl"), &opts)?;
         if repaired {
             tracing::warn!("audit log ended in a partial record (crash mid-write); it was dropped");
         }
@@ -128,6 +142,33 @@ impl DataDir {
             admin_token,
             store,
             audit,
+        })
+    }
+
+    /// `audit verify`: walks the whole audit chain (every rotated file), checks every signed
+    /// checkpoint record against the pinned signing keys (`pins.json`), and checks that the
+    /// chain reaches the signed head anchored in the store with the anchored hash. Fails on a
+    /// broken chain, a missing file, a truncated tail or a rewritten (even re-chained) log.
+    pub fn verify_audit(&self) -> Result<AuditReport, VerifierError> {
+        let keys = self
+            .pins()?
+            .key_set()
+            .map_err(|e| VerifierError::Config(format!("pins.json: {e}")))?;
+        let anchor = SqliteStore::open(&self.file("store.db"))?.audit_anchor()?;
+        if let Some(a) = &anchor {
+            a.check(&keys).map_err(|e| {
+                VerifierError::Config(format!("the audit anchor in store.db does not verify: {e}"))
+            })?;
+        }
+        let head = anchor.as_ref().map(|a| a.head());
+        let summary = audit::verify_anchored(
+            &self.file("audit.jsonl"),
+            head.as_ref(),
+            &mut audit::check_checkpoints(&keys),
+        )?;
+        Ok(AuditReport {
+            summary,
+            anchored_seq: anchor.map(|a| a.seq),
         })
     }
 
@@ -143,6 +184,15 @@ impl DataDir {
         let raw = read_secret(&self.file("admin.token"))?;
         Ok(String::from_utf8_lossy(&raw).trim().to_owned())
     }
+}
+
+/// What `audit verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditReport {
+    /// The chain.
+    pub summary: ChainSummary,
+    /// The seq anchored in the store (None: nothing durable was audited yet).
+    pub anchored_seq: Option<u64>,
 }
 
 fn read_secret(path: &Path) -> Result<Vec<u8>, VerifierError> {

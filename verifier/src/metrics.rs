@@ -29,6 +29,12 @@ pub struct Metrics {
     pub subscribed: Gauge,
     /// Time to check and sign one attestation.
     pub issuance_seconds: Histogram,
+    /// Audit writes that failed, by kind: `best_effort` (the record is lost, the operation
+    /// went on), `durable` (the operation was refused), `anchor`, `checkpoint`
+    /// (`authority/journal.rs`).
+    pub audit_write_failures: Labeled,
+    /// `/v1/audit` answers cut at `MAX_PAGE_RECORDS` / `MAX_PAGE_BYTES` (more records follow).
+    pub audit_pages_capped: Counter,
 }
 
 impl Default for Metrics {
@@ -70,8 +76,22 @@ impl Default for Metrics {
             "Time to check and sign one attestation",
             issuance_seconds.clone(),
         );
+        let audit_write_failures = Labeled::default();
+        let audit_pages_capped = Counter::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit writes that failed, by kind (best_effort, durable, anchor, checkpoint)",
+            audit_write_failures.clone(),
+        );
+        registry.register(
+            "audit_pages_capped",
+            "Admin audit answers cut at the page cap",
+            audit_pages_capped.clone(),
+        );
         Self {
             registry,
+            audit_write_failures,
+            audit_pages_capped,
             attested,
             refusals,
             pushes,
@@ -88,6 +108,13 @@ impl Metrics {
     /// Counts one refusal.
     pub fn refused(&self, reason: &'static str) {
         self.refusals.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Counts one failed audit write of `kind`.
+    pub fn audit_failed(&self, kind: &'static str) {
+        self.audit_write_failures
+            .get_or_create(&[("kind", kind)])
+            .inc();
     }
 
     /// The text exposition.

@@ -12,10 +12,12 @@ use std::path::Path;
 use hopmesh_protocol::hop_token::{Generation, PairIds};
 use hopmesh_protocol::ids::{Measurement, NodeId, NodeName};
 use hopmesh_protocol::time::UnixTime;
+use hopmesh_transport::audit::{AuditError, SignedHead};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-/// Schema version this build reads and writes.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Schema version this build reads and writes. Version 2 added `audit_anchor`; a version 1
+/// store is migrated on open (one transaction).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,13 @@ pub enum StoreError {
     /// A stored value does not parse.
     #[error("store holds a bad value: {0}")]
     BadValue(String),
+    /// The audit log, the other half of the verifier's durable record, failed: the operation
+    /// was not committed (and not acknowledged).
+    #[error("the audit log failed, so nothing was committed: {0}")]
+    Audit(#[from] AuditError),
+    /// This store does not implement an operation.
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 /// An enrolled node.
@@ -162,6 +171,17 @@ pub trait Store: Send + std::fmt::Debug {
         compromised: &[Generation],
         at: UnixTime,
     ) -> Result<(), StoreError>;
+    /// Replaces the audit anchor: the signed head of the audit log, stored once that record is
+    /// on disk. Refuses a lower seq, or the same seq with another hash (the anchor only moves
+    /// forward). A store that keeps no anchor fails this, so durable operations fail closed.
+    fn put_audit_anchor(&mut self, anchor: &SignedHead) -> Result<(), StoreError> {
+        let _ = anchor;
+        Err(StoreError::Unsupported("an audit anchor"))
+    }
+    /// The audit anchor, if one was stored.
+    fn audit_anchor(&self) -> Result<Option<SignedHead>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// The SQLite store.
@@ -184,6 +204,12 @@ CREATE TABLE revocation_list (id INTEGER PRIMARY KEY CHECK (id = 1), version INT
 CREATE TABLE pairs (lo BLOB NOT NULL, hi BLOB NOT NULL, reissues INTEGER NOT NULL, PRIMARY KEY (lo, hi)) STRICT;
 CREATE TABLE compromised (lo BLOB NOT NULL, hi BLOB NOT NULL, generation INTEGER NOT NULL, at INTEGER NOT NULL,
     PRIMARY KEY (lo, hi, generation)) STRICT;
+";
+
+/// Added by schema version 2: the audit log's signed head (one row).
+const SCHEMA_V2: &str = "
+CREATE TABLE audit_anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL,
+    hash TEXT NOT NULL, key_id TEXT NOT NULL, sig TEXT NOT NULL) STRICT;
 ";
 
 fn i64_of(v: u64) -> i64 {
@@ -231,8 +257,19 @@ impl SqliteStore {
             )
             .optional()
             .map_err(|e| corrupt(e.to_string()))?;
+        let mut conn = conn;
         match version {
             Some(SCHEMA_VERSION) => {}
+            Some(1) => {
+                let tx = conn.transaction()?;
+                tx.execute_batch(SCHEMA_V2)?;
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                    params![SCHEMA_VERSION],
+                )?;
+                tx.commit()?;
+                tracing::info!("store migrated from schema version 1 to {SCHEMA_VERSION}");
+            }
             Some(v) => {
                 return Err(corrupt(format!(
                     "schema version {v}, this build reads {SCHEMA_VERSION}"
@@ -260,6 +297,7 @@ impl SqliteStore {
         )?;
         Self::tune(&conn)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(SCHEMA_V2)?;
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('schema_version', ?1), ('next_serial', 1)",
             params![SCHEMA_VERSION],
@@ -587,6 +625,48 @@ impl Store for SqliteStore {
         tx.commit()?;
         Ok(())
     }
+
+    fn put_audit_anchor(&mut self, anchor: &SignedHead) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        let current: Option<(i64, String)> = tx
+            .query_row("SELECT seq, hash FROM audit_anchor WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((seq, hash)) = current {
+            let seq = u64_of(seq);
+            if seq > anchor.seq || (seq == anchor.seq && hash != anchor.hash) {
+                return Err(StoreError::BadValue(format!(
+                    "audit anchor would move back from seq {seq} to {}",
+                    anchor.seq
+                )));
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO audit_anchor (id, seq, hash, key_id, sig) VALUES (1, ?1, ?2, ?3, ?4)",
+            params![i64_of(anchor.seq), anchor.hash, anchor.key_id, anchor.sig],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn audit_anchor(&self) -> Result<Option<SignedHead>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT seq, hash, key_id, sig FROM audit_anchor WHERE id = 1",
+                [],
+                |r| {
+                    Ok(SignedHead {
+                        seq: u64_of(r.get(0)?),
+                        hash: r.get(1)?,
+                        key_id: r.get(2)?,
+                        sig: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
 }
 
 #[cfg(test)]
@@ -741,5 +821,64 @@ mod tests {
             201,
             "serials never go back"
         );
+    }
+
+    fn anchor(seq: u64, hash: &str) -> SignedHead {
+        SignedHead {
+            seq,
+            hash: hash.into(),
+            key_id: "00".repeat(8),
+            sig: "00".repeat(64),
+        }
+    }
+
+    #[test]
+    fn the_audit_anchor_persists_and_only_moves_forward() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        {
+            let mut s = SqliteStore::create(&path).expect("create");
+            assert_eq!(s.audit_anchor().expect("read"), None);
+            s.put_audit_anchor(&anchor(5, "aa")).expect("put");
+            s.put_audit_anchor(&anchor(5, "aa"))
+                .expect("the same head again");
+            assert!(s.put_audit_anchor(&anchor(4, "bb")).is_err(), "backwards");
+            assert!(
+                s.put_audit_anchor(&anchor(5, "bb")).is_err(),
+                "same seq, other hash"
+            );
+            s.put_audit_anchor(&anchor(9, "cc")).expect("forward");
+        }
+        let s = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(s.audit_anchor().expect("read"), Some(anchor(9, "cc")));
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db");
+        {
+            let conn = Connection::open(&path).expect("sqlite");
+            conn.execute_batch(SCHEMA).expect("v1 schema");
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', 1), ('next_serial', 7)",
+                [],
+            )
+            .expect("meta");
+        }
+        let mut s = SqliteStore::open(&path).expect("a v1 store opens");
+        s.put_audit_anchor(&anchor(1, "aa"))
+            .expect("the new table exists");
+        assert_eq!(s.reserve_serials(1).expect("serials kept"), 7);
+        drop(s);
+        let conn = Connection::open(&path).expect("sqlite");
+        let v: i64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("version");
+        assert_eq!(v, SCHEMA_VERSION);
     }
 }

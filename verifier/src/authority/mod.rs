@@ -18,13 +18,16 @@
 //!
 //! plus `issuer` (the signing key and attestation serials). Public operations live in
 //! `admission` (enroll, refresh) and `operator` (join tokens, revoke, ban, reissue, report,
-//! policy reload); pushes and the periodic tick are here. Each operation runs
-//! decide → commit (store) → apply (in memory) → audit → push. Each admission decision is a
+//! policy reload); pushes and the periodic tick are here; the audit plumbing is `journal`.
+//! Each operation runs decide → commit (store) → apply (in memory) → audit → push, except the
+//! durable ones (revoke, ban, reissue, reports), whose fsynced audit record and its anchor come
+//! before the commit and gate it (`journal`). Each admission decision is a
 //! function returning a permit or a refusal with a precise reason; the reason is audited and
 //! counted, and the node only sees a coarse [`Refusal`].
 
 mod admission;
 mod issuer;
+mod journal;
 mod operator;
 mod refusals;
 mod registry;
@@ -35,6 +38,8 @@ mod subscribers;
 mod tables;
 mod views;
 
+#[cfg(test)]
+mod audit_tests;
 #[cfg(test)]
 mod tests;
 
@@ -55,6 +60,7 @@ use tokio::sync::mpsc;
 
 pub use self::admission::Issued;
 pub use self::issuer::SERIAL_BLOCK;
+pub use self::journal::CHECKPOINT_INTERVAL_SECS;
 pub use self::refusals::{AdminError, EnrollRefusal, RefreshRefusal};
 pub use self::settings::{CompromiseMode, Settings};
 pub use self::subscribers::PUSH_QUEUE;
@@ -100,6 +106,8 @@ pub struct Authority {
     revocations: Revocations,
     tables: Tables,
     subscribers: Subscribers,
+    /// Signed audit checkpoints (`journal.rs`).
+    checkpoints: self::journal::Checkpoints,
 }
 
 impl std::fmt::Debug for Authority {
@@ -136,6 +144,7 @@ impl Authority {
             revocations,
             tables: Tables::new(policy),
             subscribers: Subscribers::default(),
+            checkpoints: self::journal::Checkpoints::default(),
         };
         me.recompile();
         Ok(me)
@@ -149,28 +158,6 @@ impl Authority {
     /// The settings.
     pub fn settings(&self) -> &Settings {
         &self.settings
-    }
-
-    fn audit(
-        &mut self,
-        now: UnixTime,
-        event: &str,
-        fields: serde_json::Map<String, serde_json::Value>,
-    ) {
-        if let Err(e) = self.audit.record(now.as_secs(), event, fields) {
-            tracing::error!(error = %e, "audit log write failed");
-        }
-    }
-
-    fn audit_durable(
-        &mut self,
-        now: UnixTime,
-        event: &str,
-        fields: serde_json::Map<String, serde_json::Value>,
-    ) {
-        if let Err(e) = self.audit.record_durable(now.as_secs(), event, fields) {
-            tracing::error!(error = %e, "audit log write failed");
-        }
     }
 
     /// Recompiles every table. Returns the changed nodes (their pushes are the caller's).
@@ -245,6 +232,7 @@ impl Authority {
     /// Periodic work: push next-generation seeds at slot boundaries, prune expired
     /// revocations. Call about once a second.
     pub fn tick(&mut self, now: UnixTime) {
+        self.checkpoint_if_due(now);
         if self.seeds.advance(now) {
             for id in self.subscribers.nodes() {
                 let msgs: Vec<Push> = self

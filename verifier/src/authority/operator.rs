@@ -52,7 +52,9 @@ impl Authority {
         Ok((secret, expires_at))
     }
 
-    /// Revokes a node: committed durably first, then pushed to every connected node.
+    /// Revokes a node: its audit record is fsynced and anchored, then the revocation is
+    /// committed, and only then applied and pushed to every connected node (`journal.rs`: a
+    /// failing audit log or store refuses the revoke and changes nothing).
     pub fn revoke(&mut self, target: &NodeRef, now: UnixTime) -> Result<RevokeOutcome, AdminError> {
         let rec = self.registry.resolve(target)?;
         if rec.revoked_at.is_some() {
@@ -65,15 +67,20 @@ impl Authority {
             now,
         )?;
         let bans = [BanSubject::Node(rec.node_id)];
-        self.store
-            .commit_revocation(&rec.node_id, now, &bans, &list.0)?;
-        // Committed: from here on nothing may fail the revoke.
         let version = list.0.version;
+        self.audit_durable(now, "revoke", fields! {"node" => rec.node_id.to_string(), "name" => rec.name.as_str(), "revocation_version" => version})?;
+        if let Err(e) = self
+            .store
+            .commit_revocation(&rec.node_id, now, &bans, &list.0)
+        {
+            self.audit_aborted(now, "revoke", &e);
+            return Err(e.into());
+        }
+        // Committed: from here on nothing may fail the revoke.
         self.revocations.install(list);
         self.registry.add_bans(bans);
         self.registry.mark_revoked(&rec.node_id, now);
         self.metrics.revocations.inc();
-        self.audit_durable(now, "revoke", fields! {"node" => rec.node_id.to_string(), "name" => rec.name.as_str(), "revocation_version" => version});
 
         // Its peers treat every generation they share with it as compromised.
         let peers = self.tables.peers_of(&rec.node_id);
@@ -108,13 +115,16 @@ impl Authority {
             BanSubject::Node(rec.node_id),
             BanSubject::Name(rec.name.clone()),
         ];
-        self.store.put_bans(&bans, "operator ban", now)?;
-        self.registry.add_bans(bans);
         self.audit_durable(
             now,
             "ban",
             fields! {"node" => rec.node_id.to_string(), "name" => rec.name.as_str()},
-        );
+        )?;
+        if let Err(e) = self.store.put_bans(&bans, "operator ban", now) {
+            self.audit_aborted(now, "ban", &e);
+            return Err(e.into());
+        }
+        self.registry.add_bans(bans);
         Ok(())
     }
 
@@ -144,17 +154,22 @@ impl Authority {
         why: &str,
     ) -> Result<ReissueOutcome, AdminError> {
         let plan = self.seeds.plan_reissue(PairIds::new(*a, *b), now)?;
-        self.store
-            .commit_reissue(&plan.pair, plan.next, &plan.compromised, now)?;
-        self.seeds.apply_reissue(&plan);
-        self.metrics.reissues.inc();
         let compromised: Vec<u64> = plan.compromised.iter().map(|g| g.0).collect();
         self.audit_durable(
             now,
             "reissue",
             fields! {"a" => a.to_string(), "b" => b.to_string(), "reissues" => plan.next, "why" => why,
             "compromised" => compromised.clone()},
-        );
+        )?;
+        if let Err(e) = self
+            .store
+            .commit_reissue(&plan.pair, plan.next, &plan.compromised, now)
+        {
+            self.audit_aborted(now, "reissue", &e);
+            return Err(e.into());
+        }
+        self.seeds.apply_reissue(&plan);
+        self.metrics.reissues.inc();
         for (me, peer) in [(a, b), (b, a)] {
             let msgs = self.seeds.pair_pushes(me, peer, now);
             self.push(me, &msgs);
@@ -181,12 +196,19 @@ impl Authority {
             .reports
             .get_or_create(&[("kind", report.kind.as_str())])
             .inc();
-        self.audit_durable(
-            now,
-            report.kind.as_str(),
-            fields! {"reporter" => reporter.to_string(), "peer" => report.peer.to_string(),
-            "generation" => report.generation.map(|g| g.0), "detail" => report.detail.as_str()},
-        );
+        if self
+            .audit_durable(
+                now,
+                report.kind.as_str(),
+                fields! {"reporter" => reporter.to_string(), "peer" => report.peer.to_string(),
+                "generation" => report.generation.map(|g| g.0), "detail" => report.detail.as_str()},
+            )
+            .is_err()
+        {
+            // Not recorded: not accepted (the node keeps it in its own log and may resend).
+            self.metrics.refused("report_not_recorded");
+            return Err(Refusal::Internal);
+        }
         if report.kind == ReportKind::CompromisedKeyUse
             && self.settings.on_compromise == CompromiseMode::AutoReissue
         {
