@@ -20,6 +20,7 @@ use hopmesh_protocol::wire::BoundedString;
 use hopmesh_transport::fields;
 use hopmesh_transport::quic::codes;
 use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
 use crate::counters::Counters;
@@ -40,6 +41,30 @@ pub const RELAY_STATUS_DEADLINE: Duration = Duration::from_secs(15);
 fn reset(send: &mut SendStream, recv: &mut RecvStream, why: &GateRefusal) {
     let _ = send.reset(why.code());
     let _ = recv.stop(why.code());
+}
+
+/// Largest read while a stream header arrives: the header buffer grows by at most this much
+/// beyond the bytes received.
+pub const HEADER_READ_CHUNK: usize = 4 * 1024;
+
+/// Reads until `buf` holds `len` bytes, growing it as bytes arrive ([`HEADER_READ_CHUNK`] at a
+/// time), never reserving `len` up front: a peer that announces a long header and sends a
+/// little costs what it sent. A stream that ends first is `UnexpectedEof`.
+pub async fn read_growing<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    len: usize,
+) -> std::io::Result<()> {
+    let mut chunk = [0u8; HEADER_READ_CHUNK];
+    while buf.len() < len {
+        let want = (len - buf.len()).min(HEADER_READ_CHUNK);
+        let n = r.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
 }
 
 /// Handles one inbound stream on `pc`; `dial` reaches the next hop when we relay.
@@ -86,11 +111,11 @@ pub async fn handle(
         Ok(p) => p,
         Err(why) => return refuse(&node, &pc, why, stream_id, &mut send, &mut recv),
     };
-    let mut header = vec![0u8; permit.header_len()];
-    if !matches!(
-        tokio::time::timeout(TOKEN_DEADLINE, recv.read_exact(&mut header)).await,
-        Ok(Ok(()))
-    ) {
+    // The length is the peer's word (under a good MAC, but up to 64 KiB per stream and 4096
+    // streams per connection): the buffer grows with the bytes that actually arrive.
+    let mut header = Vec::new();
+    let read = read_growing(&mut recv, &mut header, permit.header_len());
+    if !matches!(tokio::time::timeout(TOKEN_DEADLINE, read).await, Ok(Ok(()))) {
         return refuse(
             &node,
             &pc,
@@ -302,5 +327,47 @@ fn refuse(
         );
         pc.close(CloseReason::ForgedTokens);
         node.report(report(ReportKind::ForgedTokens));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_long_announced_header_costs_only_the_bytes_sent() {
+        let (mut peer, mut ours) = tokio::io::duplex(1 << 20);
+        peer.write_all(&[7u8; 100]).await.expect("write");
+        let mut buf = Vec::new();
+        // The peer announces the cap and then stalls.
+        let stalled = tokio::time::timeout(
+            Duration::from_millis(100),
+            read_growing(&mut ours, &mut buf, 64 * 1024),
+        )
+        .await;
+        assert!(stalled.is_err(), "nothing more was sent");
+        assert_eq!(buf.len(), 100);
+        assert!(
+            buf.capacity() <= 100 + HEADER_READ_CHUNK,
+            "grew to {} for 100 bytes",
+            buf.capacity()
+        );
+        // The rest arrives: exactly the announced length, in order; the next bytes stay.
+        let rest: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
+        peer.write_all(&rest).await.expect("write");
+        read_growing(&mut ours, &mut buf, 64 * 1024)
+            .await
+            .expect("whole");
+        assert_eq!(buf.len(), 64 * 1024);
+        assert_eq!(&buf[100..], &rest[..64 * 1024 - 100]);
+        // A stream that ends inside the header is an error, not a short header.
+        drop(peer);
+        let mut short = Vec::new();
+        let mut ended: &[u8] = &[1, 2, 3];
+        let e = read_growing(&mut ended, &mut short, 10)
+            .await
+            .expect_err("truncated");
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 }
