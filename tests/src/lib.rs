@@ -2,6 +2,7 @@
 //! the test can move.
 
 pub mod attacker;
+pub mod flood;
 pub mod mesh;
 
 use std::net::UdpSocket;
@@ -167,6 +168,11 @@ impl VerifierHarness {
 
     fn running(&self) -> &Running {
         self.running.as_ref().expect("verifier is running")
+    }
+
+    /// The verifier's node-facing QUIC address.
+    pub fn node_addr(&self) -> std::net::SocketAddr {
+        self.running().node_addr
     }
 
     /// Now on the verifier's clock.

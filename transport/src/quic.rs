@@ -58,16 +58,43 @@ pub fn size_udp_buffers(socket: &UdpSocket) -> (usize, usize) {
     )
 }
 
-/// Transport parameters: idle timeout and keep-alive.
+/// Receive window of one stream in every [`transport_config`] (quinn's default is 1.25 MB).
+/// Callers with other needs set their own: the node's data paths (`node/src/path.rs`) and the
+/// verifier (`verifier/src/service.rs`, request-sized).
+pub const DEFAULT_STREAM_WINDOW: u32 = 1 << 20;
+/// Receive window of a whole connection in every [`transport_config`]: quinn's default is
+/// unbounded (`VarInt::MAX`), so a peer could make us buffer any amount across streams that
+/// nobody reads (docs/design.md, pitfall 18).
+pub const DEFAULT_CONNECTION_WINDOW: u32 = 4 << 20;
+
+/// Transport parameters: idle timeout and keep-alive, and bounded memory a peer can make us
+/// hold: no unidirectional streams (hopmesh uses none; quinn's default lets a peer open 100
+/// that nobody accepts and fill each), no QUIC datagrams (unused; quinn buffers 1.25 MB of
+/// them by default), stream and connection receive windows [`DEFAULT_STREAM_WINDOW`] and
+/// [`DEFAULT_CONNECTION_WINDOW`].
 pub fn transport_config(idle_timeout: Duration, keep_alive: Duration) -> TransportConfig {
     let mut t = TransportConfig::default();
     // Invariant: idle timeouts we configure are well below the 2^62 ms VarInt limit.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle_timeout).ok());
     t.keep_alive_interval(Some(keep_alive));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(None);
+    t.stream_receive_window(VarInt::from_u32(DEFAULT_STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(DEFAULT_CONNECTION_WINDOW));
     t
 }
 
-/// Wraps a rustls server config for quinn.
+/// Connection attempts a server endpoint holds before the application accepts or refuses
+/// them (quinn's default is 65 536).
+pub const MAX_INCOMING: usize = 1024;
+/// Bytes buffered for one connection attempt not yet accepted (quinn's default is 10 MiB; with
+/// 0-RTT off only handshake packets arrive before acceptance).
+pub const INCOMING_BUFFER: u64 = 64 << 10;
+/// Bytes buffered for all connection attempts not yet accepted (quinn's default is 100 MiB).
+pub const INCOMING_BUFFER_TOTAL: u64 = 8 << 20;
+
+/// Wraps a rustls server config for quinn, with the endpoint's buffers for connection attempts
+/// bounded by [`MAX_INCOMING`], [`INCOMING_BUFFER`] and [`INCOMING_BUFFER_TOTAL`].
 pub fn quinn_server(
     tls: rustls::ServerConfig,
     transport: Arc<TransportConfig>,
@@ -75,6 +102,9 @@ pub fn quinn_server(
     let crypto = QuicServerConfig::try_from(tls).map_err(|_| TransportError::NoInitialSuite)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport);
+    cfg.max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
 
@@ -238,6 +268,19 @@ pub mod codes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_transport_bounds_what_a_peer_can_make_us_buffer() {
+        // quinn has no getters; its Debug output names every field.
+        let t = format!(
+            "{:?}",
+            transport_config(Duration::from_secs(30), Duration::from_secs(5))
+        );
+        assert!(t.contains("max_concurrent_uni_streams: 0"), "{t}");
+        assert!(t.contains("datagram_receive_buffer_size: None"), "{t}");
+        assert!(t.contains("stream_receive_window: 1048576"), "{t}");
+        assert!(t.contains(" receive_window: 4194304"), "{t}");
+    }
 
     #[test]
     fn udp_buffers_get_what_the_kernel_allows() {

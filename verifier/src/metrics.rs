@@ -35,6 +35,19 @@ pub struct Metrics {
     pub audit_write_failures: Labeled,
     /// `/v1/audit` answers cut at `MAX_PAGE_RECORDS` / `MAX_PAGE_BYTES` (more records follow).
     pub audit_pages_capped: Counter,
+    /// Connection attempts and connections refused or closed by the connection budgets
+    /// (`verifier/src/service.rs`), by reason.
+    pub connection_refusals: Labeled,
+    /// Connection attempts answered with a QUIC Retry (address validation under load).
+    pub retries: Counter,
+    /// Handshakes in flight.
+    pub handshakes: Gauge,
+    /// Open connections by class (`enrolled`, `unauthenticated`).
+    pub connections: Family<[(&'static str, &'static str); 1], Gauge>,
+    /// Push subscriptions replaced by a newer one of the same node.
+    pub subscriptions_replaced: Counter,
+    /// Subscribers that could not keep up and were given a full resync.
+    pub subscriber_resyncs: Counter,
 }
 
 impl Default for Metrics {
@@ -88,8 +101,46 @@ impl Default for Metrics {
             "Admin audit answers cut at the page cap",
             audit_pages_capped.clone(),
         );
+        let connection_refusals = Labeled::default();
+        let retries = Counter::default();
+        let handshakes = Gauge::default();
+        let connections = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        let subscriptions_replaced = Counter::default();
+        let subscriber_resyncs = Counter::default();
+        registry.register(
+            "connection_refusals",
+            "Connection attempts and connections refused or closed by the connection budgets, by reason",
+            connection_refusals.clone(),
+        );
+        registry.register(
+            "retries",
+            "Connection attempts answered with a QUIC Retry",
+            retries.clone(),
+        );
+        registry.register("handshakes", "Handshakes in flight", handshakes.clone());
+        registry.register(
+            "connections",
+            "Open node connections, by class",
+            connections.clone(),
+        );
+        registry.register(
+            "subscriptions_replaced",
+            "Push subscriptions replaced by a newer one of the same node",
+            subscriptions_replaced.clone(),
+        );
+        registry.register(
+            "subscriber_resyncs",
+            "Subscribers that could not keep up and got a full resync",
+            subscriber_resyncs.clone(),
+        );
         Self {
             registry,
+            connection_refusals,
+            retries,
+            handshakes,
+            connections,
+            subscriptions_replaced,
+            subscriber_resyncs,
             audit_write_failures,
             audit_pages_capped,
             attested,
@@ -114,6 +165,13 @@ impl Metrics {
     pub fn audit_failed(&self, kind: &'static str) {
         self.audit_write_failures
             .get_or_create(&[("kind", kind)])
+            .inc();
+    }
+
+    /// Counts one refusal by the connection budgets.
+    pub fn refused_connection(&self, reason: &'static str) {
+        self.connection_refusals
+            .get_or_create(&[("reason", reason)])
             .inc();
     }
 

@@ -22,6 +22,8 @@ pub struct Settings {
     pub generation_secs: u64,
     /// Reaction to compromised key use.
     pub on_compromise: CompromiseMode,
+    /// Connection budgets of the node-facing QUIC service (`verifier/src/service.rs`).
+    pub connections: crate::service::ConnectionBudgets,
 }
 
 impl Default for Settings {
@@ -31,6 +33,7 @@ impl Default for Settings {
             epoch: EpochLength::DEFAULT,
             generation_secs: 300,
             on_compromise: CompromiseMode::AutoReissue,
+            connections: crate::service::ConnectionBudgets::default(),
         }
     }
 }

@@ -8,14 +8,19 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 
-/// Push messages queued per subscriber before it is considered stuck and dropped (it
-/// reconnects and resynchronises).
+/// Push messages queued per subscriber. A subscriber whose queue is full is not silently
+/// dropped: its channel is closed (counted in `subscriber_resyncs`) and the QUIC service
+/// discards what is still queued and resubscribes it at once, so it gets one fresh snapshot
+/// (the full state: config, revocation list, routes, every pair's compromised generations and
+/// seeds) on the same stream, then every later change (`verifier/src/service.rs`, `push_loop`).
 pub const PUSH_QUEUE: usize = 1024;
 
-/// Open push streams by node.
+/// Open push streams by node: at most one per node. A new subscription of a node replaces
+/// (closes) its old one (counted in `subscriptions_replaced`), so a reconnect while the old
+/// connection lingers, or a second connection of the same key, never doubles the pushes.
 #[derive(Debug, Default)]
 pub(super) struct Subscribers {
-    channels: HashMap<NodeId, Vec<mpsc::Sender<Push>>>,
+    channels: HashMap<NodeId, mpsc::Sender<Push>>,
 }
 
 /// The metric label of a push.
@@ -30,20 +35,22 @@ pub(super) fn push_kind(p: &Push) -> &'static str {
 }
 
 impl Subscribers {
-    /// Opens a stream for `node` that first yields `snapshot`.
+    /// Opens the stream for `node` that first yields `snapshot`, closing any older one.
     pub(super) fn open(
         &mut self,
         node: NodeId,
         snapshot: Vec<Push>,
         metrics: &Metrics,
     ) -> mpsc::Receiver<Push> {
-        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE.max(snapshot.len()));
         for m in snapshot {
-            // The queue is larger than any snapshot of a node with ≤ 1000 peers; a failure here
-            // only means the subscriber already went away.
+            // The queue holds the whole snapshot; a failure only means the subscriber already
+            // went away.
             let _ = tx.try_send(m);
         }
-        self.channels.entry(node).or_default().push(tx);
+        if self.channels.insert(node, tx).is_some() {
+            metrics.subscriptions_replaced.inc();
+        }
         metrics.subscribed.set(self.channels.len() as i64);
         rx
     }
@@ -57,20 +64,35 @@ impl Subscribers {
         self.channels.contains_key(node)
     }
 
-    /// Closes every stream of `node` (its receivers see the end).
+    /// Closes the stream of `node` (its receiver sees the end).
     pub(super) fn close(&mut self, node: &NodeId) {
         self.channels.remove(node);
     }
 
-    /// Queues `msgs` on every stream of `node`; a stream that cannot take them all is dropped.
-    /// Nothing happens for a node without a stream.
+    /// Queues `msgs` on the stream of `node`. A stream that cannot take them all is closed for
+    /// a resync (see [`PUSH_QUEUE`]); a stream whose receiver is gone is forgotten. Nothing
+    /// happens for a node without a stream.
     pub(super) fn push(&mut self, node: &NodeId, msgs: &[Push], metrics: &Metrics) {
-        let Some(senders) = self.channels.get_mut(node) else {
+        let Some(tx) = self.channels.get(node) else {
             return;
         };
-        senders.retain(|tx| msgs.iter().all(|m| tx.try_send(m.clone()).is_ok()));
-        if senders.is_empty() {
+        let mut full = false;
+        let mut gone = false;
+        for m in msgs {
+            match tx.try_send(m.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => full = true,
+                Err(mpsc::error::TrySendError::Closed(_)) => gone = true,
+            }
+            if full || gone {
+                break;
+            }
+        }
+        if full || gone {
             self.channels.remove(node);
+        }
+        if full {
+            metrics.subscriber_resyncs.inc();
         }
         for m in msgs {
             metrics
@@ -104,7 +126,7 @@ mod tests {
     }
 
     #[test]
-    fn a_subscriber_that_cannot_keep_up_is_dropped_and_others_keep_theirs() {
+    fn a_subscriber_that_cannot_keep_up_is_closed_for_resync_and_others_keep_theirs() {
         let metrics = Metrics::default();
         let mut subs = Subscribers::default();
         let (slow, fast) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
@@ -115,9 +137,15 @@ mod tests {
             subs.push(&slow, &[revocations()], &metrics);
         }
         assert!(subs.is_connected(&slow));
-        // The queue is full: the next push drops the stream.
+        assert_eq!(metrics.subscriber_resyncs.get(), 0);
+        // The queue is full: the next push closes the stream for a resync, and says so.
         subs.push(&slow, &[revocations()], &metrics);
         assert!(!subs.is_connected(&slow));
+        assert!(
+            slow_rx.is_closed(),
+            "the service must see the close at once"
+        );
+        assert_eq!(metrics.subscriber_resyncs.get(), 1);
         assert_eq!(metrics.subscribed.get(), 1);
         let mut queued = 0;
         while slow_rx.try_recv().is_ok() {
@@ -134,5 +162,72 @@ mod tests {
                 .get(),
             PUSH_QUEUE as u64 + 2
         );
+    }
+}
+
+#[cfg(test)]
+mod one_subscription_per_node {
+    use hopmesh_protocol::enrollment::Push;
+    use hopmesh_protocol::ids::NodeId;
+
+    use super::{PUSH_QUEUE, Subscribers};
+    use crate::metrics::Metrics;
+
+    fn list(n: u8) -> Push {
+        Push::Revocations {
+            list: hopmesh_protocol::wire::BoundedVec::new(vec![n]).expect("small list"),
+        }
+    }
+
+    #[test]
+    fn a_new_subscription_of_the_same_node_replaces_the_old_one() {
+        let metrics = Metrics::default();
+        let mut subs = Subscribers::default();
+        let node = NodeId::from_bytes([7; 32]);
+        let mut old = subs.open(node, vec![list(1)], &metrics);
+        let mut new = subs.open(node, vec![list(2)], &metrics);
+        assert!(old.is_closed(), "the old subscription must be closed");
+        assert!(!new.is_closed());
+        assert_eq!(metrics.subscriptions_replaced.get(), 1);
+        assert_eq!(metrics.subscribed.get(), 1, "one live subscription");
+        subs.push(&node, &[list(3)], &metrics);
+        // The old one keeps only its snapshot, then ends; the change goes to the new one only.
+        assert_eq!(old.try_recv().ok(), Some(list(1)));
+        assert!(old.try_recv().is_err());
+        assert_eq!(new.try_recv().ok(), Some(list(2)));
+        assert_eq!(new.try_recv().ok(), Some(list(3)));
+        assert!(new.try_recv().is_err());
+        // A third replaces the second; still one.
+        let _third = subs.open(node, Vec::new(), &metrics);
+        assert!(new.is_closed());
+        assert_eq!(metrics.subscriptions_replaced.get(), 2);
+        assert_eq!(metrics.subscribed.get(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_larger_than_the_queue_is_queued_whole() {
+        let metrics = Metrics::default();
+        let mut subs = Subscribers::default();
+        let node = NodeId::from_bytes([8; 32]);
+        let snapshot: Vec<Push> = (0..PUSH_QUEUE + 5).map(|i| list(i as u8)).collect();
+        let mut rx = subs.open(node, snapshot, &metrics);
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, PUSH_QUEUE + 5);
+        assert!(subs.is_connected(&node));
+    }
+
+    #[test]
+    fn a_subscriber_whose_receiver_is_gone_is_forgotten_without_a_resync() {
+        let metrics = Metrics::default();
+        let mut subs = Subscribers::default();
+        let node = NodeId::from_bytes([9; 32]);
+        drop(subs.open(node, Vec::new(), &metrics));
+        subs.push(&node, &[list(1)], &metrics);
+        assert!(!subs.is_connected(&node));
+        assert_eq!(metrics.subscriber_resyncs.get(), 0);
+        assert_eq!(metrics.subscribed.get(), 0);
     }
 }
