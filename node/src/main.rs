@@ -68,6 +68,21 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+    /// The node's audit log.
+    Audit {
+        /// Data directory of the node.
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the audit log: hash chain across rotated files and the head anchored in
+    /// `audit.anchor` (exit 1 if edited, truncated or rewritten).
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -186,6 +201,18 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .with_context(|| format!("no running node at {}", data_dir.display()))?;
             println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Command::Audit {
+            data_dir,
+            command: AuditCommand::Verify,
+        } => {
+            let dir = hopmesh_node::datadir::NodeDir::new(&data_dir);
+            let (s, anchor) = hopmesh_node::datadir::verify_audit(&dir)?;
+            println!(
+                "{}",
+                serde_json::json!({"ok": true, "records": s.records, "last_hash": s.last_hash,
+                    "files": s.files, "anchored_seq": anchor.map(|a| a.seq)})
+            );
         }
     }
     Ok(())

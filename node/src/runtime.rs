@@ -9,7 +9,7 @@ use hopmesh_protocol::attestation::verify_attestation;
 use hopmesh_protocol::control::{GoodbyeReason, PeerMessage};
 use hopmesh_protocol::ids::NodeId;
 use hopmesh_protocol::time::Clock;
-use hopmesh_transport::audit::AuditLog;
+use hopmesh_transport::audit::{AuditLog, AuditOptions};
 use hopmesh_transport::identity::Identity;
 use hopmesh_transport::pins::Pins;
 use hopmesh_transport::quic::{self, quinn_server};
@@ -100,6 +100,7 @@ impl NodeHandle {
             let _ = t.await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), overlay.endpoint.wait_idle()).await;
+        shared.anchor_audit();
         let _ = std::fs::remove_file(shared.dir.ctl());
     }
 }
@@ -142,7 +143,12 @@ pub async fn start(
     let (identity, pins, state) = load_state(&dir, clock.as_ref())?;
     let measurement = crate::datadir::self_measurement()
         .map_err(|e| NodeError::io("measure own executable", e))?;
-    let (audit, repaired) = AuditLog::open(&dir.file("audit.jsonl"))?;
+    // Refuses a log cut below, or rewritten since, the head anchored in `audit.anchor`.
+    let audit_opts = AuditOptions {
+        anchor: dir.read_audit_anchor()?,
+        ..AuditOptions::default()
+    };
+    let (audit, repaired) = AuditLog::open_with(&dir.audit_log(), &audit_opts)?;
     if repaired {
         tracing::warn!("audit log ended in a partial record (crash mid-write); it was dropped");
     }

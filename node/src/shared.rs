@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::config::NodeConfig;
 use crate::counters::Counters;
-use crate::datadir::NodeDir;
+use crate::datadir::{AUDIT_ANCHOR_INTERVAL_SECS, NodeDir};
 use crate::state::NodeState;
 use crate::streams::Streams;
 
@@ -46,7 +46,7 @@ pub struct Shared {
     pub measurement: Measurement,
     /// The inbound streams being served.
     pub streams: Arc<Streams>,
-    audit: Mutex<AuditLog>,
+    audit: Mutex<NodeAudit>,
     reports: mpsc::Sender<Report>,
     resolver: Option<TokioResolver>,
     nonces: Mutex<NonceCache>,
@@ -103,7 +103,11 @@ impl Shared {
             pins: p.pins,
             measurement: p.measurement,
             streams: Arc::new(Streams::default()),
-            audit: Mutex::new(p.audit),
+            audit: Mutex::new(NodeAudit {
+                log: p.audit,
+                anchored_seq: None,
+                anchored_at: 0,
+            }),
             reports: p.reports,
             resolver,
             nonces: Mutex::new(NonceCache::default()),
@@ -132,16 +136,56 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records an audit event.
+    /// Records an audit event. [`DURABLE_EVENTS`] are fsynced and anchored at once; the
+    /// others are anchored at most every [`AUDIT_ANCHOR_INTERVAL_SECS`] (the next record after
+    /// the interval) and at shutdown ([`Shared::anchor_audit`]). A failed write is logged and
+    /// the event goes on; it never panics.
     pub fn audit(&self, event: &str, fields: Map<String, Value>) {
         let now = self.now().as_secs();
-        if let Err(e) = self
+        let durable = DURABLE_EVENTS.contains(&event);
+        let mut a = self
             .audit
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record(now, event, fields)
-        {
-            tracing::error!(error = %e, "audit log write failed");
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let written = if durable {
+            a.log.record_durable(now, event, fields)
+        } else {
+            a.log.record(now, event, fields)
+        };
+        if let Err(e) = written {
+            tracing::error!(error = %e, event, "audit log write failed; the record is lost");
+            return;
+        }
+        if durable || now >= a.anchored_at.saturating_add(AUDIT_ANCHOR_INTERVAL_SECS) {
+            self.anchor_locked(&mut a, now);
+        }
+    }
+
+    /// Fsyncs the audit log and anchors its head in `audit.anchor` (at shutdown; `audit`
+    /// does it on its own otherwise).
+    pub fn anchor_audit(&self) {
+        let now = self.now().as_secs();
+        let mut a = self
+            .audit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.anchor_locked(&mut a, now);
+    }
+
+    fn anchor_locked(&self, a: &mut NodeAudit, now: u64) {
+        a.anchored_at = now;
+        let head = a.log.head();
+        if a.anchored_seq == Some(head.seq) {
+            return;
+        }
+        let done = a.log.sync().map_err(|e| e.to_string()).and_then(|()| {
+            self.dir
+                .write_audit_anchor(&head)
+                .map_err(|e| e.to_string())
+        });
+        match done {
+            Ok(()) => a.anchored_seq = Some(head.seq),
+            Err(e) => tracing::error!(error = %e, "anchoring the audit log failed"),
         }
     }
 
@@ -207,6 +251,20 @@ impl Shared {
         self.active.fetch_add(1, Ordering::SeqCst);
         ActiveStream(self.clone())
     }
+}
+
+/// Node audit events fsynced and anchored as soon as they are written: signed pushes from the
+/// verifier (not something a peer can make a node repeat).
+pub const DURABLE_EVENTS: &[&str] = &["revocation_list_applied"];
+
+/// The audit log and its anchoring state, under one lock.
+#[derive(Debug)]
+struct NodeAudit {
+    log: AuditLog,
+    /// The seq last written to `audit.anchor` (None: not yet this run).
+    anchored_seq: Option<u64>,
+    /// When it was last attempted (unix seconds).
+    anchored_at: u64,
 }
 
 /// One inbound stream being handled (see [`Shared::stream_guard`]).
