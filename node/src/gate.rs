@@ -27,7 +27,7 @@ use crate::counters::Counters;
 use crate::peer::{Dial, PeerConn};
 use crate::refusal::{CloseReason, GateRefusal};
 use crate::shared::Shared;
-use crate::splice::{SpliceEnd, splice_until};
+use crate::splice::{RELAY_WRITE_DEADLINE, RelayError, SpliceEnd, splice_quic, splice_until};
 use crate::state::{Admitted, ConnectionContext, Mint};
 use crate::streams::Flow;
 
@@ -219,11 +219,13 @@ async fn forward(
             return;
         }
     };
-    if out_send
-        .write_all(&[token.as_slice(), &header].concat())
-        .await
-        .is_err()
-    {
+    let first = [token.as_slice(), &header].concat();
+    let written = tokio::time::timeout(RELAY_WRITE_DEADLINE, out_send.write_all(&first)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        if written.is_err() {
+            node.counters.refused("relay_write_stalled");
+        }
+        let _ = out_send.reset(codes::INTERNAL);
         let _ = in_send.reset(codes::INTERNAL);
         return;
     }
@@ -238,8 +240,16 @@ async fn forward(
         let _ = in_send.finish();
         return;
     }
-    if let Err(e) = crate::splice::splice_quic(in_send, in_recv, out_send, out_recv).await {
-        tracing::debug!(peer = %pc.peer.short(), next = %next.short(), error = %e, "relayed stream reset");
+    let relayed = splice_quic(in_send, in_recv, out_send, out_recv, RELAY_WRITE_DEADLINE).await;
+    match relayed {
+        Ok(()) => {}
+        Err(RelayError::Stalled) => {
+            node.counters.refused("relay_write_stalled");
+            tracing::debug!(peer = %pc.peer.short(), next = %next.short(), "relayed stream stalled; reset");
+        }
+        Err(e) => {
+            tracing::debug!(peer = %pc.peer.short(), next = %next.short(), error = %e, "relayed stream reset")
+        }
     }
 }
 

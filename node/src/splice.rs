@@ -241,34 +241,89 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     }
 }
 
+/// A relayed write (either direction) that makes no progress for this long resets the relayed
+/// stream with [`STREAM_STALLED`]: a hop that stops reading (gives no flow-control credit)
+/// cannot pin the relay's task, its buffered chunks and both streams forever. The cost: an app
+/// that pauses reading for longer than this behind a relay loses its stream, explicitly.
+pub const RELAY_WRITE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Stream reset code of a relayed stream whose write made no progress within
+/// [`RELAY_WRITE_DEADLINE`].
+pub const STREAM_STALLED: VarInt = VarInt::from_u32(hopmesh_protocol::codes::STREAM_STALLED);
+
+/// How a relayed stream failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RelayError {
+    /// A write made no progress within the deadline (the hop does not read).
+    Stalled,
+    /// A read or write failed (reset, connection lost).
+    Failed(String),
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stalled => f.write_str("relayed write stalled"),
+            Self::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Writes every chunk, each call to quinn under `deadline`: progress, not the whole batch,
+/// is what the deadline bounds (a slow hop that reads is never cut).
+async fn write_progressing(
+    to: &mut SendStream,
+    chunks: &mut [Bytes],
+    deadline: Duration,
+) -> Result<(), RelayError> {
+    let mut first = 0;
+    loop {
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+        if first == chunks.len() {
+            return Ok(());
+        }
+        match tokio::time::timeout(deadline, to.write_chunks(&mut chunks[first..])).await {
+            Err(_) => return Err(RelayError::Stalled),
+            Ok(Err(e)) => return Err(RelayError::Failed(e.to_string())),
+            Ok(Ok(w)) => first += w.chunks,
+        }
+    }
+}
+
 /// Splices two QUIC streams (a relay): each direction finishes on EOF; any error resets all
-/// four halves so neither end can mistake a cut for a clean end.
+/// four halves so neither end can mistake a cut for a clean end. A write that makes no
+/// progress within `deadline` ([`RELAY_WRITE_DEADLINE`] in the node) is
+/// [`RelayError::Stalled`], reset with [`STREAM_STALLED`].
 pub async fn splice_quic(
     mut a_send: SendStream,
     mut a_recv: RecvStream,
     mut b_send: SendStream,
     mut b_recv: RecvStream,
-) -> Result<(), String> {
+    deadline: Duration,
+) -> Result<(), RelayError> {
     // Chunks pass from one stream to the other as they are: no copy.
-    async fn pump(from: &mut RecvStream, to: &mut SendStream) -> Result<(), String> {
+    async fn pump(
+        from: &mut RecvStream,
+        to: &mut SendStream,
+        deadline: Duration,
+    ) -> Result<(), RelayError> {
         let mut chunks: [Bytes; CHUNKS] = Default::default();
         loop {
             match from
                 .read_chunks(&mut chunks)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| RelayError::Failed(e.to_string()))?
             {
-                None => return to.finish().map_err(|e| e.to_string()),
-                Some(k) => to
-                    .write_all_chunks(&mut chunks[..k])
-                    .await
-                    .map_err(|e| e.to_string())?,
+                None => return to.finish().map_err(|e| RelayError::Failed(e.to_string())),
+                Some(k) => write_progressing(to, &mut chunks[..k], deadline).await?,
             }
         }
     }
     let result = {
-        let ab = pump(&mut a_recv, &mut b_send);
-        let ba = pump(&mut b_recv, &mut a_send);
+        let ab = pump(&mut a_recv, &mut b_send, deadline);
+        let ba = pump(&mut b_recv, &mut a_send, deadline);
         tokio::try_join!(ab, ba).map(|_| ())
     };
     match result {
@@ -281,11 +336,15 @@ pub async fn splice_quic(
             Ok(())
         }
         Err(e) => {
+            let code = match e {
+                RelayError::Stalled => STREAM_STALLED,
+                RelayError::Failed(_) => codes::INTERNAL,
+            };
             for s in [&mut a_send, &mut b_send] {
-                let _ = s.reset(codes::INTERNAL);
+                let _ = s.reset(code);
             }
             for r in [&mut a_recv, &mut b_recv] {
-                let _ = r.stop(codes::INTERNAL);
+                let _ = r.stop(code);
             }
             Err(e)
         }

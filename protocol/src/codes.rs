@@ -16,6 +16,9 @@ pub const STREAM_REFUSED: u32 = 0x4801;
 pub const BAD_REQUEST: u32 = 0x4802;
 /// Stream reset: the local side failed (backend, internal error) mid-stream.
 pub const INTERNAL: u32 = 0x4803;
+/// Stream reset: a relay's write towards one hop made no progress within its deadline (the
+/// hop gives no flow-control credit).
+pub const STREAM_STALLED: u32 = 0x4804;
 /// Connection closed: the peer's credentials are revoked or expired.
 pub const REVOKED: u32 = 0x4810;
 /// Connection closed: too many forged tokens or compromised key use.
@@ -33,6 +36,7 @@ pub const ALL: &[(u32, &str)] = &[
     (STREAM_REFUSED, "STREAM_REFUSED"),
     (BAD_REQUEST, "BAD_REQUEST"),
     (INTERNAL, "INTERNAL"),
+    (STREAM_STALLED, "STREAM_STALLED"),
     (REVOKED, "REVOKED"),
     (ABUSE, "ABUSE"),
     (SHUTDOWN, "SHUTDOWN"),
@@ -69,6 +73,7 @@ mod tests {
                 (0x4801, "STREAM_REFUSED"),
                 (0x4802, "BAD_REQUEST"),
                 (0x4803, "INTERNAL"),
+                (0x4804, "STREAM_STALLED"),
                 (0x4810, "REVOKED"),
                 (0x4811, "ABUSE"),
                 (0x4812, "SHUTDOWN"),
