@@ -205,3 +205,174 @@ async fn revoke_survives_kill_9_right_after_the_acknowledgement() {
     assert_eq!(verified["ok"], true);
     drop(server);
 }
+
+/// Runs the CLI and returns its output whatever the exit status.
+fn cli_output(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run cli")
+}
+
+/// `serve` must refuse to start: returns its stderr (kills it if it started after all).
+fn serve_refuses(dir: &Path) -> String {
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["serve", "--policy"])
+        .arg(dir.join("policy.toml"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn verifier");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(!status.success(), "serve exited 0");
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+                .expect("stderr");
+            return err;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve started on a log that does not reach its anchor");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Init, policy, serve, and enroll `a` and `b`.
+async fn enrolled_pair(dir: &Path) -> (Server, Pins) {
+    let pins: Pins = serde_json::from_value(cli(dir, &["init"])).expect("pins");
+    std::fs::write(dir.join("policy.toml"), standard_policy(MEASUREMENT)).expect("policy");
+    let server = serve(dir);
+    let now = || SystemClock::default().now();
+    let addrs = || BoundedVec::new(vec![BoundedString::truncated("127.0.0.1:4433")]).expect("fits");
+    for name in ["a", "b"] {
+        let token = cli(
+            dir,
+            &["join-token", "create", "--name", name, "--ttl", "60"],
+        );
+        let id = Identity::generate().expect("id");
+        let (_ep, c) = client(server.1, &id, &pins).await;
+        c.enroll(secret(&token), MEASUREMENT, facts(), addrs(), now())
+            .await
+            .expect("enroll");
+    }
+    (server, pins)
+}
+
+#[tokio::test]
+async fn a_revoke_on_a_full_disk_fails_loudly_and_is_not_acknowledged() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    std::fs::create_dir_all(&dir).expect("dir");
+    // Every audit write fails with ENOSPC, as on a full disk.
+    std::os::unix::fs::symlink("/dev/full", dir.join("audit.jsonl")).expect("symlink");
+    let (server, _pins) = enrolled_pair(&dir).await;
+    let out = cli_output(&dir, &["revoke", "a"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "revoke acknowledged with no audit record: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("No space left on device") && stderr.contains("nothing was committed"),
+        "{stderr}"
+    );
+    // Not committed either: after a restart on a working disk, a is still live.
+    drop(server);
+    std::fs::remove_file(dir.join("audit.jsonl")).expect("rm symlink");
+    let server = serve(&dir);
+    let nodes = cli(&dir, &["nodes"]);
+    let a = nodes
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|n| n["name"] == "a")
+        .expect("a listed")
+        .clone();
+    assert!(
+        a["revoked_at"].is_null(),
+        "a refused revoke was committed: {a}"
+    );
+    // And with the disk back, the revoke goes through.
+    assert_eq!(cli(&dir, &["revoke", "a"])["revocation_version"], 1);
+    drop(server);
+}
+
+#[tokio::test]
+async fn audit_verify_catches_a_truncated_tail_and_a_rewritten_log() {
+    use hopmesh_transport::audit::{AuditLog, CHECKPOINT_EVENT};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (server, _pins) = enrolled_pair(&dir).await;
+    let revoked = cli(&dir, &["revoke", "a"]);
+    assert_eq!(revoked["revocation_version"], 1);
+    let verified = cli(&dir, &["audit", "verify"]);
+    assert_eq!(verified["ok"], true);
+    let anchored = verified["anchored_seq"]
+        .as_u64()
+        .expect("anchored at the revoke");
+    drop(server);
+    let log = dir.join("audit.jsonl");
+    let original = std::fs::read_to_string(&log).expect("read");
+    let lines: Vec<&str> = original.lines().collect();
+    assert!(lines.len() as u64 >= anchored);
+
+    // Cut the tail just below the anchored head: the chain is valid, the anchor is not met.
+    let cut: String = lines[..usize::try_from(anchored - 1).expect("fits")]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, cut).expect("write");
+    hopmesh_transport::audit::verify(&log).expect("the chain alone cannot tell");
+    let out = cli_output(&dir, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "a truncated tail verified");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("removed from the tail"), "{stderr}");
+    assert!(serve_refuses(&dir).contains("removed from the tail"));
+
+    // Rewrite the whole log: drop the revoke and the checkpoints, recompute every hash.
+    std::fs::remove_file(&log).expect("rm");
+    let (mut forged, _) = AuditLog::open(&log).expect("open");
+    for l in &lines {
+        let mut v: Value = serde_json::from_str(l).expect("json");
+        let obj = v.as_object_mut().expect("object");
+        let event = obj["event"].as_str().expect("event").to_owned();
+        if event == "revoke" || event == CHECKPOINT_EVENT {
+            continue;
+        }
+        let ts = obj["ts"].as_u64().expect("ts");
+        for k in ["seq", "ts", "event", "prev", "hash"] {
+            obj.remove(k);
+        }
+        forged.record(ts, &event, obj.clone()).expect("record");
+    }
+    // Padded to the anchored length, so only the hash can tell.
+    while forged.head().seq < anchored + 2 {
+        forged
+            .record(1, "enroll", serde_json::Map::new())
+            .expect("record");
+    }
+    drop(forged);
+    hopmesh_transport::audit::verify(&log).expect("the forger's chain is valid");
+    let out = cli_output(&dir, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "a rewritten log verified");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rewritten"), "{stderr}");
+    assert!(serve_refuses(&dir).contains("rewritten"));
+
+    // The true log still verifies and serves.
+    std::fs::write(&log, &original).expect("restore");
+    assert_eq!(cli(&dir, &["audit", "verify"])["ok"], true);
+    drop(serve(&dir));
+}
