@@ -16,7 +16,8 @@
 #
 # Usage: netns/run.sh [SCENARIO...]      (all scenarios when none is named)
 #        BENCH_OUT=DIR netns/run.sh bench_lossy   (workload 5 of benches/run.sh)
-#   HOPMESH_BIN   directory with hopmesh-node, hopmesh-verifier, hopmesh-probe, hopmesh-replay
+#   HOPMESH_BIN   directory with hopmesh-node, hopmesh-verifier, hopmesh-probe, hopmesh-replay,
+#                 hopmesh-flood
 #                 (target/release)
 #   HOPMESH_NETNS_SKIP_IF_NOT_ROOT=1   exit 0 with a notice when not root (never set in CI)
 #   NETNS_LEAK_SELFTEST=1   no scenarios: plant a leak of every kind and prove the leak check
@@ -41,7 +42,7 @@ fi
 for tool in ip nft conntrack curl sha256sum python3; do
     command -v "$tool" >/dev/null || { echo "netns suite: missing $tool" >&2; exit 1; }
 done
-for b in hopmesh-node hopmesh-verifier hopmesh-probe hopmesh-replay; do
+for b in hopmesh-node hopmesh-verifier hopmesh-probe hopmesh-replay hopmesh-flood; do
     [ -x "$BIN/$b" ] || { echo "netns suite: $BIN/$b not built (cargo build --release --bins)" >&2; exit 1; }
 done
 
@@ -355,6 +356,63 @@ scenario_attacker() {
     [ "$(field b 's["counters"]["refused"].get("bad_mac", 0)')" = $((before + 1)) ] || fail "b did not count the replay as bad_mac"
     local audited; audited=$(python3 -c "import json; print(sum(1 for l in open('$WORK/node-b/audit.jsonl') if (r := json.loads(l))['event'] == 'stream_refused' and r['reason'] == 'bad_mac'))")
     [ "$audited" = $((before + 1)) ] || fail "the replay was not audited exactly once ($audited)"
+}
+
+verifier_pid() { pgrep -f "hopmesh-verifier --data-dir $WORK/v serve" | head -1; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+vmetric() { # vmetric REGEX: the sum of the verifier's metric lines matching REGEX
+    curl -s --max-time 5 --unix-socket "$WORK/v/admin.sock" http://v/metrics |
+        awk -v re="$1" '$0 !~ /^#/ && $1 ~ re {s += $2} END {print s + 0}'
+}
+
+# flood_run NAME SECS MAX: the attacker floods the verifier (hopmesh-flood) in the background;
+# FLOOD_PID is its pid, its JSON summary goes to $WORK/NAME.out.
+flood_run() {
+    bgn "$X" "$BIN/hopmesh-flood" "$VIP:7443" "$WORK/pins.json" "$2" "$3" >"$WORK/$1.out" 2>>"$LOG"
+    FLOOD_PID=$!
+}
+
+scenario_flood() {
+    # An unauthenticated flood from the attacker namespace for 25 s: up to 5 000 connections
+    # with fresh keys, each opening 100 idle bidirectional streams and 100 unidirectional ones
+    # with data. Before the QUIC budgets, 16 such connections took the verifier from 9 to
+    # 209 MiB. Now its RSS stays at or under 64 MiB, enrolled nodes keep refreshing, and
+    # traffic keeps flowing.
+    local vpid; vpid=$(verifier_pid)
+    [ -n "$vpid" ] || fail "no verifier process"
+    local rss0 max na0 na1 failures=0 tries=0 r; rss0=$(rss_kib "$vpid"); max=$rss0
+    na0=$(field a 's["attestation"]["not_after"]')
+    flood_run flood 25 5000
+    while kill -0 "$FLOOD_PID" 2>/dev/null; do
+        r=$(rss_kib "$vpid"); [ "$r" -le "$max" ] || max=$r
+        tries=$((tries + 1))
+        fetch_ok a api.s1.mesh hello "$WORK/flood-get" || failures=$((failures + 1))
+        sleep 1
+    done
+    wait "$FLOOD_PID" || fail "the flooder failed"
+    na1=$(field a 's["attestation"]["not_after"]')
+    local refused; refused=$(vmetric 'connection_refusals')
+    echo "    flood: $(cat "$WORK/flood.out"); verifier RSS ${rss0} -> max ${max} KiB; a refreshed: $na0 -> $na1; $failures of $tries fetches failed; refusals counted: $refused" | tee -a "$LOG"
+    [ "$max" -le $((64 << 10)) ] || fail "verifier RSS reached $max KiB under the flood (> 64 MiB)"
+    [ "$na1" -gt "$na0" ] || fail "node a did not refresh its attestation during the flood"
+    [ "$failures" = 0 ] || fail "$failures of $tries fetches failed during the flood"
+    [ "$refused" -gt 0 ] || fail "the verifier counted no refusal: the flood did not reach a limit"
+}
+
+scenario_flood_restart() {
+    # The attacker holds every unauthenticated slot it can get and keeps trying, and the
+    # verifier restarts in the middle: afterwards every enrolled node gets back in (nothing of
+    # the attacker's is persisted, and enrolled keys have their own pool).
+    flood_run flood-restart 40 20000
+    sleep 5 # let the flood take the slots: a fixed lead is the point here
+    stop_verifier
+    start_verifier
+    local t0=$SECONDS name
+    for name in a b c; do wait_for 30 "node $name back at the verifier under the flood" ready "$name"; done
+    echo "    flood_restart: all nodes back $((SECONDS - t0)) s after the restart, flood still on: $(kill -0 "$FLOOD_PID" 2>/dev/null && echo yes || echo no)" | tee -a "$LOG"
+    wait "$FLOOD_PID" || fail "the flooder failed"
+    log "flood_restart: $(cat "$WORK/flood-restart.out")"
+    [ "$(fetch a api.s1.mesh hello "$WORK/fr")" = 0 ] || fail "a -> api.s1 after the restart under flood"
 }
 
 scenario_partition() {
@@ -696,7 +754,7 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); time.sleep(300)' </de
 }
 
 # ---------------------------------------------------------------------------- runner
-ORDER="bringup matrix attacker clock_skew clock_behind partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
+ORDER="bringup matrix attacker flood flood_restart clock_skew clock_behind partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
 SELECTED=${*:-$ORDER}
 if [ "${NETNS_LEAK_SELFTEST:-}" = 1 ]; then
     leak_selftest

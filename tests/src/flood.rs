@@ -29,8 +29,13 @@ pub struct Flooder {
 impl Flooder {
     /// A flooder of the verifier at `verifier` (bound to 127.0.0.1 port 0).
     pub fn new(verifier: SocketAddr, pins: &Pins) -> Self {
+        Self::bound(verifier, pins, "127.0.0.1:0".parse().expect("loopback"))
+    }
+
+    /// A flooder bound to `local` (the netns attacker binds its namespace's address).
+    pub fn bound(verifier: SocketAddr, pins: &Pins, local: SocketAddr) -> Self {
         let endpoint =
-            endpoint(UdpSocket::bind("127.0.0.1:0").expect("bind"), None).expect("flood endpoint");
+            endpoint(UdpSocket::bind(local).expect("bind"), None).expect("flood endpoint");
         Self {
             endpoint,
             verifier,

@@ -273,6 +273,9 @@ async fn send(
     sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     req: hyper::Request<Full<Bytes>>,
 ) -> Result<(hyper::StatusCode, String), String> {
+    // Between two requests on one HTTP/1 connection the sender must be ready again (the
+    // connection task has to finish the previous exchange), or hyper cancels the request.
+    sender.ready().await.map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let body = resp
