@@ -207,3 +207,130 @@ fn durable_records_are_anchored_in_the_store_and_checkpoints_are_signed() {
     .expect("valid");
     assert_eq!(s.checkpoints, 2);
 }
+
+/// A SQLite store whose revocation commit fails while `fail` is set (anchors still work).
+#[derive(Debug)]
+struct FailingCommit {
+    inner: SqliteStore,
+    fail: bool,
+}
+
+impl crate::store::Store for FailingCommit {
+    fn put_join_token(&mut self, t: &crate::store::JoinTokenRecord) -> Result<(), StoreError> {
+        self.inner.put_join_token(t)
+    }
+    fn take_join_token(
+        &mut self,
+        h: &[u8; 32],
+        now: UnixTime,
+    ) -> Result<crate::store::JoinTokenUse, StoreError> {
+        self.inner.take_join_token(h, now)
+    }
+    fn put_node(&mut self, n: &crate::store::NodeRecord) -> Result<(), StoreError> {
+        self.inner.put_node(n)
+    }
+    fn nodes(&self) -> Result<Vec<crate::store::NodeRecord>, StoreError> {
+        self.inner.nodes()
+    }
+    fn bans(&self) -> Result<Vec<crate::store::BanSubject>, StoreError> {
+        self.inner.bans()
+    }
+    fn put_bans(
+        &mut self,
+        b: &[crate::store::BanSubject],
+        r: &str,
+        at: UnixTime,
+    ) -> Result<(), StoreError> {
+        self.inner.put_bans(b, r, at)
+    }
+    fn commit_revocation(
+        &mut self,
+        node: &NodeId,
+        at: UnixTime,
+        bans: &[crate::store::BanSubject],
+        list: &crate::store::StoredList,
+    ) -> Result<(), StoreError> {
+        if self.fail {
+            return Err(StoreError::BadValue("injected commit failure".into()));
+        }
+        self.inner.commit_revocation(node, at, bans, list)
+    }
+    fn revocation_list(&self) -> Result<Option<crate::store::StoredList>, StoreError> {
+        self.inner.revocation_list()
+    }
+    fn put_revocation_list(&mut self, l: &crate::store::StoredList) -> Result<(), StoreError> {
+        self.inner.put_revocation_list(l)
+    }
+    fn reserve_serials(&mut self, n: u64) -> Result<u64, StoreError> {
+        self.inner.reserve_serials(n)
+    }
+    fn pair_states(&self) -> Result<Vec<crate::store::PairState>, StoreError> {
+        self.inner.pair_states()
+    }
+    fn commit_reissue(
+        &mut self,
+        p: &hopmesh_protocol::hop_token::PairIds,
+        r: u16,
+        c: &[hopmesh_protocol::hop_token::Generation],
+        at: UnixTime,
+    ) -> Result<(), StoreError> {
+        self.inner.commit_reissue(p, r, c, at)
+    }
+    fn put_audit_anchor(&mut self, a: &audit::SignedHead) -> Result<(), StoreError> {
+        self.inner.put_audit_anchor(a)
+    }
+    fn audit_anchor(&self) -> Result<Option<audit::SignedHead>, StoreError> {
+        self.inner.audit_anchor()
+    }
+}
+
+#[test]
+fn a_revoke_whose_commit_fails_after_its_record_is_refused_and_marked_aborted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FailingCommit {
+        inner: SqliteStore::create(&dir.path().join("store.db")).expect("store"),
+        fail: true,
+    };
+    let (audit_log, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
+    let mut auth = Authority::new(
+        Parts {
+            settings: Settings::default(),
+            signing: signing(),
+            master: MasterSecret::from_bytes([2; 32]),
+            store: Box::new(store),
+            audit: audit_log,
+            metrics: Arc::new(Metrics::default()),
+            policy: policy(),
+        },
+        t(T0),
+    )
+    .expect("authority");
+    let a = enroll(&mut auth, 1, "a");
+    enroll(&mut auth, 2, "b");
+    assert!(matches!(
+        auth.revoke(&NodeRef::Id(a), t(T0 + 1)),
+        Err(AdminError::Store(StoreError::BadValue(_)))
+    ));
+    // Nothing applied; the record written ahead is followed by one saying it did not happen.
+    assert!(auth.revocation_list().is_none());
+    assert!(auth.nodes_view().iter().all(|n| n.revoked_at.is_none()));
+    let records = read_since(auth.audit_path(), 0).expect("read");
+    let revoke = records
+        .iter()
+        .find(|r| r["event"] == "revoke")
+        .expect("written ahead");
+    let aborted = records.last().expect("records");
+    assert_eq!(aborted["event"], "revoke_aborted");
+    assert_eq!(aborted["record"], revoke["seq"]);
+    assert!(
+        aborted["error"]
+            .as_str()
+            .expect("error")
+            .contains("injected")
+    );
+    // The anchor names the revoke record, which is on disk: the log still verifies against it.
+    let anchor = auth.store.audit_anchor().expect("store").expect("anchored");
+    assert_eq!(Some(anchor.seq), revoke["seq"].as_u64());
+    audit::verify_anchored(auth.audit_path(), Some(&anchor.head()), &mut |_, _| Ok(()))
+        .expect("consistent");
+}
