@@ -48,6 +48,12 @@ pub struct Metrics {
     pub subscriptions_replaced: Counter,
     /// Subscribers that could not keep up and were given a full resync.
     pub subscriber_resyncs: Counter,
+    /// Refusals folded into an aggregated audit summary instead of written one by one
+    /// (`authority/refusals.rs`); each is still counted in `refusals`.
+    pub audit_aggregated: Counter,
+    /// Refusals aggregated in the shared "other" bucket because the bound on distinct keys
+    /// (`Limits::audit_max_keys`) was reached.
+    pub audit_overflow: Counter,
 }
 
 impl Default for Metrics {
@@ -133,8 +139,22 @@ impl Default for Metrics {
             "Subscribers that could not keep up and got a full resync",
             subscriber_resyncs.clone(),
         );
+        let audit_aggregated = Counter::default();
+        let audit_overflow = Counter::default();
+        registry.register(
+            "audit_aggregated",
+            "Refusals counted into an aggregated audit summary instead of written one by one",
+            audit_aggregated.clone(),
+        );
+        registry.register(
+            "audit_aggregation_overflow",
+            "Refusals aggregated in the shared other bucket (distinct-key bound reached)",
+            audit_overflow.clone(),
+        );
         Self {
             registry,
+            audit_aggregated,
+            audit_overflow,
             connection_refusals,
             retries,
             handshakes,

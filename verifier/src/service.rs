@@ -759,7 +759,8 @@ async fn handle_stream(
         Ok(None) => return,
         Err(e) => {
             tracing::debug!(node = %node_id.short(), error = %e, "bad request stream");
-            shared.authority().metrics().refused("bad_request");
+            // Counted and audited (aggregated per key) by the authority.
+            shared.authority().bad_request(&node_id, shared.now());
             let _ = send.reset(codes::BAD_REQUEST);
             return;
         }

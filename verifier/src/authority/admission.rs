@@ -1,6 +1,7 @@
 //! Enrollment and refresh: decide, commit the node record, sign, apply, audit; then
 //! ([`Authority::publish`]) recompile and push.
 
+use hopmesh_protocol::audit_aggregate::bounded_text;
 use hopmesh_protocol::enrollment::{Address, Refusal};
 use hopmesh_protocol::ids::{Measurement, NodeId, SegmentName};
 use hopmesh_protocol::time::UnixTime;
@@ -9,6 +10,7 @@ use ring::digest::{SHA256, digest};
 
 use super::Authority;
 use super::refusals::{AdminError, EnrollRefusal, RefreshRefusal};
+use super::registry::AddressChange;
 use super::views::Enrollment;
 use crate::store::{JoinTokenUse, NodeRecord};
 
@@ -84,8 +86,14 @@ impl Authority {
         let rec = match self.check_enrollment(e, now) {
             Ok(rec) => rec,
             Err(r) => {
-                self.metrics.refused(r.reason());
-                self.audit(now, "enroll_refused", fields! {"node" => node_id.to_string(), "reason" => r.reason(), "hostname" => e.hostname});
+                // Repeatable without any secret: aggregated, the hostname bounded.
+                self.refuse(
+                    now,
+                    "enroll_refused",
+                    &node_id,
+                    r.reason(),
+                    fields! {"hostname" => bounded_text(e.hostname)},
+                );
                 return Err(r.to_wire());
             }
         };
@@ -102,7 +110,7 @@ impl Authority {
                 return Err(Refusal::Internal);
             }
         };
-        let audit = fields! {"node" => node_id.to_string(), "name" => rec.name.as_str(), "measurement" => rec.measurement.to_string(), "hostname" => e.hostname};
+        let audit = fields! {"node" => node_id.to_string(), "name" => rec.name.as_str(), "measurement" => rec.measurement.to_string(), "hostname" => bounded_text(e.hostname)};
         self.registry.insert(rec);
         self.audit(now, "enroll", audit);
         self.metrics
@@ -147,18 +155,45 @@ impl Authority {
         addresses: &[Address],
         now: UnixTime,
     ) -> Result<Issued, Refusal> {
-        let rec = match self.check_refresh(node_id, measurement, addresses) {
+        let mut rec = match self.check_refresh(node_id, measurement, addresses) {
             Ok(rec) => rec,
             Err(r) => {
-                self.metrics.refused(r.reason());
-                self.audit(
+                self.refuse(
                     now,
                     "refresh_refused",
-                    fields! {"node" => node_id.to_string(), "reason" => r.reason()},
+                    node_id,
+                    r.reason(),
+                    serde_json::Map::new(),
                 );
                 return Err(r.to_wire());
             }
         };
+        let limits = &self.settings.limits;
+        let (max, window) = (
+            limits.address_changes_per_window,
+            limits.address_change_window_secs,
+        );
+        match self
+            .registry
+            .decide_address_change(node_id, &rec.addresses, now, max, window)
+        {
+            AddressChange::Unchanged | AddressChange::Permitted => {}
+            AddressChange::Deferred => {
+                // The refresh still attests; the old addresses stay (and with them the peers'
+                // tables) until a refresh in a later window.
+                let wanted: Vec<String> = rec.addresses.iter().map(|a| bounded_text(a)).collect();
+                if let Some(old) = self.registry.get(node_id) {
+                    rec.addresses.clone_from(&old.addresses);
+                }
+                self.refuse(
+                    now,
+                    "address_change_deferred",
+                    node_id,
+                    "address_change_rate_limited",
+                    fields! {"addresses" => wanted},
+                );
+            }
+        }
         let changed = self.registry.get(node_id) != Some(&rec);
         if changed && let Err(err) = self.store.put_node(&rec) {
             tracing::error!(error = %err, "refresh failed to store");

@@ -55,18 +55,21 @@ use hopmesh_protocol::secret::MasterSecret;
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedString;
 use hopmesh_transport::audit::AuditLog;
-use hopmesh_transport::fields;
 use tokio::sync::mpsc;
 
 pub use self::admission::Issued;
 pub use self::issuer::SERIAL_BLOCK;
 pub use self::journal::CHECKPOINT_INTERVAL_SECS;
-pub use self::refusals::{AdminError, EnrollRefusal, RefreshRefusal};
-pub use self::settings::{CompromiseMode, Settings};
+pub use self::refusals::{AdminError, EnrollRefusal, RefreshRefusal, ReportRefusal};
+pub use self::settings::{
+    ADDRESS_CHANGE_WINDOW_SECS, ADDRESS_CHANGES_PER_WINDOW, CompromiseMode, Limits,
+    REPORT_WINDOW_SECS, REPORTS_PER_WINDOW, Settings,
+};
 pub use self::subscribers::PUSH_QUEUE;
 pub use self::views::{Enrollment, NodeRef, NodeView, ReissueOutcome, RevokeOutcome};
 
 use self::issuer::Issuer;
+use self::refusals::RefusalAudit;
 use self::registry::Registry;
 use self::revocations::Revocations;
 use self::seeds::Seeds;
@@ -106,6 +109,9 @@ pub struct Authority {
     revocations: Revocations,
     tables: Tables,
     subscribers: Subscribers,
+    /// One audit record per (node key, event, reason) and interval for repeatable refusals
+    /// (`refusals.rs`).
+    refusal_audit: RefusalAudit,
     /// Signed audit checkpoints (`journal.rs`).
     checkpoints: self::journal::Checkpoints,
 }
@@ -130,6 +136,7 @@ impl Authority {
             metrics,
             policy,
         } = parts;
+        let settings_limits = settings.limits.clone();
         let registry = Registry::load(store.as_ref())?;
         let seeds = Seeds::load(master, settings.generation_secs, store.as_ref(), now)?;
         let revocations = Revocations::load(store.as_ref(), &signing)?;
@@ -144,6 +151,7 @@ impl Authority {
             revocations,
             tables: Tables::new(policy),
             subscribers: Subscribers::default(),
+            refusal_audit: RefusalAudit::new(&settings_limits, now),
             checkpoints: self::journal::Checkpoints::default(),
         };
         me.recompile();
@@ -184,8 +192,8 @@ impl Authority {
     fn push_changed(&mut self, changed: &[NodeId], now: UnixTime) {
         for id in changed {
             let mut msgs = vec![self.tables.routes_push(id)];
-            let peers = self.tables.peers_of(id);
-            msgs.extend(peers.iter().map(|p| self.seeds.seeds_push(id, p, now)));
+            let pairs = self.tables.allowed_pairs_of(id);
+            msgs.extend(pairs.iter().map(|p| self.seeds.seeds_push(p, now)));
             self.push(id, &msgs);
         }
     }
@@ -199,8 +207,8 @@ impl Authority {
         })];
         out.extend(self.revocations.push());
         out.push(self.tables.routes_push(node));
-        for p in &self.tables.peers_of(node) {
-            out.extend(self.seeds.pair_pushes(node, p, now));
+        for p in &self.tables.allowed_pairs_of(node) {
+            out.extend(self.seeds.pair_pushes(p, now));
         }
         out
     }
@@ -213,11 +221,12 @@ impl Authority {
         now: UnixTime,
     ) -> Result<mpsc::Receiver<Push>, Refusal> {
         if !self.registry.is_live(node) {
-            self.metrics.refused("subscribe_not_live");
-            self.audit(
+            self.refuse(
                 now,
                 "subscribe_refused",
-                fields! {"node" => node.to_string()},
+                node,
+                "subscribe_not_live",
+                serde_json::Map::new(),
             );
             return Err(if self.registry.contains(node) {
                 Refusal::Revoked
@@ -232,14 +241,15 @@ impl Authority {
     /// Periodic work: push next-generation seeds at slot boundaries, prune expired
     /// revocations. Call about once a second.
     pub fn tick(&mut self, now: UnixTime) {
+        self.flush_refusal_audit(now);
         self.checkpoint_if_due(now);
         if self.seeds.advance(now) {
             for id in self.subscribers.nodes() {
                 let msgs: Vec<Push> = self
                     .tables
-                    .peers_of(&id)
+                    .allowed_pairs_of(&id)
                     .iter()
-                    .map(|p| self.seeds.seeds_push(&id, p, now))
+                    .map(|p| self.seeds.seeds_push(p, now))
                     .collect();
                 self.push(&id, &msgs);
             }

@@ -1,6 +1,7 @@
 //! Operator and node-report operations: join tokens, revoke, ban, reissue, reports, policy
 //! reload.
 
+use hopmesh_protocol::audit_aggregate::bounded_text;
 use hopmesh_protocol::enrollment::{Push, Refusal, Report, ReportKind};
 use hopmesh_protocol::hop_token::PairIds;
 use hopmesh_protocol::ids::{NodeId, NodeName};
@@ -12,7 +13,7 @@ use hopmesh_transport::fields;
 
 use super::Authority;
 use super::admission::sha256;
-use super::refusals::AdminError;
+use super::refusals::{AdminError, ReportRefusal};
 use super::settings::CompromiseMode;
 use super::views::{NodeRef, ReissueOutcome, RevokeOutcome};
 use crate::store::{BanSubject, JoinTokenRecord};
@@ -143,6 +144,13 @@ impl Authority {
                 "a pair needs two different nodes".into(),
             ));
         }
+        if self.tables.allowed_pair(&a.node_id, &b.node_id).is_none() {
+            self.metrics.refused("reissue_not_a_pair");
+            return Err(AdminError::BadRequest(format!(
+                "`{}` and `{}` are not a pair under the current policy: they hold no seeds",
+                a.name, b.name
+            )));
+        }
         self.reissue_pair(&a.node_id, &b.node_id, now, "operator")
     }
 
@@ -171,8 +179,11 @@ impl Authority {
         self.seeds.apply_reissue(&plan);
         self.metrics.reissues.inc();
         for (me, peer) in [(a, b), (b, a)] {
-            let msgs = self.seeds.pair_pushes(me, peer, now);
-            self.push(me, &msgs);
+            // Checked by the callers; a pair policy forbids never gets seeds.
+            if let Some(pair) = self.tables.allowed_pair(me, peer) {
+                let msgs = self.seeds.pair_pushes(&pair, now);
+                self.push(me, &msgs);
+            }
         }
         Ok(ReissueOutcome {
             reissues: plan.next,
@@ -180,17 +191,52 @@ impl Authority {
         })
     }
 
-    /// Records a node's security report; reissues the pair on `compromised_key_use` when so
-    /// configured.
+    /// Decides a node's security report: the reporter is enrolled and unrevoked, within its
+    /// report limit ([`Limits::reports_per_window`](super::Limits)), and names a peer in its
+    /// current routing table (not itself).
+    fn check_report(
+        &mut self,
+        reporter: &NodeId,
+        report: &Report,
+        now: UnixTime,
+    ) -> Result<(), ReportRefusal> {
+        if !self.registry.is_unrevoked(reporter) {
+            return Err(ReportRefusal::NotLive);
+        }
+        let limits = &self.settings.limits;
+        let (max, window) = (limits.reports_per_window, limits.report_window_secs);
+        if !self.registry.take_report(reporter, now, max, window) {
+            return Err(ReportRefusal::RateLimited);
+        }
+        if reporter == &report.peer {
+            return Err(ReportRefusal::AboutSelf);
+        }
+        if self.tables.allowed_pair(reporter, &report.peer).is_none() {
+            return Err(ReportRefusal::PeerNotInTable);
+        }
+        Ok(())
+    }
+
+    /// Records a node's security report (refused, counted and audited aggregated unless
+    /// [`check_report`](Self::check_report) permits it); reissues the pair on
+    /// `compromised_key_use` when so configured, unless the pair was reissued since the
+    /// reported generation.
     pub fn report(
         &mut self,
         reporter: &NodeId,
         report: &Report,
         now: UnixTime,
     ) -> Result<(), Refusal> {
-        if !self.registry.is_unrevoked(reporter) {
-            self.metrics.refused("report_not_live");
-            return Err(Refusal::NotEnrolled);
+        if let Err(r) = self.check_report(reporter, report, now) {
+            self.refuse(
+                now,
+                "report_refused",
+                reporter,
+                r.reason(),
+                fields! {"kind" => report.kind.as_str(), "peer" => report.peer.to_string(),
+                "detail" => bounded_text(report.detail.as_str())},
+            );
+            return Err(r.to_wire());
         }
         self.metrics
             .reports
@@ -201,7 +247,7 @@ impl Authority {
                 now,
                 report.kind.as_str(),
                 fields! {"reporter" => reporter.to_string(), "peer" => report.peer.to_string(),
-                "generation" => report.generation.map(|g| g.0), "detail" => report.detail.as_str()},
+                "generation" => report.generation.map(|g| g.0), "detail" => bounded_text(report.detail.as_str())},
             )
             .is_err()
         {
@@ -212,7 +258,18 @@ impl Authority {
         if report.kind == ReportKind::CompromisedKeyUse
             && self.settings.on_compromise == CompromiseMode::AutoReissue
         {
-            if reporter == &report.peer || !self.registry.contains(&report.peer) {
+            let pair = PairIds::new(*reporter, report.peer);
+            let current = self.seeds.reissues_of(&pair);
+            if report.generation.is_some_and(|g| g.reissues() < current) {
+                // Use of a generation an earlier reissue already replaced: the pair's current
+                // seeds are not implicated, and reissuing again would let whoever replays old
+                // tokens churn the pair.
+                self.audit(
+                    now,
+                    "reissue_skipped",
+                    fields! {"a" => reporter.to_string(), "b" => report.peer.to_string(),
+                    "reason" => "generation_already_reissued", "reissues" => current},
+                );
                 return Ok(());
             }
             if let Err(e) = self.reissue_pair(reporter, &report.peer, now, "compromised_key_use") {

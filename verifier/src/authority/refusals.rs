@@ -1,9 +1,16 @@
 //! Why a request was refused: precise reasons for the audit log and metrics, coarse
-//! [`Refusal`]s for the node, and the admin API's errors.
+//! [`Refusal`]s for the node, and the admin API's errors; and how repeatable refusals are
+//! audited: aggregated ([`RefusalAudit`], one record per key and interval with a count).
 
+use hopmesh_protocol::audit_aggregate::{Aggregator, Bucket, Decision, Summary};
 use hopmesh_protocol::enrollment::Refusal;
+use hopmesh_protocol::ids::NodeId;
 use hopmesh_protocol::policy::PolicyError;
+use hopmesh_protocol::time::UnixTime;
+use hopmesh_transport::fields;
 
+use super::Authority;
+use super::settings::Limits;
 use crate::store::StoreError;
 
 /// Errors of admin operations.
@@ -136,5 +143,140 @@ impl RefreshRefusal {
             Self::BadAddress => Refusal::BadRequest,
             Self::Internal => Refusal::Internal,
         }
+    }
+}
+
+/// Why a node's security report was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportRefusal {
+    /// The reporter is not enrolled, or revoked.
+    NotLive,
+    /// The reporter is past its report limit ([`Limits::reports_per_window`]).
+    RateLimited,
+    /// The report names the reporter itself.
+    AboutSelf,
+    /// The named peer is not in the reporter's current routing table: a node may not get
+    /// arbitrary pairs reissued or arbitrary nodes flagged.
+    PeerNotInTable,
+}
+
+impl ReportRefusal {
+    /// Stable reason name.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NotLive => "report_not_live",
+            Self::RateLimited => "report_rate_limited",
+            Self::AboutSelf => "report_about_self",
+            Self::PeerNotInTable => "report_peer_not_in_table",
+        }
+    }
+
+    /// What the node is told.
+    pub fn to_wire(self) -> Refusal {
+        match self {
+            Self::NotLive => Refusal::NotEnrolled,
+            Self::RateLimited | Self::AboutSelf | Self::PeerNotInTable => Refusal::BadRequest,
+        }
+    }
+}
+
+/// Key of one aggregated refusal: the TLS-proven key, the audit event, the reason.
+type RefusalKey = (NodeId, &'static str, &'static str);
+
+/// Aggregation of refusal audit records: a refusal a caller can repeat (a bogus enrollment, a
+/// refresh of an unknown key, a flood of reports) costs one record per key and interval plus
+/// one summary, never a write per request. Every refusal is still counted in
+/// `hopmesh_verifier_refusals` by reason.
+#[derive(Debug)]
+pub(super) struct RefusalAudit {
+    agg: Aggregator<RefusalKey>,
+    /// The latest time seen, for the drain on drop.
+    last_now: UnixTime,
+}
+
+impl RefusalAudit {
+    pub(super) fn new(limits: &Limits, now: UnixTime) -> Self {
+        Self {
+            agg: Aggregator::new(limits.audit_interval_secs, limits.audit_max_keys),
+            last_now: now,
+        }
+    }
+}
+
+impl Authority {
+    /// Counts and audits (aggregated) one refusal of a request by `node`'s key. `extra`
+    /// fields go into the first record of an interval only; attacker-chosen text in them must
+    /// be cut with
+    /// [`bounded_text`](hopmesh_protocol::audit_aggregate::bounded_text).
+    pub(super) fn refuse(
+        &mut self,
+        now: UnixTime,
+        event: &'static str,
+        node: &NodeId,
+        reason: &'static str,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) {
+        self.metrics.refused(reason);
+        self.flush_refusal_audit(now);
+        let overflowed = self.refusal_audit.agg.overflowed();
+        let decision = self.refusal_audit.agg.observe((*node, event, reason), now);
+        if self.refusal_audit.agg.overflowed() > overflowed {
+            self.metrics.audit_overflow.inc();
+        }
+        if decision == Decision::Count {
+            self.metrics.audit_aggregated.inc();
+            return;
+        }
+        let mut f = fields! {"node" => node.to_string(), "reason" => reason};
+        f.extend(extra);
+        if decision == Decision::WriteOther {
+            // Further refusals of keys not tracked yet are summarised as `node: "other"`.
+            f.insert("aggregated".into(), "other".into());
+        }
+        self.audit(now, event, f);
+    }
+
+    /// Writes a `refusals_aggregated` record for every refusal key whose interval ended.
+    /// Called by [`refuse`](Self::refuse) and [`tick`](Self::tick).
+    pub(super) fn flush_refusal_audit(&mut self, now: UnixTime) {
+        self.refusal_audit.last_now = self.refusal_audit.last_now.max(now);
+        let summaries = self.refusal_audit.agg.flush(now);
+        self.write_refusal_summaries(now, summaries);
+    }
+
+    fn write_refusal_summaries(&mut self, now: UnixTime, summaries: Vec<Summary<RefusalKey>>) {
+        for s in summaries {
+            let (node, event, reason) = match &s.key {
+                Bucket::Key((node, event, reason)) => (node.to_string(), *event, *reason),
+                Bucket::Other => ("other".to_owned(), "other", "other"),
+            };
+            self.audit(
+                now,
+                "refusals_aggregated",
+                fields! {"refused_event" => event, "node" => node, "reason" => reason, "count" => s.count,
+                "first" => s.first.as_secs(), "last" => s.last.as_secs()},
+            );
+        }
+    }
+
+    /// A node request that did not parse or arrive in time (the service calls this): counted
+    /// as `bad_request` and audited aggregated.
+    pub fn bad_request(&mut self, node: &NodeId, now: UnixTime) {
+        self.refuse(
+            now,
+            "request_refused",
+            node,
+            "bad_request",
+            serde_json::Map::new(),
+        );
+    }
+}
+
+impl Drop for Authority {
+    /// Writes the pending refusal summaries (shutdown), due or not.
+    fn drop(&mut self) {
+        let now = self.refusal_audit.last_now;
+        let summaries = self.refusal_audit.agg.drain();
+        self.write_refusal_summaries(now, summaries);
     }
 }

@@ -16,11 +16,60 @@ use crate::store::{BanSubject, JoinTokenRecord, NodeRecord, Store, StoreError};
 /// Longest join-secret lifetime an operator may ask for.
 pub(super) const MAX_JOIN_TTL: u64 = 7 * 24 * 3600;
 
-/// Every node record (live and revoked) and every ban.
+/// Every node record (live and revoked) and every ban, and the per-node rate-limit windows
+/// (in memory only: a restart gives every node a fresh window).
 #[derive(Debug, Default)]
 pub(super) struct Registry {
     nodes: BTreeMap<NodeId, NodeRecord>,
     bans: BTreeSet<BanSubject>,
+    /// Report windows of enrolled, unrevoked reporters only (so bounded by the registry).
+    reports: BTreeMap<NodeId, Window>,
+    /// Address-change windows of live nodes only.
+    address_changes: BTreeMap<NodeId, Window>,
+}
+
+/// A fixed rate-limit window: at most `max` events from the first event of the window until
+/// `window_secs` later; the next event after that opens a new window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Window {
+    start: UnixTime,
+    used: u32,
+}
+
+impl Window {
+    /// Takes one event at `now` from `window` (created if absent): true if within `max`.
+    /// A refused event takes nothing. A clock that steps back never reopens a window early.
+    pub(super) fn take(
+        window: &mut Option<Window>,
+        now: UnixTime,
+        max: u32,
+        window_secs: u64,
+    ) -> bool {
+        // `secs_since` is 0 for a clock behind the window's start: the window stays.
+        if window.is_some_and(|w| now.secs_since(w.start) >= window_secs.max(1)) {
+            *window = None;
+        }
+        let w = window.get_or_insert(Window {
+            start: now,
+            used: 0,
+        });
+        if w.used >= max {
+            return false;
+        }
+        w.used += 1;
+        true
+    }
+}
+
+/// What a refresh does with the node's advertised addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum AddressChange {
+    /// The same addresses: nothing to recompile or push.
+    Unchanged,
+    /// Changed, within the node's address-change limit: applied.
+    Permitted,
+    /// Changed past the limit: the old addresses stay until a later window.
+    Deferred,
 }
 
 /// Whether `m` may attest under `policy`.
@@ -39,6 +88,8 @@ impl Registry {
         Ok(Self {
             nodes: store.nodes()?.into_iter().map(|n| (n.node_id, n)).collect(),
             bans: store.bans()?.into_iter().collect(),
+            reports: BTreeMap::new(),
+            address_changes: BTreeMap::new(),
         })
     }
 
@@ -121,6 +172,50 @@ impl Registry {
     pub(super) fn mark_revoked(&mut self, id: &NodeId, at: UnixTime) {
         if let Some(n) = self.nodes.get_mut(id) {
             n.revoked_at = Some(at);
+        }
+        self.reports.remove(id);
+        self.address_changes.remove(id);
+    }
+
+    /// Takes one report of `reporter` (enrolled and unrevoked: the caller checked) from its
+    /// window: false past `max` per `window_secs`.
+    pub(super) fn take_report(
+        &mut self,
+        reporter: &NodeId,
+        now: UnixTime,
+        max: u32,
+        window_secs: u64,
+    ) -> bool {
+        let mut w = self.reports.get(reporter).copied();
+        let ok = Window::take(&mut w, now, max, window_secs);
+        if let Some(w) = w {
+            self.reports.insert(*reporter, w);
+        }
+        ok
+    }
+
+    /// Decides whether a refresh of `node` (a live record) may change its addresses from the
+    /// stored ones to `new`: unchanged, permitted (and counted in its window), or deferred.
+    pub(super) fn decide_address_change(
+        &mut self,
+        node: &NodeId,
+        new: &[String],
+        now: UnixTime,
+        max: u32,
+        window_secs: u64,
+    ) -> AddressChange {
+        if self.nodes.get(node).is_none_or(|n| n.addresses == new) {
+            return AddressChange::Unchanged;
+        }
+        let mut w = self.address_changes.get(node).copied();
+        let ok = Window::take(&mut w, now, max, window_secs);
+        if let Some(w) = w {
+            self.address_changes.insert(*node, w);
+        }
+        if ok {
+            AddressChange::Permitted
+        } else {
+            AddressChange::Deferred
         }
     }
 

@@ -10,6 +10,7 @@ use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedVec;
 
 use super::refusals::AdminError;
+use super::tables::AllowedPair;
 use crate::store::{PairState, Store, StoreError};
 
 /// Compromised generations of a pair repeated in a snapshot or reissue push.
@@ -114,18 +115,19 @@ impl Seeds {
             .collect()
     }
 
-    /// `node`'s seeds for its pair with `peer`.
-    pub(super) fn seeds_push(&self, node: &NodeId, peer: &NodeId, now: UnixTime) -> Push {
-        let grants = self.grants(&PairIds::new(*node, *peer), now);
+    /// A node's seeds for its pair with a peer. Only for a pair policy allows: the permit
+    /// comes from the compiled tables.
+    pub(super) fn seeds_push(&self, pair: &AllowedPair, now: UnixTime) -> Push {
+        let grants = self.grants(&PairIds::new(*pair.me(), *pair.peer()), now);
         Push::Seeds {
-            peer: *peer,
+            peer: *pair.peer(),
             // Invariant: grants() returns exactly two.
             grants: BoundedVec::new(grants).unwrap_or_default(),
         }
     }
 
     /// The pair's most recent compromised generations, if it has any.
-    pub(super) fn compromised_push(&self, node: &NodeId, peer: &NodeId) -> Option<Push> {
+    fn compromised_push(&self, node: &NodeId, peer: &NodeId) -> Option<Push> {
         let state = self.pairs.get(&PairIds::new(*node, *peer))?;
         let skip = state.compromised.len().saturating_sub(RECENT_COMPROMISED);
         let recent: Vec<Generation> = state.compromised[skip..].to_vec();
@@ -137,9 +139,12 @@ impl Seeds {
 
     /// What `node` gets when its pair with `peer` changed: recent compromised generations (if
     /// any), then fresh seeds.
-    pub(super) fn pair_pushes(&self, node: &NodeId, peer: &NodeId, now: UnixTime) -> Vec<Push> {
-        let mut out: Vec<Push> = self.compromised_push(node, peer).into_iter().collect();
-        out.push(self.seeds_push(node, peer, now));
+    pub(super) fn pair_pushes(&self, pair: &AllowedPair, now: UnixTime) -> Vec<Push> {
+        let mut out: Vec<Push> = self
+            .compromised_push(pair.me(), pair.peer())
+            .into_iter()
+            .collect();
+        out.push(self.seeds_push(pair, now));
         out
     }
 

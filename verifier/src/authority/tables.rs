@@ -13,6 +13,27 @@ use super::registry::Registry;
 /// Advertised addresses of a peer sent to a node.
 const PEER_ADDRESSES: usize = 4;
 
+/// A permit to hand `me` the seeds of its pair with `peer`: `peer` is in `me`'s current
+/// compiled routing table. Only [`Tables`] makes one, so no seed push can be built for a pair
+/// that policy forbids (`seeds.rs` takes it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct AllowedPair {
+    me: NodeId,
+    peer: NodeId,
+}
+
+impl AllowedPair {
+    /// The node the seeds go to.
+    pub(super) fn me(&self) -> &NodeId {
+        &self.me
+    }
+
+    /// Its peer.
+    pub(super) fn peer(&self) -> &NodeId {
+        &self.peer
+    }
+}
+
 /// The policy and what it compiles to.
 #[derive(Debug)]
 pub(super) struct Tables {
@@ -53,6 +74,25 @@ impl Tables {
             .get(node)
             .map(|(t, _)| t.peers.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// The permit for `me` to hold seeds with `peer`, if `peer` is in `me`'s current table.
+    pub(super) fn allowed_pair(&self, me: &NodeId, peer: &NodeId) -> Option<AllowedPair> {
+        self.compiled
+            .get(me)
+            .is_some_and(|(t, _)| t.peers.contains(peer))
+            .then_some(AllowedPair {
+                me: *me,
+                peer: *peer,
+            })
+    }
+
+    /// A permit for each of `me`'s current peers.
+    pub(super) fn allowed_pairs_of(&self, me: &NodeId) -> Vec<AllowedPair> {
+        self.peers_of(me)
+            .into_iter()
+            .map(|peer| AllowedPair { me: *me, peer })
+            .collect()
     }
 
     fn peer_infos(table: &RoutingTable, registry: &Registry) -> Vec<PeerInfo> {

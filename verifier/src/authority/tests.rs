@@ -1232,13 +1232,19 @@ fn reports_are_audited_and_compromised_key_use_reissues_the_pair() {
         Generation::compose(SLOT0, 1)
     );
     assert_eq!(h.auth.grants(&PairIds::new(a, c), t(T0)), ac);
-    // About itself or an unknown peer: recorded, nothing reissued.
-    h.auth
-        .report(&a, &report(ReportKind::CompromisedKeyUse, a), t(T0))
-        .expect("report");
-    h.auth
-        .report(&a, &report(ReportKind::CompromisedKeyUse, id(9)), t(T0))
-        .expect("report");
+    // About itself or an unknown peer: refused, nothing reissued.
+    assert_eq!(
+        h.auth
+            .report(&a, &report(ReportKind::CompromisedKeyUse, a), t(T0)),
+        Err(Refusal::BadRequest)
+    );
+    assert_eq!(h.refusals("report_about_self"), 1);
+    assert_eq!(
+        h.auth
+            .report(&a, &report(ReportKind::CompromisedKeyUse, id(9)), t(T0)),
+        Err(Refusal::BadRequest)
+    );
+    assert_eq!(h.refusals("report_peer_not_in_table"), 1);
     assert_eq!(h.auth.metrics().reissues.get(), 1);
     assert_eq!(
         h.auth
@@ -1246,7 +1252,7 @@ fn reports_are_audited_and_compromised_key_use_reissues_the_pair() {
             .reports
             .get_or_create(&[("kind", "compromised_key_use")])
             .get(),
-        3
+        1
     );
     // A revoked reporter is refused.
     h.auth.revoke(&NodeRef::Id(c), t(T0)).expect("revoke");
@@ -1276,6 +1282,442 @@ fn alert_only_mode_records_compromised_key_use_without_reissuing() {
     );
     assert_eq!(h.auth.grants(&PairIds::new(a, b), t(T0)), ab);
     assert_eq!(h.auth.metrics().reissues.get(), 0);
+}
+
+// --- hostile nodes: reports, pairs, address changes (issue #12 items 5, 6) ----------------
+
+/// The standard topology plus `z` alone in segment s3, which no allow rule names: `z` is
+/// outside every allowed pair.
+fn lonely_policy() -> String {
+    standard_policy()
+        + "\n[[segment]]\nname = \"s3\"\n[[node]]\nname = \"z\"\nsegments = [\"s3\"]\n"
+}
+
+fn with_limits(f: impl FnOnce(&mut Limits)) -> Settings {
+    let mut settings = Settings::default();
+    f(&mut settings.limits);
+    settings
+}
+
+fn events(h: &Harness, event: &str) -> Vec<Value> {
+    h.audit()
+        .into_iter()
+        .filter(|r| r["event"] == event)
+        .collect()
+}
+
+/// The `refusals_aggregated` summaries of `reason`.
+fn summaries(h: &Harness, reason: &str) -> Vec<Value> {
+    events(h, "refusals_aggregated")
+        .into_iter()
+        .filter(|r| r["reason"] == reason)
+        .collect()
+}
+
+#[test]
+fn a_node_outside_every_allowed_pair_gets_no_seeds_and_cannot_be_reported() {
+    let mut h = Harness::new(lonely_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let z = h.enroll(9, "z");
+    assert!(h.auth.table(&z).is_none_or(|t| t.peers.is_empty()));
+    let mut rz = h.subscribe(&z);
+    let mut ra = h.subscribe(&a);
+    let snapshot = drain(&mut rz);
+    assert!(seeds_peers(&snapshot).is_empty(), "{:?}", kinds(&snapshot));
+    drain(&mut ra);
+    // Slot edges push seeds to a (its pairs), never to z.
+    h.auth.tick(t(NEXT_EDGE));
+    assert!(drain(&mut rz).is_empty());
+    assert_eq!(seeds_peers(&drain(&mut ra)), peer_set(&[b]));
+    // An operator reissue of a pair policy forbids is refused: no seeds for it.
+    let err = h
+        .auth
+        .reissue(&NodeRef::Id(z), &NodeRef::Id(a), t(NEXT_EDGE))
+        .expect_err("not a pair");
+    assert!(matches!(err, AdminError::BadRequest(_)), "{err}");
+    assert_eq!(h.refusals("reissue_not_a_pair"), 1);
+    assert!(drain(&mut rz).is_empty());
+    assert!(drain(&mut ra).is_empty());
+    assert_eq!(h.auth.metrics().reissues.get(), 0);
+    // Reports naming z as a peer, or by z about a, are refused; nothing is reissued.
+    for (reporter, peer) in [(a, z), (z, a)] {
+        assert_eq!(
+            h.auth.report(
+                &reporter,
+                &report(ReportKind::CompromisedKeyUse, peer),
+                t(NEXT_EDGE)
+            ),
+            Err(Refusal::BadRequest)
+        );
+    }
+    assert_eq!(h.refusals("report_peer_not_in_table"), 2);
+    assert_eq!(h.auth.metrics().reissues.get(), 0);
+    assert!(drain(&mut rz).is_empty());
+    assert!(drain(&mut ra).is_empty());
+    assert_eq!(
+        h.auth.seeds.reissues_of(&PairIds::new(a, z)),
+        0,
+        "the forbidden pair was never reissued"
+    );
+    let refused = h.last_event("report_refused");
+    assert_eq!(refused["reason"], "report_peer_not_in_table");
+    assert_eq!(refused["kind"], "compromised_key_use");
+}
+
+#[test]
+fn a_compromised_key_use_report_about_a_non_peer_reissues_nothing() {
+    // Islands: a-b and c-d; c is enrolled but not a's peer.
+    let mut h = Harness::new(islands_policy(true));
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let c = h.enroll(3, "c");
+    h.enroll(4, "d");
+    let mut rc = h.subscribe(&c);
+    drain(&mut rc);
+    for kind in [
+        ReportKind::CompromisedKeyUse,
+        ReportKind::ForgedTokens,
+        ReportKind::Impersonation,
+    ] {
+        assert_eq!(
+            h.auth.report(&a, &report(kind, c), t(T0)),
+            Err(Refusal::BadRequest)
+        );
+    }
+    assert_eq!(h.refusals("report_peer_not_in_table"), 3);
+    assert_eq!(h.auth.metrics().reissues.get(), 0);
+    assert!(drain(&mut rc).is_empty(), "c was not touched");
+    assert!(events(&h, "compromised_key_use").is_empty());
+    // About its real peer: accepted and acted on.
+    h.auth
+        .report(&a, &report(ReportKind::CompromisedKeyUse, b), t(T0))
+        .expect("report about a table peer");
+    assert_eq!(h.auth.metrics().reissues.get(), 1);
+    // A policy change that splits a and b: the same report is now refused.
+    h.auth
+        .reload_policy(&islands_policy(false), t(T0 + 1))
+        .expect("reload");
+    assert_eq!(
+        h.auth
+            .report(&a, &report(ReportKind::ForgedTokens, b), t(T0 + 1)),
+        Err(Refusal::BadRequest)
+    );
+    assert_eq!(h.refusals("report_peer_not_in_table"), 4);
+}
+
+#[test]
+fn reports_past_the_per_reporter_limit_are_refused_counted_and_audited_aggregated() {
+    let settings = with_limits(|l| {
+        l.reports_per_window = 3;
+        l.report_window_secs = 60;
+    });
+    let mut h = Harness::with_settings(standard_policy(), settings);
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    for i in 0..3 {
+        h.auth
+            .report(&a, &report(ReportKind::ForgedTokens, b), t(T0 + i))
+            .expect("within the limit");
+    }
+    for i in 0..500 {
+        assert_eq!(
+            h.auth
+                .report(&a, &report(ReportKind::ForgedTokens, b), t(T0 + 3 + i % 50)),
+            Err(Refusal::BadRequest)
+        );
+    }
+    assert_eq!(h.refusals("report_rate_limited"), 500);
+    assert_eq!(
+        events(&h, "forged_tokens").len(),
+        3,
+        "only accepted reports"
+    );
+    assert_eq!(
+        events(&h, "report_refused").len(),
+        1,
+        "one record, then a count"
+    );
+    assert_eq!(h.auth.metrics().audit_aggregated.get(), 499);
+    // The limit is per reporter: b still reports.
+    h.auth
+        .report(&b, &report(ReportKind::ForgedTokens, a), t(T0 + 10))
+        .expect("another reporter");
+    // The next window: accepted again, and the summary of the refused ones is written.
+    h.auth
+        .report(&a, &report(ReportKind::ForgedTokens, b), t(T0 + 60))
+        .expect("a new window");
+    assert!(
+        summaries(&h, "report_rate_limited").is_empty(),
+        "not due before T0 + 63"
+    );
+    h.auth.tick(t(T0 + 63));
+    let s = summaries(&h, "report_rate_limited");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["count"], 500);
+    assert_eq!(s[0]["node"], a.to_string());
+    assert_eq!(s[0]["refused_event"], "report_refused");
+    assert_eq!(s[0]["first"], T0 + 3);
+    assert_eq!(s[0]["last"], T0 + 52);
+}
+
+#[test]
+fn a_report_of_a_generation_an_earlier_reissue_replaced_does_not_reissue_again() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let pair = PairIds::new(a, b);
+    let old = h.auth.grants(&pair, t(T0))[0].generation;
+    h.auth
+        .reissue(&NodeRef::Id(a), &NodeRef::Id(b), t(T0))
+        .expect("operator reissue");
+    // b sees a token under the replaced generation (someone holds the old seed): recorded,
+    // but the pair's current seeds are not implicated; no churn.
+    for i in 0..5 {
+        let r = Report {
+            generation: Some(old),
+            ..report(ReportKind::CompromisedKeyUse, a)
+        };
+        h.auth.report(&b, &r, t(T0 + i)).expect("report");
+    }
+    assert_eq!(h.auth.metrics().reissues.get(), 1);
+    assert_eq!(h.auth.seeds.reissues_of(&pair), 1);
+    assert_eq!(events(&h, "compromised_key_use").len(), 5);
+    assert_eq!(
+        h.last_event("reissue_skipped")["reason"],
+        "generation_already_reissued"
+    );
+    // A generation of the current reissue count still reissues.
+    let current = h.auth.grants(&pair, t(T0))[0].generation;
+    let r = Report {
+        generation: Some(current),
+        ..report(ReportKind::CompromisedKeyUse, a)
+    };
+    h.auth.report(&b, &r, t(T0 + 9)).expect("report");
+    assert_eq!(h.auth.seeds.reissues_of(&pair), 2);
+}
+
+#[test]
+fn address_changes_past_the_limit_are_deferred_and_the_refresh_still_attests() {
+    let settings = with_limits(|l| {
+        l.address_changes_per_window = 2;
+        l.address_change_window_secs = 600;
+    });
+    let mut h = Harness::with_settings(standard_policy(), settings);
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let mut rb = h.subscribe(&b);
+    drain(&mut rb);
+    let addr = |port: u16| [Address::truncated(&format!("127.0.0.1:{port}"))];
+    let a_addresses = |h: &Harness| {
+        h.auth
+            .nodes_view()
+            .into_iter()
+            .find(|n| n.node_id == a.to_string())
+            .expect("a")
+            .addresses
+    };
+    // Two changes: applied, each pushes a's new peer info to b.
+    for (i, port) in [(1, 30_001), (2, 30_002)] {
+        h.auth
+            .refresh(&a, &GOOD, &addr(port), t(T0 + i))
+            .expect("refresh");
+        assert_eq!(kinds(&drain(&mut rb)), ["routes", "seeds"]);
+    }
+    // Unchanged addresses, many times: no push, and no change used up.
+    for i in 0..50 {
+        h.auth
+            .refresh(&a, &GOOD, &addr(30_002), t(T0 + 3 + i))
+            .expect("refresh");
+    }
+    assert!(drain(&mut rb).is_empty());
+    // The third change in the window: attested, but deferred; b sees nothing.
+    for i in 0..20 {
+        let env = h
+            .auth
+            .refresh(&a, &GOOD, &addr(30_003), t(T0 + 100 + i))
+            .expect("a deferred change still attests");
+        assert!(!env.is_empty());
+    }
+    assert!(drain(&mut rb).is_empty());
+    assert_eq!(a_addresses(&h), ["127.0.0.1:30002"]);
+    assert_eq!(h.refusals("address_change_rate_limited"), 20);
+    let deferred = events(&h, "address_change_deferred");
+    assert_eq!(deferred.len(), 1, "aggregated");
+    assert_eq!(deferred[0]["addresses"][0], "127.0.0.1:30003");
+    assert_eq!(deferred[0]["reason"], "address_change_rate_limited");
+    // A refresh in the next window applies it.
+    h.auth
+        .refresh(&a, &GOOD, &addr(30_003), t(T0 + 1 + 600))
+        .expect("refresh");
+    assert_eq!(a_addresses(&h), ["127.0.0.1:30003"]);
+    assert_eq!(kinds(&drain(&mut rb)), ["routes", "seeds"]);
+    h.auth.tick(t(T0 + 700));
+    assert_eq!(summaries(&h, "address_change_rate_limited")[0]["count"], 20);
+}
+
+#[test]
+fn rate_limit_windows_are_fixed_and_a_clock_stepping_back_does_not_reopen_them() {
+    use super::registry::Window;
+    let mut w = None;
+    for _ in 0..3 {
+        assert!(Window::take(&mut w, t(100), 3, 60));
+    }
+    assert!(!Window::take(&mut w, t(159), 3, 60), "past the limit");
+    assert!(!Window::take(&mut w, t(50), 3, 60), "the clock went back");
+    assert!(Window::take(&mut w, t(160), 3, 60), "a new window");
+    let mut none = None;
+    assert!(
+        !Window::take(&mut none, t(1), 0, 60),
+        "a zero limit refuses all"
+    );
+}
+
+// --- aggregated audit of repeatable refusals (issue #12 item 2) ----------------------------
+
+#[test]
+fn ten_thousand_bogus_enrollments_from_one_key_cost_o1_audit_records() {
+    let mut h = Harness::new(standard_policy());
+    let before = h.audit().len();
+    for i in 0..10_000u32 {
+        let mut bytes = [0u8; 32];
+        bytes[..4].copy_from_slice(&i.to_be_bytes());
+        let bogus = JoinSecret::from_bytes(bytes);
+        assert_eq!(
+            h.try_enroll(7, &bogus, GOOD, &addresses(7), t(T0 + u64::from(i) / 1_000)),
+            Err(Refusal::JoinSecret)
+        );
+    }
+    assert_eq!(
+        h.refusals("join_secret_unknown"),
+        10_000,
+        "every one counted"
+    );
+    assert_eq!(h.auth.metrics().audit_aggregated.get(), 9_999);
+    let refused = events(&h, "enroll_refused");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["node"], id(7).to_string());
+    assert_eq!(refused[0]["hostname"], "test-host");
+    assert!(
+        summaries(&h, "join_secret_unknown").is_empty(),
+        "not due yet"
+    );
+    // The periodic tick writes the summary once the interval has passed.
+    h.auth.tick(t(T0 + 59));
+    assert!(summaries(&h, "join_secret_unknown").is_empty());
+    h.auth.tick(t(T0 + 60));
+    let s = summaries(&h, "join_secret_unknown");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["count"], 10_000);
+    assert_eq!(
+        (s[0]["first"].clone(), s[0]["last"].clone()),
+        (T0.into(), (T0 + 9).into())
+    );
+    assert_eq!(s[0]["refused_event"], "enroll_refused");
+    // (Signed checkpoints of the audit chain aside.)
+    let mut new: Vec<Value> = h.audit().split_off(before);
+    new.retain(|r| r["event"] != "audit_checkpoint");
+    assert_eq!(new.len(), 2, "two records for 10 000 refusals: {new:?}");
+}
+
+#[test]
+fn bogus_enrollments_from_many_keys_share_one_other_bucket_past_the_key_bound() {
+    let settings = with_limits(|l| l.audit_max_keys = 8);
+    let mut h = Harness::with_settings(standard_policy(), settings);
+    let bogus = JoinSecret::from_bytes([9; 32]);
+    for i in 0..1_000u16 {
+        let key = [i.to_be_bytes().to_vec(), vec![0xEE; 42]].concat();
+        let r = h.auth.enroll(
+            &Enrollment {
+                spki: &key,
+                join_secret: &bogus,
+                measurement: GOOD,
+                addresses: &addresses(1),
+                hostname: "h",
+            },
+            t(T0),
+        );
+        assert_eq!(r, Err(Refusal::JoinSecret));
+    }
+    assert_eq!(h.refusals("join_secret_unknown"), 1_000);
+    let refused = events(&h, "enroll_refused");
+    assert_eq!(refused.len(), 9, "8 keys and one record for the overflow");
+    assert_eq!(refused[8]["aggregated"], "other");
+    assert_eq!(h.auth.metrics().audit_overflow.get(), 992);
+    h.auth.tick(t(T0 + 60));
+    let other: Vec<Value> = events(&h, "refusals_aggregated")
+        .into_iter()
+        .filter(|r| r["node"] == "other")
+        .collect();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0]["count"], 992);
+}
+
+#[test]
+fn refused_refreshes_and_bad_requests_are_aggregated_and_summarised_on_shutdown() {
+    let mut h = Harness::new(standard_policy());
+    for i in 0..1_000 {
+        assert_eq!(
+            h.auth.refresh(&id(9), &GOOD, &addresses(9), t(T0 + i % 10)),
+            Err(Refusal::NotEnrolled)
+        );
+        h.auth.bad_request(&id(9), t(T0));
+        assert!(h.auth.subscribe(&id(9), t(T0)).is_err());
+    }
+    assert_eq!(h.refusals("not_enrolled"), 1_000);
+    assert_eq!(h.refusals("bad_request"), 1_000);
+    assert_eq!(h.refusals("subscribe_not_live"), 1_000);
+    assert_eq!(events(&h, "refresh_refused").len(), 1);
+    assert_eq!(events(&h, "request_refused").len(), 1);
+    assert_eq!(events(&h, "subscribe_refused").len(), 1);
+    // Not due, but a shutdown (the authority dropped) writes what is pending.
+    let h = h.reopen(t(T0 + 10));
+    for (reason, event) in [
+        ("not_enrolled", "refresh_refused"),
+        ("bad_request", "request_refused"),
+        ("subscribe_not_live", "subscribe_refused"),
+    ] {
+        let s = summaries(&h, reason);
+        assert_eq!(s.len(), 1, "{reason}");
+        assert_eq!(s[0]["count"], 1_000);
+        assert_eq!(s[0]["refused_event"], event);
+    }
+}
+
+#[test]
+fn attacker_chosen_text_in_audit_records_is_bounded() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let hostname = format!("evil\n{{\"event\":\"revoke\"}}{}", "x".repeat(240));
+    let key = spki(5);
+    let _ = h.auth.enroll(
+        &Enrollment {
+            spki: &key,
+            join_secret: &JoinSecret::from_bytes([3; 32]),
+            measurement: GOOD,
+            addresses: &addresses(5),
+            hostname: &hostname,
+        },
+        t(T0),
+    );
+    let rec = h.last_event("enroll_refused");
+    let written = rec["hostname"].as_str().expect("hostname");
+    assert!(written.len() <= hopmesh_protocol::audit_aggregate::MAX_AUDIT_TEXT_LEN + 3);
+    assert!(written.starts_with("evil?{"), "{written}");
+    assert!(!written.contains('\n'));
+    let detail = format!("\u{1b}[2J{}", "y".repeat(250));
+    let r = Report {
+        detail: BoundedString::truncated(&detail),
+        ..report(ReportKind::ForgedTokens, b)
+    };
+    h.auth.report(&a, &r, t(T0)).expect("report");
+    let written = h.last_event("forged_tokens")["detail"]
+        .as_str()
+        .expect("detail")
+        .to_owned();
+    assert!(written.len() <= hopmesh_protocol::audit_aggregate::MAX_AUDIT_TEXT_LEN + 3);
+    assert!(written.starts_with("?[2J"), "{written}");
 }
 
 // --- node references ----------------------------------------------------------------------
