@@ -450,8 +450,15 @@ impl Overlay {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {
+                    // This connection only: the peer's other connections have their own
+                    // writers (and the same key may be in use by an honest process).
+                    let why = CloseReason::ControlStalled;
                     self.shared.counters.refused("control_stalled");
-                    self.close_peer(&pc.peer, CloseReason::ControlStalled);
+                    pc.close(why);
+                    self.shared.audit(
+                        "peer_closed",
+                        fields! {"peer" => pc.peer.to_string(), "reason" => why.reason()},
+                    );
                     return;
                 }
             }

@@ -22,6 +22,12 @@ use hopmesh_transport::quic::{
 };
 use hopmesh_transport::tls::{self, ALPN_DATA, AnyKey, ServerExpectation};
 
+/// Per-stream receive window of [`ProtocolClient::connect_never_reading`]: smaller than one
+/// renewal, so the first renewal the node writes stalls.
+pub const STINGY_WINDOW: u32 = 256;
+/// How often [`ProtocolClient::connect_never_reading`] looks for a newer attestation to renew.
+pub const RENEW_POLL: Duration = Duration::from_millis(200);
+
 /// One hand-driven connection to a node.
 #[derive(Debug)]
 pub struct ProtocolClient {
@@ -34,7 +40,17 @@ pub struct ProtocolClient {
     /// Who we talk to.
     pub peer: NodeId,
     _endpoint: quinn::Endpoint,
-    _control: (quinn::SendStream, quinn::RecvStream),
+    _control_recv: quinn::RecvStream,
+    control_send: Option<quinn::SendStream>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ProtocolClient {
+    fn drop(&mut self) {
+        if let Some(t) = self.renewer.take() {
+            t.abort();
+        }
+    }
 }
 
 /// What happened to a stream.
@@ -54,6 +70,55 @@ impl ProtocolClient {
 
     /// [`Self::connect`], returning why the handshake or the Hello exchange failed.
     pub async fn try_connect(dir: &Path, peer: NodeId, addr: SocketAddr) -> Result<Self, String> {
+        Self::try_connect_with(dir, peer, addr, |_| {}).await
+    }
+
+    /// Connects like [`Self::connect`], reads the node's Hello, then never reads its control
+    /// stream again, with a receive window of [`STINGY_WINDOW`] bytes per stream: the node's
+    /// next control messages (renewals) find no flow-control credit.
+    /// It does send renewals, as an honest peer would (the attestation file of `dir`, checked
+    /// every [`RENEW_POLL`] while the connection lives), so the node has no other reason to
+    /// close it.
+    pub async fn connect_never_reading(dir: &Path, peer: NodeId, addr: SocketAddr) -> Self {
+        let mut c = Self::try_connect_with(dir, peer, addr, |t| {
+            t.stream_receive_window(quinn::VarInt::from_u32(STINGY_WINDOW));
+        })
+        .await
+        .expect("connect");
+        let (Some(mut send), conn) = (c.control_send.take(), c.conn.clone()) else {
+            unreachable!("a fresh client holds its control stream");
+        };
+        let file = dir.join("attestation.bin");
+        c.renewer = Some(tokio::spawn(async move {
+            let mut last = std::fs::read(&file).unwrap_or_default();
+            while conn.close_reason().is_none() {
+                tokio::time::sleep(RENEW_POLL).await;
+                let Ok(now) = std::fs::read(&file) else {
+                    continue;
+                };
+                if now == last {
+                    continue;
+                }
+                let Ok(attestation) = BoundedVec::<u8, MAX_ENVELOPE>::new(now.clone()) else {
+                    return;
+                };
+                let renewal = PeerMessage::Renewal { attestation };
+                if write_frame(&mut send, &renewal, CONTROL_CAP).await.is_err() {
+                    return;
+                }
+                last = now;
+            }
+        }));
+        c
+    }
+
+    /// [`Self::try_connect`] with the client's transport settings changed by `tweak`.
+    pub async fn try_connect_with(
+        dir: &Path,
+        peer: NodeId,
+        addr: SocketAddr,
+        tweak: impl FnOnce(&mut quinn::TransportConfig),
+    ) -> Result<Self, String> {
         let identity = Identity::load(&dir.join("node.key")).map_err(|e| e.to_string())?;
         let attestation = std::fs::read(dir.join("attestation.bin")).map_err(|e| e.to_string())?;
         let ep = endpoint(
@@ -68,10 +133,11 @@ impl ProtocolClient {
                 ServerExpectation::Node(peer, Arc::new(AnyKey)),
             )
             .map_err(|e| e.to_string())?,
-            Arc::new(transport_config(
-                Duration::from_secs(10),
-                Duration::from_secs(2),
-            )),
+            Arc::new({
+                let mut t = transport_config(Duration::from_secs(10), Duration::from_secs(2));
+                tweak(&mut t);
+                t
+            }),
         )
         .map_err(|e| e.to_string())?;
         let conn = ep
@@ -103,7 +169,9 @@ impl ProtocolClient {
             local,
             peer,
             _endpoint: ep,
-            _control: (s, r),
+            _control_recv: r,
+            control_send: Some(s),
+            renewer: None,
         })
     }
 
