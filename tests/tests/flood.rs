@@ -284,3 +284,20 @@ async fn a_second_subscription_of_a_node_replaces_the_first() {
     .await;
     assert_eq!(saw, Ok(true), "the new subscription gets the revocation");
 }
+
+/// The node's endpoint takes no unidirectional stream either (the node uses none): a peer that
+/// passed the handshake and the Hello cannot make it buffer data nobody reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_open_unidirectional_streams_on_a_node() {
+    let mesh = hopmesh_tests::mesh::Mesh::start(Settings::default()).await;
+    let b = mesh.node("b").handle.as_ref().expect("running");
+    let (b_id, b_addr) = (b.node.local, b.quic_addr);
+    let dir = mesh.node("a").dir.path().to_owned();
+    let c = hopmesh_tests::attacker::ProtocolClient::connect(&dir, b_id, b_addr).await;
+    let opened = uni_stream_attack(&c.conn, 100, 1_200_000, Duration::from_millis(500)).await;
+    assert_eq!(opened, 0, "the node must allow no unidirectional stream");
+    // The connection itself is fine: data streams still open.
+    assert!(c.open().await.is_some());
+    drop(c);
+    mesh.shutdown().await;
+}
