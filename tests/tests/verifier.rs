@@ -534,3 +534,107 @@ impl AdminAddr for VerifierHarness {
         std::fs::read_to_string(self.dir.path().join("admin.addr")).expect("admin.addr")
     }
 }
+
+/// Polls the audit log (bounded: 10 s) until a record matches.
+async fn audit_record_within(h: &VerifierHarness, want: impl Fn(&Value) -> bool) -> Value {
+    let path = h.dir.path().join("audit.jsonl");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = hopmesh_transport::audit::read_since(&path, 0).expect("audit");
+        if let Some(r) = records.into_iter().find(|r| want(r)) {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no matching audit record within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue #12 item 2 over QUIC: every bogus enrollment from one key is refused and counted,
+/// but the audit log gets one record and, after the interval (written by the service's
+/// tick), one summary with the count.
+#[tokio::test]
+async fn bogus_enrollments_over_quic_cost_two_audit_records() {
+    let h = VerifierHarness::start(&standard_policy(), Settings::default()).await;
+    let thief = h.node().await;
+    for i in 0..300u32 {
+        let mut bytes = [0x5a; 32];
+        bytes[..4].copy_from_slice(&i.to_be_bytes());
+        assert_eq!(
+            refused(
+                thief
+                    .enroll(JoinSecret::from_bytes(bytes), GOOD_MEASUREMENT, h.now())
+                    .await
+            ),
+            Refusal::JoinSecret
+        );
+    }
+    assert_eq!(audit_reasons(&h, "enroll_refused"), ["join_secret_unknown"]);
+    let metrics = h
+        .admin()
+        .call("GET", "/metrics", None)
+        .await
+        .expect("metrics");
+    let text = metrics.as_str().expect("text");
+    assert!(
+        text.contains("hopmesh_verifier_refusals_total{reason=\"join_secret_unknown\"} 300"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hopmesh_verifier_audit_aggregated_total 299"),
+        "{text}"
+    );
+    h.clock.advance(61);
+    let summary = audit_record_within(&h, |r| {
+        r["event"] == "refusals_aggregated" && r["reason"] == "join_secret_unknown"
+    })
+    .await;
+    assert_eq!(summary["count"], 300);
+    assert_eq!(summary["node"], thief.identity.node_id().to_string());
+    assert_eq!(audit_reasons(&h, "enroll_refused").len(), 1);
+}
+
+/// Issue #12 item 5 over QUIC: `z` is outside every allowed pair. A report naming it is
+/// refused and reissues nothing; an operator reissue of the forbidden pair is refused.
+#[tokio::test]
+async fn reports_and_reissues_of_a_pair_policy_forbids_are_refused() {
+    let policy = standard_policy()
+        + "\n[[segment]]\nname = \"s3\"\n[[node]]\nname = \"z\"\nsegments = [\"s3\"]\n";
+    let h = VerifierHarness::start(&policy, Settings::default()).await;
+    let a = enrolled(&h, "a").await;
+    let z = enrolled(&h, "z").await;
+    let (ai, zi) = (a.identity.node_id(), z.identity.node_id());
+    let before = grants(&h, &ai, &zi);
+    let report = |peer| hopmesh_protocol::enrollment::Report {
+        kind: hopmesh_protocol::enrollment::ReportKind::CompromisedKeyUse,
+        peer,
+        generation: Some(before[0].generation),
+        detail: hopmesh_protocol::wire::BoundedString::truncated("test"),
+    };
+    assert_eq!(
+        refused(a.client.report(report(zi)).await),
+        Refusal::BadRequest
+    );
+    assert_eq!(
+        refused(z.client.report(report(ai)).await),
+        Refusal::BadRequest
+    );
+    assert_eq!(grants(&h, &ai, &zi), before, "nothing reissued");
+    assert_eq!(
+        audit_reasons(&h, "report_refused"),
+        ["report_peer_not_in_table", "report_peer_not_in_table"]
+    );
+    let err = h
+        .admin()
+        .call(
+            "POST",
+            "/v1/reissue",
+            Some(serde_json::json!({"a": "a", "b": "z"})),
+        )
+        .await
+        .expect_err("not a pair");
+    assert!(err.contains("not a pair"), "{err}");
+    assert_eq!(grants(&h, &ai, &zi), before);
+}
