@@ -301,3 +301,58 @@ async fn a_peer_cannot_open_unidirectional_streams_on_a_node() {
     drop(c);
     mesh.shutdown().await;
 }
+
+/// Item 6: a subscriber that cannot keep up is not dropped: once its queue overflows, what is
+/// still queued is discarded and a fresh snapshot (starting with `Config`) follows on the same
+/// stream, which stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_falls_behind_gets_a_resync_on_the_same_stream() {
+    let h = VerifierHarness::start(&standard_policy(), Settings::default()).await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let a = enrolled_key(&h, keys.path(), "a").await;
+    // Peers, so that every generation slot pushes seeds to a.
+    enrolled_key(&h, keys.path(), "b").await;
+    enrolled_key(&h, keys.path(), "c").await;
+    let (node, _) = refresh_as(&h, &a).await;
+    let mut pushes = node.subscribe().await.expect("subscribe");
+    let metrics = h.shared().authority().metrics().clone();
+    // a does not read: drive generation slots until its queue overflows (bounded).
+    let generation = i64::try_from(h.settings.generation_secs).expect("fits");
+    let started = Instant::now();
+    for _ in 0..20_000 {
+        if metrics.subscriber_resyncs.get() > 0 || started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        h.clock.advance(generation);
+        let now = h.now();
+        h.shared().authority().tick(now);
+    }
+    assert_eq!(
+        metrics.subscriber_resyncs.get(),
+        1,
+        "the queue overflowed once"
+    );
+    // Now a reads: old pushes (what the transport already held), then a fresh snapshot.
+    let mut seen = 0usize;
+    let resynced = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match pushes.next().await {
+                Ok(Some(Push::Config(_))) if seen > 0 => return true,
+                Ok(Some(_)) => seen += 1,
+                _ => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        resynced,
+        Ok(true),
+        "a fresh snapshot must follow on the same stream"
+    );
+    // The stream stays: later changes still arrive.
+    h.clock.advance(generation);
+    let now = h.now();
+    h.shared().authority().tick(now);
+    let more = tokio::time::timeout(Duration::from_secs(5), pushes.next()).await;
+    assert!(matches!(more, Ok(Ok(Some(_)))), "{more:?}");
+}
