@@ -248,7 +248,15 @@ impl Overlay {
         let binding = connection_binding(&conn, ALPN_DATA, &PairIds::new(node.local, peer))?;
         let (pc, renewals) = PeerConn::new(peer, conn, binding, send);
         let pc = Arc::new(pc);
-        self.pool.insert(pc.clone());
+        for old in self.pool.insert(pc.clone()) {
+            let why = CloseReason::Replaced;
+            node.counters.refused("peer_connection_replaced");
+            old.close(why);
+            node.audit(
+                "peer_closed",
+                fields! {"peer" => peer.to_string(), "reason" => why.reason()},
+            );
+        }
         node.audit(
             "peer_connected",
             fields! {"peer" => peer.to_string(), "dialer" => dialer},

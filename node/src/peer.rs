@@ -102,6 +102,13 @@ impl PeerConn {
     }
 }
 
+/// Open connections kept per peer node id, both directions together. Honest nodes reuse one
+/// connection (two when both dial at once, a few more across address changes until the old
+/// ones time out); a peer that opens more displaces its own oldest: a new connection always
+/// gets in (a rebooted peer is never locked out by its stale ones), and the peer's cost to us
+/// stays bounded. Counted `peer_connection_replaced`.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+
 /// Every live connection per peer (both directions): revocation must close them all.
 #[derive(Debug, Default)]
 pub struct Pool {
@@ -125,9 +132,16 @@ impl Pool {
             .cloned()
     }
 
-    /// Adds an established connection.
-    pub fn insert(&self, pc: Arc<PeerConn>) {
-        self.lock().entry(pc.peer).or_default().push(pc);
+    /// Adds an established connection; returns the connections it displaces: past
+    /// [`MAX_CONNECTIONS_PER_PEER`] open ones, the oldest go (closed ones are forgotten first).
+    /// The caller closes them with [`CloseReason::Replaced`].
+    pub fn insert(&self, pc: Arc<PeerConn>) -> Vec<Arc<PeerConn>> {
+        let mut pool = self.lock();
+        let conns = pool.entry(pc.peer).or_default();
+        conns.retain(|c| c.conn.close_reason().is_none());
+        conns.push(pc);
+        let excess = conns.len().saturating_sub(MAX_CONNECTIONS_PER_PEER);
+        conns.drain(..excess).collect()
     }
 
     /// Removes every connection to `peer` and returns them.

@@ -180,6 +180,8 @@ pub enum CloseReason {
     Abuse(ReportKind),
     /// A control message (a renewal) could not be written within its deadline.
     ControlStalled,
+    /// The peer opened a newer connection past the per-peer cap; this, its oldest, goes.
+    Replaced,
     /// Orderly shutdown.
     Shutdown,
 }
@@ -200,6 +202,7 @@ impl CloseReason {
             Self::ForgedTokens => "forged tokens",
             Self::Abuse(kind) => kind.as_str(),
             Self::ControlStalled => "control stream stalled",
+            Self::Replaced => "replaced by a newer connection",
             Self::Shutdown => "shutdown",
         }
     }
@@ -218,6 +221,7 @@ impl CloseReason {
             Self::ExpectedHello | Self::ControlStream => codes::BAD_REQUEST,
             Self::ForgedTokens | Self::Abuse(_) => codes::ABUSE,
             Self::ControlStalled => codes::CONTROL_STALLED,
+            Self::Replaced => VarInt::from_u32(hopmesh_protocol::codes::CONNECTION_REPLACED),
             Self::Shutdown => codes::SHUTDOWN,
         }
     }
@@ -280,6 +284,11 @@ mod tests {
                 CloseReason::ControlStalled,
                 "control stream stalled",
                 0x4814,
+            ),
+            (
+                CloseReason::Replaced,
+                "replaced by a newer connection",
+                0x4815,
             ),
             (CloseReason::Shutdown, "shutdown", 0x4812),
         ];

@@ -30,6 +30,8 @@ pub const POLICY: u32 = 0x4813;
 /// Connection closed: a control message could not be written within its deadline (the peer
 /// gives no flow-control credit or does not read its control stream).
 pub const CONTROL_STALLED: u32 = 0x4814;
+/// Connection closed: the peer opened more connections than the per-peer cap; its oldest goes.
+pub const CONNECTION_REPLACED: u32 = 0x4815;
 
 /// Every code with its constant's name, in numeric order.
 pub const ALL: &[(u32, &str)] = &[
@@ -42,6 +44,7 @@ pub const ALL: &[(u32, &str)] = &[
     (SHUTDOWN, "SHUTDOWN"),
     (POLICY, "POLICY"),
     (CONTROL_STALLED, "CONTROL_STALLED"),
+    (CONNECTION_REPLACED, "CONNECTION_REPLACED"),
 ];
 
 #[cfg(test)]
@@ -79,6 +82,7 @@ mod tests {
                 (0x4812, "SHUTDOWN"),
                 (0x4813, "POLICY"),
                 (0x4814, "CONTROL_STALLED"),
+                (0x4815, "CONNECTION_REPLACED"),
             ]
         );
     }

@@ -78,3 +78,49 @@ async fn socks_clients_past_the_limit_get_a_failure_reply() {
     drop((held, again, extra));
     mesh.shutdown().await;
 }
+
+/// A peer that opens connection after connection keeps at most `MAX_CONNECTIONS_PER_PEER`:
+/// each one past the cap displaces its oldest (closed with CONNECTION_REPLACED, counted), and
+/// the newest always works. Before the cap, every one stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_per_peer_cap_replace_the_oldest() {
+    use hopmesh_node::peer::MAX_CONNECTIONS_PER_PEER;
+    use hopmesh_tests::attacker::ProtocolClient;
+
+    let mesh = Mesh::start(Settings::default()).await;
+    let b = mesh.node("b").handle.as_ref().expect("running");
+    let (b_id, b_addr) = (b.node.local, b.quic_addr);
+    let dir = mesh.node("a").dir.path().to_owned();
+    let mut clients = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_PEER + 2 {
+        clients.push(ProtocolClient::connect(&dir, b_id, b_addr).await);
+    }
+    let replaced = quinn::VarInt::from_u32(hopmesh_protocol::codes::CONNECTION_REPLACED);
+    // The two oldest were displaced (real node a's own connection, if any, went first).
+    for c in &clients[..2] {
+        let closed = tokio::time::timeout(Duration::from_secs(5), c.conn.closed())
+            .await
+            .expect("the oldest connections are closed");
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(e) if e.error_code == replaced),
+            "{closed:?}"
+        );
+    }
+    for c in &clients[clients.len() - (MAX_CONNECTIONS_PER_PEER - 1)..] {
+        assert!(
+            c.conn.close_reason().is_none(),
+            "a recent connection was closed"
+        );
+    }
+    let a_on_b = mesh.node("b").show()["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "a")
+        .map(|p| p["connections"].as_array().map_or(0, Vec::len))
+        .unwrap_or(0);
+    assert!(a_on_b <= MAX_CONNECTIONS_PER_PEER, "{a_on_b} connections");
+    assert!(refused(&mesh, "b", "peer_connection_replaced") >= 2);
+    drop(clients);
+    mesh.shutdown().await;
+}
