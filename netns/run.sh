@@ -17,7 +17,7 @@
 # Usage: netns/run.sh [SCENARIO...]      (all scenarios when none is named)
 #        BENCH_OUT=DIR netns/run.sh bench_lossy   (workload 5 of benches/run.sh)
 #   HOPMESH_BIN   directory with hopmesh-node, hopmesh-verifier, hopmesh-probe, hopmesh-replay,
-#                 hopmesh-flood
+#                 hopmesh-flood, hopmesh-stall
 #                 (target/release)
 #   HOPMESH_NETNS_SKIP_IF_NOT_ROOT=1   exit 0 with a notice when not root (never set in CI)
 #   NETNS_LEAK_SELFTEST=1   no scenarios: plant a leak of every kind and prove the leak check
@@ -42,7 +42,7 @@ fi
 for tool in ip nft conntrack curl sha256sum python3; do
     command -v "$tool" >/dev/null || { echo "netns suite: missing $tool" >&2; exit 1; }
 done
-for b in hopmesh-node hopmesh-verifier hopmesh-probe hopmesh-replay hopmesh-flood; do
+for b in hopmesh-node hopmesh-verifier hopmesh-probe hopmesh-replay hopmesh-flood hopmesh-stall; do
     [ -x "$BIN/$b" ] || { echo "netns suite: $BIN/$b not built (cargo build --release --bins)" >&2; exit 1; }
 done
 
@@ -415,6 +415,28 @@ scenario_flood_restart() {
     [ "$(fetch a api.s1.mesh hello "$WORK/fr")" = 0 ] || fail "a -> api.s1 after the restart under flood"
 }
 
+scenario_stall() {
+    # From the attacker namespace, a peer holding node c's key and attestation connects to a and
+    # never reads its control stream. a's next renewal to it finds no credit: a must close that
+    # connection (CONTROL_STALLED) while it keeps refreshing and serving; before the write
+    # deadlines, one such peer could hold a's renewals and pushes.
+    local a_id; a_id=$(field a 's["node_id"]')
+    local na0; na0=$(field a 's["attestation"]["not_after"]')
+    bgn "$X" "$BIN/hopmesh-stall" "$WORK/node-c" "${NODE_IP[a]}:4433" "$a_id" 60 >"$WORK/stall.out" 2>>"$LOG"
+    local stall_pid=$! failures=0 tries=0
+    while kill -0 "$stall_pid" 2>/dev/null; do
+        tries=$((tries + 1))
+        fetch_ok a api.s1.mesh hello "$WORK/stall-get" || failures=$((failures + 1))
+        sleep 1
+    done
+    local rc=0; wait "$stall_pid" || rc=$?
+    echo "    stall: $(cat "$WORK/stall.out") after ${tries} s; a's attestation $na0 -> $(field a 's["attestation"]["not_after"]'); $failures of $tries fetches failed" | tee -a "$LOG"
+    [ "$rc" = 0 ] || fail "a did not close the peer that never reads with CONTROL_STALLED"
+    [ "$(field a 's["attestation"]["not_after"]')" -gt "$na0" ] || fail "a did not refresh"
+    [ "$failures" = 0 ] || fail "$failures fetches failed while a peer stalled a"
+    wait_for 20 "honest c still connected to the verifier" ready c
+}
+
 scenario_partition() {
     # A 3 s partition between clouds 1 and 2 (shorter than the 30 s idle timeout) during a
     # paced transfer: it stalls, then resumes and completes byte-identical.
@@ -754,7 +776,7 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); time.sleep(300)' </de
 }
 
 # ---------------------------------------------------------------------------- runner
-ORDER="bringup matrix attacker flood flood_restart clock_skew clock_behind partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
+ORDER="bringup matrix attacker flood flood_restart stall clock_skew clock_behind partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
 SELECTED=${*:-$ORDER}
 if [ "${NETNS_LEAK_SELFTEST:-}" = 1 ]; then
     leak_selftest
