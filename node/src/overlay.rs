@@ -2,6 +2,7 @@
 //! connection's control reader and stream acceptor, the watchdog, and the TLS authorizer.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -34,6 +35,56 @@ pub const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 pub const DIAL_DEADLINE: Duration = Duration::from_secs(5);
 /// Deadline for writing one control message (a renewal) to a peer.
 pub const CONTROL_WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// Inbound handshakes (TLS and Hello) in progress at once; one more is refused at once
+/// (`incoming.refuse()`, counted `handshake_limit`) instead of queued.
+pub const MAX_INFLIGHT_HANDSHAKES: usize = 256;
+/// Inbound handshakes in progress at once from one source IP address (counted
+/// `handshake_source_limit` past it): one host cannot take every slot.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+/// Deadline for an inbound QUIC/TLS handshake (counted `handshake_timeout`); the Hello
+/// exchange that follows has its own (2 × [`HELLO_DEADLINE`]).
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The accept loop's handshake slots: [`MAX_INFLIGHT_HANDSHAKES`] in all,
+/// [`MAX_HANDSHAKES_PER_SOURCE`] per source address. Pure bookkeeping.
+#[derive(Debug, Default)]
+pub struct HandshakeSlots {
+    total: usize,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+impl HandshakeSlots {
+    /// Takes a slot for a handshake from `ip`, or the refusal reason (counter label).
+    pub fn admit(&mut self, ip: IpAddr) -> Result<(), &'static str> {
+        if self.total >= MAX_INFLIGHT_HANDSHAKES {
+            return Err("handshake_limit");
+        }
+        let n = self.per_source.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return Err("handshake_source_limit");
+        }
+        *n += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    /// Gives back the slot of a handshake from `ip` (finished, failed or timed out).
+    pub fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_source.get_mut(&ip) {
+            *n -= 1;
+            self.total -= 1;
+            if *n == 0 {
+                self.per_source.remove(&ip);
+            }
+        }
+    }
+
+    /// Handshakes in progress.
+    pub fn in_flight(&self) -> usize {
+        self.total
+    }
+}
+
 /// How often the watchdog re-checks every connection.
 pub const WATCHDOG_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -339,23 +390,42 @@ impl Overlay {
         }
     }
 
-    /// Accepts peer connections until shutdown.
+    /// Accepts peer connections until shutdown, within [`HandshakeSlots`] and
+    /// [`HANDSHAKE_DEADLINE`].
     pub async fn accept_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let slots = Arc::new(Mutex::new(HandshakeSlots::default()));
         loop {
             let incoming = tokio::select! {
                 i = self.endpoint.accept() => i,
                 _ = shutdown.changed() => return,
             };
             let Some(incoming) = incoming else { return };
+            let ip = incoming.remote_address().ip();
+            let admitted = slots
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .admit(ip);
+            if let Err(reason) = admitted {
+                self.shared.counters.refused(reason);
+                incoming.refuse();
+                continue;
+            }
+            let slot = SlotGuard(slots.clone(), ip);
             let overlay = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let connecting = match PathKind::of(incoming.remote_address()) {
                     PathKind::Loopback => incoming.accept_with(overlay.loopback_server.clone()),
                     PathKind::Network => incoming.accept(),
                 };
                 // Never `into_0rtt()` (docs/design.md, pitfall 2): wait for the full handshake.
                 let handshake = async { connecting?.await };
-                match handshake.await {
+                let Ok(handshake) = tokio::time::timeout(HANDSHAKE_DEADLINE, handshake).await
+                else {
+                    overlay.shared.counters.refused("handshake_timeout");
+                    return;
+                };
+                match handshake {
                     Ok(conn) => {
                         // The whole Hello exchange, our write included, within the deadline:
                         // a peer that gives no credit cannot hold this task.
@@ -483,6 +553,18 @@ impl Dial for Overlay {
     }
 }
 
+/// A handshake slot, given back when the handshake task ends however it ends.
+struct SlotGuard(Arc<Mutex<HandshakeSlots>>, IpAddr);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .release(self.1);
+    }
+}
+
 /// The dialer of an overlay that has shut down.
 #[derive(Debug)]
 struct Gone;
@@ -490,5 +572,36 @@ struct Gone;
 impl Dial for Gone {
     fn connection_to(&self, _peer: NodeId) -> DialFuture {
         Box::pin(async { Err(NodeError::Peer("the node is shutting down".into())) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_slots_cap_each_source_and_the_total_and_come_back() {
+        let mut s = HandshakeSlots::default();
+        let one: IpAddr = "192.0.2.1".parse().expect("ip");
+        for _ in 0..MAX_HANDSHAKES_PER_SOURCE {
+            assert_eq!(s.admit(one), Ok(()));
+        }
+        assert_eq!(s.admit(one), Err("handshake_source_limit"));
+        s.release(one);
+        assert_eq!(s.admit(one), Ok(()));
+        // Other sources fill the rest, up to the total.
+        let mut n = 0u32;
+        while s.in_flight() < MAX_INFLIGHT_HANDSHAKES {
+            n += 1;
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(u128::from(n)));
+            assert_eq!(s.admit(ip), Ok(()));
+        }
+        let fresh: IpAddr = "198.51.100.7".parse().expect("ip");
+        assert_eq!(s.admit(fresh), Err("handshake_limit"));
+        s.release(one);
+        assert_eq!(s.admit(fresh), Ok(()));
+        // Releasing an unknown source changes nothing.
+        s.release("203.0.113.9".parse().expect("ip"));
+        assert_eq!(s.in_flight(), MAX_INFLIGHT_HANDSHAKES);
     }
 }
