@@ -168,35 +168,38 @@ mod tests {
 
     #[test]
     fn join_secret_from_file_stdin_or_env_never_argv() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("must succeed");
         let f = dir.path().join("secret");
-        std::fs::write(&f, format!("{HEX}\n")).unwrap();
+        std::fs::write(&f, format!("{HEX}\n")).expect("must succeed");
         let empty: &[u8] = b"";
-        let (s, src) = read_join_secret(Some(&f), Some("ignored".into()), empty).unwrap();
+        let (s, src) =
+            read_join_secret(Some(&f), Some("ignored".into()), empty).expect("must succeed");
         assert_eq!(hex::encode(s.expose()), HEX);
         assert_eq!(src, JoinTokenSource::File(f.clone()));
 
         let (s, src) =
-            read_join_secret(Some(Path::new("-")), None, format!("  {HEX}\n").as_bytes()).unwrap();
+            read_join_secret(Some(Path::new("-")), None, format!("  {HEX}\n").as_bytes())
+                .expect("must succeed");
         assert_eq!(hex::encode(s.expose()), HEX);
         assert_eq!(src, JoinTokenSource::Stdin);
 
-        let (s, src) = read_join_secret(None, Some(HEX.into()), empty).unwrap();
+        let (s, src) = read_join_secret(None, Some(HEX.into()), empty).expect("must succeed");
         assert_eq!(hex::encode(s.expose()), HEX);
         assert_eq!(src, JoinTokenSource::Env);
 
-        let err = read_join_secret(None, None, empty).unwrap_err();
+        let err = read_join_secret(None, None, empty).expect_err("must fail");
         assert!(err.contains("--join-token-file"), "{err}");
-        let err = read_join_secret(None, Some("xyz".into()), empty).unwrap_err();
+        let err = read_join_secret(None, Some("xyz".into()), empty).expect_err("must fail");
         assert!(
             err.contains("HOPMESH_JOIN_TOKEN") && err.contains("64 hex"),
             "{err}"
         );
-        let err = read_join_secret(Some(&dir.path().join("missing")), None, empty).unwrap_err();
+        let err = read_join_secret(Some(&dir.path().join("missing")), None, empty)
+            .expect_err("must fail");
         assert!(err.contains("missing"), "{err}");
         // A huge stdin is read only up to the cap, then refused as not a secret.
         let big = vec![b'a'; 10 * 1024 * 1024];
-        let err = read_join_secret(Some(Path::new("-")), None, &big[..]).unwrap_err();
+        let err = read_join_secret(Some(Path::new("-")), None, &big[..]).expect_err("must fail");
         assert!(err.contains("64 hex"), "{err}");
     }
 }

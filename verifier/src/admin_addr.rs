@@ -181,7 +181,9 @@ mod tests {
         );
         assert_eq!(
             AdminAddr::parse("127.0.0.1:7444", dir),
-            Ok(AdminAddr::Tcp("127.0.0.1:7444".parse().unwrap()))
+            Ok(AdminAddr::Tcp(
+                "127.0.0.1:7444".parse().expect("must succeed")
+            ))
         );
         assert!(AdminAddr::parse("[::1]:7444", dir).is_ok());
         assert!(AdminAddr::parse("127.8.9.1:1", dir).is_ok());
@@ -205,14 +207,17 @@ mod tests {
         }
         // Round trip through admin.addr.
         for a in ["unix:/d/admin.sock", "127.0.0.1:9", "[::1]:9"] {
-            assert_eq!(AdminAddr::parse(a, dir).unwrap().to_string(), a);
+            assert_eq!(
+                AdminAddr::parse(a, dir).expect("must succeed").to_string(),
+                a
+            );
         }
     }
 
     #[test]
     fn proof_binds_token_address_and_challenge() {
-        let a: AdminAddr = AdminAddr::Tcp("127.0.0.1:7444".parse().unwrap());
-        let b: AdminAddr = AdminAddr::Tcp("127.0.0.1:7445".parse().unwrap());
+        let a: AdminAddr = AdminAddr::Tcp("127.0.0.1:7444".parse().expect("must succeed"));
+        let b: AdminAddr = AdminAddr::Tcp("127.0.0.1:7445".parse().expect("must succeed"));
         let c = [7u8; CHALLENGE_LEN];
         let p = proof("tok", &a, &c);
         assert!(proof_is_valid("tok", &a, &c, &p));
@@ -230,21 +235,25 @@ mod tests {
 
     #[tokio::test]
     async fn unix_socket_is_0600_and_a_stale_one_is_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = AdminAddr::parse("unix", dir.path()).unwrap();
-        let l = AdminListener::bind(&addr).await.unwrap();
-        let AdminAddr::Unix(path) = l.local_addr().unwrap() else {
+        let dir = tempfile::tempdir().expect("must succeed");
+        let addr = AdminAddr::parse("unix", dir.path()).expect("must succeed");
+        let l = AdminListener::bind(&addr).await.expect("must succeed");
+        let AdminAddr::Unix(path) = l.local_addr().expect("must succeed") else {
             panic!("not unix")
         };
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&path)
+            .expect("must succeed")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         // A live listener: a second bind is refused, the socket is left alone.
-        let err = AdminListener::bind(&addr).await.unwrap_err();
+        let err = AdminListener::bind(&addr).await.expect_err("must fail");
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
         // Crashed (listener gone, file left): replaced.
         drop(l);
         assert!(path.exists());
-        let l2 = AdminListener::bind(&addr).await.unwrap();
+        let l2 = AdminListener::bind(&addr).await.expect("must succeed");
         assert!(tokio::net::UnixStream::connect(&path).await.is_ok());
         drop(l2);
     }

@@ -50,7 +50,8 @@ async fn main() -> std::process::ExitCode {
         attempted += n;
         let before = flood.conns.len();
         handshakes += flood.open(n).await;
-        for c in flood.conns[before..].iter().cloned() {
+        for c in &flood.conns[before..] {
+            let c = c.clone();
             streams.spawn(async move {
                 let bidi = open_idle_bidi(&c, 100, Duration::from_secs(2)).await;
                 let uni = uni_stream_attack(&c, 100, 64 << 10, Duration::from_secs(2)).await;
