@@ -26,6 +26,9 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     /// Bytes from the mesh to apps or backends.
     pub bytes_in: AtomicU64,
+    /// Refusal audit records not written because an earlier one of the same (peer, event,
+    /// reason) in the interval was (they are in the interval's `refusals_aggregated` count).
+    pub audit_aggregated: AtomicU64,
     refusals: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -42,6 +45,8 @@ pub struct CountersView {
     pub bytes_out: u64,
     /// Bytes in.
     pub bytes_in: u64,
+    /// Refusal audit records aggregated instead of written.
+    pub audit_aggregated: u64,
     /// Refusals by reason.
     pub refused: BTreeMap<&'static str, u64>,
 }
@@ -91,6 +96,11 @@ impl Counters {
                 "Bytes from the mesh to local apps and backends",
                 v.bytes_in,
             ),
+            (
+                "audit_aggregated",
+                "Refusal audit records aggregated into a later summary instead of written",
+                v.audit_aggregated,
+            ),
         ] {
             registry.register(name, help, ConstCounter::new(value));
         }
@@ -113,6 +123,7 @@ impl Counters {
             socks_ok: self.socks_ok.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            audit_aggregated: self.audit_aggregated.load(Ordering::Relaxed),
             refused: self
                 .refusals
                 .lock()

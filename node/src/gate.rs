@@ -289,14 +289,18 @@ fn refuse(
     node.counters.refused(reason);
     reset(send, recv, &why);
     let GateRefusal::Token(refusal) = why else {
-        node.audit(
+        node.audit_refusal(
             "stream_refused",
+            pc.peer,
+            reason,
             fields! {"peer" => pc.peer.to_string(), "reason" => reason},
         );
         return;
     };
-    node.audit(
+    node.audit_refusal(
         "stream_refused",
+        pc.peer,
+        reason,
         fields! {"peer" => pc.peer.to_string(), "reason" => reason, "stream" => stream_id, "detail" => refusal.to_string()},
     );
     let now = node.now();

@@ -461,6 +461,7 @@ impl Overlay {
                 _ = shutdown.changed() => return,
             }
             let now = self.shared.now();
+            self.shared.flush_refusal_audit(false);
             // A refreshed attestation that was not valid yet on our clock may be now.
             let promoted = {
                 let mut st = self.shared.state_write();

@@ -100,6 +100,7 @@ impl NodeHandle {
             let _ = t.await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), overlay.endpoint.wait_idle()).await;
+        shared.flush_refusal_audit(true);
         shared.anchor_audit();
         let _ = std::fs::remove_file(shared.dir.ctl());
     }

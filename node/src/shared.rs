@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hickory_resolver::TokioResolver;
+use hopmesh_protocol::audit_aggregate::{Aggregator, Bucket, Decision, Summary};
 use hopmesh_protocol::control::NonceCache;
 use hopmesh_protocol::enrollment::Report;
 use hopmesh_protocol::ids::{Measurement, NodeId};
@@ -23,6 +24,9 @@ use crate::counters::Counters;
 use crate::datadir::{AUDIT_ANCHOR_INTERVAL_SECS, NodeDir};
 use crate::state::NodeState;
 use crate::streams::Streams;
+
+/// What aggregates a repeatable refusal: (peer, event, reason).
+type RefusalKey = (NodeId, &'static str, &'static str);
 
 /// The node's shared context.
 pub struct Shared {
@@ -47,6 +51,7 @@ pub struct Shared {
     /// The inbound streams being served.
     pub streams: Arc<Streams>,
     audit: Mutex<NodeAudit>,
+    refusal_audit: Mutex<Aggregator<RefusalKey>>,
     reports: mpsc::Sender<Report>,
     resolver: Option<TokioResolver>,
     nonces: Mutex<NonceCache>,
@@ -108,6 +113,7 @@ impl Shared {
                 anchored_seq: None,
                 anchored_at: 0,
             }),
+            refusal_audit: Mutex::new(Aggregator::with_defaults()),
             reports: p.reports,
             resolver,
             nonces: Mutex::new(NonceCache::default()),
@@ -158,6 +164,74 @@ impl Shared {
         }
         if durable || now >= a.anchored_at.saturating_add(AUDIT_ANCHOR_INTERVAL_SECS) {
             self.anchor_locked(&mut a, now);
+        }
+    }
+
+    /// Audits a refusal a peer can repeat at will (a refused stream): the first of each
+    /// (peer, event, reason) per [`DEFAULT_AGGREGATION_INTERVAL_SECS`] is written with its
+    /// fields, the repeats are counted (`audit_aggregated`) and summarised in one
+    /// `refusals_aggregated` record when the interval ends ([`Self::flush_refusal_audit`]);
+    /// past [`DEFAULT_MAX_AGGREGATION_KEYS`] keys they share one "other" bucket. So a peer's
+    /// flood of refused streams costs O(1) audit records per interval; the refusal counters
+    /// stay exact (the caller counts every refusal).
+    ///
+    /// [`DEFAULT_AGGREGATION_INTERVAL_SECS`]: hopmesh_protocol::audit_aggregate::DEFAULT_AGGREGATION_INTERVAL_SECS
+    /// [`DEFAULT_MAX_AGGREGATION_KEYS`]: hopmesh_protocol::audit_aggregate::DEFAULT_MAX_AGGREGATION_KEYS
+    pub fn audit_refusal(
+        &self,
+        event: &'static str,
+        peer: NodeId,
+        reason: &'static str,
+        mut fields: Map<String, Value>,
+    ) {
+        let now = self.now();
+        let (decision, due) = {
+            let mut agg = self
+                .refusal_audit
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = agg.flush(now);
+            (agg.observe((peer, event, reason), now), due)
+        };
+        self.write_refusal_summaries(due);
+        match decision {
+            Decision::Count => Counters::add(&self.counters.audit_aggregated, 1),
+            Decision::Write => self.audit(event, fields),
+            Decision::WriteOther => {
+                fields.insert("aggregated".into(), "other".into());
+                self.audit(event, fields);
+            }
+        }
+    }
+
+    /// Writes the summaries of refusal keys whose interval ended (`drain`: all of them, at
+    /// shutdown). Called on every [`Self::audit_refusal`] and by the watchdog.
+    pub fn flush_refusal_audit(&self, drain: bool) {
+        let due = {
+            let mut agg = self
+                .refusal_audit
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if drain {
+                agg.drain()
+            } else {
+                agg.flush(self.now())
+            }
+        };
+        self.write_refusal_summaries(due);
+    }
+
+    fn write_refusal_summaries(&self, summaries: Vec<Summary<RefusalKey>>) {
+        for s in summaries {
+            let (peer, event, reason) = match &s.key {
+                Bucket::Key((peer, event, reason)) => (peer.to_string(), *event, *reason),
+                Bucket::Other => ("other".to_owned(), "other", "other"),
+            };
+            self.audit(
+                "refusals_aggregated",
+                hopmesh_transport::fields! {"refused_event" => event, "peer" => peer, "reason" => reason,
+                "count" => s.count, "first" => s.first.as_secs(), "last" => s.last.as_secs()},
+            );
         }
     }
 

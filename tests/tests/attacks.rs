@@ -114,7 +114,8 @@ async fn replayed_forged_and_stale_tokens_are_refused() {
     assert_eq!(r["bad_mac"], 1, "{r}");
     assert_eq!(r["stream_id_mismatch"], 1, "{r}");
     assert_eq!(r["epoch_out_of_window"], 2, "{r}");
-    // Every refusal is audited once at b with its precise reason.
+    // Each (peer, reason) is audited once at b with its precise reason; the second
+    // epoch_out_of_window of the interval is counted, not written (aggregated).
     let audit = s.mesh.node("b").audit();
     let reasons: Vec<&str> = audit
         .iter()
@@ -123,13 +124,52 @@ async fn replayed_forged_and_stale_tokens_are_refused() {
         .collect();
     assert_eq!(
         reasons,
-        vec![
-            "bad_mac",
-            "stream_id_mismatch",
-            "epoch_out_of_window",
-            "epoch_out_of_window"
-        ]
+        vec!["bad_mac", "stream_id_mismatch", "epoch_out_of_window"]
     );
+    assert_eq!(s.mesh.node("b").show()["counters"]["audit_aggregated"], 1);
+    s.mesh.shutdown().await;
+}
+
+/// A peer repeating a refused stream costs the node one audit record per (peer, reason) and
+/// interval, plus one summary with the count, whatever the rate; every refusal is still
+/// counted. (Before the aggregation: one `stream_refused` line per stream.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_refusals_from_a_peer_cost_one_audit_record_and_a_summary() {
+    const N: u64 = 200;
+    let mut s = setup().await;
+    let dir = s.mesh.node("a").dir.path().to_owned();
+    let stale = hopmesh_protocol::hop_token::Epoch(s.epoch.0 - 2);
+    let c = ProtocolClient::connect(&dir, s.b, s.b_addr).await;
+    for _ in 0..N {
+        assert_eq!(
+            c.try_stream(&s.grant, stale, api(), |_| {}).await,
+            StreamOutcome::Refused
+        );
+    }
+    assert_eq!(refused(&s.mesh, "b")["epoch_out_of_window"], N);
+    assert_eq!(
+        s.mesh.node("b").show()["counters"]["audit_aggregated"],
+        N - 1
+    );
+    let written = |audit: &[Value], event: &str| {
+        audit
+            .iter()
+            .filter(|r| r["event"] == event && r["peer"] == s.a.to_string())
+            .count()
+    };
+    assert_eq!(written(&s.mesh.node("b").audit(), "stream_refused"), 1);
+    // Stopping b writes the pending summary with the whole count.
+    let b = s.mesh.nodes.get_mut("b").expect("b");
+    b.handle.take().expect("running").shutdown().await;
+    let audit = s.mesh.node("b").audit();
+    let summaries: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "refusals_aggregated" && r["peer"] == s.a.to_string())
+        .collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert_eq!(summaries[0]["refused_event"], "stream_refused");
+    assert_eq!(summaries[0]["reason"], "epoch_out_of_window");
+    assert_eq!(summaries[0]["count"], N);
     s.mesh.shutdown().await;
 }
 
