@@ -218,7 +218,7 @@ impl Authority {
     }
 
     /// Records a node's security report (refused, counted and audited aggregated unless
-    /// [`check_report`](Self::check_report) permits it); reissues the pair on
+    /// `check_report` permits it); reissues the pair on
     /// `compromised_key_use` when so configured, unless the pair was reissued since the
     /// reported generation.
     pub fn report(
