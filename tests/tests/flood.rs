@@ -356,3 +356,37 @@ async fn a_subscriber_that_falls_behind_gets_a_resync_on_the_same_stream() {
     let more = tokio::time::timeout(Duration::from_secs(5), pushes.next()).await;
     assert!(matches!(more, Ok(Ok(Some(_)))), "{more:?}");
 }
+
+/// A batch of nodes enrolling from one address (one host, or many VMs behind one NAT) while
+/// keeping their connections: each enrolled connection moves to the enrolled pool within
+/// `PROMOTE_POLL`, so the batch is never limited by that address's unauthenticated share.
+/// Before the promotion poll, the 17th such node was refused `source_unauthenticated_full`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_enrolling_from_one_address_is_not_held_to_the_unauthenticated_share() {
+    const BATCH: usize = 3 * hopmesh_verifier::service::MAX_UNAUTHENTICATED_PER_SOURCE;
+    let mut policy = standard_policy() + "\n[[segment]]\nname = \"batch\"\n";
+    for i in 0..BATCH {
+        policy += &format!("[[node]]\nname = \"n{i}\"\nsegments = [\"batch\"]\n");
+    }
+    let h = VerifierHarness::start(&policy, Settings::default()).await;
+    let mut kept = Vec::new();
+    for i in 0..BATCH {
+        let node = h.node().await;
+        node.enroll(
+            h.join_token(&format!("n{i}"), 60),
+            GOOD_MEASUREMENT,
+            h.now(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("node {i} of the batch: {e:?}"));
+        // Promoted within the poll interval, well before the next ones fill the share.
+        tokio::time::sleep(hopmesh_verifier::service::PROMOTE_POLL * 2).await;
+        kept.push(node);
+    }
+    let metrics = h.shared().authority().metrics().render();
+    assert!(
+        !metrics.contains("reason=\"source_unauthenticated_full\""),
+        "{metrics}"
+    );
+    drop(kept);
+}

@@ -199,10 +199,13 @@ async fn handle_connection(conn: Connection, source: IpAddr, shared: Arc<Shared>
                     handle_stream(conn, &spki, send, recv, shared, gate).await
                 });
             }
-            _ = sleep_until_some(deadline) => {
+            // An unauthenticated connection that enrolls moves to the enrolled pool within
+            // PROMOTE_POLL, so a batch of nodes enrolling from one address (one host, one
+            // NAT) never waits for the per-source share to free up.
+            _ = sleep_until_some(deadline.map(|d| d.min(tokio::time::Instant::now() + PROMOTE_POLL))) => {
                 if enrolled(&shared) && gate.promote(&mut slot, &conn, node) {
                     deadline = None;
-                } else {
+                } else if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                     gate.refused(ConnRefusal::UnauthenticatedDeadline);
                     conn.close(codes::BAD_REQUEST, b"not enrolled");
                     break;
@@ -212,6 +215,10 @@ async fn handle_connection(conn: Connection, source: IpAddr, shared: Arc<Shared>
     }
     drop(slot);
 }
+
+/// How often an unauthenticated connection checks whether its key enrolled meanwhile (then it
+/// moves to the enrolled pool and its deadline is lifted).
+pub const PROMOTE_POLL: Duration = Duration::from_millis(100);
 
 /// Sleeps until `at`, or forever without one.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
