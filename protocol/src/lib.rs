@@ -41,5 +41,6 @@ pub mod policy;
 pub mod routing;
 pub mod secret;
 pub mod socks5;
+pub mod table_sync;
 pub mod time;
 pub mod wire;
