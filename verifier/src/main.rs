@@ -12,6 +12,7 @@ use hopmesh_verifier::admin::{AdminClient, DEFAULT_JOIN_TTL};
 use hopmesh_verifier::admin_addr::{AdminAddr, AdminListener};
 use hopmesh_verifier::authority::{CompromiseMode, Settings};
 use hopmesh_verifier::datadir::DataDir;
+use hopmesh_verifier::service::ConnectionBudgets;
 use hopmesh_verifier::{ServeOptions, start};
 use serde_json::{Value, json};
 
@@ -39,6 +40,10 @@ enum OnCompromise {
     AutoReissue,
     AlertOnly,
 }
+
+/// Highest `--max-node-connections`: past it the budget stops being one (each connection
+/// can hold its stream windows and push queue).
+const MAX_NODE_CONNECTIONS_FLAG: usize = 1 << 20;
 
 #[derive(Subcommand)]
 enum Command {
@@ -68,6 +73,10 @@ enum Command {
         /// What to do on a reported compromised key use.
         #[arg(long, value_enum, default_value = "auto-reissue")]
         on_compromise: OnCompromise,
+        /// Connections of enrolled nodes held at once (past it a node's connection is
+        /// refused, counted in `connection_refusals{reason="enrolled_full"}`).
+        #[arg(long, default_value_t = hopmesh_verifier::service::MAX_ENROLLED)]
+        max_node_connections: usize,
         /// Test only: seconds added to the system clock.
         #[arg(long, default_value_t = 0, hide = true, allow_hyphen_values = true)]
         clock_offset: i64,
@@ -209,8 +218,12 @@ async fn run(cli: Cli) -> Result<()> {
             epoch,
             generation,
             on_compromise,
+            max_node_connections,
             clock_offset,
         } => {
+            if !(1..=MAX_NODE_CONNECTIONS_FLAG).contains(&max_node_connections) {
+                bail!("--max-node-connections must be 1 to {MAX_NODE_CONNECTIONS_FLAG}");
+            }
             if !(10..=86_400).contains(&attestation_ttl) {
                 bail!("--attestation-ttl must be 10 to 86400 seconds");
             }
@@ -224,6 +237,10 @@ async fn run(cli: Cli) -> Result<()> {
                 on_compromise: match on_compromise {
                     OnCompromise::AutoReissue => CompromiseMode::AutoReissue,
                     OnCompromise::AlertOnly => CompromiseMode::AlertOnly,
+                },
+                connections: ConnectionBudgets {
+                    max_enrolled: max_node_connections,
+                    ..ConnectionBudgets::default()
                 },
                 ..Settings::default()
             };

@@ -376,3 +376,26 @@ async fn audit_verify_catches_a_truncated_tail_and_a_rewritten_log() {
     assert_eq!(cli(&dir, &["audit", "verify"])["ok"], true);
     drop(serve(&dir));
 }
+
+#[test]
+fn serve_refuses_a_node_connection_budget_out_of_range() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for bad in ["0", "1048577"] {
+        let out = cli_output(
+            dir.path(),
+            &[
+                "serve",
+                "--policy",
+                "/nonexistent.toml",
+                "--max-node-connections",
+                bad,
+            ],
+        );
+        assert!(!out.status.success(), "{bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--max-node-connections must be 1 to 1048576"),
+            "{bad}: {err}"
+        );
+    }
+}

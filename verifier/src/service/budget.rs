@@ -22,8 +22,10 @@ pub const MAX_UNAUTHENTICATED: usize = 128;
 pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 16;
 /// Default of [`ConnectionBudgets::unauthenticated_deadline`].
 pub const UNAUTHENTICATED_DEADLINE: Duration = Duration::from_secs(10);
-/// Default of [`ConnectionBudgets::max_enrolled`].
-pub const MAX_ENROLLED: usize = 10_000;
+/// Default of [`ConnectionBudgets::max_enrolled`]: the 10 000-node target mesh with room for
+/// a reconnect wave (a node's new connection counts before its old one is closed) and growth.
+/// Set with `hopmesh-verifier serve --max-node-connections`.
+pub const MAX_ENROLLED: usize = 16_384;
 /// Default of [`ConnectionBudgets::max_connections_per_node`].
 pub const MAX_CONNECTIONS_PER_NODE: usize = 4;
 
@@ -51,7 +53,7 @@ pub struct ConnectionBudgets {
     /// Such a connection is closed this long after its handshake unless its key enrolled
     /// meanwhile ([`UNAUTHENTICATED_DEADLINE`] = 10 s; `unauthenticated_deadline`).
     pub unauthenticated_deadline: Duration,
-    /// Connections of enrolled nodes ([`MAX_ENROLLED`] = 10 000; `enrolled_full`).
+    /// Connections of enrolled nodes ([`MAX_ENROLLED`] = 16 384; `enrolled_full`).
     pub max_enrolled: usize,
     /// Connections of one enrolled node; a newer one closes its oldest
     /// ([`MAX_CONNECTIONS_PER_NODE`] = 4; counted as `node_oldest_closed`).
@@ -325,7 +327,7 @@ mod tests {
         assert_eq!(b.max_unauthenticated, 128);
         assert_eq!(b.max_unauthenticated_per_source, 16);
         assert_eq!(b.unauthenticated_deadline, Duration::from_secs(10));
-        assert_eq!(b.max_enrolled, 10_000);
+        assert_eq!(b.max_enrolled, 16_384);
         assert_eq!(b.max_connections_per_node, 4);
     }
 
