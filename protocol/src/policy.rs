@@ -42,8 +42,10 @@ use std::ops::Range;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use self::mesh_tables::{MeshError, MeshTables, NodeDelta, PolicyDiff, TableState};
 use crate::attestation::MAX_SEGMENTS_PER_NODE;
 use crate::ids::{Measurement, NodeId, NodeName, SegmentName, ServiceId, ServiceName};
+
 use crate::routing::{
     Backend, DEFAULT_MESH_SUFFIX, EgressRoute, EgressTable, IngressEntry, IngressTable, MeshName,
     RoutingTable,
@@ -480,20 +482,21 @@ impl Policy {
                     relayed,
                 });
             } else if self.node_may_use(node, mesh).is_ok() && *serving != self_id {
+                // `None`: the route's relay is not enrolled, so no route at all (never a
+                // direct fallback). This node may still relay others' streams below.
                 let via = match self.routes.get(&(node.clone(), spec.node.clone())) {
-                    None => None,
-                    Some(v) => match directory.get(v) {
-                        Some(id) => Some(*id),
-                        None => continue,
-                    },
+                    None => Some(None),
+                    Some(v) => directory.get(v).map(|id| Some(*id)),
                 };
-                table.peers.insert(via.unwrap_or(*serving));
-                routes.push(EgressRoute {
-                    name: mesh.clone(),
-                    service: spec.id,
-                    serving_node: *serving,
-                    via,
-                });
+                if let Some(via) = via {
+                    table.peers.insert(via.unwrap_or(*serving));
+                    routes.push(EgressRoute {
+                        name: mesh.clone(),
+                        service: spec.id,
+                        serving_node: *serving,
+                        via,
+                    });
+                }
             }
             // This node relays `from`'s streams for this service to its serving node.
             for ((from, to), via) in &self.routes {
@@ -544,5 +547,6 @@ pub fn parse_backend(s: &str) -> Result<Backend, String> {
     })
 }
 
+mod mesh_tables;
 #[cfg(test)]
 mod tests;

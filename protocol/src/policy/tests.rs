@@ -335,3 +335,28 @@ fn route_errors_name_the_line() {
     ));
     assert!(msg.contains("three different nodes"), "{msg}");
 }
+
+/// A relay whose own route to the serving node needs an unenrolled relay has no route of its
+/// own, and still relays the streams it carries for others (it used to lose its transit
+/// entries for that serving node's services).
+#[test]
+fn a_relay_without_its_own_route_still_relays() {
+    let text = SAMPLE.to_owned()
+        + "\n[[node]]\nname = \"r\"\nsegments = [\"s1\"]\n[[node]]\nname = \"q\"\nsegments = [\"s1\"]\n\
+           [[route]]\nfrom = \"a\"\nto = \"c\"\nvia = \"r\"\n\
+           [[route]]\nfrom = \"r\"\nto = \"c\"\nvia = \"q\"\n";
+    let p = Policy::parse(&text).expect("valid");
+    let mut dir = directory();
+    let r = NodeId::from_bytes([0xD0; 32]);
+    dir.insert(NodeName::new("r").expect("name"), r);
+    let tables = p.compile(&dir);
+    let web = MeshName::parse("web.s2.mesh", "mesh").expect("name");
+    assert_eq!(
+        tables[&r].egress.may_route("web.s2.mesh", "mesh"),
+        Err(RouteRefusal::NoRoute),
+        "q is not enrolled: r has no route to web.s2"
+    );
+    let transit: Vec<_> = tables[&r].ingress.transit().collect();
+    assert_eq!(transit, vec![(id("a"), web.service_id(), id("c"))]);
+    assert!(tables[&r].peers.contains(&id("a")) && tables[&r].peers.contains(&id("c")));
+}

@@ -1,0 +1,656 @@
+//! Incremental compilation: every live node's table as [`Entries`], kept up to date by
+//! enrolment, removal and address changes with work proportional to the entries that change
+//! (not to the mesh), and a policy reload compiled once and diffed per node.
+//!
+//! A node's table is the union of *relationships*, each owning entries no other relationship
+//! has (docs/design.md, "Segments, services, routing, relays"):
+//! - the node's own services: one `Service` entry each;
+//! - direct: `user` may use `service` of `server` and no `[[route]]` goes from `user` to
+//!   `server`: `user` gets `Route(service -> server)` and peer `server`; `server` gets
+//!   `Allowed { service, user }` and peer `user`;
+//! - relayed: `[[route]] from = origin, to = server, via = relay`, `origin` may use
+//!   `service` of `server`, all three live: `origin` gets `Route(service -> server via
+//!   relay)` and peer `relay`; `relay` gets `Transit { origin, service, server }` and peers
+//!   `origin` and `server`; `server` gets `Relayed { service, relay, origin }` and peer
+//!   `relay`. With the relay not live there is no route at all (never a direct fallback).
+//!
+//! A peer may be one for several reasons (relationships): each table counts the reasons per
+//! peer and holds the `Peer` entry while the count is above zero. Peering is symmetric, so
+//! the nodes holding `X` as a peer are `X`'s own peers (an address change touches only them).
+//!
+//! [`Policy::compile_for`] is the reference: the tests check that the entries here equal
+//! `entries_of(compile_for(..))` for every node after every step of random sequences of
+//! enrolments, removals, address changes and reloads.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::enrollment::PeerInfo;
+use crate::ids::{NodeId, NodeName, SegmentName, ServiceId};
+use crate::routing::{EgressRoute, MeshName};
+use crate::table_sync::{Entries, TableChange, TableEntry, TableKey};
+
+use super::{Policy, RuleTarget};
+
+/// Why an operation was refused; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MeshError {
+    /// Another live node holds the name (the registry never lets two live nodes share one).
+    #[error("name `{0}` is held by another live node")]
+    NameHeld(NodeName),
+}
+
+/// Whether a node's table appeared, disappeared, or was there before and after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableState {
+    /// It had a table before and has one after.
+    Kept,
+    /// It has a table now (it enrolled, or a reload named it).
+    Created,
+    /// It has none now (it was removed, or a reload dropped its name).
+    Dropped,
+}
+
+/// What one operation changed in one node's table. A node without a table counts as one
+/// with no entries, so `changes` applied to the entries before give the entries after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeDelta {
+    /// The node.
+    pub node: NodeId,
+    /// Whether its table appeared or disappeared.
+    pub state: TableState,
+    /// In key order, each key once.
+    pub changes: Vec<TableChange>,
+    /// The entries before that `changes` replace or remove (to update an order-free digest
+    /// without rehashing the table).
+    pub old: Vec<TableEntry>,
+    /// Peers it did not have before, in order.
+    pub added_peers: Vec<NodeId>,
+    /// Peers it no longer has, in order.
+    pub removed_peers: Vec<NodeId>,
+}
+
+/// The pairs (`a < b`) that `deltas` add and remove.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyDiff {
+    /// Pairs that now exist and did not before.
+    pub pairs_added: BTreeSet<(NodeId, NodeId)>,
+    /// Pairs that no longer exist.
+    pub pairs_removed: BTreeSet<(NodeId, NodeId)>,
+}
+
+impl PolicyDiff {
+    /// The pairs added and removed across `deltas` (each pair once, whichever end reports it).
+    pub fn of(deltas: &[NodeDelta]) -> Self {
+        let pair = |a: NodeId, b: NodeId| if a < b { (a, b) } else { (b, a) };
+        let mut out = Self::default();
+        for d in deltas {
+            out.pairs_added
+                .extend(d.added_peers.iter().map(|p| pair(d.node, *p)));
+            out.pairs_removed
+                .extend(d.removed_peers.iter().map(|p| pair(d.node, *p)));
+        }
+        out
+    }
+}
+
+/// The policy indexed for incremental compilation.
+#[derive(Clone, Debug)]
+struct Index {
+    policy: Policy,
+    /// Per service: the segments whose members may use it.
+    allowed: BTreeMap<MeshName, BTreeSet<SegmentName>>,
+    /// Per segment: the services its members may use.
+    usable: BTreeMap<SegmentName, BTreeSet<MeshName>>,
+    /// Per node: the services it serves.
+    serves: BTreeMap<NodeName, Vec<MeshName>>,
+    /// Per relay node: the routes `(from, to)` through it.
+    relays: BTreeMap<NodeName, Vec<(NodeName, NodeName)>>,
+}
+
+impl Index {
+    fn new(policy: Policy) -> Self {
+        let mut in_segment: BTreeMap<&SegmentName, Vec<&MeshName>> = BTreeMap::new();
+        for mesh in policy.services.keys() {
+            in_segment.entry(&mesh.segment).or_default().push(mesh);
+        }
+        let mut allowed: BTreeMap<MeshName, BTreeSet<SegmentName>> = BTreeMap::new();
+        let mut usable: BTreeMap<SegmentName, BTreeSet<MeshName>> = BTreeMap::new();
+        for rule in &policy.rules {
+            let targets: Vec<&MeshName> = match &rule.to {
+                RuleTarget::Service(m) => policy
+                    .services
+                    .get_key_value(m)
+                    .map(|(k, _)| k)
+                    .into_iter()
+                    .collect(),
+                RuleTarget::Segment(seg) => in_segment.get(seg).cloned().unwrap_or_default(),
+            };
+            for mesh in targets {
+                allowed
+                    .entry(mesh.clone())
+                    .or_default()
+                    .insert(rule.from.clone());
+                usable
+                    .entry(rule.from.clone())
+                    .or_default()
+                    .insert(mesh.clone());
+            }
+        }
+        let mut serves: BTreeMap<NodeName, Vec<MeshName>> = BTreeMap::new();
+        for (mesh, spec) in &policy.services {
+            serves
+                .entry(spec.node.clone())
+                .or_default()
+                .push(mesh.clone());
+        }
+        let mut relays: BTreeMap<NodeName, Vec<(NodeName, NodeName)>> = BTreeMap::new();
+        for ((from, to), via) in &policy.routes {
+            relays
+                .entry(via.clone())
+                .or_default()
+                .push((from.clone(), to.clone()));
+        }
+        Self {
+            policy,
+            allowed,
+            usable,
+            serves,
+            relays,
+        }
+    }
+
+    /// [`Policy::node_may_use`], through the index.
+    fn may_use(&self, user: &NodeName, mesh: &MeshName) -> bool {
+        let (Some(spec), Some(segments), Some(allowed)) = (
+            self.policy.services.get(mesh),
+            self.policy.nodes.get(user),
+            self.allowed.get(mesh),
+        ) else {
+            return false;
+        };
+        spec.node != *user && segments.iter().any(|s| allowed.contains(s))
+    }
+}
+
+/// One relationship: `user` may use `service` of `server`, through `relay` if one.
+#[derive(Clone, Debug)]
+struct Rel {
+    name: MeshName,
+    service: ServiceId,
+    server: NodeId,
+    user: NodeId,
+    relay: Option<NodeId>,
+}
+
+/// A live node's table and why each peer is one.
+#[derive(Clone, Debug, Default)]
+struct NodeTable {
+    entries: Entries,
+    /// Per peer: how many relationships make it one (never 0).
+    reasons: BTreeMap<NodeId, u32>,
+}
+
+/// What an operation touched: each key's value and each table's existence before it.
+#[derive(Debug, Default)]
+struct Journal {
+    on: bool,
+    before: BTreeMap<NodeId, BTreeMap<TableKey, Option<TableEntry>>>,
+    had_table: BTreeMap<NodeId, bool>,
+}
+
+impl Journal {
+    fn recording() -> Self {
+        Self {
+            on: true,
+            ..Self::default()
+        }
+    }
+
+    fn touch(&mut self, node: NodeId, key: TableKey, before: Option<TableEntry>) {
+        if self.on {
+            self.before
+                .entry(node)
+                .or_default()
+                .entry(key)
+                .or_insert(before);
+        }
+    }
+
+    fn table(&mut self, node: NodeId, had: bool) {
+        if self.on {
+            self.had_table.entry(node).or_insert(had);
+        }
+    }
+}
+
+/// Every live node's table, kept incrementally.
+#[derive(Clone, Debug)]
+pub struct MeshTables {
+    index: Index,
+    /// Live nodes and what their peers are told about them.
+    live: BTreeMap<NodeId, PeerInfo>,
+    by_name: BTreeMap<NodeName, NodeId>,
+    /// Per segment: its live members.
+    members: BTreeMap<SegmentName, BTreeSet<NodeName>>,
+    /// Live nodes named in policy.
+    tables: BTreeMap<NodeId, NodeTable>,
+}
+
+impl MeshTables {
+    /// No live node yet.
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            index: Index::new(policy),
+            live: BTreeMap::new(),
+            by_name: BTreeMap::new(),
+            members: BTreeMap::new(),
+            tables: BTreeMap::new(),
+        }
+    }
+
+    /// The policy compiled.
+    pub fn policy(&self) -> &Policy {
+        &self.index.policy
+    }
+
+    /// Live nodes.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// No live node.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// `node`'s entries; `None` if it is not live or not named in policy.
+    pub fn entries(&self, node: &NodeId) -> Option<&Entries> {
+        self.tables.get(node).map(|t| &t.entries)
+    }
+
+    /// `node`'s peers, in order (none without a table).
+    pub fn peers(&self, node: &NodeId) -> impl Iterator<Item = &NodeId> {
+        self.tables
+            .get(node)
+            .into_iter()
+            .flat_map(|t| t.reasons.keys())
+    }
+
+    /// Is `peer` in `me`'s table?
+    pub fn is_peer(&self, me: &NodeId, peer: &NodeId) -> bool {
+        self.tables
+            .get(me)
+            .is_some_and(|t| t.reasons.contains_key(peer))
+    }
+
+    /// Adds a live node, or updates one (its addresses, or its name: as a removal and an
+    /// enrolment). Returns what changed, per node in order.
+    pub fn enrol(&mut self, info: PeerInfo) -> Result<Vec<NodeDelta>, MeshError> {
+        let id = info.node_id;
+        if let Some(held) = self.by_name.get(&info.name)
+            && *held != id
+        {
+            return Err(MeshError::NameHeld(info.name));
+        }
+        let mut journal = Journal::recording();
+        match self.live.get(&id) {
+            Some(old) if *old == info => return Ok(Vec::new()),
+            Some(old) if old.name == info.name => self.readdress(&mut journal, info),
+            Some(_) => {
+                self.remove_node(&mut journal, &id);
+                self.add_node(&mut journal, info);
+            }
+            None => self.add_node(&mut journal, info),
+        }
+        Ok(self.finish(journal))
+    }
+
+    /// Removes a live node (revoked or banned). Returns what changed, per node in order.
+    pub fn remove(&mut self, node: &NodeId) -> Vec<NodeDelta> {
+        let mut journal = Journal::recording();
+        self.remove_node(&mut journal, node);
+        self.finish(journal)
+    }
+
+    /// Replaces the policy: compiles the new one once for the same live nodes and returns
+    /// each changed node's delta.
+    pub fn reload(&mut self, policy: Policy) -> Vec<NodeDelta> {
+        let mut next = Self::new(policy);
+        let mut quiet = Journal::default();
+        for info in self.live.values() {
+            next.add_node(&mut quiet, info.clone());
+        }
+        let deltas = diff(&self.tables, &next.tables);
+        *self = next;
+        deltas
+    }
+
+    fn readdress(&mut self, journal: &mut Journal, info: PeerInfo) {
+        let id = info.node_id;
+        let peers: Vec<NodeId> = self.peers(&id).copied().collect();
+        for p in peers {
+            if let Some(t) = self.tables.get_mut(&p) {
+                let before = t
+                    .entries
+                    .insert(TableKey::Peer(id), TableEntry::Peer(info.clone()));
+                journal.touch(p, TableKey::Peer(id), before);
+            }
+        }
+        self.live.insert(id, info);
+    }
+
+    fn add_node(&mut self, journal: &mut Journal, info: PeerInfo) {
+        let id = info.node_id;
+        let name = info.name.clone();
+        self.by_name.insert(name.clone(), id);
+        self.live.insert(id, info);
+        let Some(segments) = self.index.policy.nodes.get(&name) else {
+            return;
+        };
+        for seg in segments {
+            self.members
+                .entry(seg.clone())
+                .or_default()
+                .insert(name.clone());
+        }
+        journal.table(id, false);
+        let mut table = NodeTable::default();
+        for mesh in self.index.serves.get(&name).into_iter().flatten() {
+            let spec = &self.index.policy.services[mesh];
+            let entry = TableEntry::Service {
+                service: spec.id,
+                name: mesh.clone(),
+                backend: spec.backend.clone(),
+            };
+            journal.touch(id, entry.key(), None);
+            table.entries.insert(entry.key(), entry);
+        }
+        self.tables.insert(id, table);
+        for rel in self.relationships_of(&name) {
+            self.apply(journal, &rel, true);
+        }
+    }
+
+    fn remove_node(&mut self, journal: &mut Journal, id: &NodeId) {
+        let Some(info) = self.live.get(id) else {
+            return;
+        };
+        let name = info.name.clone();
+        for rel in self.relationships_of(&name) {
+            self.apply(journal, &rel, false);
+        }
+        if let Some(table) = self.tables.remove(id) {
+            journal.table(*id, true);
+            // Its own services are what is left (every relationship was undone).
+            for (key, entry) in table.entries {
+                journal.touch(*id, key, Some(entry));
+            }
+        }
+        for seg in self.index.policy.nodes.get(&name).into_iter().flatten() {
+            if let Some(m) = self.members.get_mut(seg) {
+                m.remove(&name);
+            }
+        }
+        self.by_name.remove(&name);
+        self.live.remove(id);
+    }
+
+    /// Every relationship of live node `name` whose other parties are live.
+    fn relationships_of(&self, name: &NodeName) -> Vec<Rel> {
+        let ix = &self.index;
+        let live = |n: &NodeName| self.by_name.get(n).copied();
+        let (Some(me), Some(segments)) = (live(name), ix.policy.nodes.get(name)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let rel = |mesh: &MeshName, user, server, relay| Rel {
+            name: mesh.clone(),
+            service: ix.policy.services[mesh].id,
+            server,
+            user,
+            relay,
+        };
+        // As a user (an origin where a route says so).
+        let mut usable = BTreeSet::new();
+        for seg in segments {
+            usable.extend(ix.usable.get(seg).into_iter().flatten());
+        }
+        for mesh in usable {
+            let serving = &ix.policy.services[mesh].node;
+            if serving == name {
+                continue;
+            }
+            let Some(server) = live(serving) else {
+                continue;
+            };
+            match ix.policy.routes.get(&(name.clone(), serving.clone())) {
+                None => out.push(rel(mesh, me, server, None)),
+                Some(via) => {
+                    if let Some(relay) = live(via) {
+                        out.push(rel(mesh, me, server, Some(relay)));
+                    }
+                }
+            }
+        }
+        // As the serving node.
+        for mesh in ix.serves.get(name).into_iter().flatten() {
+            let mut users = BTreeSet::new();
+            for seg in ix.allowed.get(mesh).into_iter().flatten() {
+                users.extend(self.members.get(seg).into_iter().flatten());
+            }
+            users.remove(name);
+            for user in users {
+                let Some(uid) = live(user) else {
+                    continue;
+                };
+                match ix.policy.routes.get(&(user.clone(), name.clone())) {
+                    None => out.push(rel(mesh, uid, me, None)),
+                    Some(via) => {
+                        if let Some(relay) = live(via) {
+                            out.push(rel(mesh, uid, me, Some(relay)));
+                        }
+                    }
+                }
+            }
+        }
+        // As a relay.
+        for (from, to) in ix.relays.get(name).into_iter().flatten() {
+            let (Some(origin), Some(server)) = (live(from), live(to)) else {
+                continue;
+            };
+            for mesh in ix.serves.get(to).into_iter().flatten() {
+                if ix.may_use(from, mesh) {
+                    out.push(rel(mesh, origin, server, Some(me)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds (or removes) `rel`'s entries and peer reasons.
+    fn apply(&mut self, journal: &mut Journal, rel: &Rel, add: bool) {
+        let route = TableEntry::Route(EgressRoute {
+            name: rel.name.clone(),
+            service: rel.service,
+            serving_node: rel.server,
+            via: rel.relay,
+        });
+        self.set(journal, rel.user, route, add);
+        match rel.relay {
+            None => {
+                self.reason(journal, rel.user, rel.server, add);
+                let allowed = TableEntry::Allowed {
+                    service: rel.service,
+                    peer: rel.user,
+                };
+                self.set(journal, rel.server, allowed, add);
+                self.reason(journal, rel.server, rel.user, add);
+            }
+            Some(relay) => {
+                self.reason(journal, rel.user, relay, add);
+                let transit = TableEntry::Transit {
+                    origin: rel.user,
+                    service: rel.service,
+                    next: rel.server,
+                };
+                self.set(journal, relay, transit, add);
+                self.reason(journal, relay, rel.user, add);
+                self.reason(journal, relay, rel.server, add);
+                let relayed = TableEntry::Relayed {
+                    service: rel.service,
+                    relay,
+                    origin: rel.user,
+                };
+                self.set(journal, rel.server, relayed, add);
+                self.reason(journal, rel.server, relay, add);
+            }
+        }
+    }
+
+    fn set(&mut self, journal: &mut Journal, node: NodeId, entry: TableEntry, add: bool) {
+        let Some(t) = self.tables.get_mut(&node) else {
+            debug_assert!(false, "a relationship's parties all have tables");
+            return;
+        };
+        let key = entry.key();
+        let before = if add {
+            t.entries.insert(key.clone(), entry)
+        } else {
+            t.entries.remove(&key)
+        };
+        journal.touch(node, key, before);
+    }
+
+    fn reason(&mut self, journal: &mut Journal, node: NodeId, peer: NodeId, add: bool) {
+        let Some(t) = self.tables.get_mut(&node) else {
+            debug_assert!(false, "a relationship's parties all have tables");
+            return;
+        };
+        let key = TableKey::Peer(peer);
+        if add {
+            let n = t.reasons.entry(peer).or_insert(0);
+            *n += 1;
+            if *n == 1
+                && let Some(info) = self.live.get(&peer)
+            {
+                let before = t
+                    .entries
+                    .insert(key.clone(), TableEntry::Peer(info.clone()));
+                journal.touch(node, key, before);
+            }
+        } else if let Some(n) = t.reasons.get_mut(&peer) {
+            *n -= 1;
+            if *n == 0 {
+                t.reasons.remove(&peer);
+                let before = t.entries.remove(&key);
+                journal.touch(node, key, before);
+            }
+        }
+    }
+
+    /// Each touched node's delta: the touched keys whose value differs from before.
+    fn finish(&self, journal: Journal) -> Vec<NodeDelta> {
+        let mut nodes: BTreeSet<NodeId> = journal.before.keys().copied().collect();
+        nodes.extend(journal.had_table.keys().copied());
+        let mut out = Vec::new();
+        for node in nodes {
+            let now = self.tables.get(&node).map(|t| &t.entries);
+            let state = match (journal.had_table.get(&node), now.is_some()) {
+                (Some(false), true) => TableState::Created,
+                (Some(true), false) => TableState::Dropped,
+                _ => TableState::Kept,
+            };
+            let mut delta = NodeDelta {
+                node,
+                state,
+                changes: Vec::new(),
+                old: Vec::new(),
+                added_peers: Vec::new(),
+                removed_peers: Vec::new(),
+            };
+            for (key, before) in journal.before.get(&node).into_iter().flatten() {
+                let after = now.and_then(|e| e.get(key));
+                delta.record(key, before.as_ref(), after);
+            }
+            if state != TableState::Kept || !delta.changes.is_empty() {
+                out.push(delta);
+            }
+        }
+        out
+    }
+}
+
+impl NodeDelta {
+    fn record(&mut self, key: &TableKey, before: Option<&TableEntry>, after: Option<&TableEntry>) {
+        if before == after {
+            return;
+        }
+        if let TableKey::Peer(p) = key {
+            match (before, after) {
+                (None, Some(_)) => self.added_peers.push(*p),
+                (Some(_), None) => self.removed_peers.push(*p),
+                _ => {}
+            }
+        }
+        self.old.extend(before.cloned());
+        self.changes.push(match after {
+            Some(e) => TableChange::Put(e.clone()),
+            None => TableChange::Remove(key.clone()),
+        });
+    }
+}
+
+/// Per node whose entries differ between `old` and `new`, its delta (merge of two sorted maps).
+fn diff(old: &BTreeMap<NodeId, NodeTable>, new: &BTreeMap<NodeId, NodeTable>) -> Vec<NodeDelta> {
+    let nodes: BTreeSet<&NodeId> = old.keys().chain(new.keys()).collect();
+    let empty = Entries::new();
+    let mut out = Vec::new();
+    for node in nodes {
+        let (a, b) = (old.get(node), new.get(node));
+        let state = match (a.is_some(), b.is_some()) {
+            (false, true) => TableState::Created,
+            (true, false) => TableState::Dropped,
+            _ => TableState::Kept,
+        };
+        let a = a.map_or(&empty, |t| &t.entries);
+        let b = b.map_or(&empty, |t| &t.entries);
+        let mut delta = NodeDelta {
+            node: *node,
+            state,
+            changes: Vec::new(),
+            old: Vec::new(),
+            added_peers: Vec::new(),
+            removed_peers: Vec::new(),
+        };
+        let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
+        loop {
+            match (ia.peek(), ib.peek()) {
+                (None, None) => break,
+                (Some((ka, ea)), Some((kb, eb))) if ka == kb => {
+                    delta.record(ka, Some(ea), Some(eb));
+                    ia.next();
+                    ib.next();
+                }
+                (Some((ka, ea)), Some((kb, _))) if ka < kb => {
+                    delta.record(ka, Some(ea), None);
+                    ia.next();
+                }
+                (Some((ka, ea)), None) => {
+                    delta.record(ka, Some(ea), None);
+                    ia.next();
+                }
+                (_, Some((kb, eb))) => {
+                    delta.record(kb, None, Some(eb));
+                    ib.next();
+                }
+            }
+        }
+        if state != TableState::Kept || !delta.changes.is_empty() {
+            out.push(delta);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
