@@ -29,6 +29,9 @@ pub struct Counters {
     /// Refusal audit records not written because an earlier one of the same (peer, event,
     /// reason) in the interval was (they are in the interval's `refusals_aggregated` count).
     pub audit_aggregated: AtomicU64,
+    /// Resubscribes for a fresh table snapshot after a table update that did not assemble or
+    /// apply (`verifier_link.rs`, audited as `table_resync`).
+    pub table_resyncs: AtomicU64,
     refusals: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -47,6 +50,8 @@ pub struct CountersView {
     pub bytes_in: u64,
     /// Refusal audit records aggregated instead of written.
     pub audit_aggregated: u64,
+    /// Table resyncs.
+    pub table_resyncs: u64,
     /// Refusals by reason.
     pub refused: BTreeMap<&'static str, u64>,
 }
@@ -101,6 +106,11 @@ impl Counters {
                 "Refusal audit records aggregated into a later summary instead of written",
                 v.audit_aggregated,
             ),
+            (
+                "table_resyncs",
+                "Resubscribes for a fresh routing-table snapshot after an update that did not apply",
+                v.table_resyncs,
+            ),
         ] {
             registry.register(name, help, ConstCounter::new(value));
         }
@@ -124,6 +134,7 @@ impl Counters {
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             audit_aggregated: self.audit_aggregated.load(Ordering::Relaxed),
+            table_resyncs: self.table_resyncs.load(Ordering::Relaxed),
             refused: self
                 .refusals
                 .lock()

@@ -24,6 +24,7 @@ use hopmesh_protocol::routing::{
     ServePermit,
 };
 use hopmesh_protocol::secret::{ConnectionBinding, PairSeed, StreamKey};
+use hopmesh_protocol::table_sync::{SyncedTable, TableAssembler, TableSyncError, TableUpdate};
 use hopmesh_protocol::time::UnixTime;
 
 use crate::refusal::{CloseReason, GateRefusal, MintRefusal, SocksRefusal};
@@ -103,6 +104,9 @@ pub struct Effects {
     pub persist_revocations: Option<Vec<u8>>,
     /// Push refused (bad signature, rollback...): the reason, for the audit log.
     pub refused: Option<String>,
+    /// A table update could not be assembled or applied (the table held is unchanged): the
+    /// node must resubscribe for a fresh snapshot (`verifier_link.rs`), counted and audited.
+    pub resync: Option<TableSyncError>,
 }
 
 /// Our own attestation's validity at `now` on our clock: it may start up to
@@ -171,8 +175,14 @@ pub struct NodeState {
     pub epoch: EpochLength,
     /// Mesh-name suffix.
     pub suffix: String,
-    /// Routing table (None until the verifier sent one).
+    /// Routing table (None until the verifier sent one), rebuilt from [`Self::synced`] after
+    /// every update applied.
     pub table: Option<RoutingTable>,
+    /// The table as the verifier sent it: version, entries and digest of the last update
+    /// applied (None until a snapshot was).
+    pub synced: Option<SyncedTable>,
+    /// Reassembles the parts of the update being received.
+    pub assembler: TableAssembler,
     /// How to reach peers.
     pub peers: BTreeMap<NodeId, PeerInfo>,
     /// Seeds per peer.
@@ -197,6 +207,8 @@ impl NodeState {
             epoch: EpochLength::DEFAULT,
             suffix: DEFAULT_MESH_SUFFIX.to_owned(),
             table: None,
+            synced: None,
+            assembler: TableAssembler::new(),
             peers: BTreeMap::new(),
             keyrings: HashMap::new(),
             revocations: None,
@@ -522,6 +534,42 @@ impl NodeState {
             .collect()
     }
 
+    /// A new push stream starts (a subscribe or resubscribe): a half-received update of the
+    /// old one is dropped. The table held stays: the new stream starts with a snapshot.
+    pub fn table_stream_restarted(&mut self) {
+        self.assembler.reset();
+    }
+
+    /// Applies a whole table update atomically (on an error nothing changes), then rebuilds
+    /// the routing table and peer infos from it: peers that left are closed and their seeds
+    /// dropped.
+    fn apply_table(
+        &mut self,
+        update: &TableUpdate,
+        fx: &mut Effects,
+    ) -> Result<(), TableSyncError> {
+        match &mut self.synced {
+            Some(held) => held.apply_in_place(update)?,
+            None => self.synced = Some(SyncedTable::from_update(update)?),
+        }
+        let Some(synced) = &self.synced else {
+            return Ok(());
+        };
+        let (table, peers) = synced.table();
+        let old: BTreeSet<NodeId> = self
+            .table
+            .as_ref()
+            .map(|t| t.peers.clone())
+            .unwrap_or_default();
+        for gone in old.difference(&table.peers) {
+            fx.close.push((*gone, CloseReason::PolicyChanged));
+            self.keyrings.remove(gone);
+        }
+        self.peers = peers.into_iter().map(|p| (p.node_id, p)).collect();
+        self.table = Some(table);
+        Ok(())
+    }
+
     /// Applies one verifier push.
     pub fn apply(&mut self, push: Push, _now: UnixTime) -> Effects {
         let mut fx = Effects::default();
@@ -533,19 +581,15 @@ impl NodeState {
                 }
                 self.suffix = c.suffix.as_str().to_owned();
             }
-            Push::Routes { table, peers } => {
-                let old: BTreeSet<NodeId> = self
-                    .table
-                    .as_ref()
-                    .map(|t| t.peers.clone())
-                    .unwrap_or_default();
-                for gone in old.difference(&table.peers) {
-                    fx.close.push((*gone, CloseReason::PolicyChanged));
-                    self.keyrings.remove(gone);
+            Push::TablePart(part) => match self.assembler.push(&part) {
+                Ok(None) => {}
+                Ok(Some(update)) => {
+                    if let Err(e) = self.apply_table(&update, &mut fx) {
+                        fx.resync = Some(e);
+                    }
                 }
-                self.peers = peers.iter().map(|p| (p.node_id, p.clone())).collect();
-                self.table = Some(table);
-            }
+                Err(e) => fx.resync = Some(e),
+            },
             Push::Seeds { peer, grants } => {
                 for g in grants.iter() {
                     if let Err(e) = self.keyring(peer).insert(g.clone()) {
@@ -596,6 +640,7 @@ mod tests {
     use hopmesh_protocol::enrollment::MeshConfig;
     use hopmesh_protocol::ids::{Measurement, NodeName, SegmentName};
     use hopmesh_protocol::secret::SigningSeed;
+    use hopmesh_protocol::table_sync::{Entries, diff, digest, entries_of, split};
     use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 
     const NOW: u64 = 1_800_000_000;
@@ -646,14 +691,148 @@ mod tests {
         s
     }
 
-    fn routes(peers: &[NodeId]) -> Push {
-        Push::Routes {
-            table: RoutingTable {
-                peers: peers.iter().copied().collect(),
-                ..RoutingTable::default()
-            },
-            peers: BoundedVec::empty(),
+    fn info(id: NodeId) -> PeerInfo {
+        PeerInfo {
+            node_id: id,
+            name: NodeName::new(&format!("p{}", id.short())).expect("name"),
+            addresses: BoundedVec::empty(),
         }
+    }
+
+    fn peer_entries(peers: &[NodeId]) -> Entries {
+        let table = RoutingTable {
+            peers: peers.iter().copied().collect(),
+            ..RoutingTable::default()
+        };
+        let infos: Vec<PeerInfo> = peers.iter().copied().map(info).collect();
+        entries_of(&table, &infos)
+    }
+
+    fn one_part(update: &TableUpdate) -> Push {
+        let [part] = split(update).expect("split").try_into().expect("one part");
+        part
+    }
+
+    /// A snapshot (one part) of a table that names `peers`.
+    fn routes(peers: &[NodeId]) -> Push {
+        one_part(&TableUpdate::snapshot(1, &peer_entries(peers)).expect("fits"))
+    }
+
+    fn parts(update: &TableUpdate) -> Vec<Push> {
+        split(update).expect("split")
+    }
+
+    #[test]
+    fn a_table_in_several_parts_applies_with_its_last_part_only() {
+        let mut s = state();
+        let now = UnixTime::from_secs(NOW);
+        let e = hopmesh_protocol::fuzzing::segment_entries(2_000, 1);
+        let pushes = parts(&TableUpdate::snapshot(1, &e).expect("fits"));
+        let (last, init) = pushes.split_last().expect("parts");
+        assert!(!init.is_empty());
+        for p in init {
+            assert_eq!(s.apply(p.clone(), now), Effects::default());
+            assert_eq!(s.table, None, "nothing applies before the last part");
+        }
+        assert_eq!(s.apply(last.clone(), now), Effects::default());
+        assert_eq!(s.table.as_ref().map(|t| t.peers.len()), Some(2_000));
+        assert_eq!(s.peers.len(), 2_000);
+        assert_eq!(s.synced.as_ref().map(|t| t.digest()), Some(digest(&e)));
+        assert_eq!(s.self_permit(now), Ok(()));
+    }
+
+    #[test]
+    fn a_delta_updates_the_table_and_closes_the_peers_that_left() {
+        let mut s = state();
+        let now = UnixTime::from_secs(NOW);
+        let (p, q, r) = (
+            NodeId::from_bytes([9; 32]),
+            NodeId::from_bytes([8; 32]),
+            NodeId::from_bytes([7; 32]),
+        );
+        let old = peer_entries(&[p, q]);
+        s.apply(
+            one_part(&TableUpdate::snapshot(4, &old).expect("fits")),
+            now,
+        );
+        let new = peer_entries(&[q, r]);
+        let delta = TableUpdate::delta(4, 5, diff(&old, &new), digest(&new)).expect("fits");
+        let fx = s.apply(one_part(&delta), now);
+        assert_eq!(fx.close, vec![(p, CloseReason::PolicyChanged)]);
+        assert_eq!(fx.resync, None);
+        assert_eq!(
+            s.table.as_ref().map(|t| t.peers.clone()),
+            Some([q, r].into())
+        );
+        assert_eq!(s.peers.keys().copied().collect::<Vec<_>>(), vec![r, q]);
+        assert_eq!(s.synced.as_ref().map(|t| t.version()), Some(5));
+    }
+
+    #[test]
+    fn a_missed_delta_asks_for_a_resync_and_changes_nothing() {
+        let mut s = state();
+        let now = UnixTime::from_secs(NOW);
+        let (p, q, r) = (
+            NodeId::from_bytes([9; 32]),
+            NodeId::from_bytes([8; 32]),
+            NodeId::from_bytes([7; 32]),
+        );
+        let v4 = peer_entries(&[p]);
+        let v5 = peer_entries(&[p, q]);
+        let v6 = peer_entries(&[q, r]);
+        s.apply(one_part(&TableUpdate::snapshot(4, &v4).expect("fits")), now);
+        let before = (s.table.clone(), s.peers.clone(), s.synced.clone());
+        // The delta 4 -> 5 was missed; 5 -> 6 does not apply to 4.
+        let d6 = TableUpdate::delta(5, 6, diff(&v5, &v6), digest(&v6)).expect("fits");
+        let fx = s.apply(one_part(&d6), now);
+        assert_eq!(
+            fx.resync,
+            Some(TableSyncError::WrongBase {
+                base: 5,
+                held: Some(4)
+            })
+        );
+        assert!(fx.close.is_empty());
+        assert_eq!((s.table.clone(), s.peers.clone(), s.synced.clone()), before);
+        // A delta without a table held asks for a resync too.
+        let mut fresh = state();
+        assert_eq!(
+            fresh.apply(one_part(&d6), now).resync.map(|e| e.reason()),
+            Some("wrong_base")
+        );
+        assert_eq!(fresh.self_permit(now), Err(SelfRefusal::NoRoutes));
+        // The fresh snapshot after the resync recovers.
+        let fx = s.apply(one_part(&TableUpdate::snapshot(6, &v6).expect("fits")), now);
+        assert_eq!(fx.resync, None);
+        assert_eq!(fx.close, vec![(p, CloseReason::PolicyChanged)]);
+        assert_eq!(s.synced.as_ref().map(|t| t.digest()), Some(digest(&v6)));
+    }
+
+    #[test]
+    fn a_lost_part_asks_for_a_resync_and_a_restarted_stream_starts_afresh() {
+        let mut s = state();
+        let now = UnixTime::from_secs(NOW);
+        let e = hopmesh_protocol::fuzzing::segment_entries(2_000, 1);
+        let pushes = parts(&TableUpdate::snapshot(1, &e).expect("fits"));
+        assert!(pushes.len() >= 3);
+        s.apply(pushes[0].clone(), now);
+        let fx = s.apply(pushes[2].clone(), now);
+        assert_eq!(fx.resync.map(|e| e.reason()), Some("part_gap"));
+        assert_eq!(s.table, None);
+        // Half an update, then the stream restarts: the new stream's parts are taken whole.
+        s.apply(pushes[0].clone(), now);
+        s.table_stream_restarted();
+        for p in &pushes {
+            assert_eq!(s.apply(p.clone(), now).resync, None);
+        }
+        assert_eq!(s.peers.len(), 2_000);
+        // Without the restart, a part 0 inside an update is refused.
+        s.apply(pushes[0].clone(), now);
+        assert_eq!(
+            s.apply(pushes[0].clone(), now).resync.map(|e| e.reason()),
+            Some("part_duplicate")
+        );
+        assert_eq!(s.peers.len(), 2_000, "the table held is kept");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use hopmesh_protocol::attestation::{ATTESTATION_BACKDATE, VerifiedAttestation};
 use hopmesh_protocol::enrollment::{Address, Push, Refusal, Report};
+use hopmesh_protocol::table_sync::TableSyncError;
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 use hopmesh_transport::fields;
@@ -13,6 +14,7 @@ use hopmesh_transport::quic::FrameIoError;
 use hopmesh_transport::verifier_client::{ClientError, PushStream, VerifierClient};
 use tokio::sync::{mpsc, watch};
 
+use crate::counters::Counters;
 use crate::datadir::write_atomic;
 use crate::overlay::Overlay;
 use crate::shared::Shared;
@@ -29,6 +31,50 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Pushes read ahead of the session loop (the push reader waits when it is full, never drops).
 pub const PUSH_QUEUE: usize = 16;
+
+/// Most table resyncs (resubscribes after a table update that did not assemble or apply,
+/// `hopmesh_protocol::table_sync`) per [`TABLE_RESYNC_WINDOW`] on one session. One more ends
+/// the session as failed, so the reconnection [`Backoff`] paces a verifier that keeps sending
+/// tables that do not apply (counted as `table_resync_limited`, audited).
+pub const TABLE_RESYNCS_PER_WINDOW: u32 = 4;
+/// The window of [`TABLE_RESYNCS_PER_WINDOW`].
+pub const TABLE_RESYNC_WINDOW: Duration = Duration::from_secs(60);
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    /// The verifier client failed or was refused.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Table updates kept failing past [`TABLE_RESYNCS_PER_WINDOW`].
+    #[error("table resyncs over {TABLE_RESYNCS_PER_WINDOW} per {TABLE_RESYNC_WINDOW:?}")]
+    ResyncBudget,
+}
+
+/// The resync budget of one session: at most [`TABLE_RESYNCS_PER_WINDOW`] resyncs in any
+/// window of [`TABLE_RESYNC_WINDOW`] (a sliding log of the last ones).
+#[derive(Debug, Default)]
+pub struct ResyncBudget {
+    recent: std::collections::VecDeque<tokio::time::Instant>,
+}
+
+impl ResyncBudget {
+    /// May the session resync at `now`? Records the resync if so.
+    pub fn permit(&mut self, now: tokio::time::Instant) -> bool {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= TABLE_RESYNC_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= TABLE_RESYNCS_PER_WINDOW as usize {
+            return false;
+        }
+        self.recent.push_back(now);
+        true
+    }
+}
 
 /// How a verifier session ended, as the backoff sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +149,9 @@ pub async fn run(
         node.set_verifier_connected(false);
         let end = match result {
             Ok(()) => SessionEnd::Clean,
-            Err(ClientError::Refused(r @ (Refusal::Revoked | Refusal::NotEnrolled))) => {
+            Err(LinkError::Client(ClientError::Refused(
+                r @ (Refusal::Revoked | Refusal::NotEnrolled),
+            ))) => {
                 node.audit("verifier_refused", fields! {"reason" => r.to_string()});
                 tracing::error!(reason = %r, "the verifier refuses this node; failing closed when the attestation expires");
                 SessionEnd::Refused
@@ -140,12 +188,14 @@ async fn run_session(
     client: &VerifierClient,
     reports: &mut mpsc::Receiver<Report>,
     subscribed_at: &mut Option<tokio::time::Instant>,
-) -> Result<(), ClientError> {
+) -> Result<(), LinkError> {
     let node = &overlay.shared;
     // A fixed deadline: a `sleep(next)` inside the select would restart on every push and
     // never fire while pushes arrive faster than the refresh interval.
     let mut next = tokio::time::Instant::now() + refresh(overlay, client).await?;
     let mut pushes = PushReader::spawn(client.subscribe().await?);
+    node.state_write().table_stream_restarted();
+    let mut resyncs = ResyncBudget::default();
     *subscribed_at = Some(tokio::time::Instant::now());
     node.set_verifier_connected(true);
     node.audit("verifier_connected", fields! {});
@@ -155,9 +205,13 @@ async fn run_session(
         // nothing across a cancel, and the work each branch starts runs outside the select.
         tokio::select! {
             p = pushes.next() => match p {
-                Some(Ok(Some(push))) => apply_push(overlay, push),
+                Some(Ok(Some(push))) => {
+                    if let Some(why) = apply_push(overlay, push) {
+                        pushes = resync(overlay, client, pushes, &mut resyncs, &why).await?;
+                    }
+                }
                 Some(Ok(None)) | None => return Ok(()),
-                Some(Err(e)) => return Err(ClientError::Frame(e)),
+                Some(Err(e)) => return Err(ClientError::Frame(e).into()),
             },
             _ = tokio::time::sleep_until(next) => next = tokio::time::Instant::now() + refresh(overlay, client).await?,
             Some(r) = reports.recv() => {
@@ -167,6 +221,39 @@ async fn run_session(
             }
         }
     }
+}
+
+/// A table update did not assemble or apply (`why`; the table held is unchanged): drop the
+/// push stream and subscribe again on the same connection. The verifier replaces the old
+/// subscription and starts the new stream with a fresh snapshot. Counted (`table_resyncs`)
+/// and audited (`table_resync`); past the [`ResyncBudget`] the session ends instead.
+async fn resync(
+    overlay: &Overlay,
+    client: &VerifierClient,
+    old: PushReader,
+    budget: &mut ResyncBudget,
+    why: &TableSyncError,
+) -> Result<PushReader, LinkError> {
+    let node = &overlay.shared;
+    drop(old);
+    if !budget.permit(tokio::time::Instant::now()) {
+        node.counters.refused("table_resync_limited");
+        node.audit(
+            "table_resync_limited",
+            fields! {"reason" => why.reason(), "detail" => why.to_string()},
+        );
+        tracing::warn!(error = %why, "table updates keep failing: ending the verifier session");
+        return Err(LinkError::ResyncBudget);
+    }
+    Counters::add(&node.counters.table_resyncs, 1);
+    node.audit(
+        "table_resync",
+        fields! {"reason" => why.reason(), "detail" => why.to_string()},
+    );
+    tracing::warn!(error = %why, "table update refused: resubscribing for a fresh snapshot");
+    let pushes = PushReader::spawn(client.subscribe().await?);
+    node.state_write().table_stream_restarted();
+    Ok(pushes)
 }
 
 /// The one long-lived reader of a session's push stream: a task that owns the stream (and so
@@ -205,8 +292,9 @@ impl Drop for PushReader {
 }
 
 /// Applies one push: the state decides ([`crate::state::NodeState::apply`]), then the
-/// effects are carried out (persist, audit, close).
-fn apply_push(overlay: &Overlay, push: Push) {
+/// effects are carried out (persist, audit, close). Returns why the table needs a resync, if
+/// it does.
+fn apply_push(overlay: &Overlay, push: Push) -> Option<TableSyncError> {
     let node = &overlay.shared;
     let now = node.now();
     let fx = node.state_write().apply(push, now);
@@ -236,6 +324,7 @@ fn apply_push(overlay: &Overlay, push: Push) {
     for (peer, why) in fx.close {
         overlay.close_peer(&peer, why);
     }
+    fx.resync
 }
 
 /// When to refresh next: at `fraction` (half-life with ±10 % jitter) of the attestation's
@@ -284,6 +373,30 @@ fn addresses(node: &Shared) -> BoundedVec<Address, 4> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_resyncs_are_bounded_per_window() {
+        let mut b = ResyncBudget::default();
+        let t0 = tokio::time::Instant::now();
+        for i in 0..TABLE_RESYNCS_PER_WINDOW {
+            assert!(
+                b.permit(t0 + Duration::from_secs(u64::from(i))),
+                "resync {i}"
+            );
+        }
+        // One past the budget inside the window is refused (and not recorded).
+        assert!(!b.permit(t0 + Duration::from_secs(10)));
+        assert!(!b.permit(t0 + TABLE_RESYNC_WINDOW - Duration::from_millis(1)));
+        // Once the first leaves the window, one more fits; then the budget is full again.
+        assert!(b.permit(t0 + TABLE_RESYNC_WINDOW));
+        assert!(!b.permit(t0 + TABLE_RESYNC_WINDOW));
+        // A quiet window later the whole budget is back.
+        let later = t0 + TABLE_RESYNC_WINDOW * 3;
+        for i in 0..TABLE_RESYNCS_PER_WINDOW {
+            assert!(b.permit(later), "resync {i}");
+        }
+        assert!(!b.permit(later));
+    }
 
     #[test]
     fn backoff_doubles_to_its_cap_and_resets_after_a_healthy_session() {

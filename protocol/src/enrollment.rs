@@ -16,22 +16,21 @@ use crate::control::MAX_ENVELOPE;
 use crate::frame::CONTROL_CAP;
 use crate::hop_token::{Generation, GenerationGrant};
 use crate::ids::{Measurement, NodeId, NodeName};
-use crate::routing::RoutingTable;
 use crate::secret::JoinSecret;
+use crate::table_sync::TablePart;
 use crate::wire::{BoundedString, BoundedVec};
 
 /// Cap on request and response frames.
 pub const REQUEST_CAP: usize = CONTROL_CAP;
-/// Cap on push frames: a routing table or a revocation list can be large. The collections
-/// inside a push are bounded by this cap (the decoder allocates at most in proportion to the
-/// input), and pushes come only from the pinned verifier.
+/// Cap on push frames: a revocation list can be large, and a routing table comes in parts of
+/// [`crate::table_sync::TABLE_PART_BYTES`] (with no ceiling of this cap on the whole table).
+/// The collections inside a push are bounded by this cap (the decoder allocates at most in
+/// proportion to the input), and pushes come only from the pinned verifier.
 pub const PUSH_CAP: usize = 64 * 1024;
 /// Most addresses a node advertises.
 pub const MAX_ADDRESSES: usize = 4;
 /// Longest advertised address (`host:port`, host a DNS name or IP).
 pub const MAX_ADDRESS_LEN: usize = 261;
-/// Most peers in one routing push.
-pub const MAX_PEERS: usize = 1024;
 
 /// An advertised `host:port` where peers can reach a node.
 pub type Address = BoundedString<MAX_ADDRESS_LEN>;
@@ -180,13 +179,11 @@ pub struct PeerInfo {
 pub enum Push {
     /// Mesh parameters (first push).
     Config(MeshConfig),
-    /// This node's whole routing table and its peers (replaces the previous one).
-    Routes {
-        /// Compiled table.
-        table: RoutingTable,
-        /// Peers named in the table.
-        peers: BoundedVec<PeerInfo, MAX_PEERS>,
-    },
+    /// One part of an update of this node's routing table and peers: a snapshot or a delta
+    /// against the version the node holds, cut into parts of
+    /// [`crate::table_sync::TABLE_PART_BYTES`] ([`crate::table_sync`]). The parts of one
+    /// update are sent in order, never interleaved with another update's.
+    TablePart(TablePart),
     /// Seed generations for the pair with `peer`.
     Seeds {
         /// The peer.
@@ -292,13 +289,29 @@ mod tests {
             },
             PUSH_CAP,
         );
-        round_trip(
-            &Push::Routes {
-                table: RoutingTable::default(),
-                peers: BoundedVec::empty(),
-            },
-            PUSH_CAP,
+    }
+
+    #[test]
+    fn table_part_golden_bytes_and_a_full_part_fits_a_push_frame() {
+        let part = Push::TablePart(TablePart {
+            version: 5,
+            part: 1,
+            parts: 3,
+            bytes: BoundedVec::new(vec![0xAA, 0xBB]).expect("fits"),
+        });
+        assert_eq!(
+            round_trip(&part, PUSH_CAP),
+            [0, 0, 0, 8, 1, 1, 5, 1, 3, 2, 0xAA, 0xBB],
+            "length, frame version, TablePart tag, version, part, parts, byte count, bytes"
         );
+        // The largest part (every varint at its longest) still fits one push frame.
+        let full = Push::TablePart(TablePart {
+            version: u64::MAX,
+            part: u32::MAX,
+            parts: u32::MAX,
+            bytes: BoundedVec::new(vec![0xFF; crate::table_sync::TABLE_PART_BYTES]).expect("fits"),
+        });
+        assert!(round_trip(&full, PUSH_CAP).len() < PUSH_CAP);
     }
 
     #[test]

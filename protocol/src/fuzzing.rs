@@ -22,6 +22,9 @@ use crate::policy::{NodeDirectory, Policy};
 use crate::routing::IngressTable;
 use crate::secret::{ConnectionBinding, SigningSeed};
 use crate::socks5;
+use crate::table_sync::{
+    Entries, MAX_TABLE_BYTES, SyncedTable, TableAssembler, TableEntry, digest, split,
+};
 use crate::time::UnixTime;
 
 fn test_key() -> SigningKey {
@@ -237,4 +240,114 @@ pub fn policy(data: &[u8]) -> bool {
         assert!(table.peers.is_subset(&ids));
     }
     true
+}
+
+/// A node's table in a segment where `peers + 1` nodes each serve one service and every node
+/// may use every service (`allow s -> s`): per peer a `Peer` (with `addresses` advertised
+/// addresses), a `Route` and an `Allowed`, plus the node's own `Service`. Node ids are
+/// `[i as bytes; ...]`, deterministic. For tests and fuzzing.
+pub fn segment_entries(peers: u32, addresses: usize) -> Entries {
+    use crate::enrollment::{Address, PeerInfo};
+    use crate::ids::{SegmentName, ServiceName};
+    use crate::routing::{Backend, EgressRoute, MeshName};
+    use crate::wire::BoundedVec;
+
+    let id = |i: u32| {
+        let mut b = [0u8; 32];
+        b[..4].copy_from_slice(&i.to_be_bytes());
+        b[31] = 1;
+        NodeId::from_bytes(b)
+    };
+    let name = |i: u32| MeshName {
+        service: ServiceName::new(&format!("svc-{i}")).expect("label"),
+        segment: SegmentName::new("seg").expect("label"),
+    };
+    let mut out = Entries::new();
+    let mut put = |e: TableEntry| {
+        out.insert(e.key(), e);
+    };
+    let own = name(0);
+    put(TableEntry::Service {
+        service: own.service_id(),
+        name: own.clone(),
+        backend: Backend {
+            host: "127.0.0.1".into(),
+            port: 8080,
+        },
+    });
+    for i in 1..=peers {
+        let addrs: Vec<Address> = (0..addresses)
+            .map(|a| Address::truncated(&format!("10.{}.{}.{a}:4433", i >> 8, i & 0xFF)))
+            .collect();
+        put(TableEntry::Peer(PeerInfo {
+            node_id: id(i),
+            name: NodeName::new(&format!("node-{i}")).expect("label"),
+            addresses: BoundedVec::new(addrs).expect("at most MAX_ADDRESSES"),
+        }));
+        let n = name(i);
+        put(TableEntry::Route(EgressRoute {
+            service: n.service_id(),
+            name: n,
+            serving_node: id(i),
+            via: None,
+        }));
+        put(TableEntry::Allowed {
+            service: own.service_id(),
+            peer: id(i),
+        });
+    }
+    out
+}
+
+/// Table sync: `data` read as a sequence of push frames; every `TablePart` goes through one
+/// [`TableAssembler`] and every update it yields through a [`SyncedTable`]. Never panics,
+/// never buffers more than [`MAX_TABLE_BYTES`]; an accepted update re-splits into exactly the
+/// parts it came in, and an applied one leaves the table with the update's digest. Returns
+/// whether an update was applied.
+pub fn table_sync(data: &[u8]) -> bool {
+    let mut assembler = TableAssembler::new();
+    let mut held: Option<SyncedTable> = None;
+    let mut parts: Vec<Push> = Vec::new();
+    let mut applied = false;
+    let mut rest = data;
+    while let Ok(Some((push, used))) = decode_frame::<Push>(rest, PUSH_CAP) {
+        rest = &rest[used..];
+        let Push::TablePart(part) = push else {
+            continue;
+        };
+        parts.push(Push::TablePart(part.clone()));
+        let r = assembler.push(&part);
+        assert!(
+            assembler.buffered() <= MAX_TABLE_BYTES,
+            "assembler over its cap"
+        );
+        match r {
+            Ok(None) => continue,
+            Ok(Some(update)) => {
+                assert_eq!(
+                    split(&update).ok().as_ref(),
+                    Some(&parts),
+                    "an accepted update re-splits into the parts it came in"
+                );
+                if let Ok(next) = SyncedTable::apply_to(held.as_ref(), &update) {
+                    assert_eq!(next.digest(), update.digest);
+                    assert_eq!(next.digest(), digest(next.entries()));
+                    assert_eq!(next.version(), update.version);
+                    held = Some(next);
+                    applied = true;
+                }
+            }
+            Err(e) => {
+                assert!(!e.reason().is_empty());
+                assert!(
+                    !assembler.is_assembling(),
+                    "an error drops what was buffered"
+                );
+            }
+        }
+        if !assembler.is_assembling() {
+            parts.clear();
+        }
+    }
+    applied
 }

@@ -10,10 +10,13 @@ use hopmesh_protocol::attestation::{
     ATTESTATION_VERSION, Attestation, RevocationList, RevokedNode, SigningKey,
 };
 use hopmesh_protocol::control::{GoodbyeReason, PeerMessage, StreamHeader};
+use hopmesh_protocol::enrollment::{PUSH_CAP, Push};
+use hopmesh_protocol::frame::encode_frame;
 use hopmesh_protocol::fuzzing;
 use hopmesh_protocol::ids::{KeyId, Measurement, NodeId, NodeName, SegmentName};
 use hopmesh_protocol::secret::SigningSeed;
 use hopmesh_protocol::socks5::{self, Command, Request, TargetAddr};
+use hopmesh_protocol::table_sync::{TableUpdate, diff, digest, split};
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedVec;
 use proptest::prelude::*;
@@ -260,6 +263,30 @@ proptest! {
     fn socks_arbitrary(data in prop::collection::vec(any::<u8>(), 0..600)) {
         fuzzing::socks_greeting(&data);
         fuzzing::socks_request(&data);
+    }
+
+    #[test]
+    fn table_sync_valid_and_mutated(old in 0u32..400, new in 0u32..400, addrs in 0usize..3,
+                                    muts in prop::collection::vec(mutation(), 0..4)) {
+        let (a, b) = (fuzzing::segment_entries(old, addrs), fuzzing::segment_entries(new, 1));
+        let snapshot = TableUpdate::snapshot(5, &a).expect("fits");
+        let delta = TableUpdate::delta(5, 6, diff(&a, &b), digest(&b)).expect("fits");
+        let mut wire = Vec::new();
+        for p in split(&snapshot).expect("split").iter().chain(&split(&delta).expect("split")) {
+            wire.extend(encode_frame(p, PUSH_CAP).expect("a part fits a frame"));
+        }
+        prop_assert!(fuzzing::table_sync(&wire), "a valid snapshot and delta must apply");
+        fuzzing::table_sync(&mutate(wire, &muts));
+    }
+
+    #[test]
+    fn table_sync_arbitrary(data in prop::collection::vec(any::<u8>(), 0..600), parts: u32, part: u32) {
+        fuzzing::table_sync(&data);
+        // Arbitrary bytes inside well-formed part frames reach the assembler's decoder.
+        let p = Push::TablePart(hopmesh_protocol::table_sync::TablePart {
+            version: 1, part: part % 3, parts: parts % 4, bytes: BoundedVec::new(data).expect("fits"),
+        });
+        fuzzing::table_sync(&encode_frame(&p, PUSH_CAP).expect("fits"));
     }
 
     #[test]

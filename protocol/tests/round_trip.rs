@@ -5,10 +5,16 @@ use hopmesh_protocol::attestation::{
     SigningKey, verify_attestation, verify_revocation_list,
 };
 use hopmesh_protocol::control::{GoodbyeReason, PeerMessage, StreamHeader, StreamStatus};
+use hopmesh_protocol::enrollment::{PUSH_CAP, Push};
+use hopmesh_protocol::frame::{decode_frame, encode_frame};
+use hopmesh_protocol::fuzzing::segment_entries;
 use hopmesh_protocol::hop_token::{Epoch, Generation, HopToken, TOKEN_LEN, TokenFields};
 use hopmesh_protocol::ids::{Measurement, NodeId, NodeName, SegmentName, ServiceId};
 use hopmesh_protocol::secret::SigningSeed;
 use hopmesh_protocol::socks5::{self, Command, Request, TargetAddr};
+use hopmesh_protocol::table_sync::{
+    SyncedTable, TableAssembler, TableUpdate, diff, digest, entries_of, split,
+};
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedVec;
 use proptest::prelude::*;
@@ -116,5 +122,30 @@ proptest! {
         let r = Request { command: Command::Connect, target, port };
         let wire = socks5::encode_request(&r);
         prop_assert_eq!(socks5::parse_request(&wire), Ok(Some((r, wire.len()))));
+    }
+
+    #[test]
+    fn table_updates(old in 0u32..300, new in 0u32..300, addrs in 0usize..4, version in 0u64..1 << 60) {
+        let (a, b) = (segment_entries(old, addrs), segment_entries(new, addrs));
+        let snapshot = TableUpdate::snapshot(version, &a).expect("fits");
+        let delta = TableUpdate::delta(version, version + 1, diff(&a, &b), digest(&b)).expect("fits");
+        let mut assembler = TableAssembler::new();
+        let mut held: Option<SyncedTable> = None;
+        for update in [&snapshot, &delta] {
+            let mut got = None;
+            for p in split(update).expect("split") {
+                let frame = encode_frame(&p, PUSH_CAP).expect("fits");
+                let (back, _) = decode_frame::<Push>(&frame, PUSH_CAP).expect("decode").expect("whole");
+                prop_assert_eq!(&back, &p);
+                let Push::TablePart(part) = back else { panic!("a table part") };
+                got = assembler.push(&part).expect("in order");
+            }
+            prop_assert_eq!(got.as_ref(), Some(update));
+            held = Some(SyncedTable::apply_to(held.as_ref(), update).expect("applies"));
+        }
+        let held = held.expect("held");
+        prop_assert_eq!(held.entries(), &b);
+        let (table, peers) = held.table();
+        prop_assert_eq!(entries_of(&table, &peers), b);
     }
 }

@@ -275,3 +275,44 @@ impl TestNode {
         self.client.subscribe().await
     }
 }
+
+/// Follows a node's routing table on its push stream as a node does
+/// (`hopmesh_protocol::table_sync`): parts reassembled, snapshots and deltas applied. Feed it
+/// every push of the stream from the subscribe on (other pushes are skipped).
+#[derive(Debug, Default)]
+pub struct TableFollower {
+    assembler: hopmesh_protocol::table_sync::TableAssembler,
+    held: Option<hopmesh_protocol::table_sync::SyncedTable>,
+}
+
+impl TableFollower {
+    /// Takes `pushes` in order; returns how many table updates they completed and applied.
+    pub fn feed(
+        &mut self,
+        pushes: &[hopmesh_protocol::enrollment::Push],
+    ) -> Result<usize, hopmesh_protocol::table_sync::TableSyncError> {
+        use hopmesh_protocol::enrollment::Push;
+        use hopmesh_protocol::table_sync::SyncedTable;
+        let mut applied = 0;
+        for p in pushes {
+            let Push::TablePart(part) = p else {
+                continue;
+            };
+            if let Some(update) = self.assembler.push(part)? {
+                self.held = Some(SyncedTable::apply_to(self.held.as_ref(), &update)?);
+                applied += 1;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// The table held (None before the first snapshot).
+    pub fn synced(&self) -> Option<&hopmesh_protocol::table_sync::SyncedTable> {
+        self.held.as_ref()
+    }
+
+    /// The routing table held.
+    pub fn table(&self) -> Option<hopmesh_protocol::routing::RoutingTable> {
+        self.held.as_ref().map(|t| t.table().0)
+    }
+}

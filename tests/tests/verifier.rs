@@ -8,7 +8,7 @@ use hopmesh_protocol::enrollment::{Push, Refusal};
 use hopmesh_protocol::hop_token::{GenerationGrant, PairIds};
 use hopmesh_protocol::ids::{Measurement, NodeId};
 use hopmesh_protocol::secret::JoinSecret;
-use hopmesh_tests::{GOOD_MEASUREMENT, TestNode, VerifierHarness, standard_policy};
+use hopmesh_tests::{GOOD_MEASUREMENT, TableFollower, TestNode, VerifierHarness, standard_policy};
 use hopmesh_transport::verifier_client::{ClientError, PushStream};
 use hopmesh_verifier::authority::{NodeRef, Settings};
 use serde_json::Value;
@@ -228,11 +228,13 @@ async fn revoke_is_pushed_at_once_and_cuts_the_node_off() {
     let mut sa = a.subscribe().await.expect("subscribe");
     let mut sb = b.subscribe().await.expect("subscribe");
     let mut sc = c.subscribe().await.expect("subscribe");
-    for s in [&mut sa, &mut sb, &mut sc] {
-        assert!(matches!(
-            drain(s, Duration::from_millis(300)).await.first(),
-            Some(Push::Config(_))
-        ));
+    let mut b_table = TableFollower::default();
+    for (i, s) in [&mut sa, &mut sb, &mut sc].into_iter().enumerate() {
+        let pushed = drain(s, Duration::from_millis(300)).await;
+        assert!(matches!(pushed.first(), Some(Push::Config(_))));
+        if i == 1 {
+            assert_eq!(b_table.feed(&pushed), Ok(1), "b's snapshot");
+        }
     }
 
     let started = std::time::Instant::now();
@@ -257,11 +259,8 @@ async fn revoke_is_pushed_at_once_and_cuts_the_node_off() {
             .any(|p| matches!(p, Push::Revocations { .. }))
     );
     // b's new table no longer names a.
-    let routes = pushed_b.iter().rev().find_map(|p| match p {
-        Push::Routes { table, .. } => Some(table.clone()),
-        _ => None,
-    });
-    assert!(routes.is_some_and(|t| !t.peers.contains(&a_id)));
+    assert!(b_table.feed(&pushed_b).expect("b's table applies") >= 1);
+    assert!(b_table.table().is_some_and(|t| !t.peers.contains(&a_id)));
     assert!(elapsed < Duration::from_secs(2), "push took {elapsed:?}");
     // c gets the new list; a's own stream ends with an error, not a clean finish.
     let pushed_c = drain(&mut sc, Duration::from_millis(300)).await;
@@ -352,8 +351,8 @@ async fn policy_reload_changes_exactly_the_affected_tables() {
 
     let pushed: Vec<Vec<Push>> = futures_drain(&mut streams).await;
     assert!(pushed[0].is_empty(), "a must get nothing: {:?}", pushed[0]);
-    assert!(pushed[1].iter().any(|p| matches!(p, Push::Routes { .. })));
-    assert!(pushed[2].iter().any(|p| matches!(p, Push::Routes { .. })));
+    assert!(pushed[1].iter().any(|p| matches!(p, Push::TablePart(_))));
+    assert!(pushed[2].iter().any(|p| matches!(p, Push::TablePart(_))));
 
     // A broken policy is refused and the old one stays.
     std::fs::write(&h.policy_path, "[[segment]]\nname = \"BAD\"\n").expect("write");

@@ -48,6 +48,11 @@ pub struct Metrics {
     pub subscriptions_replaced: Counter,
     /// Subscribers that could not keep up and were given a full resync.
     pub subscriber_resyncs: Counter,
+    /// Routing-table updates refused whole instead of sent (a node's table over
+    /// `MAX_TABLE_PEERS` or `MAX_TABLE_BYTES`, `hopmesh_protocol::table_sync`), by reason
+    /// (`too_many_peers`, `too_large`, ...). Each one is also audited (`table_refused`,
+    /// aggregated per node and reason).
+    pub table_refused: Labeled,
     /// Refusals folded into an aggregated audit summary instead of written one by one
     /// (`authority/refusals.rs`); each is still counted in `refusals`.
     pub audit_aggregated: Counter,
@@ -139,6 +144,12 @@ impl Default for Metrics {
             "Subscribers that could not keep up and got a full resync",
             subscriber_resyncs.clone(),
         );
+        let table_refused = Labeled::default();
+        registry.register(
+            "table_refused",
+            "Routing-table updates refused whole (table over a table_sync limit), by reason",
+            table_refused.clone(),
+        );
         let audit_aggregated = Counter::default();
         let audit_overflow = Counter::default();
         registry.register(
@@ -161,6 +172,7 @@ impl Default for Metrics {
             connections,
             subscriptions_replaced,
             subscriber_resyncs,
+            table_refused,
             audit_write_failures,
             audit_pages_capped,
             attested,

@@ -191,22 +191,43 @@ impl Authority {
     /// Pushes each changed node its routes and the seeds of every pair it now has.
     fn push_changed(&mut self, changed: &[NodeId], now: UnixTime) {
         for id in changed {
-            let mut msgs = vec![self.tables.routes_push(id)];
+            let Some(mut msgs) = self.routes_push(id, now) else {
+                continue;
+            };
             let pairs = self.tables.allowed_pairs_of(id);
             msgs.extend(pairs.iter().map(|p| self.seeds.seeds_push(p, now)));
             self.push(id, &msgs);
         }
     }
 
+    /// The parts of `node`'s table update, or `None` when its table cannot be sent (over a
+    /// `table_sync` limit): counted in `table_refused` and audited (aggregated per node and
+    /// reason), never sent cut.
+    fn routes_push(&mut self, node: &NodeId, now: UnixTime) -> Option<Vec<Push>> {
+        match self.tables.routes_push(node) {
+            Ok(parts) => Some(parts),
+            Err(e) => {
+                let reason = e.reason();
+                self.metrics
+                    .table_refused
+                    .get_or_create(&[("reason", reason)])
+                    .inc();
+                let detail = hopmesh_transport::fields! {"detail" => e.to_string()};
+                self.refuse(now, "table_refused", node, reason, detail);
+                None
+            }
+        }
+    }
+
     /// Everything a freshly subscribed node needs, in order.
-    pub fn snapshot(&self, node: &NodeId, now: UnixTime) -> Vec<Push> {
+    pub fn snapshot(&mut self, node: &NodeId, now: UnixTime) -> Vec<Push> {
         let mut out = vec![Push::Config(MeshConfig {
             epoch_secs: self.settings.epoch.as_secs(),
             generation_secs: self.settings.generation_secs,
             suffix: BoundedString::truncated(&self.tables.policy().suffix),
         })];
         out.extend(self.revocations.push());
-        out.push(self.tables.routes_push(node));
+        out.extend(self.routes_push(node, now).into_iter().flatten());
         for p in &self.tables.allowed_pairs_of(node) {
             out.extend(self.seeds.pair_pushes(p, now));
         }

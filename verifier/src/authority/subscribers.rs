@@ -27,7 +27,7 @@ pub(super) struct Subscribers {
 pub(super) fn push_kind(p: &Push) -> &'static str {
     match p {
         Push::Config(_) => "config",
-        Push::Routes { .. } => "routes",
+        Push::TablePart(_) => "table_part",
         Push::Seeds { .. } => "seeds",
         Push::Compromised { .. } => "compromised",
         Push::Revocations { .. } => "revocations",

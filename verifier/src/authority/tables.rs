@@ -6,6 +6,7 @@ use hopmesh_protocol::enrollment::{PeerInfo, Push};
 use hopmesh_protocol::ids::{NodeId, NodeName, SegmentName};
 use hopmesh_protocol::policy::Policy;
 use hopmesh_protocol::routing::RoutingTable;
+use hopmesh_protocol::table_sync::{TableSyncError, TableUpdate, entries_of, split};
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 
 use super::registry::Registry;
@@ -138,12 +139,15 @@ impl Tables {
         changed
     }
 
-    /// `node`'s table and peers (empty if it has none).
-    pub(super) fn routes_push(&self, node: &NodeId) -> Push {
-        let (table, peers) = self.compiled.get(node).cloned().unwrap_or_default();
-        Push::Routes {
-            table,
-            peers: BoundedVec::new(peers).unwrap_or_default(),
-        }
+    /// The parts of a snapshot of `node`'s table and peers (empty if it has none), or why it
+    /// cannot be sent (over `MAX_TABLE_PEERS` or `MAX_TABLE_BYTES`): never a cut table.
+    /// Version 0 for now: every change is sent as a new snapshot.
+    pub(super) fn routes_push(&self, node: &NodeId) -> Result<Vec<Push>, TableSyncError> {
+        let entries = self
+            .compiled
+            .get(node)
+            .map(|(table, peers)| entries_of(table, peers))
+            .unwrap_or_default();
+        split(&TableUpdate::snapshot(0, &entries)?)
     }
 }

@@ -21,6 +21,19 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::store::SqliteStore;
+use hopmesh_protocol::table_sync::{TableAssembler, TableChange, TableEntry, TableUpdate};
+
+/// The table updates whole in `pushes` (parts reassembled in order).
+fn table_updates(pushes: &[Push]) -> Vec<TableUpdate> {
+    let mut a = TableAssembler::new();
+    pushes
+        .iter()
+        .filter_map(|p| match p {
+            Push::TablePart(part) => a.push(part).expect("parts in order"),
+            _ => None,
+        })
+        .collect()
+}
 
 /// Mid-slot: generation slot 6 000 000 runs from 1 800 000 000 to 1 800 000 300.
 const T0: u64 = 1_800_000_100;
@@ -712,10 +725,19 @@ fn refresh_pushes_routes_only_when_the_record_changed() {
         .expect("refresh");
     for rx in [&mut rb, &mut rc] {
         let got = drain(rx);
-        let Some(Push::Routes { peers, .. }) = got.first() else {
-            panic!("expected routes first, got {got:?}");
-        };
-        let info = peers.iter().find(|p| p.node_id == a).expect("a is a peer");
+        assert!(
+            matches!(got.first(), Some(Push::TablePart(_))),
+            "expected the table first, got {got:?}"
+        );
+        let [update] = table_updates(&got).try_into().expect("one table update");
+        let info = update
+            .changes
+            .iter()
+            .find_map(|c| match c {
+                TableChange::Put(TableEntry::Peer(p)) if p.node_id == a => Some(p),
+                _ => None,
+            })
+            .expect("a's new info");
         assert_eq!(
             info.addresses
                 .iter()
@@ -782,7 +804,7 @@ fn subscribe_refuses_unknown_and_revoked_nodes_and_snapshots_the_rest() {
     let c = h.enroll(3, "c");
     let mut ra = h.subscribe(&a);
     let snap = drain(&mut ra);
-    assert_eq!(kinds(&snap), ["config", "routes", "seeds", "seeds"]);
+    assert_eq!(kinds(&snap), ["config", "table_part", "seeds", "seeds"]);
     let Push::Config(cfg) = &snap[0] else {
         panic!("config first")
     };
@@ -802,7 +824,7 @@ fn subscribe_refuses_unknown_and_revoked_nodes_and_snapshots_the_rest() {
     let mut rc = h.subscribe(&c);
     assert_eq!(
         kinds(&drain(&mut rc)),
-        ["config", "revocations", "routes", "seeds"]
+        ["config", "revocations", "table_part", "seeds"]
     );
 }
 
@@ -851,7 +873,7 @@ fn revoke_pushes_compromised_to_exactly_the_revoked_nodes_peers() {
     assert!(compromised(&got[2]).is_empty());
     assert!(compromised(&got[3]).is_empty());
     // b: compromised, the new list, then its table without a.
-    assert_eq!(kinds(&got[1]), ["compromised", "revocations", "routes"]);
+    assert_eq!(kinds(&got[1]), ["compromised", "revocations", "table_part"]);
     // c and d's tables do not change: they only get the new list.
     assert_eq!(kinds(&got[2]), ["revocations"]);
     assert_eq!(kinds(&got[3]), ["revocations"]);
@@ -1142,7 +1164,7 @@ fn policy_reload_pushes_new_routes_only_to_the_changed_nodes() {
     for r in &mut rx {
         drain(r);
     }
-    let before = h.pushes("routes");
+    let before = h.pushes("table_part");
     let changed = h
         .auth
         .reload_policy(&islands_policy(false), t(T0))
@@ -1153,15 +1175,23 @@ fn policy_reload_pushes_new_routes_only_to_the_changed_nodes() {
     );
     let got: Vec<Vec<Push>> = rx.iter_mut().map(drain).collect();
     for i in [0, 1] {
-        let [Push::Routes { table, peers }] = got[i].as_slice() else {
-            panic!("node {i} expected exactly new routes, got {:?}", got[i]);
-        };
-        assert!(table.peers.is_empty());
-        assert!(peers.is_empty());
+        assert!(
+            got[i].iter().all(|p| matches!(p, Push::TablePart(_))),
+            "node {i} expected exactly its new table, got {:?}",
+            got[i]
+        );
+        let [update] = table_updates(&got[i]).try_into().expect("one table update");
+        assert!(
+            !update
+                .changes
+                .iter()
+                .any(|c| matches!(c, TableChange::Put(TableEntry::Peer(_)))),
+            "node {i} has no peer left: {update:?}"
+        );
     }
     assert!(got[2].is_empty());
     assert!(got[3].is_empty());
-    assert_eq!(h.pushes("routes"), before + 2);
+    assert_eq!(h.pushes("table_part"), before + 2);
     assert_eq!(
         h.auth.table(&c).map(|t| t.peers.clone()),
         Some(peer_set(&[d]))
@@ -1522,7 +1552,7 @@ fn address_changes_past_the_limit_are_deferred_and_the_refresh_still_attests() {
         h.auth
             .refresh(&a, &GOOD, &addr(port), t(T0 + i))
             .expect("refresh");
-        assert_eq!(kinds(&drain(&mut rb)), ["routes", "seeds"]);
+        assert_eq!(kinds(&drain(&mut rb)), ["table_part", "seeds"]);
     }
     // Unchanged addresses, many times: no push, and no change used up.
     for i in 0..50 {
@@ -1551,7 +1581,7 @@ fn address_changes_past_the_limit_are_deferred_and_the_refresh_still_attests() {
         .refresh(&a, &GOOD, &addr(30_003), t(T0 + 1 + 600))
         .expect("refresh");
     assert_eq!(a_addresses(&h), ["127.0.0.1:30003"]);
-    assert_eq!(kinds(&drain(&mut rb)), ["routes", "seeds"]);
+    assert_eq!(kinds(&drain(&mut rb)), ["table_part", "seeds"]);
     h.auth.tick(t(T0 + 700));
     assert_eq!(summaries(&h, "address_change_rate_limited")[0]["count"], 20);
 }
