@@ -5,10 +5,13 @@
 //!   results read as ratios and survive noisy shared machines.
 //! - The end-to-end benchmark `hopmesh-bench` (`benches/run.sh`): direct TCP vs `ssh -D` vs
 //!   hopmesh on the same workloads, interleaved in rounds; see [`report`] for the targets.
+//! - The control-plane simulator `hopmesh-bench sim` ([`sim`]): N simulated nodes against one
+//!   real verifier.
 
 pub mod load;
 pub mod procs;
 pub mod report;
 pub mod results;
+pub mod sim;
 pub mod stats;
 pub mod systems;

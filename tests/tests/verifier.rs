@@ -320,7 +320,7 @@ async fn policy_reload_changes_exactly_the_affected_tables() {
     let ids: Vec<NodeId> = nodes.iter().map(|n| n.identity.node_id()).collect();
     let before: Vec<_> = ids
         .iter()
-        .map(|id| h.shared().authority().table(id).cloned())
+        .map(|id| h.shared().authority().table(id))
         .collect();
 
     // Let s2 reach api.s1 (served by b): c's egress and b's ingress change; a's table does not.
@@ -341,7 +341,7 @@ async fn policy_reload_changes_exactly_the_affected_tables() {
 
     let after: Vec<_> = ids
         .iter()
-        .map(|id| h.shared().authority().table(id).cloned())
+        .map(|id| h.shared().authority().table(id))
         .collect();
     assert_eq!(before[0], after[0], "a unchanged");
     assert_ne!(before[1], after[1], "b changed");
@@ -362,10 +362,7 @@ async fn policy_reload_changes_exactly_the_affected_tables() {
         .await
         .expect_err("refused");
     assert!(err.contains("line 2"), "{err}");
-    assert_eq!(
-        h.shared().authority().table(&ids[2]).cloned(),
-        Some(c_table)
-    );
+    assert_eq!(h.shared().authority().table(&ids[2]), Some(c_table));
 }
 
 async fn futures_drain(streams: &mut [PushStream]) -> Vec<Vec<Push>> {

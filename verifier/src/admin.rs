@@ -212,8 +212,8 @@ async fn reissue(
 }
 
 async fn reload(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
-    let changed = shared.reload_policy().map_err(|e| bad(e.to_string()))?;
-    Ok(Json(json!({"changed": changed})))
+    let outcome = shared.reload_policy().map_err(|e| bad(e.to_string()))?;
+    Ok(Json(json!(outcome)))
 }
 
 #[derive(Deserialize)]

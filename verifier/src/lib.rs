@@ -80,7 +80,7 @@ impl Shared {
     }
 
     /// Re-reads the policy file and pushes the routing tables that changed.
-    pub fn reload_policy(&self) -> Result<Vec<String>, VerifierError> {
+    pub fn reload_policy(&self) -> Result<authority::PolicyReload, VerifierError> {
         let text = std::fs::read_to_string(&self.policy_path)
             .map_err(|e| VerifierError::io(format!("read {}", self.policy_path.display()), e))?;
         let now = self.now();

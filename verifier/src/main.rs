@@ -268,7 +268,7 @@ async fn run(cli: Cli) -> Result<()> {
             loop {
                 tokio::select! {
                     _ = hup.recv() => match running.shared.reload_policy() {
-                        Ok(changed) => tracing::info!(?changed, "policy reloaded"),
+                        Ok(r) => tracing::info!(nodes_changed = r.nodes_changed, pairs_added = r.pairs_added, pairs_removed = r.pairs_removed, added = ?r.added, removed = ?r.removed, "policy reloaded"),
                         Err(e) => tracing::error!(error = %e, "policy reload failed; keeping the old policy"),
                     },
                     _ = term.recv() => break,

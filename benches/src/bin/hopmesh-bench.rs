@@ -94,6 +94,69 @@ enum Cmd {
         #[arg(long, default_value = "benches/results/latest")]
         out: PathBuf,
     },
+    /// The control-plane simulator: N simulated nodes against one real verifier; writes
+    /// sim.json, sim.md and plots into `--out`. Exits non-zero if any push was lost,
+    /// truncated or reordered, or any revocation or table update missed a subscriber.
+    Sim {
+        /// Output directory.
+        #[arg(long, default_value = "benches/results/latest")]
+        out: PathBuf,
+        /// Directory with hopmesh-verifier (default: next to this binary).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// Mesh sizes, one verifier each (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        nodes: Vec<usize>,
+        /// Peers per node (segments of peers + 1 nodes).
+        #[arg(long, default_value_t = 99)]
+        peers: usize,
+        /// Attestation TTL in seconds (nodes refresh at half of it; 10 to 86400).
+        #[arg(long, default_value_t = 30)]
+        ttl: u64,
+        /// Seed generation in seconds (10 to 86400).
+        #[arg(long, default_value_t = 20)]
+        generation: u64,
+        /// Hop-token epoch in seconds.
+        #[arg(long, default_value_t = 10)]
+        epoch: u64,
+        /// Enrolments in flight at once (the verifier admits 16 unauthenticated connections
+        /// per source address).
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Steady phase in seconds (default: two generations).
+        #[arg(long)]
+        steady: Option<u64>,
+        /// Refreshes per node in the burst phase (0: none).
+        #[arg(long, default_value_t = 5)]
+        burst: u64,
+        /// Revocations timed one at a time.
+        #[arg(long, default_value_t = 5)]
+        revocations: usize,
+        /// Skip the revocation timed at a seed-rotation edge.
+        #[arg(long)]
+        no_rotation_revocation: bool,
+        /// Skip the policy-reload phase.
+        #[arg(long)]
+        no_reload: bool,
+        /// Seconds a revocation or table update may take to reach every node.
+        #[arg(long, default_value_t = 30)]
+        propagation_timeout: u64,
+        /// Seconds enrolment of a whole mesh may take.
+        #[arg(long, default_value_t = 3600)]
+        enroll_timeout: u64,
+        /// Inject a fault (the run must then fail): node 0 drops one push.
+        #[arg(long, value_enum)]
+        fault: Option<hopmesh_benches::sim::Fault>,
+        /// Small and fast for CI: 50 nodes, 9 peers, TTL 10 s, generation 10 s, 11 s steady (one
+        /// rotation), 10 s timeouts (other size flags are ignored).
+        #[arg(long)]
+        ci: bool,
+        /// Stage 2 instead: this many real hopmesh-node processes in ONE segment of `--nodes`
+        /// (the rest simulated), every node serving a service; checks `ctl show` lists every
+        /// other node and the first reaches the second's service through SOCKS.
+        #[arg(long)]
+        real: Option<usize>,
+    },
     /// Adds one figure to results.json in `--out` (used by `netns/run.sh bench_lossy`).
     Add {
         /// Output directory.
@@ -172,6 +235,66 @@ fn main() -> Result<()> {
                 load::serve_backend(l).await?;
                 anyhow::Ok(())
             })
+        }
+        Cmd::Sim {
+            out,
+            bin,
+            nodes,
+            peers,
+            ttl,
+            generation,
+            epoch,
+            concurrency,
+            steady,
+            burst,
+            revocations,
+            no_rotation_revocation,
+            no_reload,
+            propagation_timeout,
+            enroll_timeout,
+            fault,
+            ci,
+            real,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            hopmesh_benches::procs::stop_children_on_signal(&rt)?;
+            let bin = bin_dir(bin)?;
+            let mut p = hopmesh_benches::sim::Params {
+                bin,
+                nodes: 0,
+                peers,
+                ttl,
+                generation,
+                epoch,
+                concurrency,
+                steady_secs: steady.unwrap_or(2 * generation),
+                burst,
+                revocations,
+                rotation_revocation: !no_rotation_revocation,
+                reload: !no_reload,
+                propagation_timeout: Duration::from_secs(propagation_timeout),
+                enroll_timeout: Duration::from_secs(enroll_timeout),
+                fault,
+            };
+            let sizes = if ci {
+                p.peers = 9;
+                p.ttl = 10;
+                p.generation = 10;
+                p.steady_secs = 11;
+                p.burst = 2;
+                p.revocations = 3;
+                p.propagation_timeout = Duration::from_secs(10);
+                p.enroll_timeout = Duration::from_secs(60);
+                vec![50]
+            } else {
+                nodes
+            };
+            if let Err(e) = hopmesh_benches::sim::run_all(&rt, &p, &sizes, real, &out) {
+                // One line, no backtrace: CI shows why the run failed.
+                eprintln!("hopmesh-bench sim: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Cmd::Mesh { bin, epoch } => {
             let rt = tokio::runtime::Runtime::new()?;

@@ -27,6 +27,7 @@ pub(super) fn sha256(data: &[u8]) -> [u8; 32] {
 #[must_use = "publish() pushes the routing changes and yields the attestation"]
 pub struct Issued {
     envelope: Vec<u8>,
+    node: NodeId,
     changed: bool,
 }
 
@@ -119,6 +120,7 @@ impl Authority {
             .inc();
         Ok(Issued {
             envelope,
+            node: node_id,
             changed: true,
         })
     }
@@ -215,15 +217,18 @@ impl Authority {
             .attested
             .get_or_create(&[("kind", "refresh")])
             .inc();
-        Ok(Issued { envelope, changed })
+        Ok(Issued {
+            envelope,
+            node: *node_id,
+            changed,
+        })
     }
 
-    /// The second half of an admission: if the node record changed, recompiles and pushes the
-    /// tables that changed. Returns the attestation.
+    /// The second half of an admission: if the node record changed, updates the tables it
+    /// touches and pushes their deltas. Returns the attestation.
     pub fn publish(&mut self, issued: Issued, now: UnixTime) -> Vec<u8> {
         if issued.changed {
-            let changed = self.recompile();
-            self.push_changed(&changed, now);
+            self.node_changed(&issued.node, now);
         }
         issued.envelope
     }

@@ -60,6 +60,7 @@ use tokio::sync::mpsc;
 pub use self::admission::Issued;
 pub use self::issuer::SERIAL_BLOCK;
 pub use self::journal::CHECKPOINT_INTERVAL_SECS;
+pub use self::operator::{PolicyReload, RELOAD_REPORTED};
 pub use self::refusals::{AdminError, EnrollRefusal, RefreshRefusal, ReportRefusal};
 pub use self::settings::{
     ADDRESS_CHANGE_WINDOW_SECS, ADDRESS_CHANGES_PER_WINDOW, CompromiseMode, Limits,
@@ -74,7 +75,7 @@ use self::registry::Registry;
 use self::revocations::Revocations;
 use self::seeds::Seeds;
 use self::subscribers::Subscribers;
-use self::tables::Tables;
+use self::tables::{TableChanged, Tables};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoredList};
 
@@ -140,7 +141,8 @@ impl Authority {
         let registry = Registry::load(store.as_ref())?;
         let seeds = Seeds::load(master, settings.generation_secs, store.as_ref(), now)?;
         let revocations = Revocations::load(store.as_ref(), &signing)?;
-        let mut me = Self {
+        let tables = Tables::new(policy, &registry);
+        let me = Self {
             settings,
             store,
             audit,
@@ -149,12 +151,11 @@ impl Authority {
             registry,
             seeds,
             revocations,
-            tables: Tables::new(policy),
+            tables,
             subscribers: Subscribers::default(),
             refusal_audit: RefusalAudit::new(&settings_limits, now),
             checkpoints: self::journal::Checkpoints::default(),
         };
-        me.recompile();
         Ok(me)
     }
 
@@ -168,9 +169,12 @@ impl Authority {
         &self.settings
     }
 
-    /// Recompiles every table. Returns the changed nodes (their pushes are the caller's).
-    fn recompile(&mut self) -> Vec<NodeId> {
-        self.tables.recompile(&self.registry)
+    /// Brings the tables in line with `node`'s registry record (enrolled, re-addressed,
+    /// revoked) and pushes the nodes whose table changed: work proportional to the entries
+    /// that change, not to the mesh (`tables.rs`).
+    fn node_changed(&mut self, node: &NodeId, now: UnixTime) {
+        let changed = self.tables.node_changed(&self.registry, node);
+        self.push_changed(changed, now);
     }
 
     /// The grants (current and next generation) for a pair at `now`.
@@ -188,15 +192,23 @@ impl Authority {
         }
     }
 
-    /// Pushes each changed node its routes and the seeds of every pair it now has.
-    fn push_changed(&mut self, changed: &[NodeId], now: UnixTime) {
-        for id in changed {
-            let Some(mut msgs) = self.routes_push(id, now) else {
-                continue;
+    /// Pushes each changed node its table delta (all its parts in one `push`) and, for each
+    /// pair it did not have before only, the pair's seeds (and compromised generations).
+    fn push_changed(&mut self, changed: Vec<TableChanged>, now: UnixTime) {
+        for c in changed {
+            let mut msgs = match c.parts {
+                Ok(parts) => parts,
+                Err(e) => {
+                    self.table_refused(&c.node, &e, now);
+                    continue;
+                }
             };
-            let pairs = self.tables.allowed_pairs_of(id);
-            msgs.extend(pairs.iter().map(|p| self.seeds.seeds_push(p, now)));
-            self.push(id, &msgs);
+            for peer in &c.added_peers {
+                if let Some(pair) = self.tables.allowed_pair(&c.node, peer) {
+                    msgs.extend(self.seeds.pair_pushes(&pair, now));
+                }
+            }
+            self.push(&c.node, &msgs);
         }
     }
 
@@ -207,16 +219,27 @@ impl Authority {
         match self.tables.routes_push(node) {
             Ok(parts) => Some(parts),
             Err(e) => {
-                let reason = e.reason();
-                self.metrics
-                    .table_refused
-                    .get_or_create(&[("reason", reason)])
-                    .inc();
-                let detail = hopmesh_transport::fields! {"detail" => e.to_string()};
-                self.refuse(now, "table_refused", node, reason, detail);
+                self.table_refused(node, &e, now);
                 None
             }
         }
+    }
+
+    /// A table that cannot be sent: counted in `table_refused` and audited (aggregated per
+    /// node and reason).
+    fn table_refused(
+        &mut self,
+        node: &NodeId,
+        e: &hopmesh_protocol::table_sync::TableSyncError,
+        now: UnixTime,
+    ) {
+        let reason = e.reason();
+        self.metrics
+            .table_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+        let detail = hopmesh_transport::fields! {"detail" => e.to_string()};
+        self.refuse(now, "table_refused", node, reason, detail);
     }
 
     /// Everything a freshly subscribed node needs, in order.
@@ -313,9 +336,14 @@ impl Authority {
             .collect()
     }
 
-    /// A node's compiled table (for tests and introspection).
-    pub fn table(&self, node: &NodeId) -> Option<&RoutingTable> {
+    /// A node's compiled table (for tests and introspection: built from its entries, O(table)).
+    pub fn table(&self, node: &NodeId) -> Option<RoutingTable> {
         self.tables.table(node)
+    }
+
+    /// Does `node` have a table (live and named in policy)? O(log n).
+    pub fn has_table(&self, node: &NodeId) -> bool {
+        self.tables.has_table(node)
     }
 
     /// The current signed revocation list.

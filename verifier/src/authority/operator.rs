@@ -97,8 +97,7 @@ impl Authority {
         }
         self.broadcast_revocations();
         self.subscribers.close(&rec.node_id);
-        let changed = self.recompile();
-        self.push_changed(&changed, now);
+        self.node_changed(&rec.node_id, now);
         Ok(RevokeOutcome {
             node_id: rec.node_id.to_string(),
             revocation_version: version,
@@ -279,18 +278,70 @@ impl Authority {
         Ok(())
     }
 
-    /// Replaces the policy and pushes exactly the routing tables that changed.
-    pub fn reload_policy(&mut self, text: &str, now: UnixTime) -> Result<Vec<String>, AdminError> {
+    /// Replaces the policy: compiles it once, pushes only the tables that changed (as deltas,
+    /// seeds only for the pairs added), and reports the diff: the nodes changed and the pairs
+    /// added and removed (counts, and the first [`RELOAD_REPORTED`] of each by name).
+    pub fn reload_policy(&mut self, text: &str, now: UnixTime) -> Result<PolicyReload, AdminError> {
         let policy = Policy::parse(text)?;
-        self.tables.set_policy(policy);
-        let changed = self.recompile();
-        self.push_changed(&changed, now);
-        let names: Vec<String> = changed
-            .iter()
-            .filter_map(|id| self.registry.get(id))
-            .map(|n| n.name.to_string())
-            .collect();
-        self.audit(now, "policy_reload", fields! {"changed" => names.clone()});
-        Ok(names)
+        let reloaded = self.tables.reload(policy);
+        let name = |id: &NodeId| {
+            self.registry
+                .get(id)
+                .map_or_else(|| id.to_string(), |n| n.name.to_string())
+        };
+        let pairs = |set: &std::collections::BTreeSet<(NodeId, NodeId)>| -> Vec<[String; 2]> {
+            set.iter()
+                .take(RELOAD_REPORTED)
+                .map(|(a, b)| {
+                    let mut pair = [name(a), name(b)];
+                    pair.sort();
+                    pair
+                })
+                .collect()
+        };
+        let outcome = PolicyReload {
+            nodes_changed: reloaded.changed.len(),
+            changed: reloaded
+                .changed
+                .iter()
+                .take(RELOAD_REPORTED)
+                .map(|c| name(&c.node))
+                .collect(),
+            pairs_added: reloaded.diff.pairs_added.len(),
+            pairs_removed: reloaded.diff.pairs_removed.len(),
+            added: pairs(&reloaded.diff.pairs_added),
+            removed: pairs(&reloaded.diff.pairs_removed),
+        };
+        self.push_changed(reloaded.changed, now);
+        self.audit(
+            now,
+            "policy_reload",
+            fields! {"nodes_changed" => outcome.nodes_changed, "changed" => outcome.changed.clone(),
+            "pairs_added" => outcome.pairs_added, "pairs_removed" => outcome.pairs_removed,
+            "added" => serde_json::json!(outcome.added), "removed" => serde_json::json!(outcome.removed)},
+        );
+        Ok(outcome)
     }
+}
+
+/// How many changed nodes, added pairs and removed pairs a [`PolicyReload`] (the admin
+/// response, the CLI output and the `policy_reload` audit record) lists by name: 100 of
+/// each; the counts are always whole.
+pub const RELOAD_REPORTED: usize = 100;
+
+/// What a policy reload changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyReload {
+    /// Nodes whose table changed (and were pushed a delta).
+    pub nodes_changed: usize,
+    /// The first [`RELOAD_REPORTED`] of them, by name.
+    pub changed: Vec<String>,
+    /// Pairs that now exist and did not before.
+    pub pairs_added: usize,
+    /// Pairs that no longer exist.
+    pub pairs_removed: usize,
+    /// The first [`RELOAD_REPORTED`] pairs added, by name (each pair sorted).
+    pub added: Vec<[String; 2]>,
+    /// The first [`RELOAD_REPORTED`] pairs removed.
+    pub removed: Vec<[String; 2]>,
 }

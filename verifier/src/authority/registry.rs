@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use hopmesh_protocol::enrollment::Address;
 use hopmesh_protocol::ids::{Measurement, NodeId, NodeName, SegmentName};
-use hopmesh_protocol::policy::{NodeDirectory, Policy, parse_backend};
+#[cfg(test)]
+use hopmesh_protocol::policy::NodeDirectory;
+use hopmesh_protocol::policy::{Policy, parse_backend};
 use hopmesh_protocol::time::UnixTime;
 
 use super::refusals::{AdminError, EnrollRefusal, RefreshRefusal};
@@ -154,7 +156,9 @@ impl Registry {
         })
     }
 
-    /// Live, unbanned nodes by name: what the policy compiles against.
+    /// Live, unbanned nodes by name: what the policy compiles against (the reference
+    /// `Policy::compile` in tests; `tables.rs` keeps the tables incrementally).
+    #[cfg(test)]
     pub(super) fn directory(&self) -> NodeDirectory {
         self.nodes
             .values()

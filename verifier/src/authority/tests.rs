@@ -1170,9 +1170,24 @@ fn policy_reload_pushes_new_routes_only_to_the_changed_nodes() {
         .reload_policy(&islands_policy(false), t(T0))
         .expect("reload");
     assert_eq!(
-        changed.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        changed
+            .changed
+            .iter()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
         BTreeSet::from(["a", "b"])
     );
+    // The diff: the pair {a, b} is gone, nothing added.
+    assert_eq!(
+        (
+            changed.nodes_changed,
+            changed.pairs_added,
+            changed.pairs_removed
+        ),
+        (2, 0, 1)
+    );
+    assert!(changed.added.is_empty());
+    assert_eq!(changed.removed, [["a".to_owned(), "b".to_owned()]]);
     let got: Vec<Vec<Push>> = rx.iter_mut().map(drain).collect();
     for i in [0, 1] {
         assert!(
@@ -1205,12 +1220,14 @@ fn policy_reload_pushes_new_routes_only_to_the_changed_nodes() {
         .collect();
     names.sort();
     assert_eq!(names, ["a", "b"]);
+    assert_eq!(rec["pairs_removed"], 1);
+    assert_eq!(rec["removed"], serde_json::json!([["a", "b"]]));
     // Reloading the same text changes nothing.
-    assert!(
+    assert_eq!(
         h.auth
             .reload_policy(&islands_policy(false), t(T0))
-            .expect("reload")
-            .is_empty()
+            .expect("reload"),
+        PolicyReload::default()
     );
     assert!(matches!(
         h.auth.reload_policy("not = [toml", t(T0)),
@@ -1547,12 +1564,21 @@ fn address_changes_past_the_limit_are_deferred_and_the_refresh_still_attests() {
             .expect("a")
             .addresses
     };
-    // Two changes: applied, each pushes a's new peer info to b.
+    // Two changes: applied, each pushes b a delta of one change, a's new peer info (and no
+    // seeds: the pair is the same).
     for (i, port) in [(1, 30_001), (2, 30_002)] {
         h.auth
             .refresh(&a, &GOOD, &addr(port), t(T0 + i))
             .expect("refresh");
-        assert_eq!(kinds(&drain(&mut rb)), ["table_part", "seeds"]);
+        let got = drain(&mut rb);
+        assert_eq!(kinds(&got), ["table_part"]);
+        let [update] = table_updates(&got).try_into().expect("one table update");
+        assert!(!update.is_snapshot());
+        let [TableChange::Put(TableEntry::Peer(info))] = &update.changes[..] else {
+            panic!("one peer info: {update:?}");
+        };
+        assert_eq!(info.node_id, a);
+        assert_eq!(info.addresses[0].as_str(), format!("127.0.0.1:{port}"));
     }
     // Unchanged addresses, many times: no push, and no change used up.
     for i in 0..50 {
@@ -1581,7 +1607,7 @@ fn address_changes_past_the_limit_are_deferred_and_the_refresh_still_attests() {
         .refresh(&a, &GOOD, &addr(30_003), t(T0 + 1 + 600))
         .expect("refresh");
     assert_eq!(a_addresses(&h), ["127.0.0.1:30003"]);
-    assert_eq!(kinds(&drain(&mut rb)), ["table_part", "seeds"]);
+    assert_eq!(kinds(&drain(&mut rb)), ["table_part"]);
     h.auth.tick(t(T0 + 700));
     assert_eq!(summaries(&h, "address_change_rate_limited")[0]["count"], 20);
 }
@@ -1949,4 +1975,138 @@ fn a_failing_store_fails_closed_and_changes_nothing_in_memory() {
     ));
     assert_eq!(auth.grants(&PairIds::new(id(1), enrolled_b), t(T0)), ab);
     assert_eq!(auth.metrics().reissues.get(), 0);
+}
+
+// --- incremental tables and deltas --------------------------------------------------------
+
+/// One segment `s` of nodes `n1..n{n}`, each serving `v{i}.s`; `allow s -> s` (or, with
+/// `open = false`, only `s -> v1.s`); `[[route]] n1 -> n2 via n3`.
+fn mesh_policy(n: u8, open: bool) -> String {
+    let mut t = format!(
+        "[attestation]\nmeasurements = [\"{GOOD}\"]\n[[segment]]\nname = \"s\"\n[[allow]]\nfrom = \"s\"\nto = \"{}\"\n",
+        if open { "s" } else { "v1.s" }
+    );
+    for i in 1..=n {
+        t += &format!(
+            "[[node]]\nname = \"n{i}\"\nsegments = [\"s\"]\n[[service]]\nname = \"v{i}\"\nsegment = \"s\"\nnode = \"n{i}\"\nbackend = \"127.0.0.1:{}\"\n",
+            18_000 + u16::from(i)
+        );
+    }
+    t + "[[route]]\nfrom = \"n1\"\nto = \"n2\"\nvia = \"n3\"\n"
+}
+
+/// The reference: `node`'s entries per `Policy::compile_for` over the live directory.
+fn reference_entries(h: &Harness, node: &NodeId) -> hopmesh_protocol::table_sync::Entries {
+    let dir = h.auth.registry.directory();
+    let rec = h.auth.registry.get(node).expect("known");
+    let Some(table) = h.auth.tables.policy().compile_for(&rec.name, &dir) else {
+        return Default::default();
+    };
+    let infos: Vec<_> = table
+        .peers
+        .iter()
+        .map(|p| tables::peer_info(h.auth.registry.get(p).expect("live peer")))
+        .collect();
+    hopmesh_protocol::table_sync::entries_of(&table, &infos)
+}
+
+/// Each subscribed node applies every table update it receives, as a node does (a delta only
+/// on the version held, the digest checked); what it holds must equal the reference compile
+/// after every step: enrolments, a relay's arrival, address changes, a revocation, reloads.
+#[test]
+fn the_deltas_a_node_applies_give_the_reference_table_after_every_change() {
+    use hopmesh_protocol::table_sync::SyncedTable;
+    let mut h = Harness::new(mesh_policy(6, true));
+    type Held = std::collections::BTreeMap<NodeId, (mpsc::Receiver<Push>, Option<SyncedTable>)>;
+    let mut held = Held::new();
+    let mut updates = 0;
+    let mut check = |h: &mut Harness, held: &mut Held, step: &str| {
+        for (node, (rx, synced)) in held.iter_mut() {
+            if !h.auth.registry.is_live(node) {
+                continue;
+            }
+            for u in table_updates(&drain(rx)) {
+                let next = SyncedTable::apply_to(synced.as_ref(), &u)
+                    .unwrap_or_else(|e| panic!("{step}: update refused: {e}"));
+                *synced = Some(next);
+                updates += 1;
+            }
+            let got = synced
+                .as_ref()
+                .map(|s| s.entries().clone())
+                .unwrap_or_default();
+            assert_eq!(got, reference_entries(h, node), "{step}: {node:?}");
+            let (sent, now) = h.auth.tables.digests(node);
+            assert_eq!(sent, now, "{step}: the digest kept equals the entries'");
+        }
+    };
+    for (k, name) in [(1, "n1"), (2, "n2"), (4, "n4")] {
+        let id = h.enroll(k, name);
+        held.insert(id, (h.subscribe(&id), None));
+    }
+    check(&mut h, &mut held, "subscribed");
+    // n3 is the relay of n1 -> n2: its arrival reroutes v2.s for n1.
+    for (k, name) in [(3, "n3"), (5, "n5"), (6, "n6")] {
+        h.enroll(k, name);
+        check(&mut h, &mut held, name);
+    }
+    for k in [3, 5, 6] {
+        held.insert(id(k), (h.subscribe(&id(k)), None));
+    }
+    check(&mut h, &mut held, "all subscribed");
+    h.auth
+        .refresh(
+            &id(3),
+            &GOOD,
+            &[Address::truncated("127.0.0.1:31003")],
+            t(T0 + 1),
+        )
+        .expect("refresh");
+    check(&mut h, &mut held, "n3 readdressed");
+    h.auth
+        .revoke(&NodeRef::Id(id(3)), t(T0 + 2))
+        .expect("revoke");
+    check(&mut h, &mut held, "relay revoked");
+    let r = h
+        .auth
+        .reload_policy(&mesh_policy(6, false), t(T0 + 3))
+        .expect("reload");
+    assert!(r.pairs_removed > 0 && r.pairs_added == 0, "{r:?}");
+    check(&mut h, &mut held, "closed reload");
+    let r = h
+        .auth
+        .reload_policy(&mesh_policy(5, true), t(T0 + 4))
+        .expect("reload");
+    assert!(r.pairs_added > 0, "{r:?}");
+    check(&mut h, &mut held, "open reload without n6");
+    assert!(h.auth.table(&id(6)).is_none(), "n6 is no longer in policy");
+    assert!(updates > 20, "only {updates} updates");
+}
+
+/// An enrolment pushes each existing peer one delta of three changes (a route, an allowed
+/// entry, the peer) and the seeds of the one new pair only (was: the whole table and the
+/// seeds of every pair).
+#[test]
+fn an_enrolment_pushes_deltas_and_only_the_new_pairs_seeds() {
+    let mut h = Harness::new(mesh_policy(6, true));
+    // n1..n2 and n4..n5: n3 (the relay) stays out, so every pair is direct.
+    let ids: Vec<NodeId> = [(1, "n1"), (2, "n2"), (4, "n4"), (5, "n5")]
+        .into_iter()
+        .map(|(k, n)| h.enroll(k, n))
+        .collect();
+    let mut rx: Vec<_> = ids.iter().map(|n| h.subscribe(n)).collect();
+    for r in &mut rx {
+        drain(r);
+    }
+    let n6 = h.enroll(6, "n6");
+    for (i, r) in rx.iter_mut().enumerate() {
+        let got = drain(r);
+        assert_eq!(kinds(&got), ["table_part", "seeds"], "node {i}");
+        assert_eq!(seeds_peers(&got), peer_set(&[n6]));
+        let [update] = table_updates(&got).try_into().expect("one update");
+        // A delta on the version the node got in its snapshot.
+        let base = update.base.expect("a delta, not a snapshot");
+        assert_eq!(update.version, base + 1);
+        assert_eq!(update.changes.len(), 3, "{update:?}");
+    }
 }

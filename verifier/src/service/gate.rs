@@ -190,7 +190,7 @@ impl Gate {
         if g.subscriptions.get(node) != Some(&id) {
             return Ended::Replaced;
         }
-        if authority.table(node).is_some()
+        if authority.has_table(node)
             && let Ok(rx) = authority.subscribe(node, now)
         {
             return Ended::Resubscribed(rx);

@@ -172,7 +172,7 @@ async fn handle_connection(conn: Connection, source: IpAddr, shared: Arc<Shared>
         return;
     };
     let node = NodeId::from_spki(&spki);
-    let enrolled = |shared: &Shared| shared.authority().table(&node).is_some();
+    let enrolled = |shared: &Shared| shared.authority().has_table(&node);
     let class = if enrolled(&shared) {
         PeerClass::Enrolled(node)
     } else {
