@@ -59,6 +59,17 @@ pub struct Metrics {
     /// Refusals aggregated in the shared "other" bucket because the bound on distinct keys
     /// (`Limits::audit_max_keys`) was reached.
     pub audit_overflow: Counter,
+    /// Nodes of the current seed-rotation round not yet pushed their next generation
+    /// (`authority/rotation.rs`).
+    pub rotation_backlog: Gauge,
+    /// Seed-rotation batches served (each one lock hold of at most `ROTATION_BATCH` nodes).
+    pub rotation_batches: Counter,
+    /// Wall time of each ticker step that did rotation work (a round built or a batch served):
+    /// the longest the authority lock is held for the rotation.
+    pub rotation_batch_seconds: Histogram,
+    /// Nodes still unserved when the next slot began (the rotation fell behind): they are
+    /// served first, at once, in the new round.
+    pub rotation_carried_over: Counter,
 }
 
 impl Default for Metrics {
@@ -162,8 +173,36 @@ impl Default for Metrics {
             "Refusals aggregated in the shared other bucket (distinct-key bound reached)",
             audit_overflow.clone(),
         );
+        let rotation_backlog = Gauge::default();
+        let rotation_batches = Counter::default();
+        let rotation_batch_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 20));
+        let rotation_carried_over = Counter::default();
+        registry.register(
+            "rotation_backlog",
+            "Nodes of the current seed-rotation round not yet pushed their next generation",
+            rotation_backlog.clone(),
+        );
+        registry.register(
+            "rotation_batches",
+            "Seed-rotation batches served",
+            rotation_batches.clone(),
+        );
+        registry.register(
+            "rotation_batch_seconds",
+            "Wall time of each ticker step that did seed-rotation work (one lock hold)",
+            rotation_batch_seconds.clone(),
+        );
+        registry.register(
+            "rotation_carried_over",
+            "Nodes still unserved by the seed rotation when the next slot began",
+            rotation_carried_over.clone(),
+        );
         Self {
             registry,
+            rotation_backlog,
+            rotation_batches,
+            rotation_batch_seconds,
+            rotation_carried_over,
             audit_aggregated,
             audit_overflow,
             connection_refusals,

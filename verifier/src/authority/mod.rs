@@ -32,6 +32,7 @@ mod operator;
 mod refusals;
 mod registry;
 mod revocations;
+mod rotation;
 mod seeds;
 mod settings;
 mod subscribers;
@@ -62,6 +63,9 @@ pub use self::issuer::SERIAL_BLOCK;
 pub use self::journal::CHECKPOINT_INTERVAL_SECS;
 pub use self::operator::{PolicyReload, RELOAD_REPORTED};
 pub use self::refusals::{AdminError, EnrollRefusal, RefreshRefusal, ReportRefusal};
+pub use self::rotation::{
+    ROTATION_BATCH, ROTATION_BATCH_PAIRS, ROTATION_OFFSET_LABEL, ROTATION_SPREAD_PERCENT, Rotated,
+};
 pub use self::settings::{
     ADDRESS_CHANGE_WINDOW_SECS, ADDRESS_CHANGES_PER_WINDOW, CompromiseMode, Limits,
     REPORT_WINDOW_SECS, REPORTS_PER_WINDOW, Settings,
@@ -282,27 +286,18 @@ impl Authority {
         Ok(self.subscribers.open(*node, snapshot, &self.metrics))
     }
 
-    /// Periodic work: push next-generation seeds at slot boundaries, prune expired
-    /// revocations. Call about once a second.
-    pub fn tick(&mut self, now: UnixTime) {
+    /// Periodic work: prune expired revocations, then one step of the seed rotation (at most
+    /// one batch of nodes due their next generation, `rotation.rs`). Call every 100 ms or so,
+    /// and again (after releasing the lock) while the answer says more is due.
+    pub fn tick(&mut self, now: UnixTime) -> Rotated {
         self.flush_refusal_audit(now);
         self.checkpoint_if_due(now);
-        if self.seeds.advance(now) {
-            for id in self.subscribers.nodes() {
-                let msgs: Vec<Push> = self
-                    .tables
-                    .allowed_pairs_of(&id)
-                    .iter()
-                    .map(|p| self.seeds.seeds_push(p, now))
-                    .collect();
-                self.push(&id, &msgs);
-            }
-        }
         if self.revocations.has_expired(now)
             && let Err(e) = self.prune_revocations(now)
         {
             tracing::error!(error = %e, "pruning the revocation list failed");
         }
+        self.rotate(now)
     }
 
     fn prune_revocations(&mut self, now: UnixTime) -> Result<(), AdminError> {

@@ -10,6 +10,7 @@ use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedVec;
 
 use super::refusals::AdminError;
+use super::rotation::Rotation;
 use super::tables::AllowedPair;
 use crate::store::{PairState, Store, StoreError};
 
@@ -21,7 +22,8 @@ pub(super) struct Seeds {
     master: MasterSecret,
     generation_secs: u64,
     pairs: BTreeMap<PairIds, PairState>,
-    last_slot: u64,
+    /// When each subscriber gets its next generation (`rotation.rs`).
+    rotation: Rotation,
 }
 
 impl std::fmt::Debug for Seeds {
@@ -29,7 +31,7 @@ impl std::fmt::Debug for Seeds {
         f.debug_struct("Seeds")
             .field("generation_secs", &self.generation_secs)
             .field("pairs", &self.pairs.len())
-            .field("last_slot", &self.last_slot)
+            .field("rotation", &self.rotation)
             .finish_non_exhaustive()
     }
 }
@@ -58,14 +60,13 @@ impl Seeds {
             .into_iter()
             .map(|p| (p.pair, p))
             .collect();
-        let mut me = Self {
+        let rotation = Rotation::new(&Rotation::offset_key(master.expose()), generation_secs, now);
+        Ok(Self {
             master,
             generation_secs,
             pairs,
-            last_slot: 0,
-        };
-        me.last_slot = me.slot(now);
-        Ok(me)
+            rotation,
+        })
     }
 
     /// The generation slot `now` falls in.
@@ -73,14 +74,14 @@ impl Seeds {
         now.as_secs() / self.generation_secs.max(1)
     }
 
-    /// Moves the slot clock to `now`; true when a slot edge was crossed since the last call.
-    pub(super) fn advance(&mut self, now: UnixTime) -> bool {
-        let slot = self.slot(now);
-        if slot == self.last_slot {
-            return false;
-        }
-        self.last_slot = slot;
-        true
+    /// The rotation schedule.
+    pub(super) fn rotation(&self) -> &Rotation {
+        &self.rotation
+    }
+
+    /// The rotation schedule, to advance it and take batches.
+    pub(super) fn rotation_mut(&mut self) -> &mut Rotation {
+        &mut self.rotation
     }
 
     pub(super) fn reissues_of(&self, pair: &PairIds) -> u16 {
@@ -198,18 +199,6 @@ mod tests {
         )
         .expect("seeds load");
         (dir, seeds)
-    }
-
-    #[test]
-    fn the_slot_clock_advances_once_per_edge() {
-        let (_dir, mut s) = seeds(1_000);
-        assert_eq!(s.slot(UnixTime::from_secs(1_000)), 3);
-        assert!(!s.advance(UnixTime::from_secs(1_199)));
-        assert!(s.advance(UnixTime::from_secs(1_200)));
-        assert!(!s.advance(UnixTime::from_secs(1_200)));
-        assert!(!s.advance(UnixTime::from_secs(1_499)));
-        // A clock stepping back across an edge is an edge too.
-        assert!(s.advance(UnixTime::from_secs(1_199)));
     }
 
     #[test]

@@ -1092,34 +1092,226 @@ fn reissue_state_survives_a_reopen() {
 
 // --- tick ---------------------------------------------------------------------------------
 
+/// The seed-rotation spread window at the default generation (300 s): every node is served by
+/// `edge + SPREAD`.
+const SPREAD: u64 = 300 * ROTATION_SPREAD_PERCENT / 100;
+
+/// Ticks every second of `from..=to`, each second until nothing more is due (as the ticker
+/// does); returns the seconds at which `rx` received something, with what it got.
+fn tick_through(
+    h: &mut Harness,
+    rx: &mut mpsc::Receiver<Push>,
+    from: u64,
+    to: u64,
+) -> Vec<(u64, Vec<Push>)> {
+    tick_all(h, std::slice::from_mut(rx), from, to).remove(0)
+}
+
+/// [`tick_through`] for several receivers at once.
+fn tick_all(
+    h: &mut Harness,
+    rx: &mut [mpsc::Receiver<Push>],
+    from: u64,
+    to: u64,
+) -> Vec<Vec<(u64, Vec<Push>)>> {
+    let mut out = vec![Vec::new(); rx.len()];
+    for s in from..=to {
+        while h.auth.tick(t(s)).more_due {}
+        for (r, o) in rx.iter_mut().zip(&mut out) {
+            let got = drain(r);
+            if !got.is_empty() {
+                o.push((s, got));
+            }
+        }
+    }
+    out
+}
+
 #[test]
-fn ticks_push_seeds_at_generation_slot_edges_and_not_between() {
+fn each_node_gets_its_next_generation_once_per_slot_at_its_own_offset_not_at_the_edge() {
+    let mut h = Harness::new(standard_policy());
+    let nodes = [h.enroll(1, "a"), h.enroll(2, "b"), h.enroll(3, "c")];
+    let mut rx: Vec<_> = nodes.iter().map(|n| h.subscribe(n)).collect();
+    for r in &mut rx {
+        drain(r);
+    }
+    // Nothing inside the slot before the edge.
+    assert!(
+        tick_all(&mut h, &mut rx, T0, NEXT_EDGE - 1)
+            .iter()
+            .all(Vec::is_empty)
+    );
+    let mut when = Vec::new();
+    for slot in 0..2 {
+        let edge = NEXT_EDGE + 300 * slot;
+        let got = tick_all(&mut h, &mut rx, edge, edge + 299);
+        for (node, got) in nodes.iter().zip(&got) {
+            // Exactly once in the slot, at the node's own offset inside the spread window.
+            assert_eq!(got.len(), 1, "{got:?}");
+            let (at, pushes) = &got[0];
+            let offset = h.auth.seeds.rotation().offset(node);
+            assert!(offset < SPREAD);
+            assert_eq!(*at, edge + offset);
+            when.push(*at);
+            assert_eq!(kinds(pushes), ["seeds", "seeds"]);
+            let others: Vec<NodeId> = nodes.into_iter().filter(|p| p != node).collect();
+            assert_eq!(seeds_peers(pushes), peer_set(&others));
+            for p in pushes {
+                let Push::Seeds { grants, .. } = p else {
+                    unreachable!()
+                };
+                let from: Vec<UnixTime> = grants.iter().map(|g| g.valid_from).collect();
+                assert_eq!(from, [t(edge), t(edge + 300)]);
+            }
+        }
+    }
+    assert!(
+        when.iter().any(|s| !(s - NEXT_EDGE).is_multiple_of(300)),
+        "not everyone at the edge: {when:?}"
+    );
+}
+
+/// `n` nodes `n0`, `n1`, … in segment `m`, each serving `svc<i>`, and `m -> m`: every node
+/// pairs with every other. Plus `z`, alone in segment `lone` (no pairs).
+fn full_mesh_policy(n: usize) -> String {
+    let mut p = format!(
+        "[attestation]\nmeasurements = [\"{GOOD}\"]\n[[segment]]\nname = \"m\"\n\
+         [[segment]]\nname = \"lone\"\n[[node]]\nname = \"z\"\nsegments = [\"lone\"]\n"
+    );
+    for i in 0..n {
+        p += &format!(
+            "[[node]]\nname = \"n{i}\"\nsegments = [\"m\"]\n[[service]]\nname = \"svc{i}\"\n\
+             segment = \"m\"\nnode = \"n{i}\"\nbackend = \"127.0.0.1:{}\"\n",
+            18_000 + i
+        );
+    }
+    p + "[[allow]]\nfrom = \"m\"\nto = \"m\"\n"
+}
+
+#[test]
+fn a_revocation_during_a_rotation_backlog_is_queued_before_the_backlog_is_served() {
+    let n = ROTATION_BATCH + 6;
+    let mut h = Harness::new(full_mesh_policy(n));
+    let ids: Vec<NodeId> = (0..n)
+        .map(|i| h.enroll(u8::try_from(i + 1).expect("fits"), &format!("n{i}")))
+        .collect();
+    let z = h.enroll(200, "z");
+    let mut rx: Vec<_> = ids.iter().map(|id| h.subscribe(id)).collect();
+    for r in &mut rx {
+        drain(r);
+    }
+    // The end of the spread window: everyone is due; one batch per tick, the lock released
+    // between two (the ticker, `verifier/src/lib.rs`).
+    let at = t(NEXT_EDGE + SPREAD);
+    let first = h.auth.tick(at);
+    assert!(first.round_started);
+    assert_eq!(
+        (first.served, first.pairs),
+        (ROTATION_BATCH, ROTATION_BATCH * (n - 1))
+    );
+    assert_eq!(first.backlog, 6);
+    assert!(first.more_due);
+    assert_eq!(h.auth.metrics().rotation_backlog.get(), 6);
+    assert_eq!(h.auth.metrics().rotation_batches.get(), 1);
+    // A revocation between two batches (z has no pairs: no table changes, no seeds).
+    let version = h
+        .auth
+        .revoke(&NodeRef::Id(z), at)
+        .expect("revoke")
+        .revocation_version;
+    assert_eq!(version, 1);
+    // Every subscriber has the new list queued when revoke returns; the backlog's nodes have
+    // it before any of their seeds.
+    let mut queued: Vec<Vec<Push>> = rx.iter_mut().map(drain).collect();
+    for q in &queued {
+        assert!(kinds(q).contains(&"revocations"), "{:?}", kinds(q));
+    }
+    let waiting: Vec<usize> = (0..n)
+        .filter(|i| !kinds(&queued[*i]).contains(&"seeds"))
+        .collect();
+    assert_eq!(waiting.len(), 6);
+    let rest = h.auth.tick(at);
+    assert_eq!((rest.served, rest.backlog, rest.more_due), (6, 0, false));
+    assert_eq!(h.auth.metrics().rotation_backlog.get(), 0);
+    assert_eq!(h.auth.metrics().rotation_batches.get(), 2);
+    for (i, r) in rx.iter_mut().enumerate() {
+        queued[i].extend(drain(r));
+        let k = kinds(&queued[i]);
+        let revocations = k.iter().position(|k| *k == "revocations").expect("list");
+        let seeds = k.iter().position(|k| *k == "seeds").expect("seeds");
+        if waiting.contains(&i) {
+            assert!(revocations < seeds, "{k:?}");
+        }
+        assert_eq!(seeds_peers(&queued[i]).len(), n - 1, "every pair, once");
+        assert_eq!(k.iter().filter(|k| **k == "seeds").count(), n - 1);
+    }
+    // Nothing more in this slot.
+    assert!(!h.auth.tick(t(NEXT_EDGE + 299)).worked());
+}
+
+#[test]
+fn a_node_that_subscribes_after_the_edge_is_not_rotated_again_in_that_slot() {
     let mut h = Harness::new(standard_policy());
     let a = h.enroll(1, "a");
-    let b = h.enroll(2, "b");
-    let c = h.enroll(3, "c");
+    h.enroll(2, "b");
+    h.enroll(3, "c");
     let mut ra = h.subscribe(&a);
     drain(&mut ra);
-    for s in [T0, T0 + 1, NEXT_EDGE - 1] {
-        h.auth.tick(t(s));
-        assert!(drain(&mut ra).is_empty(), "pushed at {s}, inside the slot");
+    assert!(h.auth.tick(t(NEXT_EDGE)).round_started);
+    // Subscribed after the round began: its snapshot holds this slot's and the next one's.
+    let mut ra = h.auth.subscribe(&a, t(NEXT_EDGE + 1)).expect("subscribe");
+    let snapshot = drain(&mut ra);
+    let generations: BTreeSet<u64> = snapshot
+        .iter()
+        .filter_map(|p| match p {
+            Push::Seeds { grants, .. } => Some(grants.iter().map(|g| g.generation.slot())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(generations, BTreeSet::from([SLOT0 + 1, SLOT0 + 2]));
+    // The round may still serve it (it was subscribed at the edge): the same grants, once.
+    let later = tick_through(&mut h, &mut ra, NEXT_EDGE + 1, NEXT_EDGE + 299);
+    assert!(later.len() <= 1);
+    for (_, pushes) in &later {
+        assert!(
+            pushes.iter().all(|p| snapshot.contains(p)),
+            "identical grants"
+        );
     }
+    // A node first subscribed after the edge is not in the round at all.
+    let c = id(3);
+    let mut h = h.reopen(t(NEXT_EDGE - 1));
     h.auth.tick(t(NEXT_EDGE));
+    let mut rc = h.auth.subscribe(&c, t(NEXT_EDGE)).expect("subscribe");
+    drain(&mut rc);
+    assert!(tick_through(&mut h, &mut rc, NEXT_EDGE, NEXT_EDGE + 299).is_empty());
+    assert_eq!(
+        tick_through(&mut h, &mut rc, NEXT_EDGE + 300, NEXT_EDGE + 599).len(),
+        1
+    );
+}
+
+#[test]
+fn a_verifier_paused_past_a_whole_slot_rotates_everyone_at_once() {
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    h.enroll(2, "b");
+    h.enroll(3, "c");
+    let mut ra = h.subscribe(&a);
+    drain(&mut ra);
+    // No tick during slot SLOT0 + 1: a never got SLOT0 + 2, now current. It is served at the
+    // first tick, not at its offset.
+    let late = NEXT_EDGE + 300;
+    let r = h.auth.tick(t(late));
+    assert!(r.round_started);
     let got = drain(&mut ra);
     assert_eq!(kinds(&got), ["seeds", "seeds"]);
-    assert_eq!(seeds_peers(&got), peer_set(&[b, c]));
-    for p in &got {
-        let Push::Seeds { grants, .. } = p else {
-            unreachable!()
-        };
-        let from: Vec<UnixTime> = grants.iter().map(|g| g.valid_from).collect();
-        assert_eq!(from, [t(NEXT_EDGE), t(NEXT_EDGE + 300)]);
-    }
-    h.auth.tick(t(NEXT_EDGE));
-    h.auth.tick(t(NEXT_EDGE + 299));
-    assert!(drain(&mut ra).is_empty());
-    h.auth.tick(t(NEXT_EDGE + 300));
-    assert_eq!(kinds(&drain(&mut ra)), ["seeds", "seeds"]);
+    let Push::Seeds { grants, .. } = &got[0] else {
+        unreachable!()
+    };
+    assert_eq!(grants[0].valid_from, t(late));
+    assert!(tick_through(&mut h, &mut ra, late, late + 299).is_empty());
 }
 
 #[test]
@@ -1373,8 +1565,9 @@ fn a_node_outside_every_allowed_pair_gets_no_seeds_and_cannot_be_reported() {
     let snapshot = drain(&mut rz);
     assert!(seeds_peers(&snapshot).is_empty(), "{:?}", kinds(&snapshot));
     drain(&mut ra);
-    // Slot edges push seeds to a (its pairs), never to z.
+    // Slot rotations push seeds to a (its pairs), never to z.
     h.auth.tick(t(NEXT_EDGE));
+    h.auth.tick(t(NEXT_EDGE + SPREAD));
     assert!(drain(&mut rz).is_empty());
     assert_eq!(seeds_peers(&drain(&mut ra)), peer_set(&[b]));
     // An operator reissue of a pair policy forbids is refused: no seeds for it.
