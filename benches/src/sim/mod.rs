@@ -24,7 +24,7 @@ pub mod shape;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -559,13 +559,12 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     );
 
     // 2. Enrolment: every node starts, at most `concurrency` enrol at once.
-    let socket = UdpSocket::bind("127.0.0.1:0")?;
-    let endpoint = hopmesh_transport::quic::endpoint(socket, None)?;
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (burst_tx, burst) = watch::channel(0u64);
     let keys = v.pins.key_set()?;
     let ctx = Arc::new(Ctx {
-        endpoint: endpoint.clone(),
+        endpoints: node::endpoints(p.nodes)?,
+        burst_gate: Semaphore::new(node::BURST_CONCURRENCY),
         verifier: v.node_addr,
         pins: v.pins.clone(),
         measurement: sim_measurement(),
@@ -771,7 +770,7 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     })
     .await;
     tasks.abort_all();
-    endpoint.close(0u32.into(), b"done");
+    ctx.close();
     // Our process tree includes the verifier: take its share out.
     r.sim_cpu_s = (cpu_time(&[me], ticks).since(sim_cpu0)
         - cpu_time(&[vpid], ticks).since(verifier_cpu0))
@@ -795,9 +794,12 @@ pub fn run_all(
         notes: vec![
             "Numbers need a quiet machine: 2 cores shared by the verifier and the simulator."
                 .into(),
-            "One QUIC connection per simulated node, all from one quinn endpoint; the verifier's \
-             per-node work (handshake, enrol, refresh, subscription, pushes) is a real node's."
+            "One QUIC connection per simulated node, from one quinn endpoint per 200 nodes (each \
+             on its own loopback address 127.0.1.k, as real nodes come from many hosts); the \
+             verifier's per-node work (handshake, enrol, refresh, subscription, pushes) is a \
+             real node's."
                 .into(),
+            "The burst phase keeps at most 256 refreshes in flight.".into(),
         ],
         real: Vec::new(),
     };

@@ -103,8 +103,15 @@ impl Slot {
 /// What every node shares.
 #[derive(Debug)]
 pub struct Ctx {
-    /// The one endpoint all nodes dial from.
-    pub endpoint: quinn::Endpoint,
+    /// The endpoints the nodes dial from (node `i` uses `endpoints[i % len]`), each one UDP
+    /// socket on its own loopback address: real nodes come from many addresses, and the
+    /// verifier's per-source budgets (handshakes, unauthenticated connections) would
+    /// otherwise throttle a reconnect wave of thousands of simulated nodes as if one host
+    /// sent it.
+    pub endpoints: Vec<quinn::Endpoint>,
+    /// Refreshes in flight at once in the burst phase (a refresh storm of every node at once
+    /// would measure the verifier's overload, not its attestation rate).
+    pub burst_gate: Semaphore,
     /// The verifier's node-facing address.
     pub verifier: SocketAddr,
     /// The verifier's pins.
@@ -119,6 +126,43 @@ pub struct Ctx {
     pub burst: watch::Receiver<u64>,
     /// Refreshes per node per burst.
     pub burst_refreshes: u64,
+}
+
+/// Simulated nodes per source address.
+pub const NODES_PER_SOURCE: usize = 200;
+
+/// Most source addresses (127.0.1.1 … 127.0.1.64).
+pub const MAX_SOURCES: usize = 64;
+
+/// Refreshes in flight at once in the burst phase.
+pub const BURST_CONCURRENCY: usize = 256;
+
+/// One endpoint per [`NODES_PER_SOURCE`] nodes (at most [`MAX_SOURCES`]), on 127.0.1.k
+/// (Linux routes all of 127/8 to loopback).
+pub fn endpoints(nodes: usize) -> Result<Vec<quinn::Endpoint>, hopmesh_transport::TransportError> {
+    (1..=nodes.div_ceil(NODES_PER_SOURCE).clamp(1, MAX_SOURCES))
+        .map(|k| {
+            let socket = std::net::UdpSocket::bind(("127.0.1.".to_owned() + &k.to_string(), 0))
+                .map_err(|e| hopmesh_transport::TransportError::Io {
+                    path: format!("udp 127.0.1.{k}"),
+                    source: e,
+                })?;
+            hopmesh_transport::quic::endpoint(socket, None)
+        })
+        .collect()
+}
+
+impl Ctx {
+    fn endpoint(&self, index: usize) -> &quinn::Endpoint {
+        &self.endpoints[index % self.endpoints.len()]
+    }
+
+    /// Closes every endpoint.
+    pub fn close(&self) {
+        for e in &self.endpoints {
+            e.close(0u32.into(), b"done");
+        }
+    }
 }
 
 fn unix_now() -> UnixTime {
@@ -208,7 +252,8 @@ async fn enroll(
     secret: JoinSecret,
     identity: &Identity,
 ) -> Result<(), ClientError> {
-    let client = VerifierClient::connect(&ctx.endpoint, ctx.verifier, identity, &ctx.pins).await?;
+    let client =
+        VerifierClient::connect(ctx.endpoint(index), ctx.verifier, identity, &ctx.pins).await?;
     let facts = HostFacts {
         hostname: BoundedString::truncated(&format!("sim-{index}")),
         platform: BoundedString::truncated("sim"),
@@ -270,7 +315,8 @@ async fn session(
     slot: &Slot,
     permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
 ) -> Result<(), ClientError> {
-    let client = VerifierClient::connect(&ctx.endpoint, ctx.verifier, identity, &ctx.pins).await?;
+    let client =
+        VerifierClient::connect(ctx.endpoint(index), ctx.verifier, identity, &ctx.pins).await?;
     let v = refresh(ctx, index, &client, slot).await?;
     let mut refreshes = 0u64;
     let mut next =
@@ -301,6 +347,7 @@ async fn session(
             }
             Ok(()) = burst.changed() => {
                 for _ in 0..ctx.burst_refreshes {
+                    let _permit = ctx.burst_gate.acquire().await.ok();
                     refresh(ctx, index, &client, slot).await?;
                     slot.lock().burst_refreshes += 1;
                 }

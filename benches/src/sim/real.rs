@@ -167,13 +167,12 @@ pub async fn run(p: &Params, real: usize) -> Result<RealResult> {
         "sim stage 2: {real} real nodes ready; enrolling {} simulated",
         p.nodes - real
     );
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let endpoint = hopmesh_transport::quic::endpoint(socket, None)?;
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (_burst_tx, burst) = watch::channel(0u64);
     let keys = v.pins.key_set()?;
     let ctx = Arc::new(Ctx {
-        endpoint: endpoint.clone(),
+        endpoints: node::endpoints(p.nodes)?,
+        burst_gate: Semaphore::new(node::BURST_CONCURRENCY),
         verifier: v.node_addr,
         pins: v.pins.clone(),
         measurement: sim_measurement(),
@@ -275,7 +274,7 @@ pub async fn run(p: &Params, real: usize) -> Result<RealResult> {
     })
     .await;
     tasks.abort_all();
-    endpoint.close(0u32.into(), b"done");
+    ctx.close();
     drop(reals);
     drop(backend);
     Ok(out)
