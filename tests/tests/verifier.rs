@@ -338,6 +338,13 @@ async fn policy_reload_changes_exactly_the_affected_tables() {
         .filter_map(Value::as_str)
         .collect();
     assert_eq!(changed, BTreeSet::from(["b", "c"]));
+    // The diff names the pairs: b and c are peers already (c serves web.s2 to s1), so the
+    // reload adds and removes none.
+    assert_eq!(out["nodes_changed"], 2);
+    assert_eq!(
+        (out["pairs_added"].as_u64(), out["pairs_removed"].as_u64()),
+        (Some(0), Some(0))
+    );
 
     let after: Vec<_> = ids
         .iter()
