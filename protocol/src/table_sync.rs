@@ -1,4 +1,4 @@
-//! Routing tables on the push stream: a node's table as keyed entries ([`entry`]), sent as a
+//! Routing tables on the push stream: a node's table as keyed entries ([`TableEntry`]), sent as a
 //! versioned snapshot or a delta against the version the node holds.
 //!
 //! # Shape
