@@ -1,6 +1,7 @@
 //! Incremental compilation: every live node's table as [`Entries`], kept up to date by
 //! enrolment, removal and address changes with work proportional to the entries that change
-//! (not to the mesh), and a policy reload compiled once and diffed per node.
+//! (not to the mesh), and a policy reload that recompiles only the nodes the policy change
+//! can touch.
 //!
 //! A node's table is the union of *relationships*, each owning entries no other relationship
 //! has (docs/design.md, "Segments, services, routing, relays"):
@@ -170,6 +171,35 @@ impl Index {
         };
         spec.node != *user && segments.iter().any(|s| allowed.contains(s))
     }
+
+    /// The node names whose relationships may differ between `self` and `next`: every
+    /// relationship that involves none of them is the same under both. A relationship
+    /// `(user, service, server, relay)` depends on the user's segments, the service's spec
+    /// (id, serving node, backend) and the segments allowed to use it, and the route from
+    /// user to server; so the names are the nodes whose segments changed, the old and new
+    /// serving nodes of every service whose spec or allowed segments changed, and the origin
+    /// of every route that changed.
+    fn touched_by(&self, next: &Self) -> BTreeSet<NodeName> {
+        let mut out = BTreeSet::new();
+        let (a, b) = (&self.policy, &next.policy);
+        for name in a.nodes.keys().chain(b.nodes.keys()) {
+            if a.nodes.get(name) != b.nodes.get(name) {
+                out.insert(name.clone());
+            }
+        }
+        for mesh in a.services.keys().chain(b.services.keys()) {
+            let (sa, sb) = (a.services.get(mesh), b.services.get(mesh));
+            if sa != sb || self.allowed.get(mesh) != next.allowed.get(mesh) {
+                out.extend(sa.into_iter().chain(sb).map(|s| s.node.clone()));
+            }
+        }
+        for key in a.routes.keys().chain(b.routes.keys()) {
+            if a.routes.get(key) != b.routes.get(key) {
+                out.insert(key.0.clone());
+            }
+        }
+        out
+    }
 }
 
 /// One relationship: `user` may use `service` of `server`, through `relay` if one.
@@ -312,17 +342,28 @@ impl MeshTables {
         self.finish(journal)
     }
 
-    /// Replaces the policy: compiles the new one once for the same live nodes and returns
-    /// each changed node's delta.
+    /// Replaces the policy and returns each changed node's delta. Only the live nodes the
+    /// change can touch ([`Index::touched_by`]) are recompiled: each is removed under the old
+    /// policy and enrolled again under the new one, so the work is proportional to their
+    /// relationships, not to the mesh.
     pub fn reload(&mut self, policy: Policy) -> Vec<NodeDelta> {
-        let mut next = Self::new(policy);
-        let mut quiet = Journal::default();
-        for info in self.live.values() {
-            next.add_node(&mut quiet, info.clone());
+        let next = Index::new(policy);
+        let touched: Vec<PeerInfo> = self
+            .index
+            .touched_by(&next)
+            .iter()
+            .filter_map(|name| self.by_name.get(name))
+            .filter_map(|id| self.live.get(id).cloned())
+            .collect();
+        let mut journal = Journal::recording();
+        for info in &touched {
+            self.remove_node(&mut journal, &info.node_id);
         }
-        let deltas = diff(&self.tables, &next.tables);
-        *self = next;
-        deltas
+        self.index = next;
+        for info in touched {
+            self.add_node(&mut journal, info);
+        }
+        self.finish(journal)
     }
 
     fn readdress(&mut self, journal: &mut Journal, info: PeerInfo) {
@@ -598,58 +639,6 @@ impl NodeDelta {
             None => TableChange::Remove(key.clone()),
         });
     }
-}
-
-/// Per node whose entries differ between `old` and `new`, its delta (merge of two sorted maps).
-fn diff(old: &BTreeMap<NodeId, NodeTable>, new: &BTreeMap<NodeId, NodeTable>) -> Vec<NodeDelta> {
-    let nodes: BTreeSet<&NodeId> = old.keys().chain(new.keys()).collect();
-    let empty = Entries::new();
-    let mut out = Vec::new();
-    for node in nodes {
-        let (a, b) = (old.get(node), new.get(node));
-        let state = match (a.is_some(), b.is_some()) {
-            (false, true) => TableState::Created,
-            (true, false) => TableState::Dropped,
-            _ => TableState::Kept,
-        };
-        let a = a.map_or(&empty, |t| &t.entries);
-        let b = b.map_or(&empty, |t| &t.entries);
-        let mut delta = NodeDelta {
-            node: *node,
-            state,
-            changes: Vec::new(),
-            old: Vec::new(),
-            added_peers: Vec::new(),
-            removed_peers: Vec::new(),
-        };
-        let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
-        loop {
-            match (ia.peek(), ib.peek()) {
-                (None, None) => break,
-                (Some((ka, ea)), Some((kb, eb))) if ka == kb => {
-                    delta.record(ka, Some(ea), Some(eb));
-                    ia.next();
-                    ib.next();
-                }
-                (Some((ka, ea)), Some((kb, _))) if ka < kb => {
-                    delta.record(ka, Some(ea), None);
-                    ia.next();
-                }
-                (Some((ka, ea)), None) => {
-                    delta.record(ka, Some(ea), None);
-                    ia.next();
-                }
-                (_, Some((kb, eb))) => {
-                    delta.record(kb, None, Some(eb));
-                    ib.next();
-                }
-            }
-        }
-        if state != TableState::Kept || !delta.changes.is_empty() {
-            out.push(delta);
-        }
-    }
-    out
 }
 
 #[cfg(test)]

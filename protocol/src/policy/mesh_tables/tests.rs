@@ -37,12 +37,48 @@ impl Rng {
 const NODES: usize = 7;
 const SEGMENTS: usize = 3;
 
-/// A random valid policy text over nodes `n0..n{NODES-1}` (each declared with some chance).
-fn random_policy(rng: &mut Rng) -> Policy {
-    let mut t = String::from("[attestation]\nallow_any_measurement = true\n");
+fn parse_blocks(blocks: &[String]) -> Result<Policy, String> {
+    let t = format!(
+        "[attestation]\nallow_any_measurement = true\n{}",
+        blocks.concat()
+    );
+    Policy::parse(&t).map_err(|e| format!("{e}\n{t}"))
+}
+
+/// A small change of a policy: one block dropped, added (from another random policy) or
+/// replaced, retried until the result parses (a reload that touches few nodes, where a
+/// missed dependency of the incremental reload shows).
+fn nudge(rng: &mut Rng, blocks: &[String]) -> Option<(Vec<String>, Policy)> {
+    for _ in 0..32 {
+        let mut next = blocks.to_vec();
+        let donor = random_blocks(rng);
+        let pick = |rng: &mut Rng, v: &[String]| v.get(rng.below(v.len())).cloned();
+        match rng.below(3) {
+            0 if !next.is_empty() => {
+                next.remove(rng.below(next.len()));
+            }
+            1 => next.extend(pick(rng, &donor)),
+            _ if !next.is_empty() => {
+                let at = rng.below(next.len());
+                if let Some(b) = pick(rng, &donor) {
+                    next[at] = b;
+                }
+            }
+            _ => continue,
+        }
+        if let Ok(p) = parse_blocks(&next) {
+            return Some((next, p));
+        }
+    }
+    None
+}
+
+/// The sections of a random valid policy text, one block each.
+fn random_blocks(rng: &mut Rng) -> Vec<String> {
+    let mut blocks = Vec::new();
     let segs = 1 + rng.below(SEGMENTS);
     for s in 0..segs {
-        let _ = writeln!(t, "[[segment]]\nname = \"s{s}\"");
+        blocks.push(format!("[[segment]]\nname = \"s{s}\"\n"));
     }
     let mut members: Vec<(String, Vec<usize>)> = Vec::new();
     for n in 0..NODES {
@@ -52,11 +88,10 @@ fn random_policy(rng: &mut Rng) -> Policy {
         let mut in_segs: Vec<usize> = (0..segs).filter(|_| rng.chance(45)).collect();
         in_segs.dedup();
         let list: Vec<String> = in_segs.iter().map(|s| format!("\"s{s}\"")).collect();
-        let _ = writeln!(
-            t,
-            "[[node]]\nname = \"n{n}\"\nsegments = [{}]",
+        blocks.push(format!(
+            "[[node]]\nname = \"n{n}\"\nsegments = [{}]\n",
             list.join(", ")
-        );
+        ));
         members.push((format!("n{n}"), in_segs));
     }
     let mut services = Vec::new();
@@ -71,11 +106,10 @@ fn random_policy(rng: &mut Rng) -> Policy {
             continue;
         }
         let node = candidates[rng.below(candidates.len())];
-        let _ = writeln!(
-            t,
-            "[[service]]\nname = \"v{v}\"\nsegment = \"s{seg}\"\nnode = \"{node}\"\nbackend = \"127.0.0.1:{}\"",
+        blocks.push(format!(
+            "[[service]]\nname = \"v{v}\"\nsegment = \"s{seg}\"\nnode = \"{node}\"\nbackend = \"127.0.0.1:{}\"\n",
             8000 + rng.below(3)
-        );
+        ));
         services.push(format!("v{v}.s{seg}"));
     }
     for _ in 0..rng.below(6) {
@@ -85,7 +119,7 @@ fn random_policy(rng: &mut Rng) -> Policy {
         } else {
             format!("s{}", rng.below(segs))
         };
-        let _ = writeln!(t, "[[allow]]\nfrom = \"s{from}\"\nto = \"{to}\"");
+        blocks.push(format!("[[allow]]\nfrom = \"s{from}\"\nto = \"{to}\"\n"));
     }
     let mut routed = std::collections::BTreeSet::new();
     if members.len() >= 3 {
@@ -96,13 +130,12 @@ fn random_policy(rng: &mut Rng) -> Policy {
             {
                 continue;
             }
-            let _ = writeln!(
-                t,
-                "[[route]]\nfrom = \"{from}\"\nto = \"{to}\"\nvia = \"{via}\""
-            );
+            blocks.push(format!(
+                "[[route]]\nfrom = \"{from}\"\nto = \"{to}\"\nvia = \"{via}\"\n"
+            ));
         }
     }
-    Policy::parse(&t).unwrap_or_else(|e| panic!("generated policy must parse: {e}\n{t}"))
+    blocks
 }
 
 fn node_id(b: u64) -> NodeId {
@@ -219,7 +252,10 @@ fn check(
 
 fn run(seed: u64, steps: usize) -> usize {
     let mut rng = Rng(seed);
-    let mut mesh = MeshTables::new(random_policy(&mut rng));
+    let mut blocks = random_blocks(&mut rng);
+    let first =
+        parse_blocks(&blocks).unwrap_or_else(|e| panic!("generated policy must parse: {e}"));
+    let mut mesh = MeshTables::new(first);
     let mut live: BTreeMap<NodeId, PeerInfo> = BTreeMap::new();
     let mut held: BTreeMap<NodeId, Entries> = BTreeMap::new();
     let mut next_id = 1u64;
@@ -267,9 +303,18 @@ fn run(seed: u64, steps: usize) -> usize {
             let d = mesh.enrol(i.clone()).expect("own or free name");
             live.insert(i.node_id, i);
             d
-        } else {
+        } else if roll < 92 {
             label = format!("step {step}: reload");
-            mesh.reload(random_policy(&mut rng))
+            blocks = random_blocks(&mut rng);
+            let p = parse_blocks(&blocks).unwrap_or_else(|e| panic!("{label}: {e}"));
+            mesh.reload(p)
+        } else {
+            let Some((next, p)) = nudge(&mut rng, &blocks) else {
+                continue;
+            };
+            label = format!("step {step}: small reload");
+            blocks = next;
+            mesh.reload(p)
         };
         let mut last = None;
         for d in &deltas {
