@@ -83,8 +83,11 @@ impl Shared {
     pub fn reload_policy(&self) -> Result<authority::PolicyReload, VerifierError> {
         let text = std::fs::read_to_string(&self.policy_path)
             .map_err(|e| VerifierError::io(format!("read {}", self.policy_path.display()), e))?;
+        // Parsed before the lock: a large policy's parse never holds up the mesh.
+        let policy =
+            hopmesh_protocol::policy::Policy::parse(&text).map_err(authority::AdminError::from)?;
         let now = self.now();
-        Ok(self.authority().reload_policy(&text, now)?)
+        Ok(self.authority().apply_policy(policy, now))
     }
 }
 

@@ -278,11 +278,17 @@ impl Authority {
         Ok(())
     }
 
-    /// Replaces the policy: compiles it once, pushes only the tables that changed (as deltas,
+    /// Parses `text` and applies it ([`Self::apply_policy`]): recompiles only the nodes the
+    /// change can touch, pushes only the tables that changed (as deltas,
     /// seeds only for the pairs added), and reports the diff: the nodes changed and the pairs
     /// added and removed (counts, and the first [`RELOAD_REPORTED`] of each by name).
     pub fn reload_policy(&mut self, text: &str, now: UnixTime) -> Result<PolicyReload, AdminError> {
-        let policy = Policy::parse(text)?;
+        Ok(self.apply_policy(Policy::parse(text)?, now))
+    }
+
+    /// Replaces the policy with one already parsed (outside the lock), pushes each changed
+    /// node its delta and seeds for its new pairs, and audits the reload.
+    pub fn apply_policy(&mut self, policy: Policy, now: UnixTime) -> PolicyReload {
         let reloaded = self.tables.reload(policy);
         let name = |id: &NodeId| {
             self.registry
@@ -320,7 +326,7 @@ impl Authority {
             "pairs_added" => outcome.pairs_added, "pairs_removed" => outcome.pairs_removed,
             "added" => serde_json::json!(outcome.added), "removed" => serde_json::json!(outcome.removed)},
         );
-        Ok(outcome)
+        outcome
     }
 }
 
