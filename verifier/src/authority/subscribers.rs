@@ -8,7 +8,10 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 
-/// Push messages queued per subscriber. A subscriber whose queue is full is not silently
+/// Push messages queued per subscriber beyond its snapshot (a subscription's queue holds its
+/// whole snapshot plus this many changes, so a snapshot larger than the queue, as in a
+/// segment of thousands, never leaves a fresh subscriber without room for the next change).
+/// A subscriber whose queue is full is not silently
 /// dropped: its channel is closed (counted in `subscriber_resyncs`) and the QUIC service
 /// discards what is still queued and resubscribes it at once, so it gets one fresh snapshot
 /// (the full state: config, revocation list, routes, every pair's compromised generations and
@@ -42,7 +45,7 @@ impl Subscribers {
         snapshot: Vec<Push>,
         metrics: &Metrics,
     ) -> mpsc::Receiver<Push> {
-        let (tx, rx) = mpsc::channel(PUSH_QUEUE.max(snapshot.len()));
+        let (tx, rx) = mpsc::channel(snapshot.len() + PUSH_QUEUE);
         for m in snapshot {
             // The queue holds the whole snapshot; a failure only means the subscriber already
             // went away.
@@ -205,18 +208,29 @@ mod one_subscription_per_node {
     }
 
     #[test]
-    fn a_snapshot_larger_than_the_queue_is_queued_whole() {
+    fn a_snapshot_larger_than_the_queue_is_queued_whole_with_room_for_changes() {
         let metrics = Metrics::default();
         let mut subs = Subscribers::default();
         let node = NodeId::from_bytes([8; 32]);
         let snapshot: Vec<Push> = (0..PUSH_QUEUE + 5).map(|i| list(i as u8)).collect();
         let mut rx = subs.open(node, snapshot, &metrics);
+        // Before the node has read any of its snapshot, PUSH_QUEUE changes still fit (a
+        // queue sized to the snapshot alone made every change after a large snapshot a
+        // resync, and every resync another large snapshot).
+        for _ in 0..PUSH_QUEUE {
+            subs.push(&node, &[list(0)], &metrics);
+        }
+        assert!(subs.is_connected(&node));
+        assert_eq!(metrics.subscriber_resyncs.get(), 0);
+        // One past the edge is a resync; what was queued is all still there.
+        subs.push(&node, &[list(0)], &metrics);
+        assert!(!subs.is_connected(&node));
+        assert_eq!(metrics.subscriber_resyncs.get(), 1);
         let mut n = 0;
         while rx.try_recv().is_ok() {
             n += 1;
         }
-        assert_eq!(n, PUSH_QUEUE + 5);
-        assert!(subs.is_connected(&node));
+        assert_eq!(n, 2 * PUSH_QUEUE + 5);
     }
 
     #[test]
