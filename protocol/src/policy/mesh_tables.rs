@@ -343,7 +343,7 @@ impl MeshTables {
     }
 
     /// Replaces the policy and returns each changed node's delta. Only the live nodes the
-    /// change can touch ([`Index::touched_by`]) are recompiled: each is removed under the old
+    /// change can touch (`Index::touched_by`) are recompiled: each is removed under the old
     /// policy and enrolled again under the new one, so the work is proportional to their
     /// relationships, not to the mesh.
     pub fn reload(&mut self, policy: Policy) -> Vec<NodeDelta> {
