@@ -173,16 +173,16 @@ pub enum FrameIoError {
     #[error("stream ended inside a frame")]
     Truncated,
     /// The peer reset the stream or the connection failed.
-    #[error("stream read failed")]
+    #[error("stream read failed: {0}")]
     Read(#[from] quinn::ReadError),
     /// Writing failed.
-    #[error("stream write failed")]
+    #[error("stream write failed: {0}")]
     Write(#[from] quinn::WriteError),
     /// The frame was refused by the decoder (cap, version, canonical form...).
-    #[error("bad frame")]
+    #[error("bad frame: {0}")]
     Decode(#[from] DecodeError),
     /// The message could not be encoded under the cap.
-    #[error("cannot encode")]
+    #[error("cannot encode: {0}")]
     Encode(#[from] EncodeError),
     /// Nothing arrived before the deadline.
     #[error("timed out waiting for a frame")]

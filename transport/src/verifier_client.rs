@@ -42,7 +42,7 @@ pub enum ClientError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The exchange failed.
-    #[error("verifier exchange failed")]
+    #[error("verifier exchange failed: {0}")]
     Frame(#[from] FrameIoError),
     /// The verifier refused.
     #[error("verifier refused: {0}")]
