@@ -156,12 +156,26 @@ async fn ticker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         loop {
             let now = shared.now();
-            let (rotated, held) = {
-                let mut authority = shared.authority();
+            // On a blocking thread: waiting for the lock, and the batch itself, never hold up
+            // a runtime worker (and with it the QUIC connections it drives).
+            let batch = Arc::clone(&shared);
+            let (rotated, held) = match tokio::task::spawn_blocking(move || {
+                let mut authority = batch.authority();
                 // Timed from the lock taken to the lock released: how long others wait at most.
                 let started = std::time::Instant::now();
                 let rotated = authority.tick(now);
                 (rotated, started.elapsed())
+            })
+            .await
+            {
+                Ok(done) => done,
+                // A bug; the next tick tries again (the lock recovers from poisoning).
+                Err(e) if e.is_panic() => {
+                    tracing::error!("verifier tick panicked");
+                    break;
+                }
+                // The runtime is shutting down.
+                Err(_) => return,
             };
             if rotated.worked() {
                 shared
