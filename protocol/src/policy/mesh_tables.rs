@@ -24,10 +24,11 @@
 //! enrolments, removals, address changes and reloads.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::enrollment::PeerInfo;
 use crate::ids::{NodeId, NodeName, SegmentName, ServiceId};
-use crate::routing::{EgressRoute, MeshName};
+use crate::routing::{Backend, EgressRoute, MeshName};
 use crate::table_sync::{Entries, TableChange, TableEntry, TableKey};
 
 use super::{Policy, RuleTarget};
@@ -106,6 +107,8 @@ struct Index {
     serves: BTreeMap<NodeName, Vec<MeshName>>,
     /// Per relay node: the routes `(from, to)` through it.
     relays: BTreeMap<NodeName, Vec<(NodeName, NodeName)>>,
+    /// Per service: the one copy of its name that every `Route` to it shares.
+    names: BTreeMap<MeshName, Arc<MeshName>>,
 }
 
 impl Index {
@@ -151,12 +154,18 @@ impl Index {
                 .or_default()
                 .push((from.clone(), to.clone()));
         }
+        let names = policy
+            .services
+            .keys()
+            .map(|m| (m.clone(), Arc::new(m.clone())))
+            .collect();
         Self {
             policy,
             allowed,
             usable,
             serves,
             relays,
+            names,
         }
     }
 
@@ -212,12 +221,199 @@ struct Rel {
     relay: Option<NodeId>,
 }
 
-/// A live node's table and why each peer is one.
+/// A live node's table, stored compactly, and why each peer is one. Its entries
+/// ([`NodeTable::entries`]) are materialised on demand: a `Peer` entry from the live map (one
+/// `PeerInfo` per live node, not one copy per table listing it), a `Route`'s name from the
+/// one `Arc<MeshName>` per service, every other entry from ids alone. At 99 peers this is a
+/// fifth of the memory of the table as [`Entries`] (benches/benches/mesh_tables.rs measures it).
 #[derive(Clone, Debug, Default)]
 struct NodeTable {
-    entries: Entries,
-    /// Per peer: how many relationships make it one (never 0).
+    /// Per peer: how many relationships make it one (never 0). The `Peer` entries.
     reasons: BTreeMap<NodeId, u32>,
+    /// `Service` entries.
+    services: BTreeMap<ServiceId, (MeshName, Backend)>,
+    /// `Route` entries by name: service, serving node, relay.
+    routes: BTreeMap<Arc<MeshName>, (ServiceId, NodeId, Option<NodeId>)>,
+    /// `Allowed` entries.
+    allowed: BTreeSet<(ServiceId, NodeId)>,
+    /// `Relayed` entries: service, relay, origin.
+    relayed: BTreeSet<(ServiceId, NodeId, NodeId)>,
+    /// `Transit` entries: (origin, service) to next.
+    transit: BTreeMap<(NodeId, ServiceId), NodeId>,
+}
+
+impl NodeTable {
+    /// The entry with `key`, if any (a `Peer` entry needs the peer live).
+    fn get(&self, key: &TableKey, live: &BTreeMap<NodeId, PeerInfo>) -> Option<TableEntry> {
+        match key {
+            TableKey::Peer(p) => {
+                if self.reasons.contains_key(p) {
+                    live.get(p).cloned().map(TableEntry::Peer)
+                } else {
+                    None
+                }
+            }
+            TableKey::Route(name) => self.routes.get_key_value(name).map(route_entry),
+            TableKey::Service(s) => {
+                self.services
+                    .get(s)
+                    .map(|(name, backend)| TableEntry::Service {
+                        service: *s,
+                        name: name.clone(),
+                        backend: backend.clone(),
+                    })
+            }
+            TableKey::Allowed(service, peer) => self
+                .allowed
+                .contains(&(*service, *peer))
+                .then_some(TableEntry::Allowed {
+                    service: *service,
+                    peer: *peer,
+                }),
+            TableKey::Relayed(service, relay, origin) => self
+                .relayed
+                .contains(&(*service, *relay, *origin))
+                .then_some(TableEntry::Relayed {
+                    service: *service,
+                    relay: *relay,
+                    origin: *origin,
+                }),
+            TableKey::Transit(origin, service) => {
+                self.transit
+                    .get(&(*origin, *service))
+                    .map(|next| TableEntry::Transit {
+                        origin: *origin,
+                        service: *service,
+                        next: *next,
+                    })
+            }
+        }
+    }
+
+    /// Stores a non-`Peer` entry (peers are counted in `reasons`), `name` the shared copy of
+    /// a route's name.
+    fn put(&mut self, entry: TableEntry, name: impl FnOnce(&MeshName) -> Arc<MeshName>) {
+        match entry {
+            TableEntry::Peer(_) => debug_assert!(false, "peers are counted, not stored"),
+            TableEntry::Route(r) => {
+                let name = name(&r.name);
+                // Replace the key too: a reload may hand out a new shared copy.
+                self.routes.remove(&r.name);
+                self.routes.insert(name, (r.service, r.serving_node, r.via));
+            }
+            TableEntry::Service {
+                service,
+                name,
+                backend,
+            } => {
+                self.services.insert(service, (name, backend));
+            }
+            TableEntry::Allowed { service, peer } => {
+                self.allowed.insert((service, peer));
+            }
+            TableEntry::Relayed {
+                service,
+                relay,
+                origin,
+            } => {
+                self.relayed.insert((service, relay, origin));
+            }
+            TableEntry::Transit {
+                origin,
+                service,
+                next,
+            } => {
+                self.transit.insert((origin, service), next);
+            }
+        }
+    }
+
+    /// Drops a non-`Peer` entry.
+    fn drop_key(&mut self, key: &TableKey) {
+        match key {
+            TableKey::Peer(_) => debug_assert!(false, "peers are counted, not stored"),
+            TableKey::Route(name) => {
+                self.routes.remove(name);
+            }
+            TableKey::Service(s) => {
+                self.services.remove(s);
+            }
+            TableKey::Allowed(s, p) => {
+                self.allowed.remove(&(*s, *p));
+            }
+            TableKey::Relayed(s, r, o) => {
+                self.relayed.remove(&(*s, *r, *o));
+            }
+            TableKey::Transit(o, s) => {
+                self.transit.remove(&(*o, *s));
+            }
+        }
+    }
+
+    /// Every entry, materialised.
+    fn entries(&self, live: &BTreeMap<NodeId, PeerInfo>) -> Entries {
+        let mut out = Entries::new();
+        let mut put = |e: TableEntry| {
+            out.insert(e.key(), e);
+        };
+        for p in self.reasons.keys() {
+            if let Some(info) = live.get(p) {
+                put(TableEntry::Peer(info.clone()));
+            }
+        }
+        for r in &self.routes {
+            put(route_entry(r));
+        }
+        for (service, (name, backend)) in &self.services {
+            put(TableEntry::Service {
+                service: *service,
+                name: name.clone(),
+                backend: backend.clone(),
+            });
+        }
+        for (service, peer) in &self.allowed {
+            put(TableEntry::Allowed {
+                service: *service,
+                peer: *peer,
+            });
+        }
+        for (service, relay, origin) in &self.relayed {
+            put(TableEntry::Relayed {
+                service: *service,
+                relay: *relay,
+                origin: *origin,
+            });
+        }
+        for ((origin, service), next) in &self.transit {
+            put(TableEntry::Transit {
+                origin: *origin,
+                service: *service,
+                next: *next,
+            });
+        }
+        out
+    }
+
+    /// How many entries (a `Peer` entry per counted peer: they are all live).
+    fn len(&self) -> usize {
+        self.reasons.len()
+            + self.routes.len()
+            + self.services.len()
+            + self.allowed.len()
+            + self.relayed.len()
+            + self.transit.len()
+    }
+}
+
+fn route_entry(
+    (name, (service, server, via)): (&Arc<MeshName>, &(ServiceId, NodeId, Option<NodeId>)),
+) -> TableEntry {
+    TableEntry::Route(EgressRoute {
+        name: MeshName::clone(name),
+        service: *service,
+        serving_node: *server,
+        via: *via,
+    })
 }
 
 /// What an operation touched: each key's value and each table's existence before it.
@@ -293,9 +489,20 @@ impl MeshTables {
         self.live.is_empty()
     }
 
-    /// `node`'s entries; `None` if it is not live or not named in policy.
-    pub fn entries(&self, node: &NodeId) -> Option<&Entries> {
-        self.tables.get(node).map(|t| &t.entries)
+    /// `node`'s entries, materialised (O(table)); `None` if it is not live or not named in
+    /// policy.
+    pub fn entries(&self, node: &NodeId) -> Option<Entries> {
+        self.tables.get(node).map(|t| t.entries(&self.live))
+    }
+
+    /// Does `node` have a table (live and named in policy)?
+    pub fn has_table(&self, node: &NodeId) -> bool {
+        self.tables.contains_key(node)
+    }
+
+    /// How many entries `node`'s table has (0 without one).
+    pub fn entry_count(&self, node: &NodeId) -> usize {
+        self.tables.get(node).map_or(0, NodeTable::len)
     }
 
     /// `node`'s peers, in order (none without a table).
@@ -368,13 +575,11 @@ impl MeshTables {
 
     fn readdress(&mut self, journal: &mut Journal, info: PeerInfo) {
         let id = info.node_id;
-        let peers: Vec<NodeId> = self.peers(&id).copied().collect();
-        for p in peers {
-            if let Some(t) = self.tables.get_mut(&p) {
-                let before = t
-                    .entries
-                    .insert(TableKey::Peer(id), TableEntry::Peer(info.clone()));
-                journal.touch(p, TableKey::Peer(id), before);
+        // Every table holding `id` as a peer shows `live[id]`: record the old value for each.
+        let old = self.live.get(&id).cloned();
+        for p in self.peers(&id) {
+            if self.tables.contains_key(p) {
+                journal.touch(*p, TableKey::Peer(id), old.clone().map(TableEntry::Peer));
             }
         }
         self.live.insert(id, info);
@@ -404,7 +609,7 @@ impl MeshTables {
                 backend: spec.backend.clone(),
             };
             journal.touch(id, entry.key(), None);
-            table.entries.insert(entry.key(), entry);
+            table.put(entry, |_| Arc::new(mesh.clone()));
         }
         self.tables.insert(id, table);
         for rel in self.relationships_of(&name) {
@@ -423,7 +628,7 @@ impl MeshTables {
         if let Some(table) = self.tables.remove(id) {
             journal.table(*id, true);
             // Its own services are what is left (every relationship was undone).
-            for (key, entry) in table.entries {
+            for (key, entry) in table.entries(&self.live) {
                 journal.touch(*id, key, Some(entry));
             }
         }
@@ -554,11 +759,15 @@ impl MeshTables {
             return;
         };
         let key = entry.key();
-        let before = if add {
-            t.entries.insert(key.clone(), entry)
+        let before = t.get(&key, &self.live);
+        if add {
+            let names = &self.index.names;
+            t.put(entry, |m| {
+                names.get(m).cloned().unwrap_or_else(|| Arc::new(m.clone()))
+            });
         } else {
-            t.entries.remove(&key)
-        };
+            t.drop_key(&key);
+        }
         journal.touch(node, key, before);
     }
 
@@ -571,19 +780,14 @@ impl MeshTables {
         if add {
             let n = t.reasons.entry(peer).or_insert(0);
             *n += 1;
-            if *n == 1
-                && let Some(info) = self.live.get(&peer)
-            {
-                let before = t
-                    .entries
-                    .insert(key.clone(), TableEntry::Peer(info.clone()));
-                journal.touch(node, key, before);
+            if *n == 1 {
+                journal.touch(node, key, None);
             }
         } else if let Some(n) = t.reasons.get_mut(&peer) {
             *n -= 1;
             if *n == 0 {
                 t.reasons.remove(&peer);
-                let before = t.entries.remove(&key);
+                let before = self.live.get(&peer).cloned().map(TableEntry::Peer);
                 journal.touch(node, key, before);
             }
         }
@@ -595,7 +799,7 @@ impl MeshTables {
         nodes.extend(journal.had_table.keys().copied());
         let mut out = Vec::new();
         for node in nodes {
-            let now = self.tables.get(&node).map(|t| &t.entries);
+            let now = self.tables.get(&node);
             let state = match (journal.had_table.get(&node), now.is_some()) {
                 (Some(false), true) => TableState::Created,
                 (Some(true), false) => TableState::Dropped,
@@ -610,8 +814,8 @@ impl MeshTables {
                 removed_peers: Vec::new(),
             };
             for (key, before) in journal.before.get(&node).into_iter().flatten() {
-                let after = now.and_then(|e| e.get(key));
-                delta.record(key, before.as_ref(), after);
+                let after = now.and_then(|t| t.get(key, &self.live));
+                delta.record(key, before.as_ref(), after.as_ref());
             }
             if state != TableState::Kept || !delta.changes.is_empty() {
                 out.push(delta);

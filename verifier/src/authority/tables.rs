@@ -13,7 +13,7 @@ use hopmesh_protocol::ids::{NodeId, NodeName, SegmentName};
 use hopmesh_protocol::policy::{MeshTables, NodeDelta, Policy, PolicyDiff};
 use hopmesh_protocol::routing::RoutingTable;
 use hopmesh_protocol::table_sync::{
-    Entries, TableChange, TableDigest, TableSyncError, TableUpdate, digest, split, table_of,
+    TableChange, TableDigest, TableSyncError, TableUpdate, digest, split, table_of,
 };
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 
@@ -118,7 +118,7 @@ impl Tables {
         }
         let mut sent = HashMap::new();
         for rec in registry.records() {
-            if let Some(entries) = mesh.entries(&rec.node_id) {
+            if let Some(entries) = &mesh.entries(&rec.node_id) {
                 let s = Sent {
                     version: 1,
                     digest: digest(entries),
@@ -140,12 +140,12 @@ impl Tables {
 
     /// Does `node` have a table (live and named in policy)?
     pub(super) fn has_table(&self, node: &NodeId) -> bool {
-        self.mesh.entries(node).is_some()
+        self.mesh.has_table(node)
     }
 
     /// `node`'s table, built from its entries (for tests and introspection: O(table)).
     pub(super) fn table(&self, node: &NodeId) -> Option<RoutingTable> {
-        self.mesh.entries(node).map(|e| table_of(e).0)
+        self.mesh.entries(node).map(|e| table_of(&e).0)
     }
 
     /// The nodes `node` pairs with.
@@ -231,8 +231,7 @@ impl Tables {
     }
 
     fn snapshot(&self, node: &NodeId, version: u64) -> Result<TableUpdate, TableSyncError> {
-        let empty = Entries::new();
-        TableUpdate::snapshot(version, self.mesh.entries(node).unwrap_or(&empty))
+        TableUpdate::snapshot(version, &self.mesh.entries(node).unwrap_or_default())
     }
 
     /// The parts of a snapshot of `node`'s table at its current version (empty if it has
@@ -247,10 +246,9 @@ impl Tables {
     /// unless something is broken; for tests).
     #[cfg(test)]
     pub(super) fn digests(&self, node: &NodeId) -> (TableDigest, TableDigest) {
-        let empty = Entries::new();
         (
             self.sent.get(node).copied().unwrap_or_default().digest,
-            digest(self.mesh.entries(node).unwrap_or(&empty)),
+            digest(&self.mesh.entries(node).unwrap_or_default()),
         )
     }
 }

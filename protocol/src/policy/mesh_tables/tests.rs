@@ -221,6 +221,17 @@ fn check(
     let want = reference(mesh.policy(), live);
     for i in live.values() {
         let got = mesh.entries(&i.node_id);
+        let got = got.as_ref();
+        assert_eq!(
+            mesh.has_table(&i.node_id),
+            got.is_some(),
+            "{step}: has_table"
+        );
+        assert_eq!(
+            mesh.entry_count(&i.node_id),
+            got.map_or(0, BTreeMap::len),
+            "{step}: entry_count"
+        );
         assert_eq!(
             got,
             want.get(&i.node_id),
@@ -324,11 +335,7 @@ fn run(seed: u64, steps: usize) -> usize {
             apply(&mut held, d);
         }
         check(&mesh, &live, &held, &label);
-        entries_seen += live
-            .keys()
-            .filter_map(|id| mesh.entries(id))
-            .map(BTreeMap::len)
-            .sum::<usize>();
+        entries_seen += live.keys().map(|id| mesh.entry_count(id)).sum::<usize>();
     }
     entries_seen
 }
