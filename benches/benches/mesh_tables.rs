@@ -13,6 +13,16 @@
 //! run: one full `Policy::compile` of the directory (what every enrolment cost before) at 100 and
 //! 1 000 nodes of the shape. `cargo bench --bench mesh_tables` runs the full sizes;
 //! `-- --quick` (and `cargo test`) a tenth. Timings need a quiet machine.
+//!
+//! Memory (the process's resident set, as the simulator measures the verifier; the workspace
+//! forbids `unsafe`, so no counting allocator): the growth of RSS per live node while
+//! `MeshTables` enrols them all, against the same tables held as `Entries` (one
+//! `BTreeMap<TableKey, TableEntry>` per node, every `Peer` entry its own copy of the peer's
+//! name and addresses: what the verifier kept before), measured in the same run by
+//! materialising up to [`ENTRIES_SAMPLE`] nodes' entries at once. The run fails if `segments`
+//! (99 peers per node) grows by more than [`MAX_TABLE_BYTES_PER_NODE`] per node. That shape
+//! runs first, on a fresh heap; every later figure is a lower bound (it reuses memory that
+//! earlier shapes freed).
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -21,6 +31,29 @@ use hopmesh_protocol::enrollment::{Address, PeerInfo};
 use hopmesh_protocol::ids::{NodeId, NodeName};
 use hopmesh_protocol::policy::{MeshTables, NodeDirectory, Policy, PolicyDiff};
 use hopmesh_protocol::wire::BoundedVec;
+
+/// The most `MeshTables` may hold per live node in the `segments` shape (99 peers, 99 routes,
+/// 99 `Allowed`, one service per node): measured 2026-12 at ~37 KiB, against ~110 KiB as
+/// `Entries` (the representation before). The verifier's RSS target is 100 KiB per node in
+/// all (issue #13).
+const MAX_TABLE_BYTES_PER_NODE: usize = 48 * 1024;
+
+/// How many nodes' entries are materialised at once for the `Entries` comparison (all of a
+/// 10 000-node mesh would need gigabytes).
+const ENTRIES_SAMPLE: usize = 1_000;
+
+/// This process's resident set (`VmRSS` of /proc/self/status), in bytes; 0 where there is
+/// none (not Linux), which fails the limit check rather than passing it silently.
+fn rss_bytes() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
 
 /// `segments` x `per` nodes `n{s}x{i}`, node i of segment s serving `v{i}.s{s}`.
 fn policy(segments: usize, per: usize, allow_segment: bool) -> String {
@@ -71,6 +104,8 @@ struct Run {
     rate_all: f64,
     rate_last: f64,
     ns_per_change: f64,
+    /// RSS growth per live node while `MeshTables` enrolled them all.
+    bytes_per_node: usize,
 }
 
 fn shape(label: &str, segments: usize, per: usize, window: usize, baseline_sizes: &[usize]) -> Run {
@@ -79,6 +114,7 @@ fn shape(label: &str, segments: usize, per: usize, window: usize, baseline_sizes
     let names = order(segments, per);
     let total = names.len();
     let mut mesh = MeshTables::new(p.clone());
+    let empty = rss_bytes();
     let mut last = Duration::ZERO;
     let mut changes = 0usize;
     let mut busy = Duration::ZERO;
@@ -93,11 +129,37 @@ fn shape(label: &str, segments: usize, per: usize, window: usize, baseline_sizes
             last += took;
         }
     }
+    let held = rss_bytes().saturating_sub(empty);
+    let entries: usize = names
+        .iter()
+        .enumerate()
+        .map(|(k, name)| mesh.entry_count(&node(k, name).node_id))
+        .sum();
+    // The same tables as `Entries`, for a sample of nodes held at once.
+    let sample = total.min(ENTRIES_SAMPLE);
+    let before = rss_bytes();
+    let held_entries: Vec<_> = names
+        .iter()
+        .take(sample)
+        .enumerate()
+        .filter_map(|(k, name)| mesh.entries(&node(k, name).node_id))
+        .collect();
+    let sample_entries: usize = held_entries.iter().map(|e| e.len()).sum();
+    let as_entries = rss_bytes().saturating_sub(before);
+    drop(held_entries);
     let run = Run {
         rate_all: rate(total, busy),
         rate_last: rate(window, last),
         ns_per_change: busy.as_nanos() as f64 / changes.max(1) as f64,
+        bytes_per_node: held / total.max(1),
     };
+    println!(
+        "{label}: memory (RSS growth): MeshTables {:.1} KiB per node ({:.0} B per entry, {entries} entries); the same tables as Entries {:.1} KiB per node ({:.0} B per entry, {sample} nodes)",
+        run.bytes_per_node as f64 / 1024.0,
+        held as f64 / entries.max(1) as f64,
+        as_entries as f64 / sample.max(1) as f64 / 1024.0,
+        as_entries as f64 / sample_entries.max(1) as f64,
+    );
     println!(
         "{label}: {total} nodes enrolled in {:.2} s ({changes} entry changes, {:.0} ns each); {:.0} enrolments/s over all, {:.0}/s over the last {window}",
         busy.as_secs_f64(),
@@ -162,7 +224,8 @@ fn main() {
     } else {
         (10, 100, 200)
     };
-    let small = shape("segments x1", 1, per, per / 5, &[per]);
+    // The large run first: its RSS growth is measured on a fresh heap (later shapes reuse
+    // memory earlier ones freed, so theirs is a lower bound).
     let large = shape(
         &format!("segments x{segments}"),
         segments,
@@ -170,7 +233,14 @@ fn main() {
         per,
         &[per, 1_000.min(segments * per)],
     );
+    let small = shape("segments x1", 1, per, per / 5, &[per]);
     compare("segments", &small, &large);
+    assert!(
+        large.bytes_per_node > 0 && large.bytes_per_node <= MAX_TABLE_BYTES_PER_NODE,
+        "segments: MeshTables grew RSS by {} B per node at 99 peers: 0 (no /proc) or over MAX_TABLE_BYTES_PER_NODE = {}",
+        large.bytes_per_node,
+        MAX_TABLE_BYTES_PER_NODE
+    );
     if args.iter().any(|a| a == "--segments-only") {
         return;
     }
