@@ -106,11 +106,29 @@ impl Subscribers {
         metrics.subscribed.set(self.channels.len() as i64);
     }
 
-    /// Queues `msg` on every stream.
+    /// Queues `msg` on every stream, with the rule of [`Subscribers::push`] for each (a full
+    /// stream is closed for a resync, a gone one forgotten). One pass over the streams under
+    /// the authority lock: no list of nodes, one lookup of the push counter for all of them.
     pub(super) fn broadcast(&mut self, msg: &Push, metrics: &Metrics) {
-        for id in self.nodes() {
-            self.push(&id, std::slice::from_ref(msg), metrics);
-        }
+        let mut queued = 0u64;
+        let mut full = 0u64;
+        self.channels.retain(|_, tx| {
+            queued += 1;
+            match tx.try_send(msg.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    full += 1;
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        metrics.subscriber_resyncs.inc_by(full);
+        metrics
+            .pushes
+            .get_or_create(&[("kind", push_kind(msg))])
+            .inc_by(queued);
+        metrics.subscribed.set(self.channels.len() as i64);
     }
 }
 
@@ -231,6 +249,63 @@ mod one_subscription_per_node {
             n += 1;
         }
         assert_eq!(n, 2 * PUSH_QUEUE + 5);
+    }
+
+    #[test]
+    fn a_broadcast_closes_a_full_stream_for_resync_forgets_a_gone_one_and_reaches_the_rest() {
+        let metrics = Metrics::default();
+        let mut subs = Subscribers::default();
+        let (slow, gone, fast) = (
+            NodeId::from_bytes([10; 32]),
+            NodeId::from_bytes([11; 32]),
+            NodeId::from_bytes([12; 32]),
+        );
+        let mut slow_rx = subs.open(slow, Vec::new(), &metrics);
+        drop(subs.open(gone, Vec::new(), &metrics));
+        let mut fast_rx = subs.open(fast, Vec::new(), &metrics);
+        for _ in 0..PUSH_QUEUE {
+            subs.push(&slow, &[list(0)], &metrics);
+        }
+        // `gone` was never pushed to since its receiver went: the broadcast finds it gone.
+        assert!(subs.is_connected(&gone));
+        subs.broadcast(&list(5), &metrics);
+        assert!(
+            !subs.is_connected(&slow),
+            "a full stream is closed for a resync"
+        );
+        assert!(slow_rx.is_closed());
+        assert!(!subs.is_connected(&gone), "a gone stream is forgotten");
+        assert!(subs.is_connected(&fast));
+        assert_eq!(
+            metrics.subscriber_resyncs.get(),
+            1,
+            "only the full one is a resync"
+        );
+        assert_eq!(metrics.subscribed.get(), 1);
+        assert_eq!(fast_rx.try_recv().ok(), Some(list(5)));
+        assert!(fast_rx.try_recv().is_err());
+        let mut n = 0;
+        while let Ok(p) = slow_rx.try_recv() {
+            assert_eq!(
+                p,
+                list(0),
+                "what was queued stays, the broadcast is not in it"
+            );
+            n += 1;
+        }
+        assert_eq!(n, PUSH_QUEUE);
+        // Counted as `push` counts: every message addressed, for each of the three.
+        assert_eq!(
+            metrics
+                .pushes
+                .get_or_create(&[("kind", "revocations")])
+                .get(),
+            PUSH_QUEUE as u64 + 3
+        );
+        // A later broadcast reaches only the one still subscribed.
+        subs.broadcast(&list(6), &metrics);
+        assert_eq!(fast_rx.try_recv().ok(), Some(list(6)));
+        assert_eq!(metrics.subscriber_resyncs.get(), 1);
     }
 
     #[test]
