@@ -248,7 +248,7 @@ impl Consumer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use hopmesh_protocol::attestation::{RevocationList, RevokedNode, SigningKey};
     use hopmesh_protocol::enrollment::PeerInfo;
@@ -258,15 +258,15 @@ mod tests {
     use hopmesh_protocol::time::UnixTime;
     use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 
-    fn key() -> SigningKey {
+    pub(crate) fn key() -> SigningKey {
         SigningKey::from_seed(&SigningSeed::from_bytes([7; 32]))
     }
 
-    fn consumer() -> Consumer {
+    pub(crate) fn consumer() -> Consumer {
         Consumer::new(KeySet::new(vec![key().verifying_key()]).expect("keys"))
     }
 
-    fn list(version: u64, revoked: &[NodeId]) -> Push {
+    pub(crate) fn list(version: u64, revoked: &[NodeId]) -> Push {
         let k = key();
         let l = RevocationList {
             version,
@@ -289,7 +289,7 @@ mod tests {
         }
     }
 
-    fn id(i: u8) -> NodeId {
+    pub(crate) fn id(i: u8) -> NodeId {
         NodeId::from_spki(&[i])
     }
 

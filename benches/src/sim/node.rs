@@ -431,6 +431,50 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::consumer::tests::{consumer, id, list};
+
+    #[test]
+    fn revocations_are_checked_off_the_reader_in_order_and_keep_their_receipt_time() {
+        let slot = Slot::new(consumer());
+        let (t1, t2) = (Instant::now(), Instant::now() + Duration::from_millis(5));
+        let bad = match list(3, &[id(9)]) {
+            Push::Revocations { list } => {
+                let mut b = list.to_vec();
+                *b.last_mut().expect("signed") ^= 1;
+                Push::Revocations {
+                    list: BoundedVec::new(b).expect("fits"),
+                }
+            }
+            _ => unreachable!("a list"),
+        };
+        for (push, at) in [
+            (list(1, &[id(1)]), t1),
+            (list(2, &[id(1), id(2)]), t2),
+            (bad, t2),
+        ] {
+            let slot = slot.clone();
+            revocation_checker()
+                .send(Received { slot, push, at })
+                .expect("checker alive");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while slot.lock().consumer.violations.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let s = slot.lock();
+        // Applied in order: v2 after v1; the receipt time is what the reader took, not when
+        // the check ran; the tampered v3 is refused and counted, never applied.
+        assert_eq!(s.consumer.revocation_version(), 2);
+        assert_eq!(s.consumer.revoked_seen[&id(1)], t1);
+        assert_eq!(s.consumer.revoked_seen[&id(2)], t2);
+        assert!(!s.consumer.revoked_seen.contains_key(&id(9)));
+        assert_eq!(
+            s.consumer.violations.len(),
+            1,
+            "{:?}",
+            s.consumer.violations
+        );
+    }
 
     #[test]
     fn jitter_stays_within_the_nodes_half_life_band() {
