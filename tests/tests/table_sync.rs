@@ -69,9 +69,9 @@ fn enroll_bulk(h: &VerifierHarness, from: usize, to: usize) {
         let spki = Identity::generate().expect("identity").spki();
         let addresses = long_addresses(i);
         let now = h.now();
-        let mut a = h.shared().authority();
-        let issued = a
-            .admit_enrollment(
+        h.shared()
+            .authority()
+            .enroll(
                 &Enrollment {
                     spki: &spki,
                     join_secret: &secret,
@@ -82,7 +82,6 @@ fn enroll_bulk(h: &VerifierHarness, from: usize, to: usize) {
                 now,
             )
             .expect("enroll");
-        a.publish(issued, now);
     }
 }
 

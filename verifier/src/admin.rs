@@ -126,7 +126,7 @@ async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Ne
     {
         next.run(req).await
     } else {
-        shared.authority().metrics().refused("admin_unauthorized");
+        shared.metrics.refused("admin_unauthorized");
         ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token".into(),
@@ -140,7 +140,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
 }
 
 async fn nodes(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!(shared.authority().nodes_view()))
+    Json(json!(shared.blocking(|s| s.authority().nodes_view()).await))
 }
 
 #[derive(Deserialize)]
@@ -157,12 +157,14 @@ async fn join_token(
 ) -> Result<Json<Value>, ApiError> {
     let name = NodeName::new(&req.name).map_err(|e| bad(e.to_string()))?;
     let now = shared.now();
-    let (secret, expires) = shared.authority().create_join_token(
-        &name,
-        req.segments,
-        req.ttl_secs.unwrap_or(DEFAULT_JOIN_TTL),
-        now,
-    )?;
+    let ttl = req.ttl_secs.unwrap_or(DEFAULT_JOIN_TTL);
+    let token_name = name.clone();
+    let (secret, expires) = shared
+        .blocking(move |s| {
+            s.authority()
+                .create_join_token(&token_name, req.segments, ttl, now)
+        })
+        .await?;
     Ok(Json(
         json!({"name": name.as_str(), "secret": hex::encode(secret.expose()), "expires_at": expires.as_secs()}),
     ))
@@ -180,7 +182,9 @@ async fn revoke(
 ) -> Result<Json<Value>, ApiError> {
     let target = node_ref(&req.node)?;
     let now = shared.now();
-    let outcome = shared.authority().revoke(&target, now)?;
+    let outcome = shared
+        .blocking(move |s| s.authority().revoke(&target, now))
+        .await?;
     Ok(Json(json!(outcome)))
 }
 
@@ -190,7 +194,9 @@ async fn ban(
 ) -> Result<Json<Value>, ApiError> {
     let target = node_ref(&req.node)?;
     let now = shared.now();
-    shared.authority().ban(&target, now)?;
+    shared
+        .blocking(move |s| s.authority().ban(&target, now))
+        .await?;
     Ok(Json(json!({"banned": req.node})))
 }
 
@@ -207,12 +213,17 @@ async fn reissue(
 ) -> Result<Json<Value>, ApiError> {
     let (a, b) = (node_ref(&req.a)?, node_ref(&req.b)?);
     let now = shared.now();
-    let outcome = shared.authority().reissue(&a, &b, now)?;
+    let outcome = shared
+        .blocking(move |s| s.authority().reissue(&a, &b, now))
+        .await?;
     Ok(Json(json!(outcome)))
 }
 
 async fn reload(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
-    let outcome = shared.reload_policy().map_err(|e| bad(e.to_string()))?;
+    let outcome = shared
+        .blocking(Shared::reload_policy)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
     Ok(Json(json!(outcome)))
 }
 
@@ -234,7 +245,9 @@ async fn audit(
     Query(q): Query<AuditQuery>,
 ) -> Result<Response, ApiError> {
     use hopmesh_transport::audit::{MAX_PAGE_BYTES, MAX_PAGE_RECORDS, read_page};
-    let path = shared.authority().audit_path().to_owned();
+    let path = shared
+        .blocking(|s| s.authority().audit_path().to_owned())
+        .await;
     let since = q.since.unwrap_or(0);
     let limit = q
         .limit

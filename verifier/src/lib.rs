@@ -55,7 +55,14 @@ pub struct Shared {
     clock: Arc<dyn Clock>,
     admin_token: String,
     policy_path: PathBuf,
+    /// The [`AUTHORITY_TASKS`] blocking slots of [`Shared::blocking`].
+    tasks: tokio::sync::Semaphore,
 }
+
+/// Most authority operations of the node service and the admin API on the blocking pool at
+/// once ([`Shared::blocking`]); more wait, asynchronously and in order, counted in
+/// `authority_waiting`. The authority is one lock, so more would only add threads parked on it.
+pub const AUTHORITY_TASKS: usize = 8;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,12 +73,35 @@ impl std::fmt::Debug for Shared {
 impl Shared {
     /// The authority, locked. Operations under the lock are short (no network IO).
     pub fn authority(&self) -> MutexGuard<'_, Authority> {
-        // A panic while holding the lock cannot leave the authority half-updated in a way that
-        // matters more than stopping service would: every change is committed before it is
-        // applied in memory.
-        self.authority
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        authority::lock_authority(&self.authority)
+    }
+
+    /// Runs `f` on the blocking pool, at most [`AUTHORITY_TASKS`] at once. Waiting for the
+    /// authority lock (held by a seed-rotation batch, a reload, an enrolment's commit) then
+    /// never holds up a runtime worker, and with it the handshakes, connections and push
+    /// writes it drives: with two workers, two requests parked on the lock froze them all.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Shared) -> T + Send + 'static,
+    ) -> T {
+        let waiting = Waiting::new(&self.metrics.authority_waiting);
+        // Never closed: `ok()` only drops the impossible error.
+        let permit = self.tasks.acquire().await.ok();
+        drop(waiting);
+        let shared = Arc::clone(self);
+        let done = tokio::task::spawn_blocking(move || f(&shared)).await;
+        drop(permit);
+        match done {
+            Ok(v) => v,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down and drops this task too.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// The metrics (they need no lock).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Now, from the verifier's clock.
@@ -88,6 +118,22 @@ impl Shared {
             hopmesh_protocol::policy::Policy::parse(&text).map_err(authority::AdminError::from)?;
         let now = self.now();
         Ok(self.authority().apply_policy(policy, now))
+    }
+}
+
+/// Counts one waiter in a gauge while it lives (also when its future is dropped while waiting).
+struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -228,6 +274,7 @@ pub async fn start(
         clock: opts.clock.clone(),
         admin_token: opened.admin_token,
         policy_path: opts.policy_path.clone(),
+        tasks: tokio::sync::Semaphore::new(AUTHORITY_TASKS),
     });
 
     let tls = tls::server_config(&opened.tls, ALPN_CONTROL, Arc::new(AnyKey))?;

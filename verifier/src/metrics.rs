@@ -70,6 +70,9 @@ pub struct Metrics {
     /// Nodes still unserved when the next slot began (the rotation fell behind): they are
     /// served first, at once, in the new round.
     pub rotation_carried_over: Counter,
+    /// Authority operations of the service and the admin API waiting for one of the
+    /// `AUTHORITY_TASKS` blocking slots.
+    pub authority_waiting: Gauge,
 }
 
 impl Default for Metrics {
@@ -177,6 +180,12 @@ impl Default for Metrics {
         let rotation_batches = Counter::default();
         let rotation_batch_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 20));
         let rotation_carried_over = Counter::default();
+        let authority_waiting = Gauge::default();
+        registry.register(
+            "authority_waiting",
+            "Authority operations waiting for a blocking slot (AUTHORITY_TASKS in flight)",
+            authority_waiting.clone(),
+        );
         registry.register(
             "rotation_backlog",
             "Nodes of the current seed-rotation round not yet pushed their next generation",
@@ -203,6 +212,7 @@ impl Default for Metrics {
             rotation_batches,
             rotation_batch_seconds,
             rotation_carried_over,
+            authority_waiting,
             audit_aggregated,
             audit_overflow,
             connection_refusals,

@@ -8,6 +8,7 @@
 //! files beside the store.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hopmesh_protocol::hop_token::{Generation, PairIds};
 use hopmesh_protocol::ids::{Measurement, NodeId, NodeName};
@@ -124,6 +125,18 @@ pub struct PairState {
     pub compromised: Vec<Generation>,
 }
 
+/// The store, shared by the authority and the commits the service makes outside the
+/// authority's lock (an enrolment's join secret and record, a refresh's changed record). Lock
+/// order: the authority's lock, then this one; code holding this lock never takes the
+/// authority's.
+pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+
+/// Locks `store`. A panic inside a call cannot leave a half-written commit (each method is one
+/// transaction, rolled back unless committed), so a poisoned lock is still used.
+pub fn lock(store: &SharedStore) -> MutexGuard<'_, Box<dyn Store>> {
+    store.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Durable verifier state. Every method commits before it returns.
 pub trait Store: Send + std::fmt::Debug {
     /// Records a new join secret.
@@ -134,7 +147,7 @@ pub trait Store: Send + std::fmt::Debug {
         secret_hash: &[u8; 32],
         now: UnixTime,
     ) -> Result<JoinTokenUse, StoreError>;
-    /// Inserts or replaces a node record.
+    /// Inserts or replaces a node record; a stored revocation mark is kept (never cleared).
     fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError>;
     /// All node records.
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
@@ -382,8 +395,14 @@ impl Store for SqliteStore {
 
     fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError> {
         self.conn.execute(
-            "INSERT OR REPLACE INTO nodes (node_id, name, spki, measurement, addresses, enrolled_at, revoked_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            // A revocation mark is never cleared by a record write: a refresh committed
+            // outside the authority lock may land after the node's revocation.
+            "INSERT INTO nodes (node_id, name, spki, measurement, addresses, enrolled_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (node_id) DO UPDATE SET name = excluded.name, spki = excluded.spki,
+                measurement = excluded.measurement, addresses = excluded.addresses,
+                enrolled_at = excluded.enrolled_at,
+                revoked_at = COALESCE(nodes.revoked_at, excluded.revoked_at)",
             params![
                 &n.node_id.as_bytes()[..],
                 n.name.as_str(),
@@ -740,6 +759,37 @@ mod tests {
                 .expect("take"),
             JoinTokenUse::Used
         );
+    }
+
+    #[test]
+    fn a_record_write_updates_a_node_but_never_clears_its_revocation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = SqliteStore::create(&dir.path().join("s.db")).expect("create");
+        let id = NodeId::from_bytes([7; 32]);
+        let rec = NodeRecord {
+            node_id: id,
+            name: name("a"),
+            spki: vec![1],
+            measurement: Measurement([4; 32]),
+            addresses: vec!["127.0.0.1:1".into()],
+            enrolled_at: UnixTime::from_secs(5),
+            revoked_at: None,
+        };
+        s.put_node(&rec).expect("node");
+        let list = StoredList {
+            version: 1,
+            bytes: vec![1],
+        };
+        s.commit_revocation(&id, UnixTime::from_secs(9), &[], &list)
+            .expect("revoke");
+        // A refresh decided before the revocation and committed after it.
+        let mut late = rec.clone();
+        late.addresses = vec!["127.0.0.1:2".into()];
+        s.put_node(&late).expect("late refresh");
+        let stored = s.nodes().expect("nodes");
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].addresses, late.addresses, "the write landed");
+        assert_eq!(stored[0].revoked_at, Some(UnixTime::from_secs(9)));
     }
 
     #[test]

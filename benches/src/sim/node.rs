@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hopmesh_node::verifier_link::refresh_interval;
 use hopmesh_protocol::attestation::VerifiedAttestation;
-use hopmesh_protocol::enrollment::{Address, HostFacts, PUSH_CAP, Push};
+use hopmesh_protocol::enrollment::{Address, HostFacts, PUSH_CAP, Push, Refusal};
 use hopmesh_protocol::frame::encode_frame;
 use hopmesh_protocol::ids::{Measurement, NodeId};
 use hopmesh_protocol::secret::JoinSecret;
@@ -26,6 +26,11 @@ use super::consumer::Consumer;
 /// Sessions a node restarts after an unexpected end before it gives up (each one is reported:
 /// at a healthy verifier there are none).
 pub const MAX_SESSION_RESTARTS: u32 = 5;
+
+/// Enrolment attempts a node makes before it gives up (an answer lost or not sent within the
+/// deadline; a refusal ends them at once). Each failed attempt is reported; the wait before
+/// attempt `k + 1` is `k` × [`RESTART_BACKOFF`].
+pub const MAX_ENROLL_ATTEMPTS: u32 = 4;
 
 /// Wait before a node restarts a session that ended unexpectedly.
 pub const RESTART_BACKOFF: Duration = Duration::from_secs(1);
@@ -203,14 +208,34 @@ pub async fn run(ctx: Arc<Ctx>, index: usize, secret: JoinSecret, slot: Slot) {
     // The gate is never closed; were it, enrolment would just not be throttled.
     let permit = ctx.enroll_gate.acquire().await.ok();
     slot.lock().enroll_started = Some(Instant::now());
-    if let Err(e) = enroll(&ctx, index, secret, &identity).await {
-        let mut s = slot.lock();
-        s.error(format!("enroll: {e}"));
-        s.stopped = true;
-        return;
+    let mut shutdown = ctx.shutdown.clone();
+    let mut attempt = 1;
+    loop {
+        match enroll(&ctx, index, secret.clone(), &identity).await {
+            Ok(()) => break,
+            // The secret is single-use: refused on a retry, an earlier attempt consumed it and
+            // its answer was lost. The session's refresh then shows whether it enrolled.
+            Err(ClientError::Refused(Refusal::JoinSecret)) if attempt > 1 => break,
+            Err(e) => {
+                let mut s = slot.lock();
+                s.error(format!("enroll (attempt {attempt}): {e}"));
+                if matches!(e, ClientError::Refused(_)) || attempt >= MAX_ENROLL_ATTEMPTS {
+                    s.stopped = true;
+                    return;
+                }
+            }
+        }
+        let backoff = RESTART_BACKOFF * attempt;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => {
+                slot.lock().stopped = true;
+                return;
+            }
+        }
+        attempt += 1;
     }
     slot.lock().enrolled_at = Some(Instant::now());
-    let mut shutdown = ctx.shutdown.clone();
     let mut permit = permit;
     let mut restarts = 0;
     loop {

@@ -109,22 +109,37 @@ fn a_revoke_whose_audit_record_cannot_be_written_is_refused_and_changes_nothing(
     // Nothing changed: not in memory, not in the store, nothing pushed.
     assert!(auth.revocation_list().is_none());
     assert!(auth.nodes_view().iter().all(|n| n.revoked_at.is_none()));
-    assert!(auth.store.revocation_list().expect("store").is_none());
     assert!(
-        auth.store
+        crate::store::lock(&auth.store)
+            .revocation_list()
+            .expect("store")
+            .is_none()
+    );
+    assert!(
+        crate::store::lock(&auth.store)
             .nodes()
             .expect("store")
             .iter()
             .all(|n| n.revoked_at.is_none())
     );
     assert_eq!(auth.metrics().revocations.get(), 0);
-    assert_eq!(auth.store.audit_anchor().expect("store"), None);
+    assert_eq!(
+        crate::store::lock(&auth.store)
+            .audit_anchor()
+            .expect("store"),
+        None
+    );
     // Ban and reissue fail the same way; a node's report is not accepted unrecorded.
     assert!(matches!(
         auth.ban(&NodeRef::Id(b), t(T0 + 1)),
         Err(AdminError::Store(StoreError::Audit(_)))
     ));
-    assert!(auth.store.bans().expect("bans").is_empty());
+    assert!(
+        crate::store::lock(&auth.store)
+            .bans()
+            .expect("bans")
+            .is_empty()
+    );
     let report = Report {
         kind: ReportKind::ForgedTokens,
         peer: b,
@@ -143,13 +158,18 @@ fn durable_records_are_anchored_in_the_store_and_checkpoints_are_signed() {
     let a = enroll(&mut auth, 1, "a");
     enroll(&mut auth, 2, "b");
     assert_eq!(
-        auth.store.audit_anchor().expect("store"),
+        crate::store::lock(&auth.store)
+            .audit_anchor()
+            .expect("store"),
         None,
         "nothing durable yet"
     );
     auth.revoke(&NodeRef::Id(a), t(T0 + 1)).expect("revoke");
     let revoke_head = auth.audit.head();
-    let anchor = auth.store.audit_anchor().expect("store").expect("anchored");
+    let anchor = crate::store::lock(&auth.store)
+        .audit_anchor()
+        .expect("store")
+        .expect("anchored");
     assert_eq!(
         anchor.head(),
         revoke_head,
@@ -192,7 +212,7 @@ fn durable_records_are_anchored_in_the_store_and_checkpoints_are_signed() {
         "a checkpoint after the interval"
     );
     assert_eq!(
-        auth.store
+        crate::store::lock(&auth.store)
             .audit_anchor()
             .expect("store")
             .expect("anchor")
@@ -329,7 +349,10 @@ fn a_revoke_whose_commit_fails_after_its_record_is_refused_and_marked_aborted() 
             .contains("injected")
     );
     // The anchor names the revoke record, which is on disk: the log still verifies against it.
-    let anchor = auth.store.audit_anchor().expect("store").expect("anchored");
+    let anchor = crate::store::lock(&auth.store)
+        .audit_anchor()
+        .expect("store")
+        .expect("anchored");
     assert_eq!(Some(anchor.seq), revoke["seq"].as_u64());
     audit::verify_anchored(auth.audit_path(), Some(&anchor.head()), &mut |_, _| Ok(()))
         .expect("consistent");

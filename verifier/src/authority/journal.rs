@@ -34,7 +34,7 @@ use hopmesh_transport::fields;
 use serde_json::{Map, Value};
 
 use super::Authority;
-use crate::store::StoreError;
+use crate::store::{StoreError, lock};
 
 /// Most seconds between signed checkpoints while the audit log grows (10 s): the window in
 /// which best-effort records can be cut from the tail without `audit verify` noticing.
@@ -73,7 +73,8 @@ impl Authority {
             return Err(e.into());
         }
         let signed = SignedHead::sign(&self.audit.head(), self.issuer.key());
-        if let Err(e) = self.store.put_audit_anchor(&signed) {
+        let anchored = lock(&self.store).put_audit_anchor(&signed);
+        if let Err(e) = anchored {
             self.metrics.audit_failed("anchor");
             tracing::error!(error = %e, event, "anchoring the audit head failed; the operation is refused");
             self.audit_aborted(now, event, &e);
@@ -115,7 +116,7 @@ impl Authority {
             .audit
             .sync()
             .map_err(StoreError::from)
-            .and_then(|()| self.store.put_audit_anchor(&signed));
+            .and_then(|()| lock(&self.store).put_audit_anchor(&signed));
         if let Err(e) = done {
             self.metrics.audit_failed("checkpoint");
             tracing::error!(error = %e, "audit checkpoint failed");

@@ -2,9 +2,12 @@
 //! selective reissue, policy compilation and what to push to whom.
 //!
 //! IO-free apart from the [`Store`] (committed before anything is acknowledged) and the
-//! audit log; the QUIC service and the admin API call in here under one lock. Time is passed
-//! in: nothing here reads a clock (the service times attestation issuance itself, between
-//! [`Authority::admit_enrollment`]/[`Authority::admit_refresh`] and [`Authority::publish`]).
+//! audit log; the QUIC service and the admin API call in here under one lock. The store has
+//! its own lock ([`SharedStore`]): an enrollment and a refresh that changed a record are
+//! split in steps so their commits run outside the authority lock
+//! ([`Authority::reserve_enrollment`] → commit → [`Authority::complete_enrollment`];
+//! [`Authority::begin_refresh`] → commit → [`Authority::complete_refresh`]; the key is marked
+//! in flight between them). Time is passed in: nothing here reads a clock.
 //!
 //! # Layout
 //! One owner, [`Authority`], holds the store, the audit log, the metrics and five named
@@ -58,7 +61,10 @@ use hopmesh_protocol::wire::BoundedString;
 use hopmesh_transport::audit::AuditLog;
 use tokio::sync::mpsc;
 
-pub use self::admission::Issued;
+pub use self::admission::{
+    Issued, PendingEnrollment, PendingRefresh, RefreshStep, enroll_outside_lock, join_secret_hash,
+    lock_authority, refresh_outside_lock,
+};
 pub use self::issuer::SERIAL_BLOCK;
 pub use self::journal::CHECKPOINT_INTERVAL_SECS;
 pub use self::operator::{PolicyReload, RELOAD_REPORTED};
@@ -81,7 +87,7 @@ use self::seeds::Seeds;
 use self::subscribers::Subscribers;
 use self::tables::{TableChanged, Tables};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoredList};
+use crate::store::{SharedStore, Store, StoredList, lock};
 
 /// What [`Authority::new`] is built from.
 #[derive(Debug)]
@@ -105,7 +111,7 @@ pub struct Parts {
 /// The verifier.
 pub struct Authority {
     settings: Settings,
-    store: Box<dyn Store>,
+    store: SharedStore,
     audit: AuditLog,
     metrics: Arc<Metrics>,
     issuer: Issuer,
@@ -148,7 +154,7 @@ impl Authority {
         let tables = Tables::new(policy, &registry);
         let me = Self {
             settings,
-            store,
+            store: Arc::new(std::sync::Mutex::new(store)),
             audit,
             metrics,
             issuer: Issuer::new(signing),
@@ -302,7 +308,7 @@ impl Authority {
 
     fn prune_revocations(&mut self, now: UnixTime) -> Result<(), AdminError> {
         let list = self.revocations.pruned(self.issuer.key(), now)?;
-        self.store.put_revocation_list(&list.0)?;
+        lock(&self.store).put_revocation_list(&list.0)?;
         self.revocations.install(list);
         self.broadcast_revocations();
         Ok(())

@@ -16,7 +16,7 @@ use super::admission::sha256;
 use super::refusals::{AdminError, ReportRefusal};
 use super::settings::CompromiseMode;
 use super::views::{NodeRef, ReissueOutcome, RevokeOutcome};
-use crate::store::{BanSubject, JoinTokenRecord};
+use crate::store::{BanSubject, JoinTokenRecord, lock};
 
 impl Authority {
     /// Creates a one-time join secret for `name`.
@@ -38,7 +38,7 @@ impl Authority {
             .map_err(|_| AdminError::Internal("rng".into()))?;
         let secret = JoinSecret::from_bytes(secret);
         let expires_at = now.plus(ttl);
-        self.store.put_join_token(&JoinTokenRecord {
+        lock(&self.store).put_join_token(&JoinTokenRecord {
             secret_hash: sha256(secret.expose()),
             name: name.clone(),
             segments,
@@ -70,10 +70,8 @@ impl Authority {
         let bans = [BanSubject::Node(rec.node_id)];
         let version = list.0.version;
         self.audit_durable(now, "revoke", fields! {"node" => rec.node_id.to_string(), "name" => rec.name.as_str(), "revocation_version" => version})?;
-        if let Err(e) = self
-            .store
-            .commit_revocation(&rec.node_id, now, &bans, &list.0)
-        {
+        let committed = lock(&self.store).commit_revocation(&rec.node_id, now, &bans, &list.0);
+        if let Err(e) = committed {
             self.audit_aborted(now, "revoke", &e);
             return Err(e.into());
         }
@@ -120,7 +118,8 @@ impl Authority {
             "ban",
             fields! {"node" => rec.node_id.to_string(), "name" => rec.name.as_str()},
         )?;
-        if let Err(e) = self.store.put_bans(&bans, "operator ban", now) {
+        let committed = lock(&self.store).put_bans(&bans, "operator ban", now);
+        if let Err(e) = committed {
             self.audit_aborted(now, "ban", &e);
             return Err(e.into());
         }
@@ -168,10 +167,9 @@ impl Authority {
             fields! {"a" => a.to_string(), "b" => b.to_string(), "reissues" => plan.next, "why" => why,
             "compromised" => compromised.clone()},
         )?;
-        if let Err(e) = self
-            .store
-            .commit_reissue(&plan.pair, plan.next, &plan.compromised, now)
-        {
+        let committed =
+            lock(&self.store).commit_reissue(&plan.pair, plan.next, &plan.compromised, now);
+        if let Err(e) = committed {
             self.audit_aborted(now, "reissue", &e);
             return Err(e.into());
         }

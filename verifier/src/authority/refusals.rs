@@ -62,6 +62,8 @@ pub enum EnrollRefusal {
     NameTaken,
     /// An advertised address is not host:port.
     BadAddress,
+    /// Another admission of this key is committing its record: retry.
+    CommitInFlight,
     /// The store failed.
     Internal,
 }
@@ -80,6 +82,7 @@ impl EnrollRefusal {
             Self::Measurement => "measurement_not_allowed",
             Self::NameTaken => "name_taken",
             Self::BadAddress => "bad_address",
+            Self::CommitInFlight => "commit_in_flight",
             Self::Internal => "internal",
         }
     }
@@ -95,7 +98,7 @@ impl EnrollRefusal {
             Self::Measurement => Refusal::Measurement,
             Self::NameTaken => Refusal::NameTaken,
             Self::BadAddress => Refusal::BadRequest,
-            Self::Internal => Refusal::Internal,
+            Self::CommitInFlight | Self::Internal => Refusal::Internal,
         }
     }
 }
@@ -115,6 +118,8 @@ pub enum RefreshRefusal {
     NotInPolicy,
     /// An advertised address is not host:port.
     BadAddress,
+    /// Another refresh of this key is committing its changed record: retry.
+    CommitInFlight,
     /// Signing or the store failed.
     Internal,
 }
@@ -129,6 +134,7 @@ impl RefreshRefusal {
             Self::Measurement => "measurement_not_allowed",
             Self::NotInPolicy => "name_not_in_policy",
             Self::BadAddress => "bad_address",
+            Self::CommitInFlight => "commit_in_flight",
             Self::Internal => "internal",
         }
     }
@@ -141,7 +147,7 @@ impl RefreshRefusal {
             Self::Measurement => Refusal::Measurement,
             Self::NotInPolicy => Refusal::NotInPolicy,
             Self::BadAddress => Refusal::BadRequest,
-            Self::Internal => Refusal::Internal,
+            Self::CommitInFlight | Self::Internal => Refusal::Internal,
         }
     }
 }

@@ -28,6 +28,10 @@ pub(super) struct Registry {
     reports: BTreeMap<NodeId, Window>,
     /// Address-change windows of live nodes only.
     address_changes: BTreeMap<NodeId, Window>,
+    /// Records being committed outside the authority lock (an enrolment, or a refresh that
+    /// changed the record), by key, with the name each holds meanwhile: at most one per key,
+    /// and an enrolling name is taken. Bounded by the admissions in flight.
+    committing: BTreeMap<NodeId, NodeName>,
 }
 
 /// A fixed rate-limit window: at most `max` events from the first event of the window until
@@ -92,6 +96,7 @@ impl Registry {
             bans: store.bans()?.into_iter().collect(),
             reports: BTreeMap::new(),
             address_changes: BTreeMap::new(),
+            committing: BTreeMap::new(),
         })
     }
 
@@ -130,6 +135,81 @@ impl Registry {
     /// Enrolled and not revoked (bans not considered).
     pub(super) fn is_unrevoked(&self, id: &NodeId) -> bool {
         self.nodes.get(id).is_some_and(|n| n.revoked_at.is_none())
+    }
+
+    /// Marks `rec`'s commit in flight; false if one is already in flight for its key.
+    pub(super) fn begin_commit(&mut self, rec: &NodeRecord) -> bool {
+        if self.committing.contains_key(&rec.node_id) {
+            return false;
+        }
+        self.committing.insert(rec.node_id, rec.name.clone());
+        true
+    }
+
+    /// The commit of `id`'s record ended (committed or failed).
+    pub(super) fn end_commit(&mut self, id: &NodeId) {
+        self.committing.remove(id);
+    }
+
+    /// Records being committed outside the lock.
+    #[cfg(test)]
+    pub(super) fn commits_in_flight(&self) -> usize {
+        self.committing.len()
+    }
+
+    /// Whether an enrolment of another key holds `name` while its record is committed.
+    fn name_committing(&self, name: &NodeName, except: &NodeId) -> bool {
+        self.committing
+            .iter()
+            .any(|(id, n)| n == name && id != except)
+    }
+
+    /// Decides again, after its record was committed outside the lock, an enrolment decided
+    /// before: a ban or a policy reload meanwhile refuses it.
+    pub(super) fn recheck_enrollment(
+        &self,
+        policy: &Policy,
+        rec: &NodeRecord,
+    ) -> Result<(), EnrollRefusal> {
+        if self.bans.contains(&BanSubject::Node(rec.node_id)) {
+            return Err(EnrollRefusal::KeyBanned);
+        }
+        if self.name_banned(&rec.name) {
+            return Err(EnrollRefusal::NameBanned);
+        }
+        if !policy.nodes.contains_key(&rec.name) {
+            return Err(EnrollRefusal::NameNotInPolicy);
+        }
+        if !measurement_allowed(policy, &rec.measurement) {
+            return Err(EnrollRefusal::Measurement);
+        }
+        Ok(())
+    }
+
+    /// Decides again, after its changed record was committed outside the lock, a refresh
+    /// decided before: a revocation, ban or policy reload meanwhile refuses it.
+    pub(super) fn recheck_refresh(
+        &self,
+        policy: &Policy,
+        rec: &NodeRecord,
+    ) -> Result<(), RefreshRefusal> {
+        let current = self
+            .nodes
+            .get(&rec.node_id)
+            .ok_or(RefreshRefusal::NotEnrolled)?;
+        if current.revoked_at.is_some() {
+            return Err(RefreshRefusal::Revoked);
+        }
+        if self.is_banned(&rec.node_id, &rec.name) {
+            return Err(RefreshRefusal::Banned);
+        }
+        if !policy.nodes.contains_key(&rec.name) {
+            return Err(RefreshRefusal::NotInPolicy);
+        }
+        if !measurement_allowed(policy, &rec.measurement) {
+            return Err(RefreshRefusal::Measurement);
+        }
+        Ok(())
     }
 
     fn live_node_named(&self, name: &NodeName) -> Option<&NodeRecord> {
@@ -288,8 +368,12 @@ impl Registry {
         if self
             .live_node_named(&token.name)
             .is_some_and(|n| n.node_id != node_id)
+            || self.name_committing(&token.name, &node_id)
         {
             return Err(EnrollRefusal::NameTaken);
+        }
+        if self.committing.contains_key(&node_id) {
+            return Err(EnrollRefusal::CommitInFlight);
         }
         if !addresses_ok(e.addresses) {
             return Err(EnrollRefusal::BadAddress);
@@ -316,6 +400,9 @@ impl Registry {
         let rec = self.nodes.get(node_id).ok_or(RefreshRefusal::NotEnrolled)?;
         if rec.revoked_at.is_some() {
             return Err(RefreshRefusal::Revoked);
+        }
+        if self.committing.contains_key(node_id) {
+            return Err(RefreshRefusal::CommitInFlight);
         }
         if self.is_banned(node_id, &rec.name) {
             return Err(RefreshRefusal::Banned);

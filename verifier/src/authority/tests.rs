@@ -2007,6 +2007,11 @@ fn a_name_resolves_to_its_live_node_before_revoked_ones() {
 struct FlakyStore {
     inner: SqliteStore,
     fail: Arc<std::sync::atomic::AtomicBool>,
+    /// If set, `put_node` says it entered, then waits to be released.
+    hold: Option<(
+        std::sync::mpsc::Sender<()>,
+        std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    )>,
 }
 
 impl FlakyStore {
@@ -2036,6 +2041,14 @@ impl Store for FlakyStore {
         self.inner.take_join_token(secret_hash, now)
     }
     fn put_node(&mut self, n: &crate::store::NodeRecord) -> Result<(), crate::store::StoreError> {
+        if let Some((entered, release)) = &self.hold {
+            let _ = entered.send(());
+            // Bounded: a broken run fails instead of hanging.
+            let _ = release
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .recv_timeout(std::time::Duration::from_secs(10));
+        }
         self.check()?;
         self.inner.put_node(n)
     }
@@ -2097,6 +2110,7 @@ fn a_failing_store_fails_closed_and_changes_nothing_in_memory() {
     let store = FlakyStore {
         inner: SqliteStore::create(&dir.path().join("store.db")).expect("store"),
         fail: fail.clone(),
+        hold: None,
     };
     let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
     let mut auth = Authority::new(
@@ -2168,6 +2182,189 @@ fn a_failing_store_fails_closed_and_changes_nothing_in_memory() {
     ));
     assert_eq!(auth.grants(&PairIds::new(id(1), enrolled_b), t(T0)), ab);
     assert_eq!(auth.metrics().reissues.get(), 0);
+}
+
+// --- store commits outside the authority lock -------------------------------------------
+
+fn enrollment<'a>(key: &'a [u8], secret: &'a JoinSecret, addrs: &'a [Address]) -> Enrollment<'a> {
+    Enrollment {
+        spki: key,
+        join_secret: secret,
+        measurement: GOOD,
+        addresses: addrs,
+        hostname: "test-host",
+    }
+}
+
+#[test]
+fn an_enrollment_commit_runs_with_the_authority_lock_free() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let store = FlakyStore {
+        inner: SqliteStore::create(&dir.path().join("store.db")).expect("store"),
+        fail: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        hold: Some((entered_tx, std::sync::Mutex::new(release_rx))),
+    };
+    let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
+    let auth = Authority::new(
+        Parts {
+            settings: Settings::default(),
+            signing: signing(),
+            master: MasterSecret::from_bytes([2; 32]),
+            store: Box::new(store),
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            policy: Policy::parse(&standard_policy()).expect("policy"),
+        },
+        t(T0),
+    )
+    .expect("authority");
+    let auth = std::sync::Mutex::new(auth);
+    let secret = lock_authority(&auth)
+        .create_join_token(&name("a"), None, 60, t(T0))
+        .expect("token")
+        .0;
+    std::thread::scope(|scope| {
+        let enrolling = scope.spawn(|| {
+            let (key, addrs) = (spki(1), addresses(1));
+            enroll_outside_lock(&auth, &enrollment(&key, &secret, &addrs), t(T0))
+                .map(|(mut a, issued)| a.publish(issued, t(T0)))
+        });
+        entered
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the enrollment reached its commit");
+        // The commit is in progress (the store lock held by it): the authority lock is free,
+        // the key reserved, the node not yet visible.
+        {
+            let a = auth
+                .try_lock()
+                .expect("the authority lock is free during the commit");
+            assert!(!a.has_table(&id(1)));
+            assert!(a.nodes_view().is_empty());
+            assert_eq!(a.registry.commits_in_flight(), 1);
+        }
+        release.send(()).expect("release the commit");
+        enrolling
+            .join()
+            .expect("no panic")
+            .expect("the enrollment completes");
+    });
+    let a = lock_authority(&auth);
+    assert!(a.has_table(&id(1)));
+    assert_eq!(a.registry.commits_in_flight(), 0);
+}
+
+/// Reserves an enrollment of key `key` as `node` in `h` (its join secret consumed).
+fn reserve(h: &mut Harness, key: u8, node: &str) -> Result<PendingEnrollment, Refusal> {
+    let secret = h.token(node);
+    let (k, addrs) = (spki(key), addresses(key));
+    let e = enrollment(&k, &secret, &addrs);
+    let token = lock(&h.auth.store_handle()).take_join_token(&join_secret_hash(&e), t(T0));
+    h.auth.reserve_enrollment(&e, token, t(T0))
+}
+
+#[test]
+fn an_enrollment_in_flight_holds_its_key_and_name() {
+    let mut h = Harness::new(standard_policy());
+    let pending = reserve(&mut h, 1, "a").expect("reserved");
+    assert_eq!(reserve(&mut h, 1, "a").map(|_| ()), Err(Refusal::Internal));
+    assert_eq!(h.refusals("commit_in_flight"), 1);
+    assert_eq!(
+        reserve(&mut h, 2, "a").map(|_| ()),
+        Err(Refusal::NameTaken),
+        "the name is held by the enrollment being committed"
+    );
+    let stored = lock(&h.auth.store_handle()).put_node(pending.record());
+    let issued = h
+        .auth
+        .complete_enrollment(pending, stored, t(T0))
+        .expect("completes");
+    let _ = h.auth.publish(issued, t(T0));
+    assert!(h.auth.has_table(&id(1)));
+}
+
+#[test]
+fn a_failed_enrollment_commit_releases_the_name_and_registers_nothing() {
+    let mut h = Harness::new(standard_policy());
+    let pending = reserve(&mut h, 1, "a").expect("reserved");
+    let failed = Err(crate::store::StoreError::BadValue("injected".into()));
+    assert_eq!(
+        h.auth
+            .complete_enrollment(pending, failed, t(T0))
+            .map(|_| ()),
+        Err(Refusal::Internal)
+    );
+    assert!(!h.auth.registry.contains(&id(1)));
+    assert_eq!(h.auth.registry.commits_in_flight(), 0);
+    // The name is free again: another key takes it.
+    h.enroll(2, "a");
+}
+
+#[test]
+fn a_policy_change_during_an_enrollment_commit_refuses_it_after_the_commit() {
+    let mut h = Harness::new(standard_policy());
+    let pending = reserve(&mut h, 1, "a").expect("reserved");
+    let stored = lock(&h.auth.store_handle()).put_node(pending.record());
+    let policy = Policy::parse(&standard_policy().replace(&GOOD.to_string(), &BAD.to_string()))
+        .expect("policy");
+    let _ = h.auth.apply_policy(policy, t(T0));
+    assert_eq!(
+        h.auth
+            .complete_enrollment(pending, stored, t(T0))
+            .map(|_| ()),
+        Err(Refusal::Measurement)
+    );
+    assert!(!h.auth.has_table(&id(1)));
+    assert!(!h.auth.registry.contains(&id(1)));
+    assert_eq!(h.refusals("measurement_not_allowed"), 1);
+}
+
+#[test]
+fn a_revocation_during_a_refresh_commit_wins_in_memory_and_in_the_store() {
+    let mut h = Harness::new(standard_policy());
+    h.enroll(1, "a");
+    let moved = vec![Address::truncated("127.0.0.1:29999")];
+    let step = h
+        .auth
+        .begin_refresh(&id(1), &GOOD, &moved, t(T0))
+        .expect("decided");
+    let RefreshStep::Commit(pending) = step else {
+        panic!("a changed address is committed: {step:?}");
+    };
+    // A second refresh of the key meanwhile is refused as busy.
+    assert_eq!(
+        h.auth
+            .begin_refresh(&id(1), &GOOD, &moved, t(T0))
+            .map(|_| ()),
+        Err(Refusal::Internal)
+    );
+    assert_eq!(h.refusals("commit_in_flight"), 1);
+    h.auth.revoke(&NodeRef::Id(id(1)), t(T0)).expect("revoke");
+    let stored = lock(&h.auth.store_handle()).put_node(pending.record());
+    assert_eq!(
+        h.auth.complete_refresh(pending, stored, t(T0)).map(|_| ()),
+        Err(Refusal::Revoked)
+    );
+    assert!(!h.auth.has_table(&id(1)));
+    // The late write kept the revocation: after a restart the node is still revoked.
+    let mut h = h.reopen(t(T0 + 1));
+    assert_eq!(
+        h.auth.refresh(&id(1), &GOOD, &moved, t(T0 + 1)),
+        Err(Refusal::Revoked)
+    );
+}
+
+#[test]
+fn an_unchanged_refresh_is_signed_in_one_step() {
+    let mut h = Harness::new(standard_policy());
+    h.enroll(1, "a");
+    let step = h
+        .auth
+        .begin_refresh(&id(1), &GOOD, &addresses(1), t(T0))
+        .expect("decided");
+    assert!(matches!(step, RefreshStep::Attested(_)), "{step:?}");
+    assert_eq!(h.auth.registry.commits_in_flight(), 0);
 }
 
 // --- incremental tables and deltas --------------------------------------------------------

@@ -55,17 +55,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hopmesh_protocol::enrollment::{
-    NodeRequest, PUSH_CAP, Push, REQUEST_CAP, Refusal, VerifierResponse,
+    Address, NodeRequest, PUSH_CAP, Push, REQUEST_CAP, Refusal, VerifierResponse,
 };
 use hopmesh_protocol::frame::LEN_PREFIX;
-use hopmesh_protocol::ids::NodeId;
+use hopmesh_protocol::ids::{Measurement, NodeId};
+use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedVec;
 use hopmesh_transport::quic::{codes, peer_spki, read_frame_within, transport_config, write_frame};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
 use tokio::sync::{mpsc, watch};
 
 use crate::Shared;
-use crate::authority::{Authority, Enrollment, Issued};
+use crate::authority::{Enrollment, enroll_outside_lock, refresh_outside_lock};
 
 /// How long a node has to send its request once it opened a stream.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -172,8 +173,7 @@ async fn handle_connection(conn: Connection, source: IpAddr, shared: Arc<Shared>
         return;
     };
     let node = NodeId::from_spki(&spki);
-    let enrolled = |shared: &Shared| shared.authority().has_table(&node);
-    let class = if enrolled(&shared) {
+    let class = if enrolled(&shared, node).await {
         PeerClass::Enrolled(node)
     } else {
         PeerClass::Unauthenticated
@@ -203,7 +203,7 @@ async fn handle_connection(conn: Connection, source: IpAddr, shared: Arc<Shared>
             // PROMOTE_POLL, so a batch of nodes enrolling from one address (one host, one
             // NAT) never waits for the per-source share to free up.
             _ = sleep_until_some(deadline.map(|d| d.min(tokio::time::Instant::now() + PROMOTE_POLL))) => {
-                if enrolled(&shared) && gate.promote(&mut slot, &conn, node) {
+                if enrolled(&shared, node).await && gate.promote(&mut slot, &conn, node) {
                     deadline = None;
                 } else if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
                     gate.refused(ConnRefusal::UnauthenticatedDeadline);
@@ -214,6 +214,13 @@ async fn handle_connection(conn: Connection, source: IpAddr, shared: Arc<Shared>
         }
     }
     drop(slot);
+}
+
+/// Whether `node` has a table (is enrolled and live).
+async fn enrolled(shared: &Arc<Shared>, node: NodeId) -> bool {
+    shared
+        .blocking(move |s| s.authority().has_table(&node))
+        .await
 }
 
 /// How often an unauthenticated connection checks whether its key enrolled meanwhile (then it
@@ -234,18 +241,32 @@ async fn respond(mut send: SendStream, resp: &VerifierResponse) {
     }
 }
 
-/// Runs an admission under the authority lock: `issuance_seconds` times the check and the
-/// signing (not the recompile and pushes of [`Authority::publish`]), as the authority reads no
-/// clock.
-fn timed_admission(
-    shared: &Shared,
-    now: hopmesh_protocol::time::UnixTime,
-    admit: impl FnOnce(&mut Authority) -> Result<Issued, Refusal>,
-) -> Result<Vec<u8>, Refusal> {
-    let mut authority = shared.authority();
+/// Enrolls, the store commits outside the authority lock ([`enroll_outside_lock`]).
+/// `issuance_seconds` times it all but the recompile and pushes of
+/// [`Authority::publish`](crate::authority::Authority::publish) (the authority reads no clock).
+fn enroll(shared: &Shared, e: &Enrollment<'_>, now: UnixTime) -> Result<Vec<u8>, Refusal> {
     let started = Instant::now();
-    let issued = admit(&mut authority)?;
-    authority
+    let (mut authority, issued) = enroll_outside_lock(&shared.authority, e, now)?;
+    shared
+        .metrics()
+        .issuance_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(authority.publish(issued, now))
+}
+
+/// Refreshes, a changed record committed outside the authority lock
+/// ([`refresh_outside_lock`]). Timed as [`enroll`].
+fn refresh(
+    shared: &Shared,
+    node: &NodeId,
+    measurement: &Measurement,
+    addresses: &[Address],
+    now: UnixTime,
+) -> Result<Vec<u8>, Refusal> {
+    let started = Instant::now();
+    let (mut authority, issued) =
+        refresh_outside_lock(&shared.authority, node, measurement, addresses, now)?;
+    shared
         .metrics()
         .issuance_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -275,7 +296,9 @@ async fn handle_stream(
         Err(e) => {
             tracing::debug!(node = %node_id.short(), error = %e, "bad request stream");
             // Counted and audited (aggregated per key) by the authority.
-            shared.authority().bad_request(&node_id, shared.now());
+            shared
+                .blocking(move |s| s.authority().bad_request(&node_id, s.now()))
+                .await;
             let _ = send.reset(codes::BAD_REQUEST);
             return;
         }
@@ -288,34 +311,46 @@ async fn handle_stream(
             facts,
             addresses,
         } => {
-            let e = Enrollment {
-                spki,
-                join_secret: &join_secret,
-                measurement,
-                addresses: &addresses,
-                hostname: facts.hostname.as_str(),
-            };
-            let result = timed_admission(&shared, now, |a| a.admit_enrollment(&e, now));
+            let spki = spki.to_vec();
+            let result = shared
+                .blocking(move |s| {
+                    let e = Enrollment {
+                        spki: &spki,
+                        join_secret: &join_secret,
+                        measurement,
+                        addresses: &addresses,
+                        hostname: facts.hostname.as_str(),
+                    };
+                    enroll(s, &e, now)
+                })
+                .await;
             respond(send, &attested(result)).await;
         }
         NodeRequest::Refresh {
             measurement,
             addresses,
         } => {
-            let result = timed_admission(&shared, now, |a| {
-                a.admit_refresh(&node_id, &measurement, &addresses, now)
-            });
+            let result = shared
+                .blocking(move |s| refresh(s, &node_id, &measurement, &addresses, now))
+                .await;
             respond(send, &attested(result)).await;
         }
         NodeRequest::Report(report) => {
-            let resp = match shared.authority().report(&node_id, &report, now) {
+            let resp = match shared
+                .blocking(move |s| s.authority().report(&node_id, &report, now))
+                .await
+            {
                 Ok(()) => VerifierResponse::Ack,
                 Err(r) => VerifierResponse::Refused(r),
             };
             respond(send, &resp).await;
         }
         NodeRequest::Subscribe => {
-            let (rx, id) = match gate.subscribe(&shared, &node_id, now) {
+            let subscribing = gate.clone();
+            let subscribed = shared
+                .blocking(move |s| subscribing.subscribe(s, &node_id, now))
+                .await;
+            let (rx, id) = match subscribed {
                 Ok(sub) => sub,
                 Err(r) => return respond(send, &VerifierResponse::Refused(r)).await,
             };
@@ -338,12 +373,16 @@ async fn push_loop(
     mut send: SendStream,
     mut rx: mpsc::Receiver<Push>,
     (node, id): (NodeId, u64),
-    shared: &Shared,
-    gate: &Gate,
+    shared: &Arc<Shared>,
+    gate: &Arc<Gate>,
 ) {
     loop {
         if rx.is_closed() {
-            match gate.ended(shared, &node, id, shared.now()) {
+            let ending = gate.clone();
+            let ended = shared
+                .blocking(move |s| ending.ended(s, &node, id, s.now()))
+                .await;
+            match ended {
                 Ended::Resubscribed(fresh) => {
                     tracing::info!(node = %node.short(), "subscriber fell behind: resynchronised");
                     rx = fresh;
@@ -377,7 +416,7 @@ async fn push_loop(
                 return;
             }
             Err(_) => {
-                shared.authority().metrics().refused("push_stalled");
+                shared.metrics().refused("push_stalled");
                 let _ = send.reset(codes::CONTROL_STALLED);
                 conn.close(codes::CONTROL_STALLED, b"push not taken in time");
                 return;
