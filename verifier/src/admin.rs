@@ -140,7 +140,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
 }
 
 async fn nodes(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!(shared.blocking(|s| s.authority().nodes_view()).await))
+    Json(json!(shared.unqueued(|s| s.authority().nodes_view()).await))
 }
 
 #[derive(Deserialize)]
@@ -160,7 +160,7 @@ async fn join_token(
     let ttl = req.ttl_secs.unwrap_or(DEFAULT_JOIN_TTL);
     let token_name = name.clone();
     let (secret, expires) = shared
-        .blocking(move |s| {
+        .unqueued(move |s| {
             s.authority()
                 .create_join_token(&token_name, req.segments, ttl, now)
         })
@@ -183,7 +183,7 @@ async fn revoke(
     let target = node_ref(&req.node)?;
     let now = shared.now();
     let outcome = shared
-        .blocking(move |s| s.authority().revoke(&target, now))
+        .unqueued(move |s| s.authority().revoke(&target, now))
         .await?;
     Ok(Json(json!(outcome)))
 }
@@ -195,7 +195,7 @@ async fn ban(
     let target = node_ref(&req.node)?;
     let now = shared.now();
     shared
-        .blocking(move |s| s.authority().ban(&target, now))
+        .unqueued(move |s| s.authority().ban(&target, now))
         .await?;
     Ok(Json(json!({"banned": req.node})))
 }
@@ -214,14 +214,14 @@ async fn reissue(
     let (a, b) = (node_ref(&req.a)?, node_ref(&req.b)?);
     let now = shared.now();
     let outcome = shared
-        .blocking(move |s| s.authority().reissue(&a, &b, now))
+        .unqueued(move |s| s.authority().reissue(&a, &b, now))
         .await?;
     Ok(Json(json!(outcome)))
 }
 
 async fn reload(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
     let outcome = shared
-        .blocking(Shared::reload_policy)
+        .unqueued(Shared::reload_policy)
         .await
         .map_err(|e| bad(e.to_string()))?;
     Ok(Json(json!(outcome)))
@@ -246,7 +246,7 @@ async fn audit(
 ) -> Result<Response, ApiError> {
     use hopmesh_transport::audit::{MAX_PAGE_BYTES, MAX_PAGE_RECORDS, read_page};
     let path = shared
-        .blocking(|s| s.authority().audit_path().to_owned())
+        .unqueued(|s| s.authority().audit_path().to_owned())
         .await;
     let since = q.since.unwrap_or(0);
     let limit = q

@@ -70,8 +70,8 @@ pub struct Metrics {
     /// Nodes still unserved when the next slot began (the rotation fell behind): they are
     /// served first, at once, in the new round.
     pub rotation_carried_over: Counter,
-    /// Authority operations of the service and the admin API waiting for one of the
-    /// `AUTHORITY_TASKS` blocking slots.
+    /// Node-service authority calls waiting for a blocking slot (`AUTHORITY_TASKS`, or
+    /// `ENROLLMENT_TASKS` for enrolments).
     pub authority_waiting: Gauge,
 }
 
@@ -183,7 +183,7 @@ impl Default for Metrics {
         let authority_waiting = Gauge::default();
         registry.register(
             "authority_waiting",
-            "Authority operations waiting for a blocking slot (AUTHORITY_TASKS in flight)",
+            "Node-service authority calls waiting for a blocking slot",
             authority_waiting.clone(),
         );
         registry.register(

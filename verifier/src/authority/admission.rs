@@ -64,13 +64,32 @@ pub fn refresh_outside_lock<'a>(
     match guard.begin_refresh(node, measurement, addresses, now)? {
         RefreshStep::Attested(issued) => Ok((guard, issued)),
         RefreshStep::Commit(pending) => {
-            let store = guard.store_handle();
             drop(guard);
-            let stored = lock(&store).put_node(pending.record());
-            let mut guard = lock_authority(authority);
-            let issued = guard.complete_refresh(pending, stored, now)?;
-            Ok((guard, issued))
+            commit_refresh(authority, pending, now)
         }
+    }
+}
+
+/// The rest of a refresh whose record changed ([`RefreshStep::Commit`]): commits the record
+/// under the store lock only, then completes it under `authority`'s lock, returned held.
+pub fn commit_refresh(
+    authority: &Mutex<Authority>,
+    pending: PendingRefresh,
+    now: UnixTime,
+) -> Result<(MutexGuard<'_, Authority>, Issued), Refusal> {
+    let store = lock_authority(authority).store_handle();
+    let stored = lock(&store).put_node(pending.record());
+    let mut guard = lock_authority(authority);
+    let issued = guard.complete_refresh(pending, stored, now)?;
+    Ok((guard, issued))
+}
+
+/// The authority if its lock is free now (a poisoned lock is used as [`lock_authority`] does).
+pub fn try_lock_authority(authority: &Mutex<Authority>) -> Option<MutexGuard<'_, Authority>> {
+    match authority.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
     }
 }
 

@@ -62,8 +62,8 @@ use hopmesh_transport::audit::AuditLog;
 use tokio::sync::mpsc;
 
 pub use self::admission::{
-    Issued, PendingEnrollment, PendingRefresh, RefreshStep, enroll_outside_lock, join_secret_hash,
-    lock_authority, refresh_outside_lock,
+    Issued, PendingEnrollment, PendingRefresh, RefreshStep, commit_refresh, enroll_outside_lock,
+    join_secret_hash, lock_authority, refresh_outside_lock, try_lock_authority,
 };
 pub use self::issuer::SERIAL_BLOCK;
 pub use self::journal::CHECKPOINT_INTERVAL_SECS;
