@@ -641,3 +641,77 @@ async fn reports_and_reissues_of_a_pair_policy_forbids_are_refused() {
     assert!(err.contains("not a pair"), "{err}");
     assert_eq!(grants(&h, &ai, &zi), before);
 }
+
+/// Requests that wait for a held authority lock wait off the runtime workers: while another
+/// thread holds the lock, a verifier on a 2-worker runtime still completes new handshakes and
+/// queues the waiting refreshes (`authority_waiting`); once released, every refresh succeeds.
+/// With the requests parked on the lock on the workers, the handshake finished only after the
+/// release, so `held` was already false.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_the_authority_lock_never_freeze_the_runtime() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let h = VerifierHarness::start(&standard_policy(), Settings::default()).await;
+    let nodes = [
+        enrolled(&h, "a").await,
+        enrolled(&h, "b").await,
+        enrolled(&h, "c").await,
+    ];
+    let held = Arc::new(AtomicBool::new(false));
+    let (taken_tx, taken) = std::sync::mpsc::channel();
+    let holder = {
+        let (shared, held) = (h.shared().clone(), held.clone());
+        std::thread::spawn(move || {
+            let authority = shared.authority();
+            held.store(true, Ordering::SeqCst);
+            let _ = taken_tx.send(());
+            std::thread::sleep(Duration::from_secs(3));
+            held.store(false, Ordering::SeqCst);
+            drop(authority);
+        })
+    };
+    taken
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the holder took the lock");
+    let now = h.now();
+    let refreshes: Vec<_> = nodes
+        .iter()
+        .map(|n| n.client.clone())
+        .map(|c| {
+            tokio::spawn(async move {
+                c.refresh(GOOD_MEASUREMENT, hopmesh_tests::addresses(), now)
+                    .await
+            })
+        })
+        .collect();
+    // Three refreshes against two slots: one waits in the queue.
+    let waiting = || h.shared().metrics().authority_waiting.get();
+    let started = std::time::Instant::now();
+    while waiting() < 1 && started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        held.load(Ordering::SeqCst),
+        "the check ran after the release"
+    );
+    assert_eq!(waiting(), 1, "two refreshes hold the slots, one waits");
+    let fresh = h.node().await;
+    assert!(
+        held.load(Ordering::SeqCst),
+        "a handshake completed while the lock was held"
+    );
+    holder.join().expect("holder");
+    for r in refreshes {
+        r.await
+            .expect("no panic")
+            .expect("the refresh succeeds after the release");
+    }
+    // The fresh connection's enrolled check may still be queued behind the refreshes.
+    let drained = std::time::Instant::now();
+    while waiting() > 0 && drained.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(waiting(), 0, "the queue drains");
+    drop(fresh);
+}

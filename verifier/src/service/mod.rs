@@ -3,7 +3,7 @@
 //!
 //! One bidirectional stream per request. The node is the key its TLS handshake proved; the
 //! TLS layer admits any Ed25519 key ([`hopmesh_transport::tls::AnyKey`]) and the
-//! [`Authority`] decides what that key may do.
+//! [`Authority`](crate::authority::Authority) decides what that key may do.
 //!
 //! # Budgets
 //! The verifier accepts handshakes from anyone, so everything an unauthenticated party can make
