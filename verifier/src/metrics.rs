@@ -27,7 +27,9 @@ pub struct Metrics {
     pub reissues: Counter,
     /// Nodes with an open push stream.
     pub subscribed: Gauge,
-    /// Time to check and sign one attestation.
+    /// Time to check and sign one attestation (an enrolment's or a changed refresh's store
+    /// commits, and any wait for the authority lock between its steps, included; the
+    /// recompile and pushes that follow excluded).
     pub issuance_seconds: Histogram,
     /// Audit writes that failed, by kind: `best_effort` (the record is lost, the operation
     /// went on), `durable` (the operation was refused), `anchor`, `checkpoint`
