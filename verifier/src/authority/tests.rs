@@ -2103,17 +2103,10 @@ impl Store for FlakyStore {
     }
 }
 
-#[test]
-fn a_failing_store_fails_closed_and_changes_nothing_in_memory() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let store = FlakyStore {
-        inner: SqliteStore::create(&dir.path().join("store.db")).expect("store"),
-        fail: fail.clone(),
-        hold: None,
-    };
-    let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
-    let mut auth = Authority::new(
+/// An authority on `store`, the standard policy, its audit log in `dir`.
+fn authority_on(dir: &Path, store: FlakyStore) -> Authority {
+    let (audit, _) = AuditLog::open(&dir.join("audit.jsonl")).expect("audit");
+    Authority::new(
         Parts {
             settings: Settings::default(),
             signing: signing(),
@@ -2125,7 +2118,19 @@ fn a_failing_store_fails_closed_and_changes_nothing_in_memory() {
         },
         t(T0),
     )
-    .expect("authority");
+    .expect("authority")
+}
+
+#[test]
+fn a_failing_store_fails_closed_and_changes_nothing_in_memory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = FlakyStore {
+        inner: SqliteStore::create(&dir.path().join("store.db")).expect("store"),
+        fail: fail.clone(),
+        hold: None,
+    };
+    let mut auth = authority_on(dir.path(), store);
     let token = |auth: &mut Authority, n: &str| {
         auth.create_join_token(&name(n), None, 60, t(T0))
             .expect("token")
@@ -2206,21 +2211,7 @@ fn an_enrollment_commit_runs_with_the_authority_lock_free() {
         fail: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         hold: Some((entered_tx, std::sync::Mutex::new(release_rx))),
     };
-    let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
-    let auth = Authority::new(
-        Parts {
-            settings: Settings::default(),
-            signing: signing(),
-            master: MasterSecret::from_bytes([2; 32]),
-            store: Box::new(store),
-            audit,
-            metrics: Arc::new(Metrics::default()),
-            policy: Policy::parse(&standard_policy()).expect("policy"),
-        },
-        t(T0),
-    )
-    .expect("authority");
-    let auth = std::sync::Mutex::new(auth);
+    let auth = std::sync::Mutex::new(authority_on(dir.path(), store));
     let secret = lock_authority(&auth)
         .create_join_token(&name("a"), None, 60, t(T0))
         .expect("token")
