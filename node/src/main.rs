@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hopmesh_node::config::NodeConfig;
 use hopmesh_node::enroll::{JOIN_TOKEN_ENV, read_join_secret};
 use hopmesh_node::runtime::{Sockets, start};
@@ -35,12 +35,16 @@ struct Cli {
 enum Command {
     /// Create the node key and enroll with a one-time join secret.
     Enroll {
+        /// Take the data directory, verifier and advertised addresses from this node config
+        /// file (the one `run` uses) instead of the flags.
+        #[arg(long, conflicts_with_all = ["data_dir", "verifier", "advertise"])]
+        config: Option<PathBuf>,
         /// Data directory.
-        #[arg(long)]
-        data_dir: PathBuf,
+        #[arg(long, required_unless_present = "config")]
+        data_dir: Option<PathBuf>,
         /// Verifier host:port.
-        #[arg(long)]
-        verifier: String,
+        #[arg(long, required_unless_present = "config")]
+        verifier: Option<String>,
         /// A file holding the join secret (64 hex digits) from `hopmesh-verifier join-token
         /// create`; `-` reads it from stdin. Without it, the secret is read from the
         /// environment variable HOPMESH_JOIN_TOKEN. Never on the command line: other users can
@@ -76,6 +80,26 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Packaging: write man pages, or print shell completions, generated from this CLI.
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// Write `hopmesh-node.1` and one page per subcommand into a directory.
+    Man {
+        /// The directory (created if missing).
+        out_dir: PathBuf,
+    },
+    /// Print the completion script for a shell.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,6 +122,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: under systemd stderr goes to the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     // `run` sizes its runtime from the config file; everything else is one short task.
@@ -129,12 +155,25 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Enroll {
+            config,
             data_dir,
             verifier,
             join_token_file,
             pins,
             advertise,
         } => {
+            let (data_dir, verifier, advertise) = match config {
+                Some(path) => {
+                    let c = NodeConfig::load(&path)?;
+                    (c.data_dir, c.verifier, c.advertise)
+                }
+                // clap requires both flags when there is no --config.
+                None => (
+                    data_dir.ok_or_else(|| anyhow!("--data-dir is required"))?,
+                    verifier.ok_or_else(|| anyhow!("--verifier is required"))?,
+                    advertise,
+                ),
+            };
             let (join_secret, _) = read_join_secret(
                 join_token_file.as_deref(),
                 std::env::var(JOIN_TOKEN_ENV).ok(),
@@ -214,6 +253,22 @@ async fn run(cli: Cli) -> Result<()> {
                     "files": s.files, "anchored_seq": anchor.map(|a| a.seq)})
             );
         }
+        Command::Generate {
+            what: Generate::Man { out_dir },
+        } => {
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("create {}", out_dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &out_dir)
+                .with_context(|| format!("write man pages into {}", out_dir.display()))?;
+        }
+        Command::Generate {
+            what: Generate::Completion { shell },
+        } => clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "hopmesh-node",
+            &mut std::io::stdout(),
+        ),
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use hopmesh_protocol::hop_token::EpochLength;
 use hopmesh_transport::clock::SystemClock;
 use hopmesh_verifier::admin::{AdminClient, DEFAULT_JOIN_TTL};
@@ -117,6 +117,26 @@ enum Command {
         #[command(subcommand)]
         command: Option<AuditCommand>,
     },
+    /// Packaging: write man pages, or print shell completions, generated from this CLI.
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Subcommand)]
+enum Generate {
+    /// Write `hopmesh-verifier.1` and one page per subcommand into a directory.
+    Man {
+        /// The directory (created if missing).
+        out_dir: PathBuf,
+    },
+    /// Print the completion script for a shell.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -160,6 +180,8 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: under systemd stderr goes to the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = tokio::runtime::Runtime::new()
@@ -333,6 +355,22 @@ async fn run(cli: Cli) -> Result<()> {
             since,
             command: None,
         } => call(dir, "GET", &format!("/v1/audit?since={since}"), None).await?,
+        Command::Generate {
+            what: Generate::Man { out_dir },
+        } => {
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("create {}", out_dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &out_dir)
+                .with_context(|| format!("write man pages into {}", out_dir.display()))?;
+        }
+        Command::Generate {
+            what: Generate::Completion { shell },
+        } => clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "hopmesh-verifier",
+            &mut std::io::stdout(),
+        ),
     }
     Ok(())
 }
