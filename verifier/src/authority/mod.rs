@@ -58,6 +58,11 @@ use hopmesh_protocol::routing::RoutingTable;
 use hopmesh_protocol::secret::MasterSecret;
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedString;
+
+/// How far behind the verifier's a node's clock may run and still find a seed for its own
+/// generation on a pair that formed just after a generation edge: for this long after an edge
+/// (at most half a generation) a pair's grants include the previous generation too.
+pub const BEHIND_CLOCK_GRACE_SECS: u64 = 60;
 use hopmesh_transport::audit::AuditLog;
 use tokio::sync::mpsc;
 

@@ -9,6 +9,7 @@ use hopmesh_protocol::secret::{MasterSecret, PairSeed};
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedVec;
 
+use super::BEHIND_CLOCK_GRACE_SECS;
 use super::refusals::AdminError;
 use super::rotation::Rotation;
 use super::tables::AllowedPair;
@@ -98,12 +99,34 @@ impl Seeds {
             .collect()
     }
 
-    /// The grants (current and next generation) for a pair at `now`.
+    /// The grants for a pair at `now` (current and next generation): what rotation hands out.
     pub(super) fn grants(&self, pair: &PairIds, now: UnixTime) -> Vec<GenerationGrant> {
+        let slot = self.slot(now);
+        self.grants_from(pair, slot, slot)
+    }
+
+    /// The grants for a pair that formed or changed at `now`: [`Self::grants`], and during the
+    /// first [`BEHIND_CLOCK_GRACE_SECS`](super::BEHIND_CLOCK_GRACE_SECS) of a generation (at
+    /// most half of it) the previous one too, so that a node whose clock runs behind the
+    /// verifier's can mint for its own generation on a pair that formed just after an edge.
+    /// (A pair that existed before the edge already holds it, so rotation sends two.)
+    pub(super) fn pair_grants(&self, pair: &PairIds, now: UnixTime) -> Vec<GenerationGrant> {
         let g = self.generation_secs.max(1);
         let slot = self.slot(now);
+        let into_slot = now.as_secs().saturating_sub(slot * g);
+        let first = if slot > 0 && into_slot < BEHIND_CLOCK_GRACE_SECS.min(g / 2) {
+            slot - 1
+        } else {
+            slot
+        };
+        self.grants_from(pair, first, slot)
+    }
+
+    /// Grants for the generations `first..=slot + 1` under the pair's reissue count.
+    fn grants_from(&self, pair: &PairIds, first: u64, slot: u64) -> Vec<GenerationGrant> {
+        let g = self.generation_secs.max(1);
         let r = self.reissues_of(pair);
-        (slot..=slot + 1)
+        (first..=slot + 1)
             .map(|s| {
                 let generation = Generation::compose(s, r);
                 GenerationGrant {
@@ -119,10 +142,16 @@ impl Seeds {
     /// A node's seeds for its pair with a peer. Only for a pair policy allows: the permit
     /// comes from the compiled tables.
     pub(super) fn seeds_push(&self, pair: &AllowedPair, now: UnixTime) -> Push {
-        let grants = self.grants(&PairIds::new(*pair.me(), *pair.peer()), now);
+        Self::push_of(
+            pair,
+            self.grants(&PairIds::new(*pair.me(), *pair.peer()), now),
+        )
+    }
+
+    fn push_of(pair: &AllowedPair, grants: Vec<GenerationGrant>) -> Push {
         Push::Seeds {
             peer: *pair.peer(),
-            // Invariant: grants() returns exactly two.
+            // Invariant: grants() returns two or three (the wire holds four).
             grants: BoundedVec::new(grants).unwrap_or_default(),
         }
     }
@@ -145,7 +174,8 @@ impl Seeds {
             .compromised_push(pair.me(), pair.peer())
             .into_iter()
             .collect();
-        out.push(self.seeds_push(pair, now));
+        let grants = self.pair_grants(&PairIds::new(*pair.me(), *pair.peer()), now);
+        out.push(Self::push_of(pair, grants));
         out
     }
 

@@ -1065,6 +1065,48 @@ fn reissue_touches_exactly_one_pair() {
 }
 
 #[test]
+fn just_after_a_generation_edge_a_new_pair_also_gets_the_previous_generation() {
+    // A node whose clock runs behind sits in the previous generation for a while after an
+    // edge: a pair that forms then must still give it a seed to mint with. Rotation (pairs
+    // that existed before the edge) sends current and next only.
+    let mut h = Harness::new(standard_policy());
+    let a = h.enroll(1, "a");
+    let b = h.enroll(2, "b");
+    let pair = PairIds::new(a, b);
+    let edge = SLOT0 * 300;
+    let generations = |now: u64| -> Vec<u64> {
+        h.auth
+            .seeds
+            .pair_grants(&pair, t(now))
+            .iter()
+            .map(|g| g.generation.0)
+            .collect()
+    };
+    let slots =
+        |s: &[u64]| -> Vec<u64> { s.iter().map(|s| Generation::compose(*s, 0).0).collect() };
+    assert_eq!(generations(edge + 5), slots(&[SLOT0 - 1, SLOT0, SLOT0 + 1]));
+    assert_eq!(
+        generations(edge + BEHIND_CLOCK_GRACE_SECS - 1),
+        slots(&[SLOT0 - 1, SLOT0, SLOT0 + 1])
+    );
+    assert_eq!(
+        generations(edge + BEHIND_CLOCK_GRACE_SECS),
+        slots(&[SLOT0, SLOT0 + 1])
+    );
+    let rotated: Vec<u64> = h
+        .auth
+        .grants(&pair, t(edge + 5))
+        .iter()
+        .map(|g| g.generation.0)
+        .collect();
+    assert_eq!(rotated, slots(&[SLOT0, SLOT0 + 1]));
+    // Each grant is the generation's own window, so a node keeps minting in its own one.
+    let g = h.auth.seeds.pair_grants(&pair, t(edge + 5));
+    assert_eq!(g[0].valid_from, t(edge - 300));
+    assert_eq!(g[0].valid_until, t(edge));
+}
+
+#[test]
 fn reissue_state_survives_a_reopen() {
     let mut h = Harness::new(standard_policy());
     let a = h.enroll(1, "a");
@@ -1258,8 +1300,21 @@ fn a_node_that_subscribes_after_the_edge_is_not_rotated_again_in_that_slot() {
     let mut ra = h.subscribe(&a);
     drain(&mut ra);
     assert!(h.auth.tick(t(NEXT_EDGE)).round_started);
-    // Subscribed after the round began: its snapshot holds this slot's and the next one's.
-    let mut ra = h.auth.subscribe(&a, t(NEXT_EDGE + 1)).expect("subscribe");
+    // Subscribed just after the edge: the snapshot also holds the previous slot's (for a
+    // clock running behind).
+    let mut early = h.auth.subscribe(&a, t(NEXT_EDGE + 1)).expect("subscribe");
+    let slots: BTreeSet<u64> = drain(&mut early)
+        .iter()
+        .filter_map(|p| match p {
+            Push::Seeds { grants, .. } => Some(grants.iter().map(|g| g.generation.slot())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(slots, BTreeSet::from([SLOT0, SLOT0 + 1, SLOT0 + 2]));
+    // Subscribed later in the round: its snapshot holds this slot's and the next one's.
+    let at = NEXT_EDGE + BEHIND_CLOCK_GRACE_SECS;
+    let mut ra = h.auth.subscribe(&a, t(at)).expect("subscribe");
     let snapshot = drain(&mut ra);
     let generations: BTreeSet<u64> = snapshot
         .iter()
@@ -1271,7 +1326,7 @@ fn a_node_that_subscribes_after_the_edge_is_not_rotated_again_in_that_slot() {
         .collect();
     assert_eq!(generations, BTreeSet::from([SLOT0 + 1, SLOT0 + 2]));
     // The round may still serve it (it was subscribed at the edge): the same grants, once.
-    let later = tick_through(&mut h, &mut ra, NEXT_EDGE + 1, NEXT_EDGE + 299);
+    let later = tick_through(&mut h, &mut ra, at, NEXT_EDGE + 299);
     assert!(later.len() <= 1);
     for (_, pushes) in &later {
         assert!(
