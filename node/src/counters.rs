@@ -1,6 +1,7 @@
 //! Counters for `ctl show` and Prometheus `/metrics`: lock-free on the hot path, a small map
 //! for refusal reasons. The text exposition is produced by `prometheus-client` from a
-//! snapshot, so the two views can never disagree.
+//! snapshot, so the two views can never disagree. The gauges ([`Gauges`]) are read from the
+//! node's state at each scrape (`show.rs`, the same reads as `ctl show`).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -10,11 +11,18 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+/// Upper bounds (seconds) of the [`Counters::revocation_propagation`] buckets. The delay is
+/// a difference of whole seconds, so the first bucket holds "within the same second".
+pub const REVOCATION_PROPAGATION_BUCKETS: [f64; 10] =
+    [0.5, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0];
+
 /// Node counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     /// Streams accepted by the gate.
     pub streams_accepted: AtomicU64,
@@ -32,7 +40,43 @@ pub struct Counters {
     /// Resubscribes for a fresh table snapshot after a table update that did not assemble or
     /// apply (`verifier_link.rs`, audited as `table_resync`).
     pub table_resyncs: AtomicU64,
+    /// Seconds from a revocation list's `issued_at` (signed by the verifier, on its clock) to
+    /// the node applying it (on the node's clock), observed once per newer list applied
+    /// (`verifier_link.rs`, `apply_push`). Whole seconds on both ends; a list that arrives when
+    /// the node reconnects after an outage counts the outage too.
+    pub revocation_propagation: Histogram,
     refusals: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            streams_accepted: AtomicU64::default(),
+            streams_opened: AtomicU64::default(),
+            socks_ok: AtomicU64::default(),
+            bytes_out: AtomicU64::default(),
+            bytes_in: AtomicU64::default(),
+            audit_aggregated: AtomicU64::default(),
+            table_resyncs: AtomicU64::default(),
+            revocation_propagation: Histogram::new(REVOCATION_PROPAGATION_BUCKETS.into_iter()),
+            refusals: Mutex::default(),
+        }
+    }
+}
+
+/// What the node's state says at a scrape, as gauges (read by `show::gauges`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// `not_after` (unix seconds) of this node's own attestation, if it holds one.
+    pub attestation_not_after: Option<u64>,
+    /// Seconds from now (the node's clock) to `not_after`; negative once expired.
+    pub attestation_remaining: Option<i64>,
+    /// Whether the attestation is valid now (`state::own_validity`); false without one.
+    pub attestation_valid: bool,
+    /// Version of the revocation list held (0: none received yet; versions start at 1).
+    pub revocation_version: u64,
+    /// Whether the verifier link is up (subscribed to pushes).
+    pub verifier_connected: bool,
 }
 
 /// A snapshot for JSON.
@@ -71,8 +115,8 @@ impl Counters {
         c.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition of a snapshot.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of a snapshot, with the state's `gauges`.
+    pub fn render(&self, gauges: &Gauges) -> String {
         let v = self.view();
         let mut registry = Registry::with_prefix("hopmesh_node");
         for (name, help, value) in [
@@ -119,6 +163,43 @@ impl Counters {
             refused.get_or_create(&[("reason", reason)]).inc_by(*n);
         }
         registry.register("refusals", "Refusals by reason", refused);
+        registry.register(
+            "revocation_propagation_seconds",
+            "Seconds from a revocation list's signed issued_at (verifier clock) to this node \
+             applying it (node clock), whole seconds on both ends, once per newer list; a list \
+             received on reconnecting counts the time the node was disconnected",
+            self.revocation_propagation.clone(),
+        );
+        let flag = |b: bool| ConstGauge::new(i64::from(b));
+        if let Some(not_after) = gauges.attestation_not_after {
+            registry.register(
+                "attestation_expires_at_seconds",
+                "Unix time (seconds) of this node's own attestation not_after",
+                ConstGauge::new(i64::try_from(not_after).unwrap_or(i64::MAX)),
+            );
+        }
+        if let Some(left) = gauges.attestation_remaining {
+            registry.register(
+                "attestation_remaining_seconds",
+                "Seconds left on this node's own attestation, on the node's clock (negative: expired)",
+                ConstGauge::new(left),
+            );
+        }
+        registry.register(
+            "attestation_valid",
+            "1 if this node's own attestation is valid now (0: none, expired, or not yet valid)",
+            flag(gauges.attestation_valid),
+        );
+        registry.register(
+            "revocation_version",
+            "Version of the revocation list this node holds (0: none received yet)",
+            ConstGauge::new(i64::try_from(gauges.revocation_version).unwrap_or(i64::MAX)),
+        );
+        registry.register(
+            "verifier_connected",
+            "1 while this node's verifier link is up (subscribed to pushes)",
+            flag(gauges.verifier_connected),
+        );
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &registry);
@@ -154,12 +235,56 @@ mod tests {
         Counters::add(&c.bytes_in, 42);
         c.refused("bad_mac");
         c.refused("bad_mac");
-        let text = c.render();
+        let text = c.render(&Gauges::default());
         assert!(text.contains("hopmesh_node_bytes_in_total 42"), "{text}");
         assert!(
             text.contains("hopmesh_node_refusals_total{reason=\"bad_mac\"} 2"),
             "{text}"
         );
         assert_eq!(c.view().refused["bad_mac"], 2);
+        // No attestation: valid 0, no expiry samples; no revocation list: version 0.
+        assert!(
+            text.contains("\nhopmesh_node_attestation_valid 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("attestation_expires_at_seconds"), "{text}");
+        assert!(!text.contains("attestation_remaining_seconds"), "{text}");
+        assert!(
+            text.contains("\nhopmesh_node_revocation_version 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nhopmesh_node_verifier_connected 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn gauges_and_the_propagation_histogram_carry_their_values() {
+        let c = Counters::default();
+        c.revocation_propagation.observe(0.0);
+        c.revocation_propagation.observe(7.0);
+        let text = c.render(&Gauges {
+            attestation_not_after: Some(1_700_000_300),
+            attestation_remaining: Some(-5),
+            attestation_valid: true,
+            revocation_version: 3,
+            verifier_connected: true,
+        });
+        for line in [
+            "hopmesh_node_attestation_expires_at_seconds 1700000300",
+            "hopmesh_node_attestation_remaining_seconds -5",
+            "hopmesh_node_attestation_valid 1",
+            "hopmesh_node_revocation_version 3",
+            "hopmesh_node_verifier_connected 1",
+            "hopmesh_node_revocation_propagation_seconds_count 2",
+            "hopmesh_node_revocation_propagation_seconds_sum 7.0",
+            "hopmesh_node_revocation_propagation_seconds_bucket{le=\"0.5\"} 1",
+            "hopmesh_node_revocation_propagation_seconds_bucket{le=\"5.0\"} 1",
+            "hopmesh_node_revocation_propagation_seconds_bucket{le=\"10.0\"} 2",
+            "# TYPE hopmesh_node_attestation_remaining_seconds gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
     }
 }

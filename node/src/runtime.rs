@@ -71,6 +71,8 @@ pub struct NodeHandle {
     pub quic_addr: SocketAddr,
     /// The SOCKS address.
     pub socks_addr: SocketAddr,
+    /// The address `/metrics` is served on (the config's `metrics`, its port resolved).
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -221,10 +223,16 @@ pub async fn start(
             rx.clone(),
         )),
     ];
+    let mut metrics_addr = None;
     if let Some(addr) = shared.config.metrics {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| NodeError::io(format!("bind metrics {addr}"), e))?;
+        metrics_addr = Some(
+            listener
+                .local_addr()
+                .map_err(|e| NodeError::io("metrics local address", e))?,
+        );
         tasks.push(tokio::spawn(serve_metrics(shared.clone(), listener, rx)));
     }
     let local = shared.local;
@@ -233,6 +241,7 @@ pub async fn start(
         node: Arc::new(Node { local, overlay }),
         quic_addr,
         socks_addr,
+        metrics_addr,
         shutdown: tx,
         tasks,
     })
@@ -247,7 +256,7 @@ async fn serve_metrics(
         "/metrics",
         axum::routing::get(move || {
             let node = node.clone();
-            async move { node.counters.render() }
+            async move { crate::show::metrics(&node) }
         }),
     );
     let stop = async move {

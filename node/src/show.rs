@@ -1,7 +1,9 @@
-//! `hopmesh-node ctl show`: the node's exact state as JSON. The keys are stable.
+//! `hopmesh-node ctl show`: the node's exact state as JSON. The keys are stable. And the
+//! metrics' gauges, from the same reads.
 
 use serde_json::Value;
 
+use crate::counters::Gauges;
 use crate::peer::Pool;
 use crate::shared::Shared;
 
@@ -56,4 +58,27 @@ pub fn show(node: &Shared, pool: &Pool) -> Value {
         "peers": peers,
         "counters": node.counters.view(),
     })
+}
+
+/// The gauges of `/metrics`: the attestation, revocation version and verifier link that
+/// [`show`] reports as `attestation`, `revocation_version` and `verifier_connected`.
+pub fn gauges(node: &Shared) -> Gauges {
+    let now = node.now();
+    let st = node.state_read();
+    let own = st.attestation.as_ref().map(|(_, v)| v);
+    Gauges {
+        attestation_not_after: own.map(|v| v.get().not_after.as_secs()),
+        attestation_remaining: own.map(|v| {
+            let (not_after, now) = (v.get().not_after.as_secs(), now.as_secs());
+            i64::try_from(not_after).unwrap_or(i64::MAX) - i64::try_from(now).unwrap_or(i64::MAX)
+        }),
+        attestation_valid: own.is_some_and(|v| crate::state::own_validity(v, now).is_ok()),
+        revocation_version: st.revocations.as_ref().map_or(0, |(v, _, _)| *v),
+        verifier_connected: node.verifier_connected(),
+    }
+}
+
+/// The Prometheus text of `/metrics`: the counters and the [`gauges`].
+pub fn metrics(node: &Shared) -> String {
+    node.counters.render(&gauges(node))
 }

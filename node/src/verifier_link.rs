@@ -302,11 +302,14 @@ fn apply_push(overlay: &Overlay, push: Push) -> Option<TableSyncError> {
         if let Err(e) = write_atomic(&node.dir.file("revocations.bin"), &bytes) {
             tracing::error!(error = %e, "could not persist the revocation list");
         }
-        let (version, entries) = node
+        let (version, entries, issued_at) = node
             .state_read()
             .revocations
             .as_ref()
-            .map_or((0, 0), |(v, _, l)| (*v, l.revoked.len()));
+            .map_or((0, 0, now), |(v, _, l)| (*v, l.revoked.len(), l.issued_at));
+        node.counters
+            .revocation_propagation
+            .observe(now.secs_since(issued_at) as f64);
         // Wall-clock milliseconds besides the log's own seconds: propagation time is measured
         // from these (benches/, scale workload).
         let unix_ms = std::time::SystemTime::now()
