@@ -23,6 +23,10 @@ pub struct Metrics {
     pub reports: Labeled,
     /// Revocations committed.
     pub revocations: Counter,
+    /// Version of the current signed revocation list (0: none ever signed): set at start from
+    /// the store and on every list installed (a revoke, a prune). Nodes report the version
+    /// they hold as `hopmesh_node_revocation_version`.
+    pub revocation_version: Gauge,
     /// Pair reissues.
     pub reissues: Counter,
     /// Nodes with an open push stream.
@@ -86,6 +90,7 @@ impl Default for Metrics {
         let reports = Labeled::default();
         let revocations = Counter::default();
         let reissues = Counter::default();
+        let revocation_version = Gauge::default();
         let subscribed = Gauge::default();
         let issuance_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
         registry.register(
@@ -105,6 +110,11 @@ impl Default for Metrics {
             reports.clone(),
         );
         registry.register("revocations", "Revocations committed", revocations.clone());
+        registry.register(
+            "revocation_list_version",
+            "Version of the current signed revocation list (0: none signed yet)",
+            revocation_version.clone(),
+        );
         registry.register("reissues", "Pair-seed reissues", reissues.clone());
         registry.register(
             "subscribed_nodes",
@@ -231,6 +241,7 @@ impl Default for Metrics {
             pushes,
             reports,
             revocations,
+            revocation_version,
             reissues,
             subscribed,
             issuance_seconds,

@@ -156,6 +156,9 @@ impl Authority {
         let registry = Registry::load(store.as_ref())?;
         let seeds = Seeds::load(master, settings.generation_secs, store.as_ref(), now)?;
         let revocations = Revocations::load(store.as_ref(), &signing)?;
+        metrics
+            .revocation_version
+            .set(i64::try_from(revocations.version()).unwrap_or(i64::MAX));
         let tables = Tables::new(policy, &registry);
         let me = Self {
             settings,
@@ -199,6 +202,13 @@ impl Authority {
 
     fn push(&mut self, node: &NodeId, msgs: &[Push]) {
         self.subscribers.push(node, msgs, &self.metrics);
+    }
+
+    /// Sets the `revocation_list_version` gauge after a list was installed.
+    fn revocation_version_changed(&self) {
+        self.metrics
+            .revocation_version
+            .set(i64::try_from(self.revocations.version()).unwrap_or(i64::MAX));
     }
 
     fn broadcast_revocations(&mut self) {
@@ -315,6 +325,7 @@ impl Authority {
         let list = self.revocations.pruned(self.issuer.key(), now)?;
         lock(&self.store).put_revocation_list(&list.0)?;
         self.revocations.install(list);
+        self.revocation_version_changed();
         self.broadcast_revocations();
         Ok(())
     }

@@ -77,6 +77,7 @@ impl Authority {
         }
         // Committed: from here on nothing may fail the revoke.
         self.revocations.install(list);
+        self.revocation_version_changed();
         self.registry.add_bans(bans);
         self.registry.mark_revoked(&rec.node_id, now);
         self.metrics.revocations.inc();

@@ -111,6 +111,11 @@ impl Revocations {
         self.sign(self.live(now), key, now)
     }
 
+    /// Version of the current list (0: none).
+    pub(super) fn version(&self) -> u64 {
+        self.stored().map_or(0, |s| s.version)
+    }
+
     /// Applies a committed list.
     pub(super) fn install(&mut self, list: SignedList) {
         self.current = Some(list);

@@ -887,6 +887,16 @@ fn revoke_pushes_compromised_to_exactly_the_revoked_nodes_peers() {
     assert_eq!(rec["name"], "a");
     assert_eq!(rec["revocation_version"], 1);
     assert_eq!(h.auth.metrics().revocations.get(), 1);
+    assert_eq!(revocation_version_sample(&h), "1");
+}
+
+/// The value of `hopmesh_verifier_revocation_list_version` in the rendered metrics.
+fn revocation_version_sample(h: &Harness) -> String {
+    let text = h.auth.metrics().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix("hopmesh_verifier_revocation_list_version "))
+        .unwrap_or_else(|| panic!("no revocation_list_version sample:\n{text}"))
+        .to_owned()
 }
 
 #[test]
@@ -1374,6 +1384,7 @@ fn tick_prunes_expired_revocations_and_broadcasts_the_new_list() {
     let mut h = Harness::new(standard_policy());
     let a = h.enroll(1, "a");
     let b = h.enroll(2, "b");
+    assert_eq!(revocation_version_sample(&h), "0", "none signed yet");
     h.auth.revoke(&NodeRef::Id(a), t(T0)).expect("revoke");
     let mut rb = h.subscribe(&b);
     drain(&mut rb);
@@ -1393,9 +1404,17 @@ fn tick_prunes_expired_revocations_and_broadcasts_the_new_list() {
         panic!("the pruned list verifies")
     };
     assert!(list.revoked.is_empty());
+    assert_eq!(
+        revocation_version_sample(&h),
+        "2",
+        "the pruned list's version"
+    );
     // Nothing left to prune: no new version.
     h.auth.tick(t(T0 + 301));
     assert_eq!(h.auth.revocation_list().map(|l| l.version), Some(2));
+    // A restart reads the version from the store.
+    let h = h.reopen(t(T0 + 302));
+    assert_eq!(revocation_version_sample(&h), "2", "loaded from the store");
 }
 
 // --- policy reload ------------------------------------------------------------------------
