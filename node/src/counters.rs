@@ -58,7 +58,7 @@ impl Default for Counters {
             bytes_in: AtomicU64::default(),
             audit_aggregated: AtomicU64::default(),
             table_resyncs: AtomicU64::default(),
-            revocation_propagation: Histogram::new(REVOCATION_PROPAGATION_BUCKETS.into_iter()),
+            revocation_propagation: Histogram::new(REVOCATION_PROPAGATION_BUCKETS),
             refusals: Mutex::default(),
         }
     }
