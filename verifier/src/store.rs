@@ -44,6 +44,14 @@ pub enum StoreError {
     /// was not committed (and not acknowledged).
     #[error("the audit log failed, so nothing was committed: {0}")]
     Audit(#[from] AuditError),
+    /// A revocation list whose version is not above the stored one: refused, nothing written.
+    #[error("revocation list version {offered} is not above the stored version {stored}")]
+    StaleVersion {
+        /// The version in the store.
+        stored: u64,
+        /// The version offered.
+        offered: u64,
+    },
     /// This store does not implement an operation.
     #[error("this store does not support {0}")]
     Unsupported(&'static str),
@@ -160,7 +168,8 @@ pub trait Store: Send + std::fmt::Debug {
         reason: &str,
         at: UnixTime,
     ) -> Result<(), StoreError>;
-    /// Revokes a node: marks it, bans it and stores the new list, in one transaction.
+    /// Revokes a node: marks it, bans it and stores the new list, in one transaction. Refused
+    /// whole ([`StoreError::StaleVersion`]) unless the list's version is above the stored one.
     fn commit_revocation(
         &mut self,
         node: &NodeId,
@@ -501,6 +510,22 @@ impl Store for SqliteStore {
         list: &StoredList,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
+        // The list's version is the one counter of revocations: a commit whose version is not
+        // above the stored one (a writer working from a stale list) is refused whole, inside
+        // the transaction, so a version is never reused and never goes back.
+        let current: Option<i64> = tx
+            .query_row(
+                "SELECT version FROM revocation_list WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(v) = current.map(u64_of).filter(|v| *v >= list.version) {
+            return Err(StoreError::StaleVersion {
+                stored: v,
+                offered: list.version,
+            });
+        }
         tx.execute(
             "UPDATE nodes SET revoked_at = ?1 WHERE node_id = ?2 AND revoked_at IS NULL",
             params![i64_of(at.as_secs()), &node.as_bytes()[..]],
@@ -545,11 +570,11 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )
             .optional()?;
-        if current.is_some_and(|v| u64_of(v) >= list.version) {
-            return Err(StoreError::BadValue(format!(
-                "revocation list version {} is not newer",
-                list.version
-            )));
+        if let Some(v) = current.map(u64_of).filter(|v| *v >= list.version) {
+            return Err(StoreError::StaleVersion {
+                stored: v,
+                offered: list.version,
+            });
         }
         tx.execute(
             "INSERT OR REPLACE INTO revocation_list (id, version, bytes) VALUES (1, ?1, ?2)",
@@ -871,6 +896,62 @@ mod tests {
             201,
             "serials never go back"
         );
+    }
+
+    #[test]
+    fn a_revocation_with_a_stale_list_version_is_refused_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = SqliteStore::create(&dir.path().join("s.db")).expect("create");
+        let (a, b) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+        for (id, n) in [(a, "a"), (b, "b")] {
+            s.put_node(&NodeRecord {
+                node_id: id,
+                name: name(n),
+                spki: vec![1],
+                measurement: Measurement([4; 32]),
+                addresses: vec![],
+                enrolled_at: UnixTime::from_secs(5),
+                revoked_at: None,
+            })
+            .expect("node");
+        }
+        let list = |version| StoredList {
+            version,
+            bytes: vec![u8::try_from(version).expect("small")],
+        };
+        s.commit_revocation(&a, UnixTime::from_secs(9), &[BanSubject::Node(a)], &list(2))
+            .expect("first");
+        // A writer that read version 1 (or 2) before that commit offers a stale version.
+        for stale in [1, 2] {
+            let e = s
+                .commit_revocation(
+                    &b,
+                    UnixTime::from_secs(10),
+                    &[BanSubject::Node(b)],
+                    &list(stale),
+                )
+                .expect_err("stale");
+            assert!(
+                matches!(e, StoreError::StaleVersion { stored: 2, offered } if offered == stale),
+                "{e}"
+            );
+        }
+        assert_eq!(s.revocation_list().expect("list"), Some(list(2)));
+        let nodes = s.nodes().expect("nodes");
+        let b_rec = nodes.iter().find(|n| n.node_id == b).expect("b");
+        assert_eq!(
+            b_rec.revoked_at, None,
+            "nothing of the refused commit landed"
+        );
+        assert_eq!(s.bans().expect("bans"), vec![BanSubject::Node(a)]);
+        s.commit_revocation(
+            &b,
+            UnixTime::from_secs(10),
+            &[BanSubject::Node(b)],
+            &list(3),
+        )
+        .expect("the next version");
+        assert_eq!(s.revocation_list().expect("list"), Some(list(3)));
     }
 
     fn anchor(seq: u64, hash: &str) -> SignedHead {
