@@ -343,6 +343,30 @@ fn ban_row(b: &BanSubject) -> (&'static str, String) {
     }
 }
 
+/// Writes `list` inside `tx` unless its version is not above the stored one. The list's version
+/// is the one counter of revocations: a writer working from a stale list is refused (and its
+/// transaction rolls back whole), so a version is never reused and never goes back.
+fn write_newer_list(tx: &rusqlite::Transaction<'_>, list: &StoredList) -> Result<(), StoreError> {
+    let current: Option<i64> = tx
+        .query_row(
+            "SELECT version FROM revocation_list WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(v) = current.map(u64_of).filter(|v| *v >= list.version) {
+        return Err(StoreError::StaleVersion {
+            stored: v,
+            offered: list.version,
+        });
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO revocation_list (id, version, bytes) VALUES (1, ?1, ?2)",
+        params![i64_of(list.version), &list.bytes],
+    )?;
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn put_join_token(&mut self, t: &JoinTokenRecord) -> Result<(), StoreError> {
         let segments = t.segments.as_ref().map(|s| s.join(","));
@@ -510,22 +534,7 @@ impl Store for SqliteStore {
         list: &StoredList,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        // The list's version is the one counter of revocations: a commit whose version is not
-        // above the stored one (a writer working from a stale list) is refused whole, inside
-        // the transaction, so a version is never reused and never goes back.
-        let current: Option<i64> = tx
-            .query_row(
-                "SELECT version FROM revocation_list WHERE id = 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(v) = current.map(u64_of).filter(|v| *v >= list.version) {
-            return Err(StoreError::StaleVersion {
-                stored: v,
-                offered: list.version,
-            });
-        }
+        write_newer_list(&tx, list)?;
         tx.execute(
             "UPDATE nodes SET revoked_at = ?1 WHERE node_id = ?2 AND revoked_at IS NULL",
             params![i64_of(at.as_secs()), &node.as_bytes()[..]],
@@ -537,10 +546,6 @@ impl Store for SqliteStore {
                 params![kind, subject, i64_of(at.as_secs())],
             )?;
         }
-        tx.execute(
-            "INSERT OR REPLACE INTO revocation_list (id, version, bytes) VALUES (1, ?1, ?2)",
-            params![i64_of(list.version), &list.bytes],
-        )?;
         tx.commit()?;
         Ok(())
     }
@@ -563,23 +568,7 @@ impl Store for SqliteStore {
 
     fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        let current: Option<i64> = tx
-            .query_row(
-                "SELECT version FROM revocation_list WHERE id = 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(v) = current.map(u64_of).filter(|v| *v >= list.version) {
-            return Err(StoreError::StaleVersion {
-                stored: v,
-                offered: list.version,
-            });
-        }
-        tx.execute(
-            "INSERT OR REPLACE INTO revocation_list (id, version, bytes) VALUES (1, ?1, ?2)",
-            params![i64_of(list.version), &list.bytes],
-        )?;
+        write_newer_list(&tx, list)?;
         tx.commit()?;
         Ok(())
     }
