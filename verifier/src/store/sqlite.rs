@@ -1,210 +1,21 @@
-//! Durable state behind a trait: embedded SQLite by default (WAL, `synchronous=FULL`).
-//!
-//! The verifier keeps its working state in memory and writes every change here **before**
-//! acknowledging it; a revoke is acknowledged only after its transaction committed. The trait
-//! exists so that a PostgreSQL backend can serve several verifier replicas later.
-//!
-//! Secrets are never stored here: join secrets only as SHA-256 hashes; keys live in 0600
-//! files beside the store.
+//! The embedded SQLite backend: one file beside the keys, WAL, `synchronous=FULL`.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hopmesh_protocol::hop_token::{Generation, PairIds};
 use hopmesh_protocol::ids::{Measurement, NodeId, NodeName};
 use hopmesh_protocol::time::UnixTime;
-use hopmesh_transport::audit::{AuditError, SignedHead};
+use hopmesh_transport::audit::SignedHead;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use super::{
+    BanSubject, JoinTokenRecord, JoinTokenUse, NodeRecord, PairState, Store, StoreError,
+    StoredList, ban_row, i64_of, id_of, u64_of,
+};
 
 /// Schema version this build reads and writes. Version 2 added `audit_anchor`; a version 1
 /// store is migrated on open (one transaction).
 pub const SCHEMA_VERSION: i64 = 2;
-
-/// Errors of the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The store does not exist and was not to be created.
-    #[error("store {0} does not exist; run `hopmesh-verifier init` first")]
-    Missing(String),
-    /// The store exists but is damaged or not a hopmesh store.
-    #[error("store {path} is corrupt or not a hopmesh store: {detail}")]
-    Corrupt {
-        /// The file.
-        path: String,
-        /// What was found.
-        detail: String,
-    },
-    /// SQLite failed.
-    #[error("store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// A stored value does not parse.
-    #[error("store holds a bad value: {0}")]
-    BadValue(String),
-    /// The audit log, the other half of the verifier's durable record, failed: the operation
-    /// was not committed (and not acknowledged).
-    #[error("the audit log failed, so nothing was committed: {0}")]
-    Audit(#[from] AuditError),
-    /// A revocation list whose version is not above the stored one: refused, nothing written.
-    #[error("revocation list version {offered} is not above the stored version {stored}")]
-    StaleVersion {
-        /// The version in the store.
-        stored: u64,
-        /// The version offered.
-        offered: u64,
-    },
-    /// This store does not implement an operation.
-    #[error("this store does not support {0}")]
-    Unsupported(&'static str),
-}
-
-/// An enrolled node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeRecord {
-    /// `SHA-256(spki)`.
-    pub node_id: NodeId,
-    /// Name bound at enrollment.
-    pub name: NodeName,
-    /// The key.
-    pub spki: Vec<u8>,
-    /// Last measurement seen.
-    pub measurement: Measurement,
-    /// Advertised addresses.
-    pub addresses: Vec<String>,
-    /// When it enrolled.
-    pub enrolled_at: UnixTime,
-    /// When it was revoked, if it was.
-    pub revoked_at: Option<UnixTime>,
-}
-
-/// A one-time join secret (stored as its hash).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JoinTokenRecord {
-    /// SHA-256 of the secret.
-    pub secret_hash: [u8; 32],
-    /// The node name it enrolls.
-    pub name: NodeName,
-    /// Segments the operator bound it to, if any (must match policy at enrollment).
-    pub segments: Option<Vec<String>>,
-    /// Creation time.
-    pub created_at: UnixTime,
-    /// Expiry.
-    pub expires_at: UnixTime,
-}
-
-/// Outcome of trying to use a join secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum JoinTokenUse {
-    /// Valid: now marked used, in the same transaction.
-    Valid(JoinTokenRecord),
-    /// No such secret.
-    Unknown,
-    /// Already used.
-    Used,
-    /// Past its expiry.
-    Expired,
-}
-
-/// Who a ban applies to.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum BanSubject {
-    /// A key.
-    Node(NodeId),
-    /// A name: no key may enroll under it again.
-    Name(NodeName),
-}
-
-/// A stored revocation list: its version and the exact signed bytes served to nodes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredList {
-    /// Version.
-    pub version: u64,
-    /// Signed envelope.
-    pub bytes: Vec<u8>,
-}
-
-/// Reissue state of a pair.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PairState {
-    /// The pair.
-    pub pair: PairIds,
-    /// Reissues so far.
-    pub reissues: u16,
-    /// Generations marked compromised.
-    pub compromised: Vec<Generation>,
-}
-
-/// The store, shared by the authority and the commits the service makes outside the
-/// authority's lock (an enrolment's join secret and record, a refresh's changed record). Lock
-/// order: the authority's lock, then this one; code holding this lock never takes the
-/// authority's.
-pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
-
-/// Locks `store`. A panic inside a call cannot leave a half-written commit (each method is one
-/// transaction, rolled back unless committed), so a poisoned lock is still used.
-pub fn lock(store: &SharedStore) -> MutexGuard<'_, Box<dyn Store>> {
-    store.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Durable verifier state. Every method commits before it returns.
-pub trait Store: Send + std::fmt::Debug {
-    /// Records a new join secret.
-    fn put_join_token(&mut self, t: &JoinTokenRecord) -> Result<(), StoreError>;
-    /// Consumes a join secret atomically (check and mark used in one transaction).
-    fn take_join_token(
-        &mut self,
-        secret_hash: &[u8; 32],
-        now: UnixTime,
-    ) -> Result<JoinTokenUse, StoreError>;
-    /// Inserts or replaces a node record; a stored revocation mark is kept (never cleared).
-    fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError>;
-    /// All node records.
-    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// All bans (never pruned).
-    fn bans(&self) -> Result<Vec<BanSubject>, StoreError>;
-    /// Adds bans.
-    fn put_bans(
-        &mut self,
-        bans: &[BanSubject],
-        reason: &str,
-        at: UnixTime,
-    ) -> Result<(), StoreError>;
-    /// Revokes a node: marks it, bans it and stores the new list, in one transaction. Refused
-    /// whole ([`StoreError::StaleVersion`]) unless the list's version is above the stored one.
-    fn commit_revocation(
-        &mut self,
-        node: &NodeId,
-        at: UnixTime,
-        bans: &[BanSubject],
-        list: &StoredList,
-    ) -> Result<(), StoreError>;
-    /// The current revocation list.
-    fn revocation_list(&self) -> Result<Option<StoredList>, StoreError>;
-    /// Replaces the revocation list (pruning); the version must be higher.
-    fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), StoreError>;
-    /// Reserves `n` attestation serials and returns the first.
-    fn reserve_serials(&mut self, n: u64) -> Result<u64, StoreError>;
-    /// Reissue states of all pairs that have one.
-    fn pair_states(&self) -> Result<Vec<PairState>, StoreError>;
-    /// Records a reissue: the new count and the generations now compromised.
-    fn commit_reissue(
-        &mut self,
-        pair: &PairIds,
-        reissues: u16,
-        compromised: &[Generation],
-        at: UnixTime,
-    ) -> Result<(), StoreError>;
-    /// Replaces the audit anchor: the signed head of the audit log, stored once that record is
-    /// on disk. Refuses a lower seq, or the same seq with another hash (the anchor only moves
-    /// forward). A store that keeps no anchor fails this, so durable operations fail closed.
-    fn put_audit_anchor(&mut self, anchor: &SignedHead) -> Result<(), StoreError> {
-        let _ = anchor;
-        Err(StoreError::Unsupported("an audit anchor"))
-    }
-    /// The audit anchor, if one was stored.
-    fn audit_anchor(&self) -> Result<Option<SignedHead>, StoreError> {
-        Ok(None)
-    }
-}
 
 /// The SQLite store.
 #[derive(Debug)]
@@ -233,22 +44,6 @@ const SCHEMA_V2: &str = "
 CREATE TABLE audit_anchor (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL,
     hash TEXT NOT NULL, key_id TEXT NOT NULL, sig TEXT NOT NULL) STRICT;
 ";
-
-fn i64_of(v: u64) -> i64 {
-    // Times, serials and generations stay far below 2^63 in practice; saturate rather than wrap.
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn id_of(blob: Vec<u8>) -> Result<NodeId, StoreError> {
-    let bytes: [u8; 32] = blob
-        .try_into()
-        .map_err(|_| StoreError::BadValue("node id".into()))?;
-    Ok(NodeId::from_bytes(bytes))
-}
 
 impl SqliteStore {
     /// Opens an existing store, checking its integrity and schema; refuses a missing one.
@@ -333,13 +128,6 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(())
-    }
-}
-
-fn ban_row(b: &BanSubject) -> (&'static str, String) {
-    match b {
-        BanSubject::Node(id) => ("node", id.to_string()),
-        BanSubject::Name(n) => ("name", n.to_string()),
     }
 }
 
@@ -706,8 +494,13 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    fn name(s: &str) -> NodeName {
-        NodeName::new(s).expect("valid")
+    fn anchor(seq: u64, hash: &str) -> SignedHead {
+        SignedHead {
+            seq,
+            hash: hash.into(),
+            key_id: "00".repeat(8),
+            sig: "00".repeat(64),
+        }
     }
 
     #[test]
@@ -734,243 +527,6 @@ mod tests {
             SqliteStore::open(&empty),
             Err(StoreError::Corrupt { .. })
         ));
-    }
-
-    #[test]
-    fn join_tokens_are_single_use_and_expire() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = SqliteStore::create(&dir.path().join("s.db")).expect("create");
-        let t = JoinTokenRecord {
-            secret_hash: [1; 32],
-            name: name("a"),
-            segments: Some(vec!["s1".into()]),
-            created_at: UnixTime::from_secs(100),
-            expires_at: UnixTime::from_secs(200),
-        };
-        s.put_join_token(&t).expect("put");
-        s.put_join_token(&JoinTokenRecord {
-            secret_hash: [2; 32],
-            ..t.clone()
-        })
-        .expect("put");
-        assert_eq!(
-            s.take_join_token(&[9; 32], UnixTime::from_secs(150))
-                .expect("take"),
-            JoinTokenUse::Unknown
-        );
-        assert_eq!(
-            s.take_join_token(&[2; 32], UnixTime::from_secs(200))
-                .expect("take"),
-            JoinTokenUse::Expired
-        );
-        assert_eq!(
-            s.take_join_token(&[1; 32], UnixTime::from_secs(150))
-                .expect("take"),
-            JoinTokenUse::Valid(t)
-        );
-        assert_eq!(
-            s.take_join_token(&[1; 32], UnixTime::from_secs(151))
-                .expect("take"),
-            JoinTokenUse::Used
-        );
-    }
-
-    #[test]
-    fn a_record_write_updates_a_node_but_never_clears_its_revocation() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = SqliteStore::create(&dir.path().join("s.db")).expect("create");
-        let id = NodeId::from_bytes([7; 32]);
-        let rec = NodeRecord {
-            node_id: id,
-            name: name("a"),
-            spki: vec![1],
-            measurement: Measurement([4; 32]),
-            addresses: vec!["127.0.0.1:1".into()],
-            enrolled_at: UnixTime::from_secs(5),
-            revoked_at: None,
-        };
-        s.put_node(&rec).expect("node");
-        let list = StoredList {
-            version: 1,
-            bytes: vec![1],
-        };
-        s.commit_revocation(&id, UnixTime::from_secs(9), &[], &list)
-            .expect("revoke");
-        // A refresh decided before the revocation and committed after it.
-        let mut late = rec.clone();
-        late.addresses = vec!["127.0.0.1:2".into()];
-        s.put_node(&late).expect("late refresh");
-        let stored = s.nodes().expect("nodes");
-        assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].addresses, late.addresses, "the write landed");
-        assert_eq!(stored[0].revoked_at, Some(UnixTime::from_secs(9)));
-    }
-
-    #[test]
-    fn revocations_bans_serials_and_pairs_persist() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("s.db");
-        let id = NodeId::from_bytes([7; 32]);
-        {
-            let mut s = SqliteStore::create(&path).expect("create");
-            s.put_node(&NodeRecord {
-                node_id: id,
-                name: name("a"),
-                spki: vec![1, 2, 3],
-                measurement: Measurement([4; 32]),
-                addresses: vec!["127.0.0.1:1".into(), "[::1]:2".into()],
-                enrolled_at: UnixTime::from_secs(5),
-                revoked_at: None,
-            })
-            .expect("node");
-            s.commit_revocation(
-                &id,
-                UnixTime::from_secs(9),
-                &[BanSubject::Node(id)],
-                &StoredList {
-                    version: 1,
-                    bytes: vec![1],
-                },
-            )
-            .expect("revoke");
-            s.put_bans(
-                &[BanSubject::Name(name("a"))],
-                "operator",
-                UnixTime::from_secs(10),
-            )
-            .expect("ban");
-            assert_eq!(s.reserve_serials(100).expect("reserve"), 1);
-            assert_eq!(s.reserve_serials(100).expect("reserve"), 101);
-            let pair = PairIds::new(id, NodeId::from_bytes([8; 32]));
-            s.commit_reissue(
-                &pair,
-                1,
-                &[Generation(3), Generation(4)],
-                UnixTime::from_secs(11),
-            )
-            .expect("reissue");
-            assert!(
-                s.put_revocation_list(&StoredList {
-                    version: 1,
-                    bytes: vec![2]
-                })
-                .is_err(),
-                "versions never repeat"
-            );
-        }
-        let s = SqliteStore::open(&path).expect("reopen");
-        let nodes = s.nodes().expect("nodes");
-        assert_eq!(nodes[0].revoked_at, Some(UnixTime::from_secs(9)));
-        assert_eq!(nodes[0].addresses, vec!["127.0.0.1:1", "[::1]:2"]);
-        let mut bans = s.bans().expect("bans");
-        bans.sort();
-        assert_eq!(
-            bans,
-            vec![BanSubject::Node(id), BanSubject::Name(name("a"))]
-        );
-        assert_eq!(
-            s.revocation_list().expect("list"),
-            Some(StoredList {
-                version: 1,
-                bytes: vec![1]
-            })
-        );
-        let pairs = s.pair_states().expect("pairs");
-        assert_eq!(pairs.len(), 1);
-        assert_eq!(pairs[0].reissues, 1);
-        assert_eq!(pairs[0].compromised, vec![Generation(3), Generation(4)]);
-        let mut s = s;
-        assert_eq!(
-            s.reserve_serials(1).expect("reserve"),
-            201,
-            "serials never go back"
-        );
-    }
-
-    #[test]
-    fn a_revocation_with_a_stale_list_version_is_refused_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = SqliteStore::create(&dir.path().join("s.db")).expect("create");
-        let (a, b) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
-        for (id, n) in [(a, "a"), (b, "b")] {
-            s.put_node(&NodeRecord {
-                node_id: id,
-                name: name(n),
-                spki: vec![1],
-                measurement: Measurement([4; 32]),
-                addresses: vec![],
-                enrolled_at: UnixTime::from_secs(5),
-                revoked_at: None,
-            })
-            .expect("node");
-        }
-        let list = |version| StoredList {
-            version,
-            bytes: vec![u8::try_from(version).expect("small")],
-        };
-        s.commit_revocation(&a, UnixTime::from_secs(9), &[BanSubject::Node(a)], &list(2))
-            .expect("first");
-        // A writer that read version 1 (or 2) before that commit offers a stale version.
-        for stale in [1, 2] {
-            let e = s
-                .commit_revocation(
-                    &b,
-                    UnixTime::from_secs(10),
-                    &[BanSubject::Node(b)],
-                    &list(stale),
-                )
-                .expect_err("stale");
-            assert!(
-                matches!(e, StoreError::StaleVersion { stored: 2, offered } if offered == stale),
-                "{e}"
-            );
-        }
-        assert_eq!(s.revocation_list().expect("list"), Some(list(2)));
-        let nodes = s.nodes().expect("nodes");
-        let b_rec = nodes.iter().find(|n| n.node_id == b).expect("b");
-        assert_eq!(
-            b_rec.revoked_at, None,
-            "nothing of the refused commit landed"
-        );
-        assert_eq!(s.bans().expect("bans"), vec![BanSubject::Node(a)]);
-        s.commit_revocation(
-            &b,
-            UnixTime::from_secs(10),
-            &[BanSubject::Node(b)],
-            &list(3),
-        )
-        .expect("the next version");
-        assert_eq!(s.revocation_list().expect("list"), Some(list(3)));
-    }
-
-    fn anchor(seq: u64, hash: &str) -> SignedHead {
-        SignedHead {
-            seq,
-            hash: hash.into(),
-            key_id: "00".repeat(8),
-            sig: "00".repeat(64),
-        }
-    }
-
-    #[test]
-    fn the_audit_anchor_persists_and_only_moves_forward() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("s.db");
-        {
-            let mut s = SqliteStore::create(&path).expect("create");
-            assert_eq!(s.audit_anchor().expect("read"), None);
-            s.put_audit_anchor(&anchor(5, "aa")).expect("put");
-            s.put_audit_anchor(&anchor(5, "aa"))
-                .expect("the same head again");
-            assert!(s.put_audit_anchor(&anchor(4, "bb")).is_err(), "backwards");
-            assert!(
-                s.put_audit_anchor(&anchor(5, "bb")).is_err(),
-                "same seq, other hash"
-            );
-            s.put_audit_anchor(&anchor(9, "cc")).expect("forward");
-        }
-        let s = SqliteStore::open(&path).expect("reopen");
-        assert_eq!(s.audit_anchor().expect("read"), Some(anchor(9, "cc")));
     }
 
     #[test]

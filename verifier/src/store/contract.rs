@@ -1,0 +1,588 @@
+//! The store contract: one suite, run against SQLite and against PostgreSQL (a throwaway
+//! cluster, see `pg_cluster.rs`). A backend passes only if every case passes on it.
+//!
+//! A [`Backend`] hands out handles on one durable state: a reopen after a restart, or (for
+//! PostgreSQL) the connection of another replica. The cross-replica cases run on PostgreSQL
+//! only: SQLite is one verifier's file.
+
+use std::sync::{Arc, Barrier};
+
+use super::*;
+use crate::store::pg_cluster::PgCluster;
+
+/// One durable state and a way to open handles on it.
+pub(super) trait Backend {
+    /// A new handle on the same state.
+    fn open(&self) -> Box<dyn Store>;
+}
+
+pub(super) struct Sqlite {
+    dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    pub(super) fn new() -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(SqliteStore::create(&dir.path().join("s.db")).expect("create"));
+        Some(Self { dir })
+    }
+}
+
+impl Backend for Sqlite {
+    fn open(&self) -> Box<dyn Store> {
+        Box::new(SqliteStore::open(&self.dir.path().join("s.db")).expect("open"))
+    }
+}
+
+/// The signing key the contract's PostgreSQL stores are bound to.
+pub(super) const MESH_KEY: [u8; 32] = [0x5a; 32];
+
+pub(super) struct Postgres {
+    pub(super) target: PgTarget,
+    _cluster: Arc<PgCluster>,
+}
+
+impl Postgres {
+    pub(super) fn new() -> Option<Self> {
+        let cluster = PgCluster::shared()?;
+        let target = PgTarget {
+            url: cluster.fresh_database(),
+            ca: None,
+        };
+        assert_eq!(
+            PostgresStore::init(&target, &MESH_KEY).expect("init"),
+            postgres::InitOutcome::Created
+        );
+        Some(Self {
+            target,
+            _cluster: cluster,
+        })
+    }
+}
+
+impl Backend for Postgres {
+    fn open(&self) -> Box<dyn Store> {
+        Box::new(PostgresStore::open(&self.target, &MESH_KEY, false).expect("open"))
+    }
+}
+
+fn name(s: &str) -> NodeName {
+    NodeName::new(s).expect("valid")
+}
+
+fn node(id: NodeId, n: &str) -> NodeRecord {
+    NodeRecord {
+        node_id: id,
+        name: name(n),
+        spki: vec![1, 2, 3],
+        measurement: Measurement([4; 32]),
+        addresses: vec!["127.0.0.1:1".into(), "[::1]:2".into()],
+        enrolled_at: UnixTime::from_secs(5),
+        revoked_at: None,
+    }
+}
+
+fn list(version: u64) -> StoredList {
+    StoredList {
+        version,
+        bytes: version.to_be_bytes().to_vec(),
+    }
+}
+
+fn anchor(seq: u64, hash: &str) -> SignedHead {
+    SignedHead {
+        seq,
+        hash: hash.into(),
+        key_id: "00".repeat(8),
+        sig: "00".repeat(64),
+    }
+}
+
+pub(super) fn join_tokens_are_single_use_and_expire(b: &dyn Backend) {
+    let mut s = b.open();
+    let t = JoinTokenRecord {
+        secret_hash: [1; 32],
+        name: name("a"),
+        segments: Some(vec!["s1".into(), "s2".into()]),
+        created_at: UnixTime::from_secs(100),
+        expires_at: UnixTime::from_secs(200),
+    };
+    s.put_join_token(&t).expect("put");
+    s.put_join_token(&JoinTokenRecord {
+        secret_hash: [2; 32],
+        segments: None,
+        ..t.clone()
+    })
+    .expect("put");
+    assert!(s.put_join_token(&t).is_err(), "a secret is stored once");
+    let at = UnixTime::from_secs;
+    assert_eq!(
+        s.take_join_token(&[9; 32], at(150)).expect("take"),
+        JoinTokenUse::Unknown
+    );
+    assert_eq!(
+        s.take_join_token(&[2; 32], at(200)).expect("take"),
+        JoinTokenUse::Expired
+    );
+    assert_eq!(
+        s.take_join_token(&[1; 32], at(150)).expect("take"),
+        JoinTokenUse::Valid(t)
+    );
+    assert_eq!(
+        b.open().take_join_token(&[1; 32], at(151)).expect("take"),
+        JoinTokenUse::Used,
+        "used, as seen through another handle"
+    );
+}
+
+pub(super) fn a_record_write_never_clears_a_revocation(b: &dyn Backend) {
+    let mut s = b.open();
+    let id = NodeId::from_bytes([7; 32]);
+    let rec = node(id, "a");
+    s.put_node(&rec).expect("node");
+    s.commit_revocation(&id, UnixTime::from_secs(9), &[], &list(1))
+        .expect("revoke");
+    // A refresh decided before the revocation and committed after it.
+    let mut late = rec.clone();
+    late.addresses = vec!["127.0.0.1:2".into()];
+    s.put_node(&late).expect("late refresh");
+    let stored = s.nodes().expect("nodes");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].addresses, late.addresses, "the write landed");
+    assert_eq!(stored[0].revoked_at, Some(UnixTime::from_secs(9)));
+}
+
+pub(super) fn revocations_bans_serials_and_pairs_persist(b: &dyn Backend) {
+    let id = NodeId::from_bytes([7; 32]);
+    let pair = PairIds::new(id, NodeId::from_bytes([8; 32]));
+    {
+        let mut s = b.open();
+        s.put_node(&node(id, "a")).expect("node");
+        s.put_node(&node(NodeId::from_bytes([3; 32]), "b"))
+            .expect("node");
+        s.commit_revocation(
+            &id,
+            UnixTime::from_secs(9),
+            &[BanSubject::Node(id)],
+            &list(1),
+        )
+        .expect("revoke");
+        s.put_bans(
+            &[BanSubject::Name(name("a")), BanSubject::Node(id)],
+            "operator",
+            UnixTime::from_secs(10),
+        )
+        .expect("ban (the repeated one is kept once)");
+        assert_eq!(s.reserve_serials(100).expect("reserve"), 1);
+        assert_eq!(s.reserve_serials(100).expect("reserve"), 101);
+        s.commit_reissue(
+            &pair,
+            1,
+            &[Generation(3), Generation(4)],
+            UnixTime::from_secs(11),
+        )
+        .expect("reissue");
+        s.commit_reissue(&pair, 2, &[Generation(4)], UnixTime::from_secs(12))
+            .expect("reissue again");
+    }
+    let mut s = b.open();
+    let nodes = s.nodes().expect("nodes");
+    assert_eq!(
+        nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["a", "b"],
+        "ordered by name"
+    );
+    assert_eq!(nodes[0].revoked_at, Some(UnixTime::from_secs(9)));
+    assert_eq!(nodes[0].addresses, vec!["127.0.0.1:1", "[::1]:2"]);
+    assert_eq!(
+        nodes[0],
+        NodeRecord {
+            revoked_at: Some(UnixTime::from_secs(9)),
+            ..node(id, "a")
+        }
+    );
+    let mut bans = s.bans().expect("bans");
+    bans.sort();
+    assert_eq!(
+        bans,
+        vec![BanSubject::Node(id), BanSubject::Name(name("a"))]
+    );
+    assert_eq!(s.revocation_list().expect("list"), Some(list(1)));
+    let pairs = s.pair_states().expect("pairs");
+    assert_eq!(pairs.len(), 1);
+    assert_eq!(pairs[0].reissues, 2);
+    assert_eq!(pairs[0].compromised, vec![Generation(3), Generation(4)]);
+    assert_eq!(
+        s.reserve_serials(1).expect("reserve"),
+        201,
+        "serials never go back"
+    );
+}
+
+pub(super) fn a_stale_list_version_is_refused_whole(b: &dyn Backend) {
+    let mut s = b.open();
+    let (a, c) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+    s.put_node(&node(a, "a")).expect("node");
+    s.put_node(&node(c, "c")).expect("node");
+    assert_eq!(s.revocation_list().expect("list"), None);
+    s.commit_revocation(&a, UnixTime::from_secs(9), &[BanSubject::Node(a)], &list(2))
+        .expect("first");
+    // A writer that read version 1 (or 2) before that commit offers a stale version.
+    for stale in [1, 2] {
+        let e = s
+            .commit_revocation(
+                &c,
+                UnixTime::from_secs(10),
+                &[BanSubject::Node(c)],
+                &list(stale),
+            )
+            .expect_err("stale");
+        assert!(
+            matches!(e, StoreError::StaleVersion { stored: 2, offered } if offered == stale),
+            "{e}"
+        );
+        let e = s.put_revocation_list(&list(stale)).expect_err("stale");
+        assert!(matches!(e, StoreError::StaleVersion { .. }), "{e}");
+    }
+    assert_eq!(s.revocation_list().expect("list"), Some(list(2)));
+    let nodes = s.nodes().expect("nodes");
+    let c_rec = nodes.iter().find(|n| n.node_id == c).expect("c");
+    assert_eq!(
+        c_rec.revoked_at, None,
+        "nothing of the refused commit landed"
+    );
+    assert_eq!(s.bans().expect("bans"), vec![BanSubject::Node(a)]);
+    s.commit_revocation(
+        &c,
+        UnixTime::from_secs(10),
+        &[BanSubject::Node(c)],
+        &list(3),
+    )
+    .expect("the next version");
+    s.put_revocation_list(&list(5)).expect("a prune moves on");
+    assert_eq!(b.open().revocation_list().expect("list"), Some(list(5)));
+}
+
+pub(super) fn the_audit_anchor_only_moves_forward(b: &dyn Backend) {
+    {
+        let mut s = b.open();
+        assert_eq!(s.audit_anchor().expect("read"), None);
+        s.put_audit_anchor(&anchor(5, "aa")).expect("put");
+        s.put_audit_anchor(&anchor(5, "aa"))
+            .expect("the same head again");
+        assert!(s.put_audit_anchor(&anchor(4, "bb")).is_err(), "backwards");
+        assert!(
+            s.put_audit_anchor(&anchor(5, "bb")).is_err(),
+            "same seq, other hash"
+        );
+        s.put_audit_anchor(&anchor(9, "cc")).expect("forward");
+    }
+    assert_eq!(
+        b.open().audit_anchor().expect("read"),
+        Some(anchor(9, "cc"))
+    );
+}
+
+macro_rules! contract {
+    ($module:ident, $backend:ident, $($case:ident),+ $(,)?) => {
+        mod $module {
+            $(
+                #[test]
+                fn $case() {
+                    if let Some(b) = super::$backend::new() {
+                        super::$case(&b);
+                    }
+                }
+            )+
+        }
+    };
+}
+
+mod run {
+    use super::*;
+    contract!(
+        sqlite,
+        Sqlite,
+        join_tokens_are_single_use_and_expire,
+        a_record_write_never_clears_a_revocation,
+        revocations_bans_serials_and_pairs_persist,
+        a_stale_list_version_is_refused_whole,
+        the_audit_anchor_only_moves_forward,
+    );
+    contract!(
+        postgres,
+        Postgres,
+        join_tokens_are_single_use_and_expire,
+        a_record_write_never_clears_a_revocation,
+        revocations_bans_serials_and_pairs_persist,
+        a_stale_list_version_is_refused_whole,
+        the_audit_anchor_only_moves_forward,
+    );
+}
+
+/// What replicas acknowledged: each revoke's list version. Correct when the versions are
+/// exactly `1..=n` (unique, none skipped) and each replica's own acknowledgements increase.
+pub(super) fn check_versions(per_replica: &[Vec<u64>]) -> Result<(), String> {
+    for (i, acks) in per_replica.iter().enumerate() {
+        if let Some(w) = acks.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(format!("replica {i} acknowledged {} after {}", w[1], w[0]));
+        }
+    }
+    let mut all: Vec<u64> = per_replica.iter().flatten().copied().collect();
+    all.sort_unstable();
+    for (want, got) in (1..).zip(&all) {
+        if *got != want {
+            return Err(match got.cmp(&want) {
+                std::cmp::Ordering::Less => format!("version {got} acknowledged twice"),
+                _ => format!("version {want} skipped"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_version_checker_fails_on_broken_histories() {
+    assert_eq!(check_versions(&[vec![1, 3], vec![2, 4]]), Ok(()));
+    assert_eq!(check_versions(&[]), Ok(()));
+    let broken: &[(&[&[u64]], &str)] = &[
+        (&[&[1, 2], &[2, 3]], "acknowledged twice"),
+        (&[&[1, 2], &[4]], "version 3 skipped"),
+        (&[&[2, 1]], "acknowledged 1 after 2"),
+        (&[&[2]], "version 1 skipped"),
+    ];
+    for (history, want) in broken {
+        let h: Vec<Vec<u64>> = history.iter().map(|r| r.to_vec()).collect();
+        let e = check_versions(&h).expect_err("broken");
+        assert!(e.contains(want), "{h:?}: {e}");
+    }
+}
+
+/// Replicas revoking concurrently: each reads the list, offers the next version, and on
+/// [`StoreError::StaleVersion`] reads again and retries (what a replica's authority does).
+/// Returns each replica's acknowledged versions.
+fn revoke_storm(b: &Postgres, replicas: usize, each: usize) -> Vec<Vec<u64>> {
+    let start = Arc::new(Barrier::new(replicas));
+    let handles: Vec<_> = (0..replicas)
+        .map(|r| {
+            let mut s = b.open();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                let mut acked = Vec::new();
+                let mut retries = 0;
+                while acked.len() < each {
+                    let next = s
+                        .revocation_list()
+                        .expect("list")
+                        .map_or(1, |l| l.version + 1);
+                    let id = NodeId::from_bytes([u8::try_from(r).expect("few"); 32]);
+                    match s.commit_revocation(&id, UnixTime::from_secs(1), &[], &list(next)) {
+                        Ok(()) => acked.push(next),
+                        Err(StoreError::StaleVersion { .. }) => retries += 1,
+                        Err(e) => panic!("replica {r}: {e}"),
+                    }
+                    assert!(retries < 100 * each, "replica {r} starved");
+                }
+                acked
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("replica thread"))
+        .collect()
+}
+
+#[test]
+fn concurrent_revokes_at_three_replicas_get_unique_increasing_versions() {
+    let Some(b) = Postgres::new() else { return };
+    let acks = revoke_storm(&b, 3, 20);
+    check_versions(&acks).expect("versions");
+    assert_eq!(acks.iter().map(Vec::len).sum::<usize>(), 60);
+    assert_eq!(b.open().revocation_list().expect("list"), Some(list(60)));
+}
+
+#[test]
+fn one_join_secret_used_at_two_replicas_at_once_enrolls_once() {
+    let Some(b) = Postgres::new() else { return };
+    let mut s = b.open();
+    const ROUNDS: u8 = 20;
+    for i in 0..ROUNDS {
+        s.put_join_token(&JoinTokenRecord {
+            secret_hash: [i; 32],
+            name: name(&format!("n{i}")),
+            segments: None,
+            created_at: UnixTime::from_secs(1),
+            expires_at: UnixTime::from_secs(1000),
+        })
+        .expect("put");
+    }
+    let start = Arc::new(Barrier::new(2));
+    let replicas: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = b.open();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                (0..ROUNDS)
+                    .map(|i| {
+                        start.wait();
+                        s.take_join_token(&[i; 32], UnixTime::from_secs(2))
+                            .expect("take")
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let outcomes: Vec<Vec<JoinTokenUse>> = replicas
+        .into_iter()
+        .map(|h| h.join().expect("replica"))
+        .collect();
+    for i in 0..usize::from(ROUNDS) {
+        let valid = outcomes
+            .iter()
+            .filter(|o| matches!(o[i], JoinTokenUse::Valid(_)))
+            .count();
+        let used = outcomes
+            .iter()
+            .filter(|o| o[i] == JoinTokenUse::Used)
+            .count();
+        assert_eq!((valid, used), (1, 1), "round {i}: {outcomes:?}");
+    }
+}
+
+#[test]
+fn concurrent_serial_reservations_never_overlap() {
+    let Some(b) = Postgres::new() else { return };
+    let replicas: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = b.open();
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|_| s.reserve_serials(10).expect("reserve"))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut firsts: Vec<u64> = replicas
+        .into_iter()
+        .flat_map(|h| h.join().expect("replica"))
+        .collect();
+    firsts.sort_unstable();
+    let want: Vec<u64> = (0..60).map(|i| 1 + 10 * i).collect();
+    assert_eq!(firsts, want, "blocks of 10, disjoint and contiguous");
+}
+
+#[test]
+fn a_postgres_store_is_bound_to_its_mesh_and_schema() {
+    let Some(b) = Postgres::new() else { return };
+    let other = [0x11; 32];
+    let e = PostgresStore::open(&b.target, &other, false).expect_err("another mesh");
+    assert!(matches!(e, StoreError::WrongMesh(_)), "{e}");
+    let e = PostgresStore::init(&b.target, &other).expect_err("another mesh");
+    assert!(matches!(e, StoreError::WrongMesh(_)), "{e}");
+    assert_eq!(
+        PostgresStore::init(&b.target, &MESH_KEY).expect("init again"),
+        postgres::InitOutcome::Current,
+        "init is idempotent for its own mesh"
+    );
+    // A database nobody initialised.
+    let cluster = PgCluster::shared().expect("running");
+    let empty = PgTarget {
+        url: cluster.fresh_database(),
+        ca: None,
+    };
+    let e = PostgresStore::open(&empty, &MESH_KEY, false).expect_err("empty");
+    assert!(
+        matches!(e, StoreError::Missing(_)) && e.to_string().contains("init --store"),
+        "{e}"
+    );
+    // A newer schema, as a newer build would leave it: refused by open and by init.
+    let raw = b.open();
+    drop(raw);
+    set_schema_version(&b.target, PG_SCHEMA_VERSION + 1);
+    for e in [
+        PostgresStore::open(&b.target, &MESH_KEY, false).expect_err("newer"),
+        PostgresStore::init(&b.target, &MESH_KEY).expect_err("newer"),
+    ] {
+        assert!(e.to_string().contains("newer than this build"), "{e}");
+    }
+}
+
+/// Test only: overwrites the stored schema version.
+fn set_schema_version(target: &PgTarget, v: i64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let (cfg, _) = target.config().expect("config");
+        let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.expect("connect");
+        let driver = tokio::spawn(conn);
+        c.execute(
+            "UPDATE hopmesh.meta SET value = $1 WHERE key = 'schema_version'",
+            &[&v],
+        )
+        .await
+        .expect("update");
+        drop(c);
+        let _ = driver.await;
+    });
+}
+
+#[test]
+fn a_second_serving_verifier_on_one_database_is_refused() {
+    let Some(b) = Postgres::new() else { return };
+    let first = PostgresStore::open(&b.target, &MESH_KEY, true).expect("first");
+    let e = PostgresStore::open(&b.target, &MESH_KEY, true).expect_err("second");
+    assert!(matches!(e, StoreError::InUse(_)), "{e}");
+    PostgresStore::open(&b.target, &MESH_KEY, false).expect("a non-serving reader may open");
+    drop(first);
+    PostgresStore::open(&b.target, &MESH_KEY, true).expect("the lock went with the first");
+}
+
+#[test]
+fn tls_to_the_store_is_verified_against_the_ca_file() {
+    let Some(cluster) = PgCluster::start_tls() else {
+        return;
+    };
+    let ca = cluster.ca().expect("tls cluster").to_owned();
+    let url = |db: &str| format!("postgresql://postgres@127.0.0.1:{}/{db}", cluster.port());
+    let tls = PgTarget {
+        url: url("postgres"),
+        ca: Some(ca.clone()),
+    };
+    assert_eq!(tls.config().expect("config").1, TlsPlan::Verify);
+    assert_eq!(
+        PostgresStore::init(&tls, &MESH_KEY).expect("init over TLS"),
+        postgres::InitOutcome::Created
+    );
+    let mut s = PostgresStore::open(&tls, &MESH_KEY, false).expect("open over TLS");
+    assert_eq!(s.reserve_serials(1).expect("a call over TLS"), 1);
+    // A CA that did not sign the server's certificate: refused, with the reason.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = dir.path().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&other, params.self_signed(&key).expect("ca").pem()).expect("write");
+    let wrong = PgTarget {
+        url: url("postgres"),
+        ca: Some(other),
+    };
+    let e = PostgresStore::open(&wrong, &MESH_KEY, false).expect_err("wrong CA");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+    // A CA file that holds no certificate.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a pem\n").expect("write");
+    let e = PostgresStore::open(
+        &PgTarget {
+            url: url("postgres"),
+            ca: Some(empty),
+        },
+        &MESH_KEY,
+        false,
+    )
+    .expect_err("empty CA file");
+    assert!(e.to_string().contains("holds no certificate"), "{e}");
+}

@@ -1,0 +1,256 @@
+//! Durable state behind a trait, with two backends: embedded SQLite (the default: one verifier
+//! on one machine; WAL, `synchronous=FULL`) and PostgreSQL (`--store postgres://…`).
+//!
+//! The verifier keeps its working state in memory and writes every change here **before**
+//! acknowledging it; a revoke is acknowledged only after its transaction committed. The same
+//! contract suite (`contract.rs`) runs against both backends.
+//!
+//! Secrets are never stored here: join secrets only as SHA-256 hashes; keys live in 0600
+//! files beside the store.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use hopmesh_protocol::hop_token::{Generation, PairIds};
+use hopmesh_protocol::ids::{Measurement, NodeId, NodeName};
+use hopmesh_protocol::time::UnixTime;
+use hopmesh_transport::audit::{AuditError, SignedHead};
+
+mod postgres;
+mod spec;
+mod sqlite;
+
+pub use postgres::{
+    PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_POOL_SIZE, PG_SCHEMA_VERSION, PostgresStore,
+};
+pub use spec::{PgTarget, StoreSpec, TlsPlan, plan_tls};
+pub use sqlite::{SCHEMA_VERSION, SqliteStore};
+
+#[cfg(test)]
+mod contract;
+#[cfg(test)]
+pub(crate) mod pg_cluster;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store does not exist and was not to be created.
+    #[error("store {0} does not exist; run `hopmesh-verifier init` first")]
+    Missing(String),
+    /// The store exists but is damaged or not a hopmesh store.
+    #[error("store {path} is corrupt or not a hopmesh store: {detail}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What was found.
+        detail: String,
+    },
+    /// SQLite failed.
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (the server's message, or why the connection failed).
+    #[error("store (PostgreSQL): {0}")]
+    Postgres(String),
+    /// A PostgreSQL call did not finish within its bound; whether it committed is unknown,
+    /// so it was not acknowledged.
+    #[error("store (PostgreSQL): no answer within {0:?}; the operation was not acknowledged")]
+    Timeout(std::time::Duration),
+    /// The database holds another mesh's state (another signing key).
+    #[error("the store belongs to another mesh: {0}")]
+    WrongMesh(String),
+    /// Another verifier already serves from this database.
+    #[error("another verifier is serving from this database ({0}); one verifier per database")]
+    InUse(String),
+    /// The store location or its TLS settings are not usable.
+    #[error("store settings: {0}")]
+    Config(String),
+    /// A stored value does not parse.
+    #[error("store holds a bad value: {0}")]
+    BadValue(String),
+    /// The audit log, the other half of the verifier's durable record, failed: the operation
+    /// was not committed (and not acknowledged).
+    #[error("the audit log failed, so nothing was committed: {0}")]
+    Audit(#[from] AuditError),
+    /// A revocation list whose version is not above the stored one: refused, nothing written.
+    #[error("revocation list version {offered} is not above the stored version {stored}")]
+    StaleVersion {
+        /// The version in the store.
+        stored: u64,
+        /// The version offered.
+        offered: u64,
+    },
+    /// This store does not implement an operation.
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
+}
+
+/// An enrolled node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// `SHA-256(spki)`.
+    pub node_id: NodeId,
+    /// Name bound at enrollment.
+    pub name: NodeName,
+    /// The key.
+    pub spki: Vec<u8>,
+    /// Last measurement seen.
+    pub measurement: Measurement,
+    /// Advertised addresses.
+    pub addresses: Vec<String>,
+    /// When it enrolled.
+    pub enrolled_at: UnixTime,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<UnixTime>,
+}
+
+/// A one-time join secret (stored as its hash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// SHA-256 of the secret.
+    pub secret_hash: [u8; 32],
+    /// The node name it enrolls.
+    pub name: NodeName,
+    /// Segments the operator bound it to, if any (must match policy at enrollment).
+    pub segments: Option<Vec<String>>,
+    /// Creation time.
+    pub created_at: UnixTime,
+    /// Expiry.
+    pub expires_at: UnixTime,
+}
+
+/// Outcome of trying to use a join secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinTokenUse {
+    /// Valid: now marked used, in the same transaction.
+    Valid(JoinTokenRecord),
+    /// No such secret.
+    Unknown,
+    /// Already used.
+    Used,
+    /// Past its expiry.
+    Expired,
+}
+
+/// Who a ban applies to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BanSubject {
+    /// A key.
+    Node(NodeId),
+    /// A name: no key may enroll under it again.
+    Name(NodeName),
+}
+
+/// A stored revocation list: its version and the exact signed bytes served to nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredList {
+    /// Version.
+    pub version: u64,
+    /// Signed envelope.
+    pub bytes: Vec<u8>,
+}
+
+/// Reissue state of a pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairState {
+    /// The pair.
+    pub pair: PairIds,
+    /// Reissues so far.
+    pub reissues: u16,
+    /// Generations marked compromised.
+    pub compromised: Vec<Generation>,
+}
+
+/// The store, shared by the authority and the commits the service makes outside the
+/// authority's lock (an enrolment's join secret and record, a refresh's changed record). Lock
+/// order: the authority's lock, then this one; code holding this lock never takes the
+/// authority's.
+pub type SharedStore = Arc<Mutex<Box<dyn Store>>>;
+
+/// Locks `store`. A panic inside a call cannot leave a half-written commit (each method is one
+/// transaction, rolled back unless committed), so a poisoned lock is still used.
+pub fn lock(store: &SharedStore) -> MutexGuard<'_, Box<dyn Store>> {
+    store.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Durable verifier state. Every method commits before it returns.
+pub trait Store: Send + std::fmt::Debug {
+    /// Records a new join secret.
+    fn put_join_token(&mut self, t: &JoinTokenRecord) -> Result<(), StoreError>;
+    /// Consumes a join secret atomically (check and mark used in one transaction).
+    fn take_join_token(
+        &mut self,
+        secret_hash: &[u8; 32],
+        now: UnixTime,
+    ) -> Result<JoinTokenUse, StoreError>;
+    /// Inserts or replaces a node record; a stored revocation mark is kept (never cleared).
+    fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError>;
+    /// All node records.
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// All bans (never pruned).
+    fn bans(&self) -> Result<Vec<BanSubject>, StoreError>;
+    /// Adds bans.
+    fn put_bans(
+        &mut self,
+        bans: &[BanSubject],
+        reason: &str,
+        at: UnixTime,
+    ) -> Result<(), StoreError>;
+    /// Revokes a node: marks it, bans it and stores the new list, in one transaction. Refused
+    /// whole ([`StoreError::StaleVersion`]) unless the list's version is above the stored one.
+    fn commit_revocation(
+        &mut self,
+        node: &NodeId,
+        at: UnixTime,
+        bans: &[BanSubject],
+        list: &StoredList,
+    ) -> Result<(), StoreError>;
+    /// The current revocation list.
+    fn revocation_list(&self) -> Result<Option<StoredList>, StoreError>;
+    /// Replaces the revocation list (pruning); the version must be higher.
+    fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), StoreError>;
+    /// Reserves `n` attestation serials and returns the first.
+    fn reserve_serials(&mut self, n: u64) -> Result<u64, StoreError>;
+    /// Reissue states of all pairs that have one.
+    fn pair_states(&self) -> Result<Vec<PairState>, StoreError>;
+    /// Records a reissue: the new count and the generations now compromised.
+    fn commit_reissue(
+        &mut self,
+        pair: &PairIds,
+        reissues: u16,
+        compromised: &[Generation],
+        at: UnixTime,
+    ) -> Result<(), StoreError>;
+    /// Replaces the audit anchor: the signed head of the audit log, stored once that record is
+    /// on disk. Refuses a lower seq, or the same seq with another hash (the anchor only moves
+    /// forward). A store that keeps no anchor fails this, so durable operations fail closed.
+    fn put_audit_anchor(&mut self, anchor: &SignedHead) -> Result<(), StoreError> {
+        let _ = anchor;
+        Err(StoreError::Unsupported("an audit anchor"))
+    }
+    /// The audit anchor, if one was stored.
+    fn audit_anchor(&self) -> Result<Option<SignedHead>, StoreError> {
+        Ok(None)
+    }
+}
+
+pub(crate) fn i64_of(v: u64) -> i64 {
+    // Times, serials and generations stay far below 2^63 in practice; saturate rather than wrap.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) fn id_of(blob: Vec<u8>) -> Result<NodeId, StoreError> {
+    let bytes: [u8; 32] = blob
+        .try_into()
+        .map_err(|_| StoreError::BadValue("node id".into()))?;
+    Ok(NodeId::from_bytes(bytes))
+}
+
+pub(crate) fn ban_row(b: &BanSubject) -> (&'static str, String) {
+    match b {
+        BanSubject::Node(id) => ("node", id.to_string()),
+        BanSubject::Name(n) => ("name", n.to_string()),
+    }
+}

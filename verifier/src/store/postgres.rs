@@ -1,0 +1,828 @@
+//! The PostgreSQL backend: tokio-postgres through a deadpool pool, TLS through rustls (ring).
+//!
+//! The [`Store`] trait is synchronous (the authority calls it under its lock, as it calls
+//! SQLite), so this store owns a small tokio runtime of its own: each call runs there as one
+//! task, bounded by [`PG_CALL_TIMEOUT`], and the caller waits on a channel. That works from any
+//! thread, inside or outside another runtime. Every method is one transaction.
+//!
+//! Tables live in the schema `hopmesh`, so the database may hold other things. The schema is
+//! versioned (`hopmesh.meta`), created and migrated by [`PostgresStore::init`] only, and bound
+//! to one mesh: `hopmesh.mesh` holds the signing key of the verifier that created it, and
+//! [`PostgresStore::open`] refuses a database of another mesh.
+
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use hopmesh_protocol::hop_token::{Generation, PairIds};
+use hopmesh_protocol::ids::{Measurement, NodeId, NodeName};
+use hopmesh_protocol::time::UnixTime;
+use hopmesh_transport::audit::SignedHead;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio_postgres::{GenericClient, NoTls, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::spec::{PgTarget, TlsPlan};
+use super::{
+    BanSubject, JoinTokenRecord, JoinTokenUse, NodeRecord, PairState, Store, StoreError,
+    StoredList, ban_row, i64_of, id_of, u64_of,
+};
+
+/// Schema version this build reads and writes in PostgreSQL (1: the first PostgreSQL schema).
+pub const PG_SCHEMA_VERSION: i64 = 1;
+/// Connections in the pool (each call holds one for its transaction).
+pub const PG_POOL_SIZE: usize = 8;
+/// Longest a store call may take, waiting for a pooled connection included. Past it the call
+/// fails with [`StoreError::Timeout`] and is not acknowledged.
+pub const PG_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a new connection (TCP, TLS, authentication) may take.
+pub const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Advisory lock taken by `init` (in its transaction) so that concurrent inits serialise.
+const INIT_LOCK: i64 = 0x686f_706d_6573_6801;
+/// Advisory lock held for as long as a serving verifier has the store open.
+const SERVE_LOCK: i64 = 0x686f_706d_6573_6802;
+
+/// The migrations, in order: entry `n` takes the schema from version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE hopmesh.meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE hopmesh.mesh (id INT PRIMARY KEY CHECK (id = 1), signing_key BYTEA NOT NULL);
+CREATE TABLE hopmesh.join_tokens (
+    secret_hash BYTEA PRIMARY KEY, name TEXT NOT NULL, segments TEXT,
+    created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, used_at BIGINT);
+CREATE TABLE hopmesh.nodes (
+    node_id BYTEA PRIMARY KEY, name TEXT NOT NULL, spki BYTEA NOT NULL, measurement BYTEA NOT NULL,
+    addresses TEXT NOT NULL, enrolled_at BIGINT NOT NULL, revoked_at BIGINT);
+CREATE TABLE hopmesh.bans (kind TEXT NOT NULL, subject TEXT NOT NULL, reason TEXT NOT NULL,
+    at BIGINT NOT NULL, PRIMARY KEY (kind, subject));
+CREATE TABLE hopmesh.revocation_list (id INT PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL,
+    bytes BYTEA NOT NULL);
+CREATE TABLE hopmesh.pairs (lo BYTEA NOT NULL, hi BYTEA NOT NULL, reissues INT NOT NULL,
+    PRIMARY KEY (lo, hi));
+CREATE TABLE hopmesh.compromised (lo BYTEA NOT NULL, hi BYTEA NOT NULL, generation BIGINT NOT NULL,
+    at BIGINT NOT NULL, PRIMARY KEY (lo, hi, generation));
+CREATE TABLE hopmesh.audit_anchor (id INT PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL,
+    hash TEXT NOT NULL, key_id TEXT NOT NULL, sig TEXT NOT NULL);
+INSERT INTO hopmesh.meta (key, value) VALUES ('next_serial', 1);
+"];
+
+/// What [`PostgresStore::init`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitOutcome {
+    /// The schema was created.
+    Created,
+    /// The schema of this mesh was migrated from the given version.
+    Migrated(i64),
+    /// The schema of this mesh was already current.
+    Current,
+}
+
+/// The PostgreSQL store.
+pub struct PostgresStore {
+    rt: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    /// The connection holding [`SERVE_LOCK`], when opened exclusively.
+    _lock: Option<tokio_postgres::Client>,
+    server: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime: stop it in the
+        // background instead (its tasks are this store's calls, all answered or timed out).
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The server's message and SQLSTATE, or the connection failure with its causes.
+pub(crate) fn pg_err(e: &tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        return StoreError::Postgres(format!(
+            "{} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        ));
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    StoreError::Postgres(text)
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg_err(&e),
+        deadpool_postgres::PoolError::Timeout(_) => StoreError::Timeout(PG_CALL_TIMEOUT),
+        other => StoreError::Postgres(other.to_string()),
+    }
+}
+
+fn name_of(s: &str) -> Result<NodeName, StoreError> {
+    NodeName::new(s).map_err(|e| StoreError::BadValue(e.to_string()))
+}
+
+/// The TLS connector for `target`, reading its CA file.
+fn rustls_connector(target: &PgTarget) -> Result<MakeRustlsConnect, StoreError> {
+    let path = target
+        .ca
+        .as_deref()
+        .ok_or_else(|| StoreError::Config("TLS needs --store-ca".into()))?;
+    let bad = |detail: String| StoreError::Config(format!("{}: {detail}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no certificate".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// Connects once outside the pool (the serve lock needs a connection of its own).
+async fn connect_one(target: &PgTarget) -> Result<tokio_postgres::Client, StoreError> {
+    let (cfg, plan) = target.config()?;
+    let client = match plan {
+        TlsPlan::Plain => {
+            let (client, conn) = cfg.connect(NoTls).await.map_err(|e| pg_err(&e))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "store lock connection ended");
+                }
+            });
+            client
+        }
+        TlsPlan::Verify => {
+            let (client, conn) = cfg
+                .connect(rustls_connector(target)?)
+                .await
+                .map_err(|e| pg_err(&e))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "store lock connection ended");
+                }
+            });
+            client
+        }
+    };
+    Ok(client)
+}
+
+/// The schema version, or `None` when the database holds no hopmesh schema.
+async fn schema_version(c: &impl GenericClient) -> Result<Option<i64>, StoreError> {
+    let exists: Option<String> = c
+        .query_one("SELECT to_regclass('hopmesh.meta')::text", &[])
+        .await
+        .map_err(|e| pg_err(&e))?
+        .get(0);
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let row = c
+        .query_opt(
+            "SELECT value FROM hopmesh.meta WHERE key = 'schema_version'",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    Ok(Some(row.map_or(0, |r| r.get(0))))
+}
+
+/// Checks that the database belongs to the mesh whose signing key is `key`.
+async fn check_mesh(c: &impl GenericClient, key: &[u8]) -> Result<(), StoreError> {
+    let row = c
+        .query_opt("SELECT signing_key FROM hopmesh.mesh WHERE id = 1", &[])
+        .await
+        .map_err(|e| pg_err(&e))?;
+    match row {
+        Some(r) if r.get::<_, Vec<u8>>(0) == key => Ok(()),
+        Some(r) => Err(StoreError::WrongMesh(format!(
+            "its signing key is {}, this verifier's is {}",
+            hex::encode(r.get::<_, Vec<u8>>(0)),
+            hex::encode(key)
+        ))),
+        None => Err(StoreError::WrongMesh("it names no mesh".into())),
+    }
+}
+
+impl PostgresStore {
+    fn connect(target: &PgTarget) -> Result<Self, StoreError> {
+        let (cfg, plan) = target.config()?;
+        let mgr_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let mgr = match plan {
+            TlsPlan::Plain => Manager::from_config(cfg, NoTls, mgr_config),
+            TlsPlan::Verify => Manager::from_config(cfg, rustls_connector(target)?, mgr_config),
+        };
+        let pool = Pool::builder(mgr)
+            .max_size(PG_POOL_SIZE)
+            .wait_timeout(Some(PG_CALL_TIMEOUT))
+            .create_timeout(Some(PG_CONNECT_TIMEOUT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("hopmesh-store")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Postgres(format!("store runtime: {e}")))?;
+        Ok(Self {
+            rt: Some(rt),
+            pool,
+            _lock: None,
+            server: target.describe(),
+        })
+    }
+
+    /// Creates the schema in an empty database and binds it to the mesh whose signing key is
+    /// `mesh_key`, or migrates this mesh's older schema. Refuses another mesh's database and a
+    /// schema newer than this build. Concurrent inits serialise on an advisory lock.
+    pub fn init(target: &PgTarget, mesh_key: &[u8]) -> Result<InitOutcome, StoreError> {
+        let store = Self::connect(target)?;
+        let key = mesh_key.to_vec();
+        store.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INIT_LOCK])
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let found = schema_version(&*tx).await?;
+            if found.is_some() {
+                check_mesh(&*tx, &key).await?;
+            }
+            let from = found.unwrap_or(0);
+            if from > PG_SCHEMA_VERSION {
+                return Err(newer(from));
+            }
+            if found.is_none() {
+                tx.batch_execute("CREATE SCHEMA IF NOT EXISTS hopmesh")
+                    .await
+                    .map_err(|e| pg_err(&e))?;
+            }
+            for step in MIGRATIONS.iter().skip(usize::try_from(from).unwrap_or(0)) {
+                tx.batch_execute(step).await.map_err(|e| pg_err(&e))?;
+            }
+            if found.is_none() {
+                tx.execute(
+                    "INSERT INTO hopmesh.mesh (id, signing_key) VALUES (1, $1)",
+                    &[&key],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            }
+            tx.execute(
+                "INSERT INTO hopmesh.meta (key, value) VALUES ('schema_version', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[&PG_SCHEMA_VERSION],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok(match found {
+                None => InitOutcome::Created,
+                Some(v) if v < PG_SCHEMA_VERSION => InitOutcome::Migrated(v),
+                Some(_) => InitOutcome::Current,
+            })
+        })
+    }
+
+    /// Opens the store of the mesh whose signing key is `mesh_key`: the schema must exist and
+    /// be exactly this build's version. With `exclusive` (a serving verifier), also takes the
+    /// serve lock, held until the store is dropped: a second verifier on the same database is
+    /// refused ([`StoreError::InUse`]).
+    pub fn open(target: &PgTarget, mesh_key: &[u8], exclusive: bool) -> Result<Self, StoreError> {
+        let mut store = Self::connect(target)?;
+        let key = mesh_key.to_vec();
+        let server = store.server.clone();
+        store.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            match schema_version(&**c).await? {
+                None => Err(StoreError::Missing(format!(
+                    "{server} (no hopmesh schema); run `hopmesh-verifier init --store URL`"
+                ))),
+                Some(v) if v > PG_SCHEMA_VERSION => Err(newer(v)),
+                Some(v) if v < PG_SCHEMA_VERSION => Err(StoreError::Corrupt {
+                    path: server,
+                    detail: format!(
+                        "schema version {v}, this build needs {PG_SCHEMA_VERSION}: run \
+                         `hopmesh-verifier init --store URL` to migrate it"
+                    ),
+                }),
+                Some(_) => check_mesh(&**c, &key).await,
+            }
+        })?;
+        if exclusive {
+            let target = target.clone();
+            let server = store.server.clone();
+            let lock = store.run(|_| async move {
+                let c = connect_one(&target).await?;
+                let got: bool = c
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+                    .await
+                    .map_err(|e| pg_err(&e))?
+                    .get(0);
+                match got {
+                    true => Ok(c),
+                    false => Err(StoreError::InUse(server)),
+                }
+            })?;
+            store._lock = Some(lock);
+        }
+        Ok(store)
+    }
+
+    /// Runs one call on the store's runtime and waits for its answer (bounded).
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Pool) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| StoreError::Postgres("the store runtime stopped".into()))?;
+        let fut = f(self.pool.clone());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let out = tokio::time::timeout(PG_CALL_TIMEOUT, fut)
+                .await
+                .unwrap_or(Err(StoreError::Timeout(PG_CALL_TIMEOUT)));
+            let _ = tx.send(out);
+        });
+        rx.recv()
+            .map_err(|_| StoreError::Postgres("a store call ended without an answer".into()))?
+    }
+}
+
+fn newer(v: i64) -> StoreError {
+    StoreError::Corrupt {
+        path: "the PostgreSQL store".into(),
+        detail: format!(
+            "schema version {v} is newer than this build's {PG_SCHEMA_VERSION}; run a newer \
+             hopmesh-verifier"
+        ),
+    }
+}
+
+/// Writes `list` in `tx` unless its version is not above the stored one, in one statement:
+/// the upsert's `WHERE` is evaluated on the latest committed row (a concurrent writer, even
+/// of the very first list, waits for the other's commit and then matches nothing), so a
+/// version is never reused and never goes back, across replicas. (A `SELECT … FOR UPDATE`
+/// first would lock nothing while no list exists: two first revokes both got version 1.)
+async fn write_newer_list(tx: &Transaction<'_>, list: &StoredList) -> Result<(), StoreError> {
+    let written = tx
+        .execute(
+            "INSERT INTO hopmesh.revocation_list AS l (id, version, bytes) VALUES (1, $1, $2)
+             ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, bytes = EXCLUDED.bytes
+             WHERE l.version < EXCLUDED.version",
+            &[&i64_of(list.version), &list.bytes],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    if written == 1 {
+        return Ok(());
+    }
+    let stored: i64 = tx
+        .query_one(
+            "SELECT version FROM hopmesh.revocation_list WHERE id = 1",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?
+        .get(0);
+    Err(StoreError::StaleVersion {
+        stored: u64_of(stored),
+        offered: list.version,
+    })
+}
+
+async fn insert_bans(
+    tx: &Transaction<'_>,
+    bans: &[BanSubject],
+    reason: &str,
+    at: i64,
+) -> Result<(), StoreError> {
+    for b in bans {
+        let (kind, subject) = ban_row(b);
+        tx.execute(
+            "INSERT INTO hopmesh.bans (kind, subject, reason, at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[&kind, &subject, &reason, &at],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    }
+    Ok(())
+}
+
+fn segments_of(s: Option<String>) -> Option<Vec<String>> {
+    s.map(|s| {
+        s.split(',')
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
+impl Store for PostgresStore {
+    fn put_join_token(&mut self, t: &JoinTokenRecord) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            c.execute(
+                "INSERT INTO hopmesh.join_tokens (secret_hash, name, segments, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &&t.secret_hash[..],
+                    &t.name.as_str(),
+                    &t.segments.as_ref().map(|s| s.join(",")),
+                    &i64_of(t.created_at.as_secs()),
+                    &i64_of(t.expires_at.as_secs()),
+                ],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            Ok(())
+        })
+    }
+
+    fn take_join_token(
+        &mut self,
+        secret_hash: &[u8; 32],
+        now: UnixTime,
+    ) -> Result<JoinTokenUse, StoreError> {
+        let hash = *secret_hash;
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let now_s = i64_of(now.as_secs());
+            // One statement: the row lock makes a second, concurrent use (at any replica)
+            // wait, re-check `used_at IS NULL` on the committed row, and match nothing.
+            let taken = c
+                .query_opt(
+                    "UPDATE hopmesh.join_tokens SET used_at = $1
+                     WHERE secret_hash = $2 AND used_at IS NULL AND expires_at > $1
+                     RETURNING name, segments, created_at, expires_at",
+                    &[&now_s, &&hash[..]],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            if let Some(r) = taken {
+                return Ok(JoinTokenUse::Valid(JoinTokenRecord {
+                    secret_hash: hash,
+                    name: name_of(r.get(0))?,
+                    segments: segments_of(r.get(1)),
+                    created_at: UnixTime::from_secs(u64_of(r.get(2))),
+                    expires_at: UnixTime::from_secs(u64_of(r.get(3))),
+                }));
+            }
+            let row = c
+                .query_opt(
+                    "SELECT used_at FROM hopmesh.join_tokens WHERE secret_hash = $1",
+                    &[&&hash[..]],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            Ok(match row {
+                None => JoinTokenUse::Unknown,
+                Some(r) if r.get::<_, Option<i64>>(0).is_some() => JoinTokenUse::Used,
+                Some(_) => JoinTokenUse::Expired,
+            })
+        })
+    }
+
+    fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError> {
+        let n = n.clone();
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            c.execute(
+                // A revocation mark is never cleared by a record write (see SqliteStore).
+                "INSERT INTO hopmesh.nodes AS n
+                    (node_id, name, spki, measurement, addresses, enrolled_at, revoked_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (node_id) DO UPDATE SET name = EXCLUDED.name, spki = EXCLUDED.spki,
+                    measurement = EXCLUDED.measurement, addresses = EXCLUDED.addresses,
+                    enrolled_at = EXCLUDED.enrolled_at,
+                    revoked_at = COALESCE(n.revoked_at, EXCLUDED.revoked_at)",
+                &[
+                    &&n.node_id.as_bytes()[..],
+                    &n.name.as_str(),
+                    &n.spki,
+                    &&n.measurement.0[..],
+                    &n.addresses.join(","),
+                    &i64_of(n.enrolled_at.as_secs()),
+                    &n.revoked_at.map(|t| i64_of(t.as_secs())),
+                ],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            Ok(())
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let rows = c
+                .query(
+                    "SELECT node_id, name, spki, measurement, addresses, enrolled_at, revoked_at
+                     FROM hopmesh.nodes ORDER BY name",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            rows.iter()
+                .map(|r| {
+                    let addrs: String = r.get(4);
+                    Ok(NodeRecord {
+                        node_id: id_of(r.get(0))?,
+                        name: name_of(r.get(1))?,
+                        spki: r.get(2),
+                        measurement: Measurement(
+                            r.get::<_, Vec<u8>>(3)
+                                .try_into()
+                                .map_err(|_| StoreError::BadValue("measurement".into()))?,
+                        ),
+                        addresses: addrs
+                            .split(',')
+                            .filter(|a| !a.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                        enrolled_at: UnixTime::from_secs(u64_of(r.get(5))),
+                        revoked_at: r
+                            .get::<_, Option<i64>>(6)
+                            .map(|t| UnixTime::from_secs(u64_of(t))),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn bans(&self) -> Result<Vec<BanSubject>, StoreError> {
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let rows = c
+                .query("SELECT kind, subject FROM hopmesh.bans", &[])
+                .await
+                .map_err(|e| pg_err(&e))?;
+            rows.iter()
+                .map(|r| {
+                    let (kind, subject): (&str, &str) = (r.get(0), r.get(1));
+                    Ok(match kind {
+                        "node" => BanSubject::Node(
+                            subject
+                                .parse()
+                                .map_err(|_| StoreError::BadValue("banned node id".into()))?,
+                        ),
+                        "name" => BanSubject::Name(name_of(subject)?),
+                        other => return Err(StoreError::BadValue(format!("ban kind {other}"))),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn put_bans(
+        &mut self,
+        bans: &[BanSubject],
+        reason: &str,
+        at: UnixTime,
+    ) -> Result<(), StoreError> {
+        let (bans, reason) = (bans.to_vec(), reason.to_owned());
+        self.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            insert_bans(&tx, &bans, &reason, i64_of(at.as_secs())).await?;
+            tx.commit().await.map_err(|e| pg_err(&e))
+        })
+    }
+
+    fn commit_revocation(
+        &mut self,
+        node: &NodeId,
+        at: UnixTime,
+        bans: &[BanSubject],
+        list: &StoredList,
+    ) -> Result<(), StoreError> {
+        let (node, bans, list) = (*node, bans.to_vec(), list.clone());
+        self.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            write_newer_list(&tx, &list).await?;
+            let at = i64_of(at.as_secs());
+            tx.execute(
+                "UPDATE hopmesh.nodes SET revoked_at = $1 WHERE node_id = $2 AND revoked_at IS NULL",
+                &[&at, &&node.as_bytes()[..]],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            insert_bans(&tx, &bans, "revoked", at).await?;
+            tx.commit().await.map_err(|e| pg_err(&e))
+        })
+    }
+
+    fn revocation_list(&self) -> Result<Option<StoredList>, StoreError> {
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let row = c
+                .query_opt(
+                    "SELECT version, bytes FROM hopmesh.revocation_list WHERE id = 1",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            Ok(row.map(|r| StoredList {
+                version: u64_of(r.get(0)),
+                bytes: r.get(1),
+            }))
+        })
+    }
+
+    fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), StoreError> {
+        let list = list.clone();
+        self.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            write_newer_list(&tx, &list).await?;
+            tx.commit().await.map_err(|e| pg_err(&e))
+        })
+    }
+
+    fn reserve_serials(&mut self, n: u64) -> Result<u64, StoreError> {
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            // One statement under the row lock: concurrent reservations never overlap.
+            let row = c
+                .query_one(
+                    "UPDATE hopmesh.meta SET value = value + $1 WHERE key = 'next_serial'
+                     RETURNING value - $1",
+                    &[&i64_of(n)],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            Ok(u64_of(row.get(0)))
+        })
+    }
+
+    fn pair_states(&self) -> Result<Vec<PairState>, StoreError> {
+        self.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            // One snapshot for both tables.
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let mut out: std::collections::BTreeMap<(NodeId, NodeId), PairState> =
+                Default::default();
+            for r in tx
+                .query("SELECT lo, hi, reissues FROM hopmesh.pairs", &[])
+                .await
+                .map_err(|e| pg_err(&e))?
+            {
+                let pair = PairIds::new(id_of(r.get(0))?, id_of(r.get(1))?);
+                let reissues = u16::try_from(r.get::<_, i32>(2))
+                    .map_err(|_| StoreError::BadValue("reissue count".into()))?;
+                out.insert(
+                    (pair.lo(), pair.hi()),
+                    PairState {
+                        pair,
+                        reissues,
+                        compromised: Vec::new(),
+                    },
+                );
+            }
+            for r in tx
+                .query(
+                    "SELECT lo, hi, generation FROM hopmesh.compromised ORDER BY generation",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?
+            {
+                let pair = PairIds::new(id_of(r.get(0))?, id_of(r.get(1))?);
+                out.entry((pair.lo(), pair.hi()))
+                    .or_insert(PairState {
+                        pair,
+                        reissues: 0,
+                        compromised: Vec::new(),
+                    })
+                    .compromised
+                    .push(Generation(u64_of(r.get(2))));
+            }
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok(out.into_values().collect())
+        })
+    }
+
+    fn commit_reissue(
+        &mut self,
+        pair: &PairIds,
+        reissues: u16,
+        compromised: &[Generation],
+        at: UnixTime,
+    ) -> Result<(), StoreError> {
+        let (pair, compromised) = (*pair, compromised.to_vec());
+        self.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let (lo, hi) = (pair.lo().as_bytes().to_vec(), pair.hi().as_bytes().to_vec());
+            tx.execute(
+                "INSERT INTO hopmesh.pairs (lo, hi, reissues) VALUES ($1, $2, $3)
+                 ON CONFLICT (lo, hi) DO UPDATE SET reissues = EXCLUDED.reissues",
+                &[&lo, &hi, &i32::from(reissues)],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            for g in compromised {
+                tx.execute(
+                    "INSERT INTO hopmesh.compromised (lo, hi, generation, at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT DO NOTHING",
+                    &[&lo, &hi, &i64_of(g.0), &i64_of(at.as_secs())],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            }
+            tx.commit().await.map_err(|e| pg_err(&e))
+        })
+    }
+
+    fn put_audit_anchor(&mut self, anchor: &SignedHead) -> Result<(), StoreError> {
+        let anchor = anchor.clone();
+        self.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let current = tx
+                .query_opt(
+                    "SELECT seq, hash FROM hopmesh.audit_anchor WHERE id = 1 FOR UPDATE",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            if let Some(r) = current {
+                let (seq, hash): (i64, String) = (r.get(0), r.get(1));
+                let seq = u64_of(seq);
+                if seq > anchor.seq || (seq == anchor.seq && hash != anchor.hash) {
+                    return Err(StoreError::BadValue(format!(
+                        "audit anchor would move back from seq {seq} to {}",
+                        anchor.seq
+                    )));
+                }
+            }
+            tx.execute(
+                "INSERT INTO hopmesh.audit_anchor (id, seq, hash, key_id, sig) VALUES (1, $1, $2, $3, $4)
+                 ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash,
+                    key_id = EXCLUDED.key_id, sig = EXCLUDED.sig",
+                &[&i64_of(anchor.seq), &anchor.hash, &anchor.key_id, &anchor.sig],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            tx.commit().await.map_err(|e| pg_err(&e))
+        })
+    }
+
+    fn audit_anchor(&self) -> Result<Option<SignedHead>, StoreError> {
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let row = c
+                .query_opt(
+                    "SELECT seq, hash, key_id, sig FROM hopmesh.audit_anchor WHERE id = 1",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            Ok(row.map(|r| SignedHead {
+                seq: u64_of(r.get(0)),
+                hash: r.get(1),
+                key_id: r.get(2),
+                sig: r.get(3),
+            }))
+        })
+    }
+}
