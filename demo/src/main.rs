@@ -21,6 +21,7 @@ use hopmesh_protocol::time::Clock;
 use hopmesh_transport::clock::SystemClock;
 use hopmesh_verifier::authority::Settings;
 use hopmesh_verifier::datadir::DataDir;
+use hopmesh_verifier::store::StoreSpec;
 use hopmesh_verifier::{ServeOptions, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -135,6 +136,7 @@ async fn main() -> Result<()> {
             settings: Settings::default(),
             policy_path: policy_path.clone(),
             clock: clock.clone(),
+            store: StoreSpec::Sqlite,
         },
         UdpSocket::bind("127.0.0.1:0")?,
         TcpListener::bind("127.0.0.1:0").await?,

@@ -23,6 +23,7 @@ use hopmesh_verifier::admin::AdminClient;
 use hopmesh_verifier::authority::Settings;
 use hopmesh_verifier::datadir::DataDir;
 use hopmesh_verifier::error::VerifierError;
+use hopmesh_verifier::store::StoreSpec;
 use hopmesh_verifier::{Running, ServeOptions, start};
 
 /// The measurement test nodes present.
@@ -113,14 +114,23 @@ pub struct VerifierHarness {
     pub settings: Settings,
     /// The running verifier (None while stopped).
     pub running: Option<Running>,
+    /// Where its store is.
+    pub store: StoreSpec,
     last_addr: Option<std::net::SocketAddr>,
 }
 
 impl VerifierHarness {
     /// Initialises a data dir and starts a verifier with `policy`.
     pub async fn start(policy: &str, settings: Settings) -> Self {
+        Self::start_on(policy, settings, StoreSpec::Sqlite).await
+    }
+
+    /// [`Self::start`] with the store at `store`.
+    pub async fn start_on(policy: &str, settings: Settings, store: StoreSpec) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pins = DataDir::new(dir.path()).init().expect("init");
+        let pins = DataDir::with_store(dir.path(), store.clone())
+            .init()
+            .expect("init");
         let policy_path = dir.path().join("policy.toml");
         std::fs::write(&policy_path, policy).expect("write policy");
         let mut h = Self {
@@ -130,6 +140,7 @@ impl VerifierHarness {
             clock: Arc::new(ManualClock::default()),
             settings,
             running: None,
+            store,
             last_addr: None,
         };
         h.restart().await.expect("start verifier");
@@ -153,6 +164,7 @@ impl VerifierHarness {
             settings: self.settings.clone(),
             policy_path: self.policy_path.clone(),
             clock: self.clock.clone(),
+            store: self.store.clone(),
         };
         self.running = Some(start(self.dir.path(), opts, udp, tcp).await?);
         Ok(())

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::VerifierHarness;
+use hopmesh_verifier::store::StoreSpec;
 
 /// A backend that echoes every byte back, half-close aware. Stops when dropped.
 #[derive(Debug)]
@@ -119,6 +120,28 @@ impl Mesh {
         extra_nodes: &[&str],
         tweak: impl Fn(&str, &mut NodeConfig),
     ) -> Self {
+        Self::start_full(
+            settings,
+            extra_policy,
+            extra_nodes,
+            tweak,
+            StoreSpec::Sqlite,
+        )
+        .await
+    }
+
+    /// The standard mesh with its verifier's store at `store`.
+    pub async fn start_on_store(settings: Settings, store: StoreSpec) -> Self {
+        Self::start_full(settings, "", &[], |_, _| {}, store).await
+    }
+
+    async fn start_full(
+        settings: Settings,
+        extra_policy: &str,
+        extra_nodes: &[&str],
+        tweak: impl Fn(&str, &mut NodeConfig),
+        store: StoreSpec,
+    ) -> Self {
         let backends = vec![
             EchoBackend::start().await,
             EchoBackend::start().await,
@@ -126,7 +149,7 @@ impl Mesh {
         ];
         let policy =
             mesh_policy(backends[0].addr, backends[1].addr, backends[2].addr) + extra_policy;
-        let verifier = VerifierHarness::start(&policy, settings).await;
+        let verifier = VerifierHarness::start_on(&policy, settings, store).await;
         let mut mesh = Self {
             verifier,
             nodes: BTreeMap::new(),

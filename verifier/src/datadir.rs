@@ -5,9 +5,11 @@
 //! DIR/tls.key       Ed25519 PKCS#8, 0600: the node-facing QUIC endpoint's TLS key
 //! DIR/master.key    32 random bytes, 0600: every pair seed derives from it
 //! DIR/admin.token   hex bearer token, 0600: the admin API's credential
-//! DIR/store.db      SQLite store (WAL)
+//! DIR/store.db      SQLite store (WAL), unless the store is PostgreSQL (`--store postgres://…`)
+//! DIR/store.postgres  present when the store is PostgreSQL (no URL, no password: a marker
+//!                   so that a command without `--store` fails with the reason)
 //! DIR/audit.jsonl   hash-chained audit log (the active file; rotated ones are
-//!                   audit.jsonl.<first seq>; its signed head is anchored in store.db)
+//!                   audit.jsonl.<first seq>; its signed head is anchored in the store)
 //! DIR/pins.json     what nodes pin (public)
 //! DIR/admin.addr    the admin API's address while `serve` runs
 //! ```
@@ -24,13 +26,17 @@ use hopmesh_transport::tls::spki_pin;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::error::VerifierError;
-use crate::store::{SqliteStore, Store};
+use crate::store::{PostgresStore, SqliteStore, Store, StoreSpec};
 
 /// Paths inside a data directory.
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    store: StoreSpec,
 }
+
+/// The marker file of a data directory whose store is PostgreSQL.
+const PG_MARKER: &str = "store.postgres";
 
 /// Everything `serve` needs from the data directory.
 #[derive(Debug)]
@@ -44,7 +50,7 @@ pub struct Opened {
     /// Admin bearer token.
     pub admin_token: String,
     /// The store.
-    pub store: SqliteStore,
+    pub store: Box<dyn Store>,
     /// The audit log.
     pub audit: AuditLog,
 }
@@ -58,10 +64,16 @@ fn random32() -> Result<[u8; 32], VerifierError> {
 }
 
 impl DataDir {
-    /// The directory at `root`.
+    /// The directory at `root`, its store `DIR/store.db`.
     pub fn new(root: &Path) -> Self {
+        Self::with_store(root, StoreSpec::Sqlite)
+    }
+
+    /// The directory at `root` with its store at `store`.
+    pub fn with_store(root: &Path, store: StoreSpec) -> Self {
         Self {
             root: root.to_owned(),
+            store,
         }
     }
 
@@ -70,13 +82,22 @@ impl DataDir {
         self.root.join(name)
     }
 
-    /// Creates keys, token, store and pins. Refuses if a store already exists.
+    /// Creates keys, token, store and pins. Refuses if a store already exists, with one
+    /// exception: a data directory whose store is PostgreSQL may be initialised again, which
+    /// migrates that database's schema (this mesh's only; never another mesh's database).
     pub fn init(&self) -> Result<Pins, VerifierError> {
-        if self.file("store.db").exists() || self.file("signing.key").exists() {
-            return Err(VerifierError::Config(format!(
-                "{} already holds a verifier; refusing to overwrite it",
-                self.root.display()
-            )));
+        let keys_exist = self.file("signing.key").exists();
+        if let (StoreSpec::Postgres(target), true) = (&self.store, keys_exist) {
+            if !self.file(PG_MARKER).exists() {
+                return Err(self.occupied());
+            }
+            let signing = Identity::load(&self.file("signing.key"))?;
+            let outcome = PostgresStore::init(target, &signing.verifying_key().0)?;
+            tracing::info!(?outcome, store = %target.describe(), "store schema checked");
+            return self.pins();
+        }
+        if self.file("store.db").exists() || keys_exist {
+            return Err(self.occupied());
         }
         fs::DirBuilder::new()
             .recursive(true)
@@ -85,6 +106,20 @@ impl DataDir {
             .map_err(|e| VerifierError::io(format!("create {}", self.root.display()), e))?;
         let signing = Identity::generate()?;
         let tls = Identity::generate()?;
+        // The store first: a database that refuses (another mesh's, unreachable) leaves no
+        // keys behind.
+        match &self.store {
+            StoreSpec::Sqlite => drop(SqliteStore::create(&self.file("store.db"))?),
+            StoreSpec::Postgres(target) => {
+                PostgresStore::init(target, &signing.verifying_key().0)?;
+                fs::write(
+                    self.file(PG_MARKER),
+                    "This verifier's store is in PostgreSQL: pass --store postgres://... \
+                     (or HOPMESH_VERIFIER_STORE).\n",
+                )
+                .map_err(|e| VerifierError::io(format!("write {PG_MARKER}"), e))?;
+            }
+        }
         signing.save_new(&self.file("signing.key"))?;
         tls.save_new(&self.file("tls.key"))?;
         write_secret_file(&self.file("master.key"), &random32()?)?;
@@ -92,7 +127,6 @@ impl DataDir {
             &self.file("admin.token"),
             hex::encode(random32()?).as_bytes(),
         )?;
-        drop(SqliteStore::create(&self.file("store.db"))?);
         let pins = Pins {
             verifier_tls_spki_sha256: hex::encode(spki_pin(&tls.spki())),
             signing_keys: vec![hex::encode(signing.verifying_key().0)],
@@ -104,12 +138,55 @@ impl DataDir {
         Ok(pins)
     }
 
+    fn occupied(&self) -> VerifierError {
+        VerifierError::Config(format!(
+            "{} already holds a verifier; refusing to overwrite it",
+            self.root.display()
+        ))
+    }
+
+    /// Opens the store this directory names. A serving verifier opens it `exclusive`ly (see
+    /// [`PostgresStore::open`]). Refuses a mismatch: `--store` missing for a PostgreSQL
+    /// store, or given for a directory that holds a SQLite one.
+    fn open_store(
+        &self,
+        signing: &Identity,
+        exclusive: bool,
+    ) -> Result<Box<dyn Store>, VerifierError> {
+        match &self.store {
+            StoreSpec::Sqlite => {
+                if !self.file("store.db").exists() && self.file(PG_MARKER).exists() {
+                    return Err(VerifierError::Config(format!(
+                        "{}: this verifier's store is in PostgreSQL; pass --store postgres://... \
+                         (or set HOPMESH_VERIFIER_STORE)",
+                        self.root.display()
+                    )));
+                }
+                Ok(Box::new(SqliteStore::open(&self.file("store.db"))?))
+            }
+            StoreSpec::Postgres(target) => {
+                if self.file("store.db").exists() {
+                    return Err(VerifierError::Config(format!(
+                        "{} holds a SQLite store (store.db); it is not moved to PostgreSQL by \
+                         --store",
+                        self.root.display()
+                    )));
+                }
+                Ok(Box::new(PostgresStore::open(
+                    target,
+                    &signing.verifying_key().0,
+                    exclusive,
+                )?))
+            }
+        }
+    }
+
     /// Opens everything `serve` needs; refuses a missing or corrupt store, a broken audit
     /// chain, an audit log that does not reach the head anchored in the store (records cut
     /// from the tail, or the active file rewritten), or key files readable by others.
     pub fn open(&self) -> Result<Opened, VerifierError> {
-        let store = SqliteStore::open(&self.file("store.db"))?;
         let signing = Identity::load(&self.file("signing.key"))?;
+        let store = self.open_store(&signing, true)?;
         let tls = Identity::load(&self.file("tls.key"))?;
         let master = read_secret(&self.file("master.key"))?;
         let master: [u8; 32] = master
@@ -124,7 +201,9 @@ impl DataDir {
             let keys = hopmesh_protocol::attestation::KeySet::new(vec![signing.verifying_key()])
                 .map_err(|e| VerifierError::Config(e.to_string()))?;
             a.check(&keys).map_err(|e| {
-                VerifierError::Config(format!("the audit anchor in store.db does not verify: {e}"))
+                VerifierError::Config(format!(
+                    "the audit anchor in the store does not verify: {e}"
+                ))
             })?;
         }
         let opts = AuditOptions {
@@ -154,10 +233,13 @@ impl DataDir {
             .pins()?
             .key_set()
             .map_err(|e| VerifierError::Config(format!("pins.json: {e}")))?;
-        let anchor = SqliteStore::open(&self.file("store.db"))?.audit_anchor()?;
+        let signing = Identity::load(&self.file("signing.key"))?;
+        let anchor = self.open_store(&signing, false)?.audit_anchor()?;
         if let Some(a) = &anchor {
             a.check(&keys).map_err(|e| {
-                VerifierError::Config(format!("the audit anchor in store.db does not verify: {e}"))
+                VerifierError::Config(format!(
+                    "the audit anchor in the store does not verify: {e}"
+                ))
             })?;
         }
         let head = anchor.as_ref().map(|a| a.head());

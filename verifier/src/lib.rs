@@ -47,6 +47,7 @@ use crate::authority::{Authority, Parts, Settings};
 use crate::datadir::DataDir;
 use crate::error::VerifierError;
 use crate::metrics::Metrics;
+use crate::store::StoreSpec;
 
 /// State shared by the QUIC service, the admin API and the ticker.
 pub struct Shared {
@@ -183,6 +184,8 @@ pub struct ServeOptions {
     pub policy_path: PathBuf,
     /// The clock.
     pub clock: Arc<dyn Clock>,
+    /// Where the store is.
+    pub store: StoreSpec,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -190,6 +193,7 @@ impl std::fmt::Debug for ServeOptions {
         f.debug_struct("ServeOptions")
             .field("settings", &self.settings)
             .field("policy", &self.policy_path)
+            .field("store", &self.store)
             .finish()
     }
 }
@@ -285,7 +289,7 @@ pub async fn start(
     admin: impl Into<AdminListener>,
 ) -> Result<Running, VerifierError> {
     let admin = admin.into();
-    let data = DataDir::new(dir);
+    let data = DataDir::with_store(dir, opts.store.clone());
     let opened = data.open()?;
     let text = std::fs::read_to_string(&opts.policy_path)
         .map_err(|e| VerifierError::io(format!("read {}", opts.policy_path.display()), e))?;
@@ -299,7 +303,7 @@ pub async fn start(
         settings: opts.settings.clone(),
         signing: opened.signing.into_signing_key(),
         master: opened.master,
-        store: Box::new(opened.store),
+        store: opened.store,
         audit: opened.audit,
         metrics: metrics.clone(),
         policy,

@@ -13,6 +13,7 @@ use hopmesh_verifier::admin_addr::{AdminAddr, AdminListener};
 use hopmesh_verifier::authority::{CompromiseMode, Settings};
 use hopmesh_verifier::datadir::DataDir;
 use hopmesh_verifier::service::ConnectionBudgets;
+use hopmesh_verifier::store::StoreSpec;
 use hopmesh_verifier::{ServeOptions, start};
 use serde_json::{Value, json};
 
@@ -31,6 +32,21 @@ struct Cli {
         env = "HOPMESH_VERIFIER_DIR"
     )]
     data_dir: PathBuf,
+    /// The store: `sqlite` (`store.db` in the data directory) or a PostgreSQL URL
+    /// (`postgresql://user@host/db`; unix sockets as `postgresql://user@%2Frun%2Fpostgresql/db`).
+    /// Pass it in the environment so that a password in it stays out of `ps`.
+    #[arg(
+        long,
+        global = true,
+        default_value = "sqlite",
+        env = "HOPMESH_VERIFIER_STORE",
+        hide_env_values = true
+    )]
+    store: String,
+    /// The CA (PEM) that signed the PostgreSQL server's certificate: required for a
+    /// non-loopback host; TLS is then required and the certificate and host name verified.
+    #[arg(long, global = true, env = "HOPMESH_VERIFIER_STORE_CA")]
+    store_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -227,9 +243,10 @@ async fn call(dir: &Path, method: &str, path: &str, body: Option<Value>) -> Resu
 
 async fn run(cli: Cli) -> Result<()> {
     let dir = cli.data_dir.as_path();
+    let store = || StoreSpec::parse(Some(&cli.store), cli.store_ca.as_deref());
     match cli.command {
         Command::Init => {
-            let pins = DataDir::new(dir).init()?;
+            let pins = DataDir::with_store(dir, store()?).init()?;
             print(&json!(pins));
         }
         Command::Serve {
@@ -278,6 +295,7 @@ async fn run(cli: Cli) -> Result<()> {
                 clock: Arc::new(SystemClock {
                     offset_secs: clock_offset,
                 }),
+                store: store()?,
             };
             let running = start(dir, opts, udp, admin).await?;
             println!(
@@ -345,7 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             // Chain, every rotated file, signed checkpoints and the store's anchor; exit 1 if
             // anything was edited, removed, cut from the tail or rewritten.
-            let r = DataDir::new(dir).verify_audit()?;
+            let r = DataDir::with_store(dir, store()?).verify_audit()?;
             print(
                 &json!({"ok": true, "records": r.summary.records, "last_hash": r.summary.last_hash,
                 "files": r.summary.files, "checkpoints": r.summary.checkpoints, "anchored_seq": r.anchored_seq}),

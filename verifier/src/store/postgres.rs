@@ -83,7 +83,7 @@ pub struct PostgresStore {
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
     /// The connection holding [`SERVE_LOCK`], when opened exclusively.
-    _lock: Option<tokio_postgres::Client>,
+    lock: Option<tokio_postgres::Client>,
     server: String,
 }
 
@@ -95,8 +95,24 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
+/// Longest a dropped store waits to release its serve lock (the server releases it anyway
+/// when the connection closes; this makes an immediate restart find it free).
+const PG_UNLOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Drop for PostgresStore {
     fn drop(&mut self) {
+        if let (Some(lock), Some(rt)) = (self.lock.take(), self.rt.as_ref()) {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(
+                    PG_UNLOCK_TIMEOUT,
+                    lock.execute("SELECT pg_advisory_unlock($1)", &[&SERVE_LOCK]),
+                )
+                .await;
+                let _ = tx.send(());
+            });
+            let _ = rx.recv_timeout(PG_UNLOCK_TIMEOUT + Duration::from_millis(100));
+        }
         // Dropping a runtime blocks, which panics inside another runtime: stop it in the
         // background instead (its tasks are this store's calls, all answered or timed out).
         if let Some(rt) = self.rt.take() {
@@ -253,7 +269,7 @@ impl PostgresStore {
         Ok(Self {
             rt: Some(rt),
             pool,
-            _lock: None,
+            lock: None,
             server: target.describe(),
         })
     }
@@ -350,7 +366,7 @@ impl PostgresStore {
                     false => Err(StoreError::InUse(server)),
                 }
             })?;
-            store._lock = Some(lock);
+            store.lock = Some(lock);
         }
         Ok(store)
     }

@@ -1,0 +1,132 @@
+//! The mesh on a PostgreSQL store (a throwaway cluster this test starts and stops): data
+//! flows, a revoke is enforced and outlives a verifier restart, the audit chain verifies
+//! against the database, and a second serving verifier on the same database is refused.
+
+#[path = "../../verifier/src/store/pg_cluster.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod pg_cluster;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hopmesh_tests::mesh::{Mesh, echo_through, pattern, sha256, socks_connect};
+use hopmesh_verifier::authority::Settings;
+use hopmesh_verifier::datadir::DataDir;
+use hopmesh_verifier::error::VerifierError;
+use hopmesh_verifier::store::{PgTarget, StoreError, StoreSpec};
+use pg_cluster::PgCluster;
+
+fn pg_store(cluster: &PgCluster) -> StoreSpec {
+    StoreSpec::Postgres(PgTarget {
+        url: cluster.fresh_database(),
+        ca: None,
+    })
+}
+
+async fn round_trip(mesh: &Mesh, host: &str) -> Result<(), u8> {
+    let data = Arc::new(pattern(64 << 10, 3));
+    let tcp = socks_connect(mesh.node("a").socks, host, 80).await?;
+    let back = tokio::time::timeout(Duration::from_secs(20), echo_through(tcp, data.clone()))
+        .await
+        .expect("in time")
+        .expect("io");
+    assert_eq!(sha256(&back), sha256(&data));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_runs_on_a_postgres_store_and_a_revoke_outlives_a_restart() {
+    let Some(cluster) = PgCluster::shared() else {
+        return;
+    };
+    let store = pg_store(&cluster);
+    let mut mesh = Mesh::start_on_store(Settings::default(), store.clone()).await;
+    assert!(
+        !mesh.verifier.dir.path().join("store.db").exists(),
+        "no SQLite file beside a PostgreSQL store"
+    );
+    round_trip(&mesh, "api.s1.mesh").await.expect("a reaches b");
+    let out = mesh
+        .verifier
+        .admin()
+        .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
+        .await
+        .expect("revoke");
+    assert_eq!(out["revocation_version"], 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        round_trip(&mesh, "api.s1.mesh").await,
+        Err(2),
+        "b is cut off"
+    );
+
+    // The verifier restarts on the same database: the revocation, its version and the
+    // audit anchor are there.
+    mesh.verifier
+        .restart()
+        .await
+        .expect("restart on the same database");
+    let again = mesh
+        .verifier
+        .admin()
+        .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
+        .await;
+    assert!(
+        again.expect_err("already revoked").contains("revoked"),
+        "the revocation is in the database"
+    );
+    let out = mesh
+        .verifier
+        .admin()
+        .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "c"})))
+        .await
+        .expect("revoke c");
+    assert_eq!(
+        out["revocation_version"], 2,
+        "the version counter persisted"
+    );
+
+    // While it serves, a second verifier on this database is refused.
+    let data = DataDir::with_store(mesh.verifier.dir.path(), store.clone());
+    match data.open() {
+        Err(VerifierError::Store(StoreError::InUse(_))) => {}
+        other => panic!("a second serving verifier must be refused: {other:?}"),
+    }
+    // A command that forgets `--store` is told where the store is.
+    let e = DataDir::new(mesh.verifier.dir.path())
+        .verify_audit()
+        .expect_err("no --store");
+    assert!(e.to_string().contains("--store postgres://"), "{e}");
+    let report = data
+        .verify_audit()
+        .expect("the audit chain verifies against the database");
+    assert!(report.anchored_seq.is_some_and(|s| s > 0), "{report:?}");
+    mesh.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_database_of_another_mesh_is_refused_at_init() {
+    let Some(cluster) = PgCluster::shared() else {
+        return;
+    };
+    let store = pg_store(&cluster);
+    let first = tempfile::tempdir().expect("tempdir");
+    DataDir::with_store(first.path(), store.clone())
+        .init()
+        .expect("init");
+    DataDir::with_store(first.path(), store.clone())
+        .init()
+        .expect("init again on its own database: the schema is checked, nothing overwritten");
+    let second = tempfile::tempdir().expect("tempdir");
+    let e = DataDir::with_store(&second.path().join("v"), store)
+        .init()
+        .expect_err("another mesh's database");
+    assert!(
+        matches!(e, VerifierError::Store(StoreError::WrongMesh(_))),
+        "{e}"
+    );
+    assert!(
+        !second.path().join("v").join("signing.key").exists(),
+        "a refused init leaves no keys behind"
+    );
+}
