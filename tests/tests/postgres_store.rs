@@ -130,3 +130,75 @@ async fn a_database_of_another_mesh_is_refused_at_init() {
         "a refused init leaves no keys behind"
     );
 }
+
+/// The database goes down under a serving verifier (docs/design.md §12, "When the database is
+/// down"): what needs a commit is refused, promptly and with the reason, and nothing is
+/// acknowledged; what needs none goes on; once the database is back, the pool reconnects.
+#[tokio::test]
+async fn with_the_database_down_nothing_is_acknowledged_and_it_recovers() {
+    use hopmesh_protocol::enrollment::Refusal;
+    use hopmesh_tests::{GOOD_MEASUREMENT, VerifierHarness, standard_policy};
+    use hopmesh_transport::verifier_client::ClientError;
+    let Some(cluster) = PgCluster::start_private() else {
+        return;
+    };
+    let h = VerifierHarness::start_on(&standard_policy(), Settings::default(), pg_store(&cluster))
+        .await;
+    let a = h.node().await;
+    a.enroll(h.join_token("a", 600), GOOD_MEASUREMENT, h.now())
+        .await
+        .expect("enroll a");
+    let b = h.node().await;
+    b.enroll(h.join_token("b", 600), GOOD_MEASUREMENT, h.now())
+        .await
+        .expect("enroll b");
+    let spare = h.join_token("c", 600);
+
+    cluster.stop();
+    let started = std::time::Instant::now();
+    let revoke = h
+        .admin()
+        .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
+        .await;
+    let e = revoke.expect_err("a revoke that cannot commit is not acknowledged");
+    assert!(e.contains("PostgreSQL"), "the reason names the store: {e}");
+    let bound = hopmesh_verifier::store::PG_CALL_TIMEOUT + Duration::from_secs(2);
+    assert!(started.elapsed() < bound, "took {:?}", started.elapsed());
+    let token = h
+        .admin()
+        .call(
+            "POST",
+            "/v1/join-tokens",
+            Some(serde_json::json!({"name": "d"})),
+        )
+        .await;
+    assert!(token.is_err(), "no join secret without a commit: {token:?}");
+    let c = h.node().await;
+    match c.enroll(spare, GOOD_MEASUREMENT, h.now()).await {
+        Err(ClientError::Refused(r)) => assert_ne!(r, Refusal::Revoked, "{r:?}"),
+        other => panic!("an enrolment needs its commit: {other:?}"),
+    }
+    // A refresh that changes nothing stored is answered from memory (serials come from a
+    // block reserved earlier): nodes keep their credentials through a database outage.
+    a.refresh(GOOD_MEASUREMENT, h.now())
+        .await
+        .expect("a refresh needs no commit");
+    b.refresh(GOOD_MEASUREMENT, h.now())
+        .await
+        .expect("b was not revoked: nothing was acknowledged");
+
+    cluster.restart();
+    let out = h
+        .admin()
+        .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
+        .await
+        .expect("the pool reconnects once the database is back");
+    assert_eq!(
+        out["revocation_version"], 1,
+        "the refused revoke used no version"
+    );
+    match b.refresh(GOOD_MEASUREMENT, h.now()).await {
+        Err(ClientError::Refused(Refusal::Revoked)) => {}
+        other => panic!("b is revoked now: {other:?}"),
+    }
+}

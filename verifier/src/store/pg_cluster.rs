@@ -104,6 +104,36 @@ impl PgCluster {
         Some(c)
     }
 
+    /// A cluster of its own (a test that stops and restarts it), or `None` when skipping.
+    pub(crate) fn start_private() -> Option<Self> {
+        (!skip_requested()).then(|| Self::start(false))
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`): clients see their connections closed and new
+    /// ones refused, as when the database host goes down.
+    pub(crate) fn stop(&self) {
+        run(
+            self.command("pg_ctl")
+                .args(["-w", "-t", "60", "-m", "fast", "-D"])
+                .arg(self.dir.path().join("data"))
+                .arg("stop"),
+            "pg_ctl stop",
+        );
+    }
+
+    /// Starts the server again after [`Self::stop`].
+    pub(crate) fn restart(&self) {
+        run(
+            self.command("pg_ctl")
+                .args(["-w", "-t", "60", "-l"])
+                .arg(self.dir.path().join("log"))
+                .arg("-D")
+                .arg(self.dir.path().join("data"))
+                .arg("start"),
+            "pg_ctl start",
+        );
+    }
+
     /// A cluster of its own that also listens on 127.0.0.1 with TLS (its CA at [`Self::ca`]).
     pub(crate) fn start_tls() -> Option<Self> {
         (!skip_requested()).then(|| Self::start(true))
@@ -182,16 +212,7 @@ impl PgCluster {
         let mut text = std::fs::read_to_string(&conf_path).expect("postgresql.conf");
         text.push_str(&conf);
         std::fs::write(&conf_path, text).expect("write postgresql.conf");
-        run(
-            cluster
-                .command("pg_ctl")
-                .args(["-w", "-t", "60", "-l"])
-                .arg(cluster.dir.path().join("log"))
-                .arg("-D")
-                .arg(&data)
-                .arg("start"),
-            "pg_ctl start",
-        );
+        cluster.restart();
         cluster
     }
 
