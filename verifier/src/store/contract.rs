@@ -586,3 +586,35 @@ fn tls_to_the_store_is_verified_against_the_ca_file() {
     .expect_err("empty CA file");
     assert!(e.to_string().contains("holds no certificate"), "{e}");
 }
+
+#[test]
+fn a_call_with_the_server_down_fails_with_the_reason_and_the_pool_recovers() {
+    let Some(cluster) = PgCluster::start_private() else {
+        return;
+    };
+    let target = PgTarget {
+        url: cluster.fresh_database(),
+        ca: None,
+    };
+    PostgresStore::init(&target, &MESH_KEY).expect("init");
+    let mut s = PostgresStore::open(&target, &MESH_KEY, false).expect("open");
+    assert_eq!(s.reserve_serials(1).expect("up"), 1);
+    cluster.stop();
+    let started = std::time::Instant::now();
+    let e = s.reserve_serials(1).expect_err("down");
+    assert!(matches!(e, StoreError::Postgres(_)), "{e}");
+    assert!(
+        started.elapsed() < PG_CALL_TIMEOUT,
+        "took {:?}",
+        started.elapsed()
+    );
+    let e = PostgresStore::open(&target, &MESH_KEY, false).expect_err("down");
+    assert!(matches!(e, StoreError::Postgres(_)), "{e}");
+    cluster.restart();
+    assert_eq!(
+        s.reserve_serials(1)
+            .expect("the pool replaced its closed connections"),
+        2,
+        "the failed call reserved nothing"
+    );
+}
