@@ -108,6 +108,16 @@ impl Identity {
         self.signing
     }
 
+    /// The PKCS#8 document (the secret key), for this crate's certificate issuing.
+    pub(crate) fn pkcs8(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    /// A second handle on the same key.
+    pub fn try_clone(&self) -> Result<Self, TransportError> {
+        Self::from_pkcs8(&self.pkcs8)
+    }
+
     /// The private key for rustls.
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.clone()))

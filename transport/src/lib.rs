@@ -22,6 +22,7 @@ pub mod identity;
 pub mod pins;
 pub mod quic;
 pub mod tls;
+pub mod verifier_cert;
 pub mod verifier_client;
 
 /// Errors of this crate.

@@ -42,17 +42,20 @@ impl Pins {
         hex32(&self.verifier_tls_spki_sha256, "verifier_tls_spki_sha256")
     }
 
-    /// The pinned signing keys.
+    /// The pinned signing keys, as a set.
     pub fn key_set(&self) -> Result<KeySet, PinsError> {
+        KeySet::new(self.signing_keys()?).map_err(|_| PinsError::KeyCount)
+    }
+
+    /// The pinned signing keys (at least one).
+    pub fn signing_keys(&self) -> Result<Vec<VerifyingKey>, PinsError> {
         if self.signing_keys.is_empty() {
             return Err(PinsError::KeyCount);
         }
-        let keys = self
-            .signing_keys
+        self.signing_keys
             .iter()
             .map(|k| hex32(k, "signing_keys[]").map(VerifyingKey))
-            .collect::<Result<Vec<_>, _>>()?;
-        KeySet::new(keys).map_err(|_| PinsError::KeyCount)
+            .collect()
     }
 }
 

@@ -65,8 +65,16 @@ impl PeerAuthorizer for AnyKey {
 /// What a client expects of the server it dials.
 #[derive(Debug, Clone)]
 pub enum ServerExpectation {
-    /// The verifier: its SPKI must hash to this pin (no trust on first use).
+    /// A server whose SPKI must hash to this pin (no trust on first use).
     Pinned([u8; 32]),
+    /// The verifier: its SPKI hashes to the pin (the first verifier's key), or its certificate
+    /// is certified by one of the pinned signing keys (any replica; `verifier_cert`).
+    Verifier {
+        /// The TLS pin.
+        pin: [u8; 32],
+        /// The pinned signing keys.
+        signing_keys: Vec<hopmesh_protocol::attestation::VerifyingKey>,
+    },
     /// A node: it must be this node and pass the authorizer.
     Node(NodeId, Arc<dyn PeerAuthorizer>),
 }
@@ -110,6 +118,7 @@ impl Verifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
     ) -> Result<(), rustls::Error> {
         if !intermediates.is_empty() {
             return Err(refuse("certificate chains are not accepted"));
@@ -125,6 +134,16 @@ impl Verifier {
                     return Err(refuse("server key does not match the pinned verifier key"));
                 }
                 Ok(())
+            }
+            Expect::Server(ServerExpectation::Verifier { pin, signing_keys }) => {
+                if sha256(&spki) == *pin {
+                    return Ok(());
+                }
+                crate::verifier_cert::check_certified(end_entity, signing_keys, now).map_err(|e| {
+                    refuse(format!(
+                        "the verifier's key is neither the pinned one nor certified: {e}"
+                    ))
+                })
             }
             Expect::Server(ServerExpectation::Node(want, authz)) => {
                 if node != *want {
@@ -157,9 +176,9 @@ impl ServerCertVerifier for Verifier {
         intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check_key(end_entity, intermediates)?;
+        self.check_key(end_entity, intermediates, now)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -195,9 +214,9 @@ impl ClientCertVerifier for Verifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check_key(end_entity, intermediates)?;
+        self.check_key(end_entity, intermediates, now)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -236,15 +255,38 @@ pub fn server_config(
         algs: provider.signature_verification_algorithms,
         expect: Expect::Client(authz),
     });
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![identity.cert()], identity.private_key())?;
+    Ok(harden_server(cfg, alpn))
+}
+
+fn harden_server(mut cfg: rustls::ServerConfig, alpn: &[u8]) -> rustls::ServerConfig {
     cfg.alpn_protocols = vec![alpn.to_vec()];
     cfg.max_early_data_size = 0;
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(NoServerSessionStorage {});
-    Ok(cfg)
+    cfg
+}
+
+/// [`server_config`], its certificate chosen by `certs` at each handshake (the verifier's
+/// certified, renewed certificate: `verifier_cert::CertifiedTlsKey`).
+pub fn server_config_with(
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
+    alpn: &[u8],
+    authz: Arc<dyn PeerAuthorizer>,
+) -> Result<rustls::ServerConfig, TransportError> {
+    let provider = provider();
+    let verifier = Arc::new(Verifier {
+        algs: provider.signature_verification_algorithms,
+        expect: Expect::Client(authz),
+    });
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(certs);
+    Ok(harden_server(cfg, alpn))
 }
 
 /// A client config for one kind of server: presents `identity`, checks the server as

@@ -87,7 +87,10 @@ impl VerifierClient {
         let tls = tls::client_config(
             identity,
             ALPN_CONTROL,
-            ServerExpectation::Pinned(pins.tls_pin()?),
+            ServerExpectation::Verifier {
+                pin: pins.tls_pin()?,
+                signing_keys: pins.signing_keys()?,
+            },
         )?;
         let transport = Arc::new(transport_config(
             Duration::from_secs(30),

@@ -182,3 +182,74 @@ async fn pinned_server_and_alpn_mismatch() {
     );
     task.abort();
 }
+
+/// A verifier replica with a TLS key of its own, certified by the mesh's signing key: a client
+/// that pinned another verifier's key and that signing key accepts it; one that pinned
+/// another signing key refuses it, and so does a client that only pins the key.
+#[tokio::test]
+async fn a_replica_certified_by_the_pinned_signing_key_is_accepted() {
+    use hopmesh_transport::clock::SystemClock;
+    use hopmesh_transport::verifier_cert::CertifiedTlsKey;
+    let signing = Identity::generate().expect("signing");
+    let first_verifier = Identity::generate().expect("first verifier's TLS key");
+    let replica_tls = Identity::generate().expect("replica TLS key");
+    let certs = CertifiedTlsKey::new(
+        signing.try_clone().expect("copy"),
+        replica_tls.try_clone().expect("copy"),
+        Arc::new(SystemClock::default()),
+    )
+    .expect("certify");
+    let gate = Arc::new(Gate::default());
+    let tls = tls::server_config_with(Arc::new(certs), ALPN_CONTROL, gate.clone()).expect("tls");
+    let s = Server {
+        endpoint: endpoint(udp(), Some(quinn_server(tls, transport()).expect("quinn")))
+            .expect("endpoint"),
+        identity: replica_tls,
+        gate,
+    };
+    let task = serve(s.endpoint.clone());
+    let client = Identity::generate().expect("identity");
+    let pin = tls::spki_pin(&first_verifier.spki());
+    let expect = |keys: Vec<_>| ServerExpectation::Verifier {
+        pin,
+        signing_keys: keys,
+    };
+    assert_eq!(
+        dial(
+            &client,
+            &s,
+            ALPN_CONTROL,
+            expect(vec![signing.verifying_key()])
+        )
+        .await
+        .expect("certified replica"),
+        42
+    );
+    let other = Identity::generate().expect("other mesh");
+    let e = dial(
+        &client,
+        &s,
+        ALPN_CONTROL,
+        expect(vec![other.verifying_key()]),
+    )
+    .await
+    .expect_err("certified by another mesh's key");
+    assert!(format!("{e:#}").contains("certif"), "{e:#}");
+    assert!(
+        dial(&client, &s, ALPN_CONTROL, ServerExpectation::Pinned(pin))
+            .await
+            .is_err(),
+        "a pin alone does not accept a replica"
+    );
+    // The pin still admits the first verifier's own key, certified or not.
+    let own = tls::spki_pin(&s.identity.spki());
+    let e2 = ServerExpectation::Verifier {
+        pin: own,
+        signing_keys: vec![other.verifying_key()],
+    };
+    assert_eq!(
+        dial(&client, &s, ALPN_CONTROL, e2).await.expect("pinned"),
+        42
+    );
+    task.abort();
+}

@@ -39,6 +39,7 @@ use hopmesh_protocol::policy::Policy;
 use hopmesh_protocol::time::{Clock, UnixTime};
 use hopmesh_transport::quic::{endpoint, quinn_server};
 use hopmesh_transport::tls::{self, ALPN_CONTROL, AnyKey};
+use hopmesh_transport::verifier_cert::CertifiedTlsKey;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -299,6 +300,13 @@ pub async fn start(
     }
     let metrics = Arc::new(Metrics::default());
     let now = opts.clock.now();
+    // The node-facing TLS key, certified by the signing key (renewed while serving): nodes
+    // accept it by its pin or by that certification (`hopmesh_transport::verifier_cert`).
+    let certs = Arc::new(CertifiedTlsKey::new(
+        opened.signing.try_clone()?,
+        opened.tls,
+        opts.clock.clone(),
+    )?);
     let parts = Parts {
         settings: opts.settings.clone(),
         signing: opened.signing.into_signing_key(),
@@ -319,7 +327,7 @@ pub async fn start(
         enrollments: tokio::sync::Semaphore::new(ENROLLMENT_TASKS),
     });
 
-    let tls = tls::server_config(&opened.tls, ALPN_CONTROL, Arc::new(AnyKey))?;
+    let tls = tls::server_config_with(certs, ALPN_CONTROL, Arc::new(AnyKey))?;
     let transport = Arc::new(service::transport());
     let _ = hopmesh_transport::quic::log_if_capped(&node_socket);
     let ep = endpoint(node_socket, Some(quinn_server(tls, transport)?))?;
