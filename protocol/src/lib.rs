@@ -38,6 +38,7 @@ pub mod fuzzing;
 pub mod hop_token;
 pub mod ids;
 pub mod policy;
+pub mod replica_bundle;
 pub mod routing;
 pub mod secret;
 pub mod socks5;

@@ -14,12 +14,17 @@ use hopmesh_protocol::enrollment::{PUSH_CAP, Push};
 use hopmesh_protocol::frame::encode_frame;
 use hopmesh_protocol::fuzzing;
 use hopmesh_protocol::ids::{KeyId, Measurement, NodeId, NodeName, SegmentName};
+use hopmesh_protocol::replica_bundle::{
+    self, BUNDLE_MAGIC, BUNDLE_VERSION, BundleContents, MAX_PKCS8_BYTES, MAX_SIGNING_KEYS,
+    PBKDF2_MAX_ITERATIONS, PBKDF2_MIN_ITERATIONS, SealedBundle,
+};
 use hopmesh_protocol::secret::SigningSeed;
 use hopmesh_protocol::socks5::{self, Command, Request, TargetAddr};
 use hopmesh_protocol::table_sync::{TableUpdate, diff, digest, split};
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::BoundedVec;
 use proptest::prelude::*;
+use zeroize::Zeroizing;
 
 const CASES: u32 = 512;
 
@@ -54,6 +59,14 @@ fn mutate(mut data: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
         }
     }
     data
+}
+
+/// A length in `0..=max + 1`, half of the time one of `0, 1, max, max + 1`.
+fn near_bounds(max: usize) -> impl Strategy<Value = usize> {
+    prop_oneof![
+        prop_oneof![Just(0), Just(1), Just(max), Just(max + 1)],
+        0..=max + 1,
+    ]
 }
 
 fn label() -> impl Strategy<Value = String> {
@@ -287,6 +300,54 @@ proptest! {
             version: 1, part: part % 3, parts: parts % 4, bytes: BoundedVec::new(data).expect("fits"),
         });
         fuzzing::table_sync(&encode_frame(&p, PUSH_CAP).expect("fits"));
+    }
+
+    #[test]
+    fn replica_bundle_valid_mutated_and_arbitrary(
+        data in prop::collection::vec(any::<u8>(), 0..1000),
+        // Lengths at and one past each bound, on both sides: those past must be refused.
+        pkcs8 in near_bounds(MAX_PKCS8_BYTES).prop_flat_map(|n| prop::collection::vec(any::<u8>(), n)),
+        keys in near_bounds(MAX_SIGNING_KEYS).prop_flat_map(|n| prop::collection::vec(any::<[u8; 32]>(), n)),
+        master: [u8; 32], pin: [u8; 32], salt: [u8; 16], nonce: [u8; 12],
+        iterations in PBKDF2_MIN_ITERATIONS..=PBKDF2_MAX_ITERATIONS,
+        muts in prop::collection::vec(mutation(), 0..4),
+    ) {
+        // Never `open` (its KDF is slow): the two decoders only, as the cargo-fuzz target.
+        replica_bundle::fuzz_decoders(&data);
+        let in_bounds = (1..=MAX_PKCS8_BYTES).contains(&pkcs8.len())
+            && (1..=MAX_SIGNING_KEYS).contains(&keys.len());
+        let contents = BundleContents {
+            signing_pkcs8: Zeroizing::new(pkcs8),
+            master_secret: Zeroizing::new(master),
+            verifier_tls_pin: pin,
+            signing_keys: keys,
+        };
+        let plain = contents.to_plaintext();
+        if !in_bounds {
+            prop_assert!(BundleContents::from_plaintext(&plain).is_err(), "out of bounds");
+            prop_assert!(!replica_bundle::fuzz_decoders(&plain));
+            replica_bundle::fuzz_decoders(&mutate(plain.to_vec(), &muts));
+            return Ok(());
+        }
+        prop_assert_eq!(BundleContents::from_plaintext(&plain), Ok(contents));
+        prop_assert!(replica_bundle::fuzz_decoders(&plain), "a valid plaintext must be accepted");
+        // The real file layout around a ciphertext of the right length (random bytes: parsing
+        // decrypts nothing), then arbitrary bytes behind a valid header.
+        let mut header = BUNDLE_MAGIC.to_vec();
+        header.push(BUNDLE_VERSION);
+        header.extend_from_slice(&iterations.to_be_bytes());
+        header.extend_from_slice(&salt);
+        header.extend_from_slice(&nonce);
+        let mut file = header.clone();
+        file.extend_from_slice(&plain);
+        file.extend_from_slice(&[0x7A; 16]);
+        let parsed = SealedBundle::parse(&file).expect("a well-formed file must parse");
+        prop_assert_eq!((parsed.iterations, parsed.salt, parsed.nonce), (iterations, salt, nonce));
+        prop_assert!(replica_bundle::fuzz_decoders(&file));
+        header.extend_from_slice(&data);
+        replica_bundle::fuzz_decoders(&header);
+        replica_bundle::fuzz_decoders(&mutate(plain.to_vec(), &muts));
+        replica_bundle::fuzz_decoders(&mutate(file, &muts));
     }
 
     #[test]
