@@ -4,6 +4,10 @@
 //!   audit record) beside a raw Ed25519 sign baseline. Target ≥ 5 000 attestations/s on one
 //!   core (≤ 200 µs each).
 //! - revocation push latency is in `revocation_push.rs` (a load run, not criterion).
+//! - `store/{sqlite,postgres}/…`: the durable commits behind a revoke (`commit_revocation`)
+//!   and an enrolment (`put_node`), and a serial block, on each backend in the same run
+//!   (PostgreSQL: a throwaway cluster on a unix socket, as the tests start it;
+//!   `HOPMESH_SKIP_POSTGRES=1` leaves it out).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -11,6 +15,7 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use hopmesh_protocol::attestation::SigningKey;
 use hopmesh_protocol::enrollment::Address;
+use hopmesh_protocol::ids::NodeId;
 use hopmesh_protocol::ids::{Measurement, NodeName};
 use hopmesh_protocol::policy::Policy;
 use hopmesh_protocol::secret::{MasterSecret, SigningSeed};
@@ -20,7 +25,13 @@ use hopmesh_transport::audit::AuditLog;
 use hopmesh_transport::identity::Identity;
 use hopmesh_verifier::authority::{Authority, Enrollment, Parts, Settings};
 use hopmesh_verifier::metrics::Metrics;
-use hopmesh_verifier::store::SqliteStore;
+use hopmesh_verifier::store::{
+    NodeRecord, PgTarget, PostgresStore, SqliteStore, Store, StoredList,
+};
+
+#[path = "../../verifier/src/store/pg_cluster.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod pg_cluster;
 
 fn issuance(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -83,5 +94,64 @@ fn issuance(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, issuance);
+/// The commits a revoke and an enrolment wait for, on one backend.
+fn store_commits(c: &mut Criterion, backend: &str, store: &mut dyn Store) {
+    let mut g = c.benchmark_group(format!("store/{backend}"));
+    let record = |i: u64| NodeRecord {
+        node_id: NodeId::from_bytes({
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&i.to_be_bytes());
+            b
+        }),
+        name: NodeName::new(&format!("n{i}")).expect("name"),
+        spki: vec![1; 44],
+        measurement: Measurement([3; 32]),
+        addresses: vec!["127.0.0.1:1".into()],
+        enrolled_at: UnixTime::from_secs(1),
+        revoked_at: None,
+    };
+    let mut i = 0u64;
+    g.bench_function("put_node", |b| {
+        b.iter(|| {
+            i += 1;
+            store.put_node(&record(i)).expect("put_node")
+        })
+    });
+    let mut version = 0u64;
+    g.bench_function("commit_revocation", |b| {
+        b.iter(|| {
+            version += 1;
+            let list = StoredList {
+                version,
+                bytes: vec![7; 200],
+            };
+            store
+                .commit_revocation(&record(version).node_id, UnixTime::from_secs(2), &[], &list)
+                .expect("commit_revocation")
+        })
+    });
+    g.bench_function("reserve_serials", |b| {
+        b.iter(|| store.reserve_serials(1024).expect("reserve"))
+    });
+    g.finish();
+}
+
+fn stores(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sqlite = SqliteStore::create(&dir.path().join("bench.db")).expect("sqlite");
+    store_commits(c, "sqlite", &mut sqlite);
+    let Some(cluster) = pg_cluster::PgCluster::start_private() else {
+        eprintln!("store/postgres skipped: HOPMESH_SKIP_POSTGRES=1");
+        return;
+    };
+    let target = PgTarget {
+        url: cluster.fresh_database(),
+        ca: None,
+    };
+    PostgresStore::init(&target, &[9; 32]).expect("init");
+    let mut pg = PostgresStore::open(&target, &[9; 32], "bench", false).expect("open");
+    store_commits(c, "postgres", &mut pg);
+}
+
+criterion_group!(benches, issuance, stores);
 criterion_main!(benches);

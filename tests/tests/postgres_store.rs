@@ -169,10 +169,11 @@ async fn with_the_database_down_nothing_is_acknowledged_and_it_recovers() {
         .call(
             "POST",
             "/v1/join-tokens",
-            Some(serde_json::json!({"name": "d"})),
+            Some(serde_json::json!({"name": "c"})),
         )
         .await;
-    assert!(token.is_err(), "no join secret without a commit: {token:?}");
+    let e = token.expect_err("no join secret without a commit");
+    assert!(e.contains("PostgreSQL"), "the reason names the store: {e}");
     let c = h.node().await;
     match c.enroll(spare, GOOD_MEASUREMENT, h.now()).await {
         Err(ClientError::Refused(r)) => assert_ne!(r, Refusal::Revoked, "{r:?}"),
@@ -187,6 +188,17 @@ async fn with_the_database_down_nothing_is_acknowledged_and_it_recovers() {
         .await
         .expect("b was not revoked: nothing was acknowledged");
 
+    let metrics = h.shared().metrics().render();
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with("hopmesh_verifier_store_failures_total{kind=\"postgres\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        failures >= 3,
+        "each refused call is counted: {failures}\n{metrics}"
+    );
+
     cluster.restart();
     let out = h
         .admin()
@@ -200,5 +212,107 @@ async fn with_the_database_down_nothing_is_acknowledged_and_it_recovers() {
     match b.refresh(GOOD_MEASUREMENT, h.now()).await {
         Err(ClientError::Refused(Refusal::Revoked)) => {}
         other => panic!("b is revoked now: {other:?}"),
+    }
+}
+
+/// A replica made from the first verifier's bundle, on the same database, with a TLS key of
+/// its own: a node that pinned the first verifier accepts it, refreshes there (its record,
+/// the seed master secret and the serial counter are shared), and a verifier of another mesh
+/// is refused by the same pins. One verifier serves a database at a time (for now), so the
+/// first stops before the replica starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_from_a_bundle_serves_nodes_pinned_to_the_first_verifier() {
+    use hopmesh_tests::{GOOD_MEASUREMENT, VerifierHarness, addresses, standard_policy};
+    use hopmesh_transport::verifier_client::VerifierClient;
+    let Some(cluster) = PgCluster::shared() else {
+        return;
+    };
+    let store = pg_store(&cluster);
+    let mut h =
+        VerifierHarness::start_on(&standard_policy(), Settings::default(), store.clone()).await;
+    let a = h.node().await;
+    let first = a
+        .enroll(h.join_token("a", 600), GOOD_MEASUREMENT, h.now())
+        .await
+        .expect("enroll at the first verifier");
+    let pass = b"correct horse battery staple";
+    let bundle = DataDir::new(h.dir.path())
+        .export_bundle(pass)
+        .expect("export");
+    h.running.take().expect("running").shutdown().await;
+
+    let rdir = tempfile::tempdir().expect("tempdir");
+    let root = rdir.path().join("replica");
+    let replica = DataDir::with_store(&root, store.clone());
+    let e = replica
+        .init_replica(&bundle, b"not the passphrase, long enough")
+        .expect_err("wrong passphrase");
+    assert!(e.to_string().contains("bundle"), "{e}");
+    let e = DataDir::new(&root)
+        .init_replica(&bundle, pass)
+        .expect_err("a replica on SQLite");
+    assert!(e.to_string().contains("PostgreSQL"), "{e}");
+    let e = DataDir::with_store(&root, pg_store(&cluster))
+        .init_replica(&bundle, pass)
+        .expect_err("a database nobody initialised");
+    assert!(e.to_string().contains("init"), "{e}");
+    assert!(
+        !root.join("signing.key").exists(),
+        "refused inits leave no keys"
+    );
+    let pins = replica.init_replica(&bundle, pass).expect("replica init");
+    assert_eq!(pins, h.pins, "the replica hands out the mesh's pins");
+    let own_key = std::fs::read(root.join("tls.key")).expect("tls.key");
+    assert_ne!(
+        own_key,
+        std::fs::read(h.dir.path().join("tls.key")).expect("tls.key"),
+        "a TLS key of its own"
+    );
+
+    let opts = hopmesh_verifier::ServeOptions {
+        settings: Settings::default(),
+        policy_path: h.policy_path.clone(),
+        clock: h.clock.clone(),
+        store: store.clone(),
+    };
+    let running = hopmesh_verifier::start(
+        &root,
+        opts,
+        std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"),
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("tcp"),
+    )
+    .await
+    .expect("the replica serves");
+    let ep = hopmesh_transport::quic::endpoint(
+        std::net::UdpSocket::bind("127.0.0.1:0").expect("udp"),
+        None,
+    )
+    .expect("endpoint");
+    let client = VerifierClient::connect(&ep, running.node_addr, &a.identity, &h.pins)
+        .await
+        .expect("the node's pins accept the replica's certified key");
+    let (_, second) = client
+        .refresh(GOOD_MEASUREMENT, addresses(), h.now())
+        .await
+        .expect("a refresh at the replica");
+    assert!(
+        second.get().serial > first.get().serial,
+        "serials increase across verifiers"
+    );
+
+    // A verifier of another mesh: refused at the handshake by the same pins.
+    let other = VerifierHarness::start(&standard_policy(), Settings::default()).await;
+    let e = VerifierClient::connect(&ep, other.node_addr(), &a.identity, &h.pins)
+        .await
+        .expect_err("another mesh's verifier");
+    assert!(format!("{e}").contains("certified"), "{e}");
+    running.shutdown().await;
+    // Each verifier's audit chain verifies against its own anchor in the shared database.
+    for dir in [h.dir.path(), root.as_path()] {
+        DataDir::with_store(dir, store.clone())
+            .verify_audit()
+            .expect("the chain reaches its anchor");
     }
 }

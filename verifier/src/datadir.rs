@@ -18,12 +18,14 @@ use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use hopmesh_protocol::replica_bundle::{self, BundleContents};
 use hopmesh_protocol::secret::MasterSecret;
 use hopmesh_transport::audit::{self, AuditLog, AuditOptions, ChainSummary};
 use hopmesh_transport::identity::{Identity, write_secret_file};
 use hopmesh_transport::pins::Pins;
 use hopmesh_transport::tls::spki_pin;
 use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
 
 use crate::error::VerifierError;
 use crate::store::{PostgresStore, SqliteStore, Store, StoreSpec};
@@ -56,7 +58,11 @@ pub struct Opened {
 }
 
 fn random32() -> Result<[u8; 32], VerifierError> {
-    let mut b = [0u8; 32];
+    random_array()
+}
+
+fn random_array<const N: usize>() -> Result<[u8; N], VerifierError> {
+    let mut b = [0u8; N];
     SystemRandom::new()
         .fill(&mut b)
         .map_err(|_| VerifierError::Config("OS random generator failed".into()))?;
@@ -138,6 +144,97 @@ impl DataDir {
         Ok(pins)
     }
 
+    /// `replica export`: the signing key, the seed master secret and the pins, sealed with
+    /// `passphrase` (see `hopmesh_protocol::replica_bundle`). What a replica needs and nothing
+    /// else: no TLS key (each replica has its own), no admin token, no store.
+    pub fn export_bundle(&self, passphrase: &[u8]) -> Result<Vec<u8>, VerifierError> {
+        let signing = read_secret(&self.file("signing.key"))?;
+        let master: [u8; 32] = read_secret(&self.file("master.key"))?
+            .try_into()
+            .map_err(|_| VerifierError::Config("master.key must hold exactly 32 bytes".into()))?;
+        let pins = self.pins()?;
+        let bad_pins = |e: hopmesh_transport::pins::PinsError| {
+            VerifierError::Config(format!("pins.json: {e}"))
+        };
+        let contents = BundleContents {
+            signing_pkcs8: Zeroizing::new(signing),
+            master_secret: Zeroizing::new(master),
+            verifier_tls_pin: pins.tls_pin().map_err(bad_pins)?,
+            signing_keys: pins
+                .signing_keys()
+                .map_err(bad_pins)?
+                .into_iter()
+                .map(|k| k.0)
+                .collect(),
+        };
+        replica_bundle::seal(
+            &contents,
+            passphrase,
+            random_array()?,
+            random_array()?,
+            replica_bundle::PBKDF2_ITERATIONS,
+        )
+        .map_err(|e| VerifierError::Config(format!("replica bundle: {e}")))
+    }
+
+    /// `init --replica-of FILE`: a new replica's data directory from a bundle. Its store must
+    /// be the PostgreSQL database the first verifier initialised (same mesh); it gets a TLS
+    /// key and an admin token of its own and the mesh's pins, so nodes accept it unchanged.
+    pub fn init_replica(&self, bundle: &[u8], passphrase: &[u8]) -> Result<Pins, VerifierError> {
+        let StoreSpec::Postgres(target) = &self.store else {
+            return Err(VerifierError::Config(
+                "a replica shares a PostgreSQL store: pass --store postgres://...".into(),
+            ));
+        };
+        if self.file("signing.key").exists() || self.file("store.db").exists() {
+            return Err(self.occupied());
+        }
+        let contents = replica_bundle::open(bundle, passphrase)
+            .map_err(|e| VerifierError::Config(format!("replica bundle: {e}")))?;
+        let signing = Identity::from_pkcs8(&contents.signing_pkcs8)?;
+        let key = signing.verifying_key();
+        if !contents.signing_keys.contains(&key.0) {
+            return Err(VerifierError::Config(
+                "replica bundle: its signing key is not among its pinned keys".into(),
+            ));
+        }
+        let tls = Identity::generate()?;
+        // The database must already be this mesh's (a replica never creates one).
+        drop(PostgresStore::open(
+            target,
+            &key.0,
+            &replica_name(&tls),
+            false,
+        )?);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|e| VerifierError::io(format!("create {}", self.root.display()), e))?;
+        signing.save_new(&self.file("signing.key"))?;
+        tls.save_new(&self.file("tls.key"))?;
+        write_secret_file(&self.file("master.key"), &contents.master_secret[..])?;
+        write_secret_file(
+            &self.file("admin.token"),
+            hex::encode(random32()?).as_bytes(),
+        )?;
+        fs::write(
+            self.file(PG_MARKER),
+            "This verifier's store is in PostgreSQL: pass --store postgres://... \
+             (or HOPMESH_VERIFIER_STORE).\n",
+        )
+        .map_err(|e| VerifierError::io(format!("write {PG_MARKER}"), e))?;
+        let pins = Pins {
+            verifier_tls_spki_sha256: hex::encode(contents.verifier_tls_pin),
+            signing_keys: contents.signing_keys.iter().map(hex::encode).collect(),
+        };
+        let json = serde_json::to_string_pretty(&pins)
+            .map_err(|e| VerifierError::Config(e.to_string()))?;
+        fs::write(self.file("pins.json"), json + "\n")
+            .map_err(|e| VerifierError::io("write pins.json", e))?;
+        Ok(pins)
+    }
+
     fn occupied(&self) -> VerifierError {
         VerifierError::Config(format!(
             "{} already holds a verifier; refusing to overwrite it",
@@ -151,6 +248,7 @@ impl DataDir {
     fn open_store(
         &self,
         signing: &Identity,
+        tls: &Identity,
         exclusive: bool,
     ) -> Result<Box<dyn Store>, VerifierError> {
         match &self.store {
@@ -175,6 +273,7 @@ impl DataDir {
                 Ok(Box::new(PostgresStore::open(
                     target,
                     &signing.verifying_key().0,
+                    &replica_name(tls),
                     exclusive,
                 )?))
             }
@@ -186,8 +285,8 @@ impl DataDir {
     /// from the tail, or the active file rewritten), or key files readable by others.
     pub fn open(&self) -> Result<Opened, VerifierError> {
         let signing = Identity::load(&self.file("signing.key"))?;
-        let store = self.open_store(&signing, true)?;
         let tls = Identity::load(&self.file("tls.key"))?;
+        let store = self.open_store(&signing, &tls, true)?;
         let master = read_secret(&self.file("master.key"))?;
         let master: [u8; 32] = master
             .try_into()
@@ -234,7 +333,8 @@ impl DataDir {
             .key_set()
             .map_err(|e| VerifierError::Config(format!("pins.json: {e}")))?;
         let signing = Identity::load(&self.file("signing.key"))?;
-        let anchor = self.open_store(&signing, false)?.audit_anchor()?;
+        let tls = Identity::load(&self.file("tls.key"))?;
+        let anchor = self.open_store(&signing, &tls, false)?.audit_anchor()?;
         if let Some(a) = &anchor {
             a.check(&keys).map_err(|e| {
                 VerifierError::Config(format!(
@@ -275,6 +375,21 @@ pub struct AuditReport {
     pub summary: ChainSummary,
     /// The seq anchored in the store (None: nothing durable was audited yet).
     pub anchored_seq: Option<u64>,
+}
+
+/// The name a verifier goes by in a shared store (its audit anchor's owner): the hex of
+/// `SHA-256` of its TLS key's SPKI, its TLS pin.
+pub fn replica_name(tls: &Identity) -> String {
+    hex::encode(spki_pin(&tls.spki()))
+}
+
+/// A passphrase from a file that only its owner can read (a final newline is not part of it).
+pub fn read_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>, VerifierError> {
+    let mut bytes = read_secret(path)?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    Ok(Zeroizing::new(bytes))
 }
 
 fn read_secret(path: &Path) -> Result<Vec<u8>, VerifierError> {

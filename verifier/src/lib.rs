@@ -48,7 +48,7 @@ use crate::authority::{Authority, Parts, Settings};
 use crate::datadir::DataDir;
 use crate::error::VerifierError;
 use crate::metrics::Metrics;
-use crate::store::StoreSpec;
+use crate::store::{Counted, StoreSpec};
 
 /// State shared by the QUIC service, the admin API and the ticker.
 pub struct Shared {
@@ -311,7 +311,7 @@ pub async fn start(
         settings: opts.settings.clone(),
         signing: opened.signing.into_signing_key(),
         master: opened.master,
-        store: opened.store,
+        store: Box::new(Counted::new(opened.store, metrics.clone())),
         audit: opened.audit,
         metrics: metrics.clone(),
         policy,

@@ -11,7 +11,7 @@ use hopmesh_transport::clock::SystemClock;
 use hopmesh_verifier::admin::{AdminClient, DEFAULT_JOIN_TTL};
 use hopmesh_verifier::admin_addr::{AdminAddr, AdminListener};
 use hopmesh_verifier::authority::{CompromiseMode, Settings};
-use hopmesh_verifier::datadir::DataDir;
+use hopmesh_verifier::datadir::{DataDir, read_passphrase};
 use hopmesh_verifier::service::ConnectionBudgets;
 use hopmesh_verifier::store::StoreSpec;
 use hopmesh_verifier::{ServeOptions, start};
@@ -63,8 +63,22 @@ const MAX_NODE_CONNECTIONS_FLAG: usize = 1 << 20;
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create keys, admin token and store; print the pins nodes need (JSON).
-    Init,
+    /// Create keys, admin token and store; print the pins nodes need (JSON). With
+    /// `--replica-of`, a replica of an existing verifier instead (same PostgreSQL store).
+    Init {
+        /// A bundle from `replica export`: this data directory becomes a replica (its own TLS
+        /// key and admin token; the mesh's signing key, seed master secret and pins).
+        #[arg(long, requires = "passphrase_file")]
+        replica_of: Option<PathBuf>,
+        /// The bundle's passphrase, in a file only its owner can read (mode 0600).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Replicas: what they share, moved by the operator.
+    Replica {
+        #[command(subcommand)]
+        command: ReplicaCommand,
+    },
     /// Run the verifier.
     Serve {
         /// The policy file (TOML).
@@ -152,6 +166,20 @@ enum Generate {
     Completion {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicaCommand {
+    /// Seal the signing key, seed master secret and pins into FILE (mode 0600) with a
+    /// passphrase (at least 16 bytes), for `init --replica-of FILE` on a new replica.
+    Export {
+        /// The bundle to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// The passphrase, in a file only its owner can read (mode 0600).
+        #[arg(long)]
+        passphrase_file: PathBuf,
     },
 }
 
@@ -245,9 +273,39 @@ async fn run(cli: Cli) -> Result<()> {
     let dir = cli.data_dir.as_path();
     let store = || StoreSpec::parse(Some(&cli.store), cli.store_ca.as_deref());
     match cli.command {
-        Command::Init => {
+        Command::Init {
+            replica_of: None,
+            passphrase_file,
+        } => {
+            if passphrase_file.is_some() {
+                bail!("--passphrase-file goes with --replica-of");
+            }
             let pins = DataDir::with_store(dir, store()?).init()?;
             print(&json!(pins));
+        }
+        Command::Init {
+            replica_of: Some(bundle),
+            passphrase_file,
+        } => {
+            let pass = passphrase_file.context("--replica-of needs --passphrase-file")?;
+            let pass = read_passphrase(&pass)?;
+            let bytes = std::fs::read(&bundle)
+                .with_context(|| format!("read the bundle {}", bundle.display()))?;
+            let pins = DataDir::with_store(dir, store()?).init_replica(&bytes, &pass)?;
+            print(&json!(pins));
+        }
+        Command::Replica {
+            command:
+                ReplicaCommand::Export {
+                    out,
+                    passphrase_file,
+                },
+        } => {
+            let pass = read_passphrase(&passphrase_file)?;
+            let sealed = DataDir::new(dir).export_bundle(&pass)?;
+            hopmesh_transport::identity::write_secret_file(&out, &sealed)
+                .with_context(|| format!("write the bundle {}", out.display()))?;
+            print(&json!({"ok": true, "bundle": out, "bytes": sealed.len()}));
         }
         Command::Serve {
             policy,

@@ -41,6 +41,11 @@ pub struct Metrics {
     pub audit_write_failures: Labeled,
     /// `/v1/audit` answers cut at `MAX_PAGE_RECORDS` / `MAX_PAGE_BYTES` (more records follow).
     pub audit_pages_capped: Counter,
+    /// Store calls that failed, by kind: `timeout` (no answer within `PG_CALL_TIMEOUT`: not
+    /// acknowledged), `postgres` (the server refused, or the connection failed), `sqlite`,
+    /// `stale_version` (a revocation list offered below the stored one), `other`. Counted by
+    /// `store::Counted` around whichever store the verifier runs on.
+    pub store_failures: Labeled,
     /// Connection attempts and connections refused or closed by the connection budgets
     /// (`verifier/src/service.rs`), by reason.
     pub connection_refusals: Labeled,
@@ -128,6 +133,12 @@ impl Default for Metrics {
         );
         let audit_write_failures = Labeled::default();
         let audit_pages_capped = Counter::default();
+        let store_failures = Labeled::default();
+        registry.register(
+            "store_failures",
+            "Store calls that failed, by kind (timeout, postgres, sqlite, stale_version, other)",
+            store_failures.clone(),
+        );
         registry.register(
             "audit_write_failures",
             "Audit writes that failed, by kind (best_effort, durable, anchor, checkpoint)",
@@ -236,6 +247,7 @@ impl Default for Metrics {
             table_refused,
             audit_write_failures,
             audit_pages_capped,
+            store_failures,
             attested,
             refusals,
             pushes,

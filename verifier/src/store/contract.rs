@@ -62,7 +62,7 @@ impl Postgres {
 
 impl Backend for Postgres {
     fn open(&self) -> Box<dyn Store> {
-        Box::new(PostgresStore::open(&self.target, &MESH_KEY, false).expect("open"))
+        Box::new(PostgresStore::open(&self.target, &MESH_KEY, "r1", false).expect("open"))
     }
 }
 
@@ -261,6 +261,31 @@ pub(super) fn a_stale_list_version_is_refused_whole(b: &dyn Backend) {
     .expect("the next version");
     s.put_revocation_list(&list(5)).expect("a prune moves on");
     assert_eq!(b.open().revocation_list().expect("list"), Some(list(5)));
+}
+
+#[test]
+fn each_replica_has_its_own_audit_anchor() {
+    let Some(b) = Postgres::new() else { return };
+    let open = |r: &str| PostgresStore::open(&b.target, &MESH_KEY, r, false).expect("open");
+    let (mut r1, mut r2) = (open("r1"), open("r2"));
+    r1.put_audit_anchor(&anchor(7, "aa")).expect("r1");
+    assert_eq!(
+        r2.audit_anchor().expect("r2"),
+        None,
+        "r2's log anchored nothing yet"
+    );
+    r2.put_audit_anchor(&anchor(2, "bb"))
+        .expect("r2's own chain, behind r1's");
+    assert_eq!(
+        open("r1").audit_anchor().expect("r1"),
+        Some(anchor(7, "aa"))
+    );
+    assert_eq!(
+        open("r2").audit_anchor().expect("r2"),
+        Some(anchor(2, "bb"))
+    );
+    let e = PostgresStore::open(&b.target, &MESH_KEY, "", false).expect_err("no name");
+    assert!(matches!(e, StoreError::Config(_)), "{e}");
 }
 
 pub(super) fn the_audit_anchor_only_moves_forward(b: &dyn Backend) {
@@ -477,7 +502,7 @@ fn concurrent_serial_reservations_never_overlap() {
 fn a_postgres_store_is_bound_to_its_mesh_and_schema() {
     let Some(b) = Postgres::new() else { return };
     let other = [0x11; 32];
-    let e = PostgresStore::open(&b.target, &other, false).expect_err("another mesh");
+    let e = PostgresStore::open(&b.target, &other, "r1", false).expect_err("another mesh");
     assert!(matches!(e, StoreError::WrongMesh(_)), "{e}");
     let e = PostgresStore::init(&b.target, &other).expect_err("another mesh");
     assert!(matches!(e, StoreError::WrongMesh(_)), "{e}");
@@ -492,7 +517,7 @@ fn a_postgres_store_is_bound_to_its_mesh_and_schema() {
         url: cluster.fresh_database(),
         ca: None,
     };
-    let e = PostgresStore::open(&empty, &MESH_KEY, false).expect_err("empty");
+    let e = PostgresStore::open(&empty, &MESH_KEY, "r1", false).expect_err("empty");
     assert!(
         matches!(e, StoreError::Missing(_)) && e.to_string().contains("init --store"),
         "{e}"
@@ -502,7 +527,7 @@ fn a_postgres_store_is_bound_to_its_mesh_and_schema() {
     drop(raw);
     set_schema_version(&b.target, PG_SCHEMA_VERSION + 1);
     for e in [
-        PostgresStore::open(&b.target, &MESH_KEY, false).expect_err("newer"),
+        PostgresStore::open(&b.target, &MESH_KEY, "r1", false).expect_err("newer"),
         PostgresStore::init(&b.target, &MESH_KEY).expect_err("newer"),
     ] {
         assert!(e.to_string().contains("newer than this build"), "{e}");
@@ -533,12 +558,12 @@ fn set_schema_version(target: &PgTarget, v: i64) {
 #[test]
 fn a_second_serving_verifier_on_one_database_is_refused() {
     let Some(b) = Postgres::new() else { return };
-    let first = PostgresStore::open(&b.target, &MESH_KEY, true).expect("first");
-    let e = PostgresStore::open(&b.target, &MESH_KEY, true).expect_err("second");
+    let first = PostgresStore::open(&b.target, &MESH_KEY, "r1", true).expect("first");
+    let e = PostgresStore::open(&b.target, &MESH_KEY, "r1", true).expect_err("second");
     assert!(matches!(e, StoreError::InUse(_)), "{e}");
-    PostgresStore::open(&b.target, &MESH_KEY, false).expect("a non-serving reader may open");
+    PostgresStore::open(&b.target, &MESH_KEY, "r1", false).expect("a non-serving reader may open");
     drop(first);
-    PostgresStore::open(&b.target, &MESH_KEY, true).expect("the lock went with the first");
+    PostgresStore::open(&b.target, &MESH_KEY, "r1", true).expect("the lock went with the first");
 }
 
 #[test]
@@ -557,7 +582,7 @@ fn tls_to_the_store_is_verified_against_the_ca_file() {
         PostgresStore::init(&tls, &MESH_KEY).expect("init over TLS"),
         postgres::InitOutcome::Created
     );
-    let mut s = PostgresStore::open(&tls, &MESH_KEY, false).expect("open over TLS");
+    let mut s = PostgresStore::open(&tls, &MESH_KEY, "r1", false).expect("open over TLS");
     assert_eq!(s.reserve_serials(1).expect("a call over TLS"), 1);
     // A CA that did not sign the server's certificate: refused, with the reason.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -570,7 +595,7 @@ fn tls_to_the_store_is_verified_against_the_ca_file() {
         url: url("postgres"),
         ca: Some(other),
     };
-    let e = PostgresStore::open(&wrong, &MESH_KEY, false).expect_err("wrong CA");
+    let e = PostgresStore::open(&wrong, &MESH_KEY, "r1", false).expect_err("wrong CA");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
     // A CA file that holds no certificate.
     let empty = dir.path().join("empty.pem");
@@ -581,6 +606,7 @@ fn tls_to_the_store_is_verified_against_the_ca_file() {
             ca: Some(empty),
         },
         &MESH_KEY,
+        "r1",
         false,
     )
     .expect_err("empty CA file");
@@ -597,7 +623,7 @@ fn a_call_with_the_server_down_fails_with_the_reason_and_the_pool_recovers() {
         ca: None,
     };
     PostgresStore::init(&target, &MESH_KEY).expect("init");
-    let mut s = PostgresStore::open(&target, &MESH_KEY, false).expect("open");
+    let mut s = PostgresStore::open(&target, &MESH_KEY, "r1", false).expect("open");
     assert_eq!(s.reserve_serials(1).expect("up"), 1);
     cluster.stop();
     let started = std::time::Instant::now();
@@ -608,7 +634,7 @@ fn a_call_with_the_server_down_fails_with_the_reason_and_the_pool_recovers() {
         "took {:?}",
         started.elapsed()
     );
-    let e = PostgresStore::open(&target, &MESH_KEY, false).expect_err("down");
+    let e = PostgresStore::open(&target, &MESH_KEY, "r1", false).expect_err("down");
     assert!(matches!(e, StoreError::Postgres(_)), "{e}");
     cluster.restart();
     assert_eq!(

@@ -15,10 +15,12 @@ use hopmesh_protocol::ids::{Measurement, NodeId, NodeName};
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_transport::audit::{AuditError, SignedHead};
 
+mod counted;
 mod postgres;
 mod spec;
 mod sqlite;
 
+pub use counted::{Counted, failure_kind};
 pub use postgres::{
     PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_POOL_SIZE, PG_SCHEMA_VERSION, PostgresStore,
 };

@@ -62,8 +62,8 @@ CREATE TABLE hopmesh.pairs (lo BYTEA NOT NULL, hi BYTEA NOT NULL, reissues INT N
     PRIMARY KEY (lo, hi));
 CREATE TABLE hopmesh.compromised (lo BYTEA NOT NULL, hi BYTEA NOT NULL, generation BIGINT NOT NULL,
     at BIGINT NOT NULL, PRIMARY KEY (lo, hi, generation));
-CREATE TABLE hopmesh.audit_anchor (id INT PRIMARY KEY CHECK (id = 1), seq BIGINT NOT NULL,
-    hash TEXT NOT NULL, key_id TEXT NOT NULL, sig TEXT NOT NULL);
+CREATE TABLE hopmesh.audit_anchor (replica TEXT PRIMARY KEY CHECK (replica <> ''),
+    seq BIGINT NOT NULL, hash TEXT NOT NULL, key_id TEXT NOT NULL, sig TEXT NOT NULL);
 INSERT INTO hopmesh.meta (key, value) VALUES ('next_serial', 1);
 "];
 
@@ -84,6 +84,9 @@ pub struct PostgresStore {
     pool: Pool,
     /// The connection holding [`SERVE_LOCK`], when opened exclusively.
     lock: Option<tokio_postgres::Client>,
+    /// Whose audit anchor this handle reads and writes: each verifier keeps its own audit
+    /// log, so each has its own anchor (the hex of `SHA-256` of its TLS key's SPKI).
+    replica: String,
     server: String,
 }
 
@@ -270,6 +273,7 @@ impl PostgresStore {
             rt: Some(rt),
             pool,
             lock: None,
+            replica: String::new(),
             server: target.describe(),
         })
     }
@@ -326,12 +330,24 @@ impl PostgresStore {
         })
     }
 
-    /// Opens the store of the mesh whose signing key is `mesh_key`: the schema must exist and
+    /// Opens the store of the mesh whose signing key is `mesh_key` as verifier `replica` (the
+    /// owner of the audit anchor it reads and writes; not empty): the schema must exist and
     /// be exactly this build's version. With `exclusive` (a serving verifier), also takes the
     /// serve lock, held until the store is dropped: a second verifier on the same database is
     /// refused ([`StoreError::InUse`]).
-    pub fn open(target: &PgTarget, mesh_key: &[u8], exclusive: bool) -> Result<Self, StoreError> {
+    pub fn open(
+        target: &PgTarget,
+        mesh_key: &[u8],
+        replica: &str,
+        exclusive: bool,
+    ) -> Result<Self, StoreError> {
+        if replica.is_empty() {
+            return Err(StoreError::Config(
+                "a store handle needs its replica's name".into(),
+            ));
+        }
         let mut store = Self::connect(target)?;
+        store.replica = replica.to_owned();
         let key = mesh_key.to_vec();
         let server = store.server.clone();
         store.run(|pool| async move {
@@ -791,13 +807,14 @@ impl Store for PostgresStore {
 
     fn put_audit_anchor(&mut self, anchor: &SignedHead) -> Result<(), StoreError> {
         let anchor = anchor.clone();
+        let replica = self.replica.clone();
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
             let current = tx
                 .query_opt(
-                    "SELECT seq, hash FROM hopmesh.audit_anchor WHERE id = 1 FOR UPDATE",
-                    &[],
+                    "SELECT seq, hash FROM hopmesh.audit_anchor WHERE replica = $1 FOR UPDATE",
+                    &[&replica],
                 )
                 .await
                 .map_err(|e| pg_err(&e))?;
@@ -812,10 +829,17 @@ impl Store for PostgresStore {
                 }
             }
             tx.execute(
-                "INSERT INTO hopmesh.audit_anchor (id, seq, hash, key_id, sig) VALUES (1, $1, $2, $3, $4)
-                 ON CONFLICT (id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash,
+                "INSERT INTO hopmesh.audit_anchor (replica, seq, hash, key_id, sig)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (replica) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash,
                     key_id = EXCLUDED.key_id, sig = EXCLUDED.sig",
-                &[&i64_of(anchor.seq), &anchor.hash, &anchor.key_id, &anchor.sig],
+                &[
+                    &replica,
+                    &i64_of(anchor.seq),
+                    &anchor.hash,
+                    &anchor.key_id,
+                    &anchor.sig,
+                ],
             )
             .await
             .map_err(|e| pg_err(&e))?;
@@ -824,12 +848,13 @@ impl Store for PostgresStore {
     }
 
     fn audit_anchor(&self) -> Result<Option<SignedHead>, StoreError> {
+        let replica = self.replica.clone();
         self.run(|pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
             let row = c
                 .query_opt(
-                    "SELECT seq, hash, key_id, sig FROM hopmesh.audit_anchor WHERE id = 1",
-                    &[],
+                    "SELECT seq, hash, key_id, sig FROM hopmesh.audit_anchor WHERE replica = $1",
+                    &[&replica],
                 )
                 .await
                 .map_err(|e| pg_err(&e))?;
