@@ -6,8 +6,8 @@
 //! - revocation push latency is in `revocation_push.rs` (a load run, not criterion).
 //! - `store/{sqlite,postgres}/…`: the durable commits behind a revoke (`commit_revocation`)
 //!   and an enrolment (`put_node`), and a serial block, on each backend in the same run
-//!   (PostgreSQL: a throwaway cluster on a unix socket, as the tests start it;
-//!   `HOPMESH_SKIP_POSTGRES=1` leaves it out).
+//!   (PostgreSQL: a throwaway cluster on a unix socket with `fsync = on`, in the same temp
+//!   file system as the SQLite file; `HOPMESH_SKIP_POSTGRES=1` leaves it out).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -140,7 +140,7 @@ fn stores(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut sqlite = SqliteStore::create(&dir.path().join("bench.db")).expect("sqlite");
     store_commits(c, "sqlite", &mut sqlite);
-    let Some(cluster) = pg_cluster::PgCluster::start_private() else {
+    let Some(cluster) = pg_cluster::PgCluster::start_durable() else {
         eprintln!("store/postgres skipped: HOPMESH_SKIP_POSTGRES=1");
         return;
     };

@@ -109,6 +109,12 @@ impl PgCluster {
         (!skip_requested()).then(|| Self::start(false))
     }
 
+    /// [`Self::start_private`] with `fsync` on, as a real server runs (the benchmarks); the
+    /// test clusters run with it off.
+    pub(crate) fn start_durable() -> Option<Self> {
+        (!skip_requested()).then(|| Self::start_with(false, true))
+    }
+
     /// Stops the server (`pg_ctl stop -m fast`): clients see their connections closed and new
     /// ones refused, as when the database host goes down.
     pub(crate) fn stop(&self) {
@@ -152,6 +158,10 @@ impl PgCluster {
     }
 
     fn start(tls: bool) -> Self {
+        Self::start_with(tls, false)
+    }
+
+    fn start_with(tls: bool, durable: bool) -> Self {
         let bin = find_bin().unwrap_or_else(|| {
             panic!(
                 "PostgreSQL is not installed: install the Debian package `postgresql` \
@@ -195,9 +205,10 @@ impl PgCluster {
             "initdb",
         );
         let mut conf = format!(
-            "unix_socket_directories = '{}'\nport = {}\nfsync = off\nmax_connections = 200\n",
+            "unix_socket_directories = '{}'\nport = {}\nfsync = {}\nmax_connections = 200\n",
             cluster.dir.path().display(),
-            cluster.port
+            cluster.port,
+            if durable { "on" } else { "off" }
         );
         if tls {
             cluster.write_tls(&data);
