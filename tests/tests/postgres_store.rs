@@ -129,11 +129,17 @@ async fn a_database_of_another_mesh_is_refused_at_init() {
         !second.path().join("v").join("signing.key").exists(),
         "a refused init leaves no keys behind"
     );
+    // `init` again, pointed at an empty database: refused, never a new empty store.
+    let e = DataDir::with_store(first.path(), pg_store(&cluster))
+        .init()
+        .expect_err("an empty database for an existing data directory");
+    assert!(e.to_string().contains("start the mesh over"), "{e}");
 }
 
 /// The database goes down under a serving verifier (docs/design.md §12, "When the database is
 /// down"): what needs a commit is refused, promptly and with the reason, and nothing is
-/// acknowledged; what needs none goes on; once the database is back, the pool reconnects.
+/// acknowledged; the verifier is fenced and issues nothing; once the database is back it
+/// takes its lock again (nobody served meanwhile) and the pool reconnects.
 #[tokio::test]
 async fn with_the_database_down_nothing_is_acknowledged_and_it_recovers() {
     use hopmesh_protocol::enrollment::Refusal;
@@ -175,31 +181,35 @@ async fn with_the_database_down_nothing_is_acknowledged_and_it_recovers() {
     let e = token.expect_err("no join secret without a commit");
     assert!(e.contains("PostgreSQL"), "the reason names the store: {e}");
     let c = h.node().await;
-    match c.enroll(spare, GOOD_MEASUREMENT, h.now()).await {
-        Err(ClientError::Refused(r)) => assert_ne!(r, Refusal::Revoked, "{r:?}"),
+    match c.enroll(spare.clone(), GOOD_MEASUREMENT, h.now()).await {
+        Err(ClientError::Refused(Refusal::Internal)) => {}
         other => panic!("an enrolment needs its commit: {other:?}"),
     }
-    // A refresh that changes nothing stored is answered from memory (serials come from a
-    // block reserved earlier): nodes keep their credentials through a database outage.
-    a.refresh(GOOD_MEASUREMENT, h.now())
-        .await
-        .expect("a refresh needs no commit");
-    b.refresh(GOOD_MEASUREMENT, h.now())
-        .await
-        .expect("b was not revoked: nothing was acknowledged");
+    // The serve lock went with the server: the verifier is fenced and issues nothing, since
+    // it cannot tell a dead database from one another verifier now serves.
+    match a.refresh(GOOD_MEASUREMENT, h.now()).await {
+        Err(ClientError::Refused(Refusal::Internal)) => {}
+        other => panic!("a fenced verifier issues nothing: {other:?}"),
+    }
 
     let metrics = h.shared().metrics().render();
-    let failures = metrics
+    let failures: u64 = metrics
         .lines()
-        .find(|l| l.starts_with("hopmesh_verifier_store_failures_total{kind=\"postgres\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .unwrap_or(0);
+        .filter(|l| l.starts_with("hopmesh_verifier_store_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
     assert!(
-        failures >= 3,
+        failures >= 4,
         "each refused call is counted: {failures}\n{metrics}"
+    );
+    assert!(
+        metrics.contains("hopmesh_verifier_store_failures_total{kind=\"fenced\"}"),
+        "{metrics}"
     );
 
     cluster.restart();
+    // A fenced store tries to take its lock again at most every PG_RELOCK_INTERVAL.
+    tokio::time::sleep(hopmesh_verifier::store::PG_RELOCK_INTERVAL).await;
     let out = h
         .admin()
         .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
@@ -209,6 +219,13 @@ async fn with_the_database_down_nothing_is_acknowledged_and_it_recovers() {
         out["revocation_version"], 1,
         "the refused revoke used no version"
     );
+    a.refresh(GOOD_MEASUREMENT, h.now())
+        .await
+        .expect("the lock was taken again (nobody served meanwhile): issuing again");
+    let c = h.node().await;
+    c.enroll(spare, GOOD_MEASUREMENT, h.now())
+        .await
+        .expect("the join secret refused during the outage was not burned");
     match b.refresh(GOOD_MEASUREMENT, h.now()).await {
         Err(ClientError::Refused(Refusal::Revoked)) => {}
         other => panic!("b is revoked now: {other:?}"),

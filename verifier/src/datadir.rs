@@ -98,7 +98,7 @@ impl DataDir {
                 return Err(self.occupied());
             }
             let signing = Identity::load(&self.file("signing.key"))?;
-            let outcome = PostgresStore::init(target, &signing.verifying_key().0)?;
+            let outcome = PostgresStore::migrate(target, &signing.verifying_key().0)?;
             tracing::info!(?outcome, store = %target.describe(), "store schema checked");
             return self.pins();
         }
@@ -112,19 +112,8 @@ impl DataDir {
             .map_err(|e| VerifierError::io(format!("create {}", self.root.display()), e))?;
         let signing = Identity::generate()?;
         let tls = Identity::generate()?;
-        // The store first: a database that refuses (another mesh's, unreachable) leaves no
-        // keys behind.
-        match &self.store {
-            StoreSpec::Sqlite => drop(SqliteStore::create(&self.file("store.db"))?),
-            StoreSpec::Postgres(target) => {
-                PostgresStore::init(target, &signing.verifying_key().0)?;
-                fs::write(
-                    self.file(PG_MARKER),
-                    "This verifier's store is in PostgreSQL: pass --store postgres://... \
-                     (or HOPMESH_VERIFIER_STORE).\n",
-                )
-                .map_err(|e| VerifierError::io(format!("write {PG_MARKER}"), e))?;
-            }
+        if let StoreSpec::Sqlite = &self.store {
+            drop(SqliteStore::create(&self.file("store.db"))?);
         }
         signing.save_new(&self.file("signing.key"))?;
         tls.save_new(&self.file("tls.key"))?;
@@ -133,6 +122,22 @@ impl DataDir {
             &self.file("admin.token"),
             hex::encode(random32()?).as_bytes(),
         )?;
+        if let StoreSpec::Postgres(target) = &self.store {
+            // Bound to the keys only once they are on disk; a database that refuses (another
+            // mesh's, unreachable) takes the new keys with it, so init can simply run again.
+            if let Err(e) = PostgresStore::init(target, &signing.verifying_key().0) {
+                for f in ["signing.key", "tls.key", "master.key", "admin.token"] {
+                    let _ = fs::remove_file(self.file(f));
+                }
+                return Err(e.into());
+            }
+            fs::write(
+                self.file(PG_MARKER),
+                "This verifier's store is in PostgreSQL: pass --store postgres://... \
+                 (or HOPMESH_VERIFIER_STORE).\n",
+            )
+            .map_err(|e| VerifierError::io(format!("write {PG_MARKER}"), e))?;
+        }
         let pins = Pins {
             verifier_tls_spki_sha256: hex::encode(spki_pin(&tls.spki())),
             signing_keys: vec![hex::encode(signing.verifying_key().0)],

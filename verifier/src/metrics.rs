@@ -43,7 +43,8 @@ pub struct Metrics {
     pub audit_pages_capped: Counter,
     /// Store calls that failed, by kind: `timeout` (no answer within `PG_CALL_TIMEOUT`: not
     /// acknowledged), `postgres` (the server refused, or the connection failed), `sqlite`,
-    /// `stale_version` (a revocation list offered below the stored one), `other`. Counted by
+    /// `stale_version` (a revocation list offered below the stored one), `fenced` (the serve
+    /// lock is lost: nothing issued or acknowledged), `other`. Counted by
     /// `store::Counted` around whichever store the verifier runs on.
     pub store_failures: Labeled,
     /// Connection attempts and connections refused or closed by the connection budgets
@@ -136,7 +137,7 @@ impl Default for Metrics {
         let store_failures = Labeled::default();
         registry.register(
             "store_failures",
-            "Store calls that failed, by kind (timeout, postgres, sqlite, stale_version, other)",
+            "Store calls that failed, by kind (timeout, postgres, sqlite, stale_version, fenced, other)",
             store_failures.clone(),
         );
         registry.register(

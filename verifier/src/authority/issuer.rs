@@ -60,6 +60,8 @@ impl Issuer {
         store: &mut dyn Store,
         now: UnixTime,
     ) -> Result<Vec<u8>, AdminError> {
+        // A verifier that lost a shared store's serve lock issues nothing (fencing).
+        store.check_serving()?;
         let attestation = Attestation {
             version: ATTESTATION_VERSION,
             node_id: rec.node_id,

@@ -184,6 +184,14 @@ pub(super) fn revocations_bans_serials_and_pairs_persist(b: &dyn Backend) {
         .expect("reissue");
         s.commit_reissue(&pair, 2, &[Generation(4)], UnixTime::from_secs(12))
             .expect("reissue again");
+        // A writer working from a stale count: refused, and nothing of it lands.
+        for stale in [1, 2] {
+            assert!(
+                s.commit_reissue(&pair, stale, &[Generation(9)], UnixTime::from_secs(13))
+                    .is_err(),
+                "a reissue count never goes back or repeats ({stale})"
+            );
+        }
     }
     let mut s = b.open();
     let nodes = s.nodes().expect("nodes");
@@ -642,5 +650,54 @@ fn a_call_with_the_server_down_fails_with_the_reason_and_the_pool_recovers() {
             .expect("the pool replaced its closed connections"),
         2,
         "the failed call reserved nothing"
+    );
+}
+
+#[test]
+fn a_verifier_that_lost_its_serve_lock_is_fenced_until_it_takes_it_again() {
+    let Some(cluster) = PgCluster::start_private() else {
+        return;
+    };
+    let target = PgTarget {
+        url: cluster.fresh_database(),
+        ca: None,
+    };
+    PostgresStore::init(&target, &MESH_KEY).expect("init");
+    let mut a = PostgresStore::open(&target, &MESH_KEY, "a", true).expect("a serves");
+    a.check_serving().expect("holding the lock");
+    let restart = || {
+        cluster.stop();
+        cluster.restart();
+        // The lock's session ended with the server; give its driver a moment to see it.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    restart();
+    a.check_serving()
+        .expect("nobody served meanwhile: the lock is taken again");
+    assert!(
+        PostgresStore::open(&target, &MESH_KEY, "b", true).is_err(),
+        "a holds it again"
+    );
+
+    restart();
+    // While a has lost its lock, b takes it and serves (moving the serve epoch), then stops.
+    let mut b = PostgresStore::open(&target, &MESH_KEY, "b", true).expect("b serves");
+    b.reserve_serials(1).expect("b writes");
+    drop(b);
+    std::thread::sleep(PG_RELOCK_INTERVAL);
+    for _ in 0..2 {
+        let e = a.check_serving().expect_err("a's memory may be stale now");
+        assert!(
+            matches!(&e, StoreError::Fenced(why) if why.contains("another verifier")),
+            "{e}"
+        );
+        let e = a
+            .reserve_serials(1)
+            .expect_err("fenced: nothing acknowledged");
+        assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+    }
+    assert!(
+        PostgresStore::open(&target, &MESH_KEY, "a2", true).is_ok(),
+        "a holds no lock: a restarted verifier may serve"
     );
 }

@@ -44,6 +44,7 @@ pub fn failure_kind(e: &StoreError) -> &'static str {
         StoreError::Postgres(_) => "postgres",
         StoreError::Sqlite(_) => "sqlite",
         StoreError::StaleVersion { .. } => "stale_version",
+        StoreError::Fenced(_) => "fenced",
         _ => "other",
     }
 }
@@ -120,5 +121,9 @@ impl Store for Counted {
     }
     fn audit_anchor(&self) -> Result<Option<SignedHead>, StoreError> {
         self.count(self.inner.audit_anchor())
+    }
+    fn check_serving(&mut self) -> Result<(), StoreError> {
+        let r = self.inner.check_serving();
+        self.count(r)
     }
 }

@@ -22,7 +22,8 @@ mod sqlite;
 
 pub use counted::{Counted, failure_kind};
 pub use postgres::{
-    PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_POOL_SIZE, PG_SCHEMA_VERSION, PostgresStore,
+    PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_POOL_SIZE, PG_RELOCK_INTERVAL, PG_SCHEMA_VERSION,
+    PostgresStore,
 };
 pub use spec::{PgTarget, StoreSpec, TlsPlan, plan_tls};
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
@@ -59,6 +60,10 @@ pub enum StoreError {
     /// The database holds another mesh's state (another signing key).
     #[error("the store belongs to another mesh: {0}")]
     WrongMesh(String),
+    /// This verifier lost its serve lock (and, if another verifier served meanwhile, for
+    /// good): nothing is issued or acknowledged.
+    #[error("store (PostgreSQL): fenced: {0}")]
+    Fenced(String),
     /// Another verifier already serves from this database.
     #[error("another verifier is serving from this database ({0}); one verifier per database")]
     InUse(String),
@@ -231,6 +236,11 @@ pub trait Store: Send + std::fmt::Debug {
     /// The audit anchor, if one was stored.
     fn audit_anchor(&self) -> Result<Option<SignedHead>, StoreError> {
         Ok(None)
+    }
+    /// May this verifier issue now? A shared store refuses ([`StoreError::Fenced`]) while
+    /// this verifier does not hold its serve lock: it checks it before every attestation.
+    fn check_serving(&mut self) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

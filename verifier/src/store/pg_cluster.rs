@@ -111,6 +111,7 @@ impl PgCluster {
 
     /// [`Self::start_private`] with `fsync` on, as a real server runs (the benchmarks); the
     /// test clusters run with it off.
+    #[allow(dead_code)] // used by benches/benches/verifier.rs, which includes this file by path
     pub(crate) fn start_durable() -> Option<Self> {
         (!skip_requested()).then(|| Self::start_with(false, true))
     }

@@ -11,7 +11,9 @@
 //! [`PostgresStore::open`] refuses a database of another mesh.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use hopmesh_protocol::hop_token::{Generation, PairIds};
@@ -64,7 +66,7 @@ CREATE TABLE hopmesh.compromised (lo BYTEA NOT NULL, hi BYTEA NOT NULL, generati
     at BIGINT NOT NULL, PRIMARY KEY (lo, hi, generation));
 CREATE TABLE hopmesh.audit_anchor (replica TEXT PRIMARY KEY CHECK (replica <> ''),
     seq BIGINT NOT NULL, hash TEXT NOT NULL, key_id TEXT NOT NULL, sig TEXT NOT NULL);
-INSERT INTO hopmesh.meta (key, value) VALUES ('next_serial', 1);
+INSERT INTO hopmesh.meta (key, value) VALUES ('next_serial', 1), ('serve_epoch', 0);
 "];
 
 /// What [`PostgresStore::init`] did.
@@ -78,12 +80,29 @@ pub enum InitOutcome {
     Current,
 }
 
+/// The serve lock of an exclusively opened store: the session holding [`SERVE_LOCK`], the
+/// serve epoch it set, and whether that session ended (`lost`). A store whose lock is lost
+/// refuses every call and every issuance (fenced) until it takes the lock again with the
+/// epoch unchanged; if another verifier served meanwhile, it stays fenced for good.
+struct ServeLock {
+    target: PgTarget,
+    client: Option<tokio_postgres::Client>,
+    epoch: i64,
+    lost: Arc<AtomicBool>,
+    /// Set for good once another verifier served: this one's memory may be stale.
+    superseded: Option<String>,
+    next_try: Instant,
+}
+
+/// Shortest time between two attempts of a fenced store to take its serve lock again.
+pub const PG_RELOCK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The PostgreSQL store.
 pub struct PostgresStore {
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
-    /// The connection holding [`SERVE_LOCK`], when opened exclusively.
-    lock: Option<tokio_postgres::Client>,
+    /// The serve lock, when opened exclusively.
+    serve: Option<ServeLock>,
     /// Whose audit anchor this handle reads and writes: each verifier keeps its own audit
     /// log, so each has its own anchor (the hex of `SHA-256` of its TLS key's SPKI).
     replica: String,
@@ -104,7 +123,8 @@ const PG_UNLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
-        if let (Some(lock), Some(rt)) = (self.lock.take(), self.rt.as_ref()) {
+        let client = self.serve.as_mut().and_then(|l| l.client.take());
+        if let (Some(lock), Some(rt)) = (client, self.rt.as_ref()) {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             rt.spawn(async move {
                 let _ = tokio::time::timeout(
@@ -180,17 +200,23 @@ fn rustls_connector(target: &PgTarget) -> Result<MakeRustlsConnect, StoreError> 
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// Connects once outside the pool (the serve lock needs a connection of its own).
-async fn connect_one(target: &PgTarget) -> Result<tokio_postgres::Client, StoreError> {
+/// Connects once outside the pool (the serve lock needs a connection of its own); `lost` is
+/// set when the connection ends, for whatever reason (the session lock ends with it).
+async fn connect_one(
+    target: &PgTarget,
+    lost: Arc<AtomicBool>,
+) -> Result<tokio_postgres::Client, StoreError> {
     let (cfg, plan) = target.config()?;
+    let watch = move |r: Result<(), tokio_postgres::Error>| {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "the store's serve-lock connection ended");
+        }
+        lost.store(true, Ordering::SeqCst);
+    };
     let client = match plan {
         TlsPlan::Plain => {
             let (client, conn) = cfg.connect(NoTls).await.map_err(|e| pg_err(&e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::warn!(error = %e, "store lock connection ended");
-                }
-            });
+            tokio::spawn(async move { watch(conn.await) });
             client
         }
         TlsPlan::Verify => {
@@ -198,15 +224,46 @@ async fn connect_one(target: &PgTarget) -> Result<tokio_postgres::Client, StoreE
                 .connect(rustls_connector(target)?)
                 .await
                 .map_err(|e| pg_err(&e))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::warn!(error = %e, "store lock connection ended");
-                }
-            });
+            tokio::spawn(async move { watch(conn.await) });
             client
         }
     };
     Ok(client)
+}
+
+/// Takes the serve lock on a connection of its own and moves the serve epoch: `Ok(None)` when
+/// another session holds the lock. With `expect`, the epoch must still be that one (nobody
+/// served this database since): otherwise [`StoreError::Fenced`].
+async fn take_serve_lock(
+    target: &PgTarget,
+    lost: Arc<AtomicBool>,
+    expect: Option<i64>,
+) -> Result<Option<(tokio_postgres::Client, i64)>, StoreError> {
+    let c = connect_one(target, lost).await?;
+    let got: bool = c
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+        .await
+        .map_err(|e| pg_err(&e))?
+        .get(0);
+    if !got {
+        return Ok(None);
+    }
+    let epoch: i64 = c
+        .query_one(
+            "UPDATE hopmesh.meta SET value = value + 1 WHERE key = 'serve_epoch' RETURNING value",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?
+        .get(0);
+    match expect {
+        Some(mine) if epoch != mine + 1 => Err(StoreError::Fenced(format!(
+            "another verifier served this database while this one had lost its lock \
+             (serve epoch {mine} -> {}); restart this verifier to serve again",
+            epoch - 1
+        ))),
+        _ => Ok(Some((c, epoch))),
+    }
 }
 
 /// The schema version, or `None` when the database holds no hopmesh schema.
@@ -272,7 +329,7 @@ impl PostgresStore {
         Ok(Self {
             rt: Some(rt),
             pool,
-            lock: None,
+            serve: None,
             replica: String::new(),
             server: target.describe(),
         })
@@ -282,7 +339,23 @@ impl PostgresStore {
     /// `mesh_key`, or migrates this mesh's older schema. Refuses another mesh's database and a
     /// schema newer than this build. Concurrent inits serialise on an advisory lock.
     pub fn init(target: &PgTarget, mesh_key: &[u8]) -> Result<InitOutcome, StoreError> {
+        Self::init_with(target, mesh_key, true)
+    }
+
+    /// [`Self::init`] that never creates: a database without this mesh's schema is refused
+    /// ([`StoreError::Missing`]), so a re-run `init` pointed at the wrong (or an emptied)
+    /// database cannot start the mesh over on an empty store.
+    pub fn migrate(target: &PgTarget, mesh_key: &[u8]) -> Result<InitOutcome, StoreError> {
+        Self::init_with(target, mesh_key, false)
+    }
+
+    fn init_with(
+        target: &PgTarget,
+        mesh_key: &[u8],
+        create: bool,
+    ) -> Result<InitOutcome, StoreError> {
         let store = Self::connect(target)?;
+        let server = store.server.clone();
         let key = mesh_key.to_vec();
         store.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
@@ -291,6 +364,12 @@ impl PostgresStore {
                 .await
                 .map_err(|e| pg_err(&e))?;
             let found = schema_version(&*tx).await?;
+            if found.is_none() && !create {
+                return Err(StoreError::Missing(format!(
+                    "{server} holds no hopmesh schema, and this data directory's store was \
+                     made elsewhere: refusing to start the mesh over on an empty store"
+                )));
+            }
             if found.is_some() {
                 check_mesh(&*tx, &key).await?;
             }
@@ -368,23 +447,92 @@ impl PostgresStore {
             }
         })?;
         if exclusive {
-            let target = target.clone();
-            let server = store.server.clone();
-            let lock = store.run(|_| async move {
-                let c = connect_one(&target).await?;
-                let got: bool = c
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
-                    .await
-                    .map_err(|e| pg_err(&e))?
-                    .get(0);
-                match got {
-                    true => Ok(c),
-                    false => Err(StoreError::InUse(server)),
-                }
-            })?;
-            store.lock = Some(lock);
+            let (t, lost) = (target.clone(), Arc::new(AtomicBool::new(false)));
+            let lost2 = lost.clone();
+            let taken = store.run(|_| async move { take_serve_lock(&t, lost2, None).await })?;
+            let Some((client, epoch)) = taken else {
+                return Err(StoreError::InUse(store.server.clone()));
+            };
+            store.serve = Some(ServeLock {
+                target: target.clone(),
+                client: Some(client),
+                epoch,
+                lost,
+                superseded: None,
+                next_try: Instant::now(),
+            });
         }
         Ok(store)
+    }
+
+    /// For an exclusively opened store: `Ok` while it holds its serve lock; when the lock was
+    /// lost, one attempt (at most every [`PG_RELOCK_INTERVAL`]) to take it again, which
+    /// succeeds only if no other verifier served meanwhile; [`StoreError::Fenced`] otherwise.
+    fn check_lock(&mut self) -> Result<(), StoreError> {
+        let Some(lock) = self.serve.as_mut() else {
+            return Ok(());
+        };
+        if let Some(why) = &lock.superseded {
+            return Err(StoreError::Fenced(why.clone()));
+        }
+        if !lock.lost.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let fenced = || {
+            StoreError::Fenced(
+                "the serve lock was lost (the database restarted or is unreachable); \
+                 nothing is issued or acknowledged until it is taken again"
+                    .into(),
+            )
+        };
+        if Instant::now() < lock.next_try {
+            return Err(fenced());
+        }
+        lock.next_try = Instant::now() + PG_RELOCK_INTERVAL;
+        let (target, epoch) = (lock.target.clone(), lock.epoch);
+        let lost = Arc::new(AtomicBool::new(false));
+        let lost2 = lost.clone();
+        let rt = self
+            .rt
+            .as_ref()
+            .ok_or_else(|| StoreError::Postgres("the store runtime stopped".into()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let out = tokio::time::timeout(
+                PG_CALL_TIMEOUT,
+                take_serve_lock(&target, lost2, Some(epoch)),
+            )
+            .await
+            .unwrap_or(Err(StoreError::Timeout(PG_CALL_TIMEOUT)));
+            let _ = tx.send(out);
+        });
+        let taken = rx
+            .recv()
+            .map_err(|_| StoreError::Postgres("a store call ended without an answer".into()))?;
+        let Some(lock) = self.serve.as_mut() else {
+            return Ok(());
+        };
+        match taken {
+            Ok(Some((client, epoch))) => {
+                tracing::warn!(epoch, "the store's serve lock was taken again");
+                lock.client = Some(client);
+                lock.epoch = epoch;
+                lock.lost = lost;
+                Ok(())
+            }
+            Ok(None) => {
+                let why = "another verifier holds this database's serve lock now; restart this \
+                           verifier (it is a standby until then)"
+                    .to_owned();
+                lock.superseded = Some(why.clone());
+                Err(StoreError::Fenced(why))
+            }
+            Err(StoreError::Fenced(why)) => {
+                lock.superseded = Some(why.clone());
+                Err(StoreError::Fenced(why))
+            }
+            Err(_) => Err(fenced()),
+        }
     }
 
     /// Runs one call on the store's runtime and waits for its answer (bounded).
@@ -482,7 +630,12 @@ fn segments_of(s: Option<String>) -> Option<Vec<String>> {
 }
 
 impl Store for PostgresStore {
+    fn check_serving(&mut self) -> Result<(), StoreError> {
+        self.check_lock()
+    }
+
     fn put_join_token(&mut self, t: &JoinTokenRecord) -> Result<(), StoreError> {
+        self.check_lock()?;
         let t = t.clone();
         self.run(|pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
@@ -508,6 +661,7 @@ impl Store for PostgresStore {
         secret_hash: &[u8; 32],
         now: UnixTime,
     ) -> Result<JoinTokenUse, StoreError> {
+        self.check_lock()?;
         let hash = *secret_hash;
         self.run(|pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
@@ -548,6 +702,7 @@ impl Store for PostgresStore {
     }
 
     fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError> {
+        self.check_lock()?;
         let n = n.clone();
         self.run(|pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
@@ -644,6 +799,7 @@ impl Store for PostgresStore {
         reason: &str,
         at: UnixTime,
     ) -> Result<(), StoreError> {
+        self.check_lock()?;
         let (bans, reason) = (bans.to_vec(), reason.to_owned());
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
@@ -660,6 +816,7 @@ impl Store for PostgresStore {
         bans: &[BanSubject],
         list: &StoredList,
     ) -> Result<(), StoreError> {
+        self.check_lock()?;
         let (node, bans, list) = (*node, bans.to_vec(), list.clone());
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
@@ -695,6 +852,7 @@ impl Store for PostgresStore {
     }
 
     fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), StoreError> {
+        self.check_lock()?;
         let list = list.clone();
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
@@ -705,6 +863,7 @@ impl Store for PostgresStore {
     }
 
     fn reserve_serials(&mut self, n: u64) -> Result<u64, StoreError> {
+        self.check_lock()?;
         self.run(|pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
             // One statement under the row lock: concurrent reservations never overlap.
@@ -780,18 +939,28 @@ impl Store for PostgresStore {
         compromised: &[Generation],
         at: UnixTime,
     ) -> Result<(), StoreError> {
+        self.check_lock()?;
         let (pair, compromised) = (*pair, compromised.to_vec());
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
             let (lo, hi) = (pair.lo().as_bytes().to_vec(), pair.hi().as_bytes().to_vec());
-            tx.execute(
-                "INSERT INTO hopmesh.pairs (lo, hi, reissues) VALUES ($1, $2, $3)
-                 ON CONFLICT (lo, hi) DO UPDATE SET reissues = EXCLUDED.reissues",
-                &[&lo, &hi, &i32::from(reissues)],
-            )
-            .await
-            .map_err(|e| pg_err(&e))?;
+            // The count only moves up (a lower one would hand out seeds of generations
+            // already marked compromised): a stale writer is refused, in one statement.
+            let written = tx
+                .execute(
+                    "INSERT INTO hopmesh.pairs AS p (lo, hi, reissues) VALUES ($1, $2, $3)
+                     ON CONFLICT (lo, hi) DO UPDATE SET reissues = EXCLUDED.reissues
+                     WHERE p.reissues < EXCLUDED.reissues",
+                    &[&lo, &hi, &i32::from(reissues)],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            if written != 1 {
+                return Err(StoreError::BadValue(format!(
+                    "reissue count {reissues} is not above the stored one"
+                )));
+            }
             for g in compromised {
                 tx.execute(
                     "INSERT INTO hopmesh.compromised (lo, hi, generation, at) VALUES ($1, $2, $3, $4)
@@ -806,43 +975,38 @@ impl Store for PostgresStore {
     }
 
     fn put_audit_anchor(&mut self, anchor: &SignedHead) -> Result<(), StoreError> {
+        self.check_lock()?;
         let anchor = anchor.clone();
         let replica = self.replica.clone();
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
-            let current = tx
-                .query_opt(
-                    "SELECT seq, hash FROM hopmesh.audit_anchor WHERE replica = $1 FOR UPDATE",
-                    &[&replica],
+            // Forward only, decided on the latest committed row (one statement).
+            let written = tx
+                .execute(
+                    "INSERT INTO hopmesh.audit_anchor (replica, seq, hash, key_id, sig)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (replica) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash,
+                    key_id = EXCLUDED.key_id, sig = EXCLUDED.sig
+                 WHERE hopmesh.audit_anchor.seq < EXCLUDED.seq
+                    OR (hopmesh.audit_anchor.seq = EXCLUDED.seq
+                        AND hopmesh.audit_anchor.hash = EXCLUDED.hash)",
+                    &[
+                        &replica,
+                        &i64_of(anchor.seq),
+                        &anchor.hash,
+                        &anchor.key_id,
+                        &anchor.sig,
+                    ],
                 )
                 .await
                 .map_err(|e| pg_err(&e))?;
-            if let Some(r) = current {
-                let (seq, hash): (i64, String) = (r.get(0), r.get(1));
-                let seq = u64_of(seq);
-                if seq > anchor.seq || (seq == anchor.seq && hash != anchor.hash) {
-                    return Err(StoreError::BadValue(format!(
-                        "audit anchor would move back from seq {seq} to {}",
-                        anchor.seq
-                    )));
-                }
+            if written != 1 {
+                return Err(StoreError::BadValue(format!(
+                    "audit anchor would move back to seq {}",
+                    anchor.seq
+                )));
             }
-            tx.execute(
-                "INSERT INTO hopmesh.audit_anchor (replica, seq, hash, key_id, sig)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (replica) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash,
-                    key_id = EXCLUDED.key_id, sig = EXCLUDED.sig",
-                &[
-                    &replica,
-                    &i64_of(anchor.seq),
-                    &anchor.hash,
-                    &anchor.key_id,
-                    &anchor.sig,
-                ],
-            )
-            .await
-            .map_err(|e| pg_err(&e))?;
             tx.commit().await.map_err(|e| pg_err(&e))
         })
     }

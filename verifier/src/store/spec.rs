@@ -129,8 +129,13 @@ pub fn plan_tls(
     }
 }
 
-/// Keepalive idle time: a dead server or path is noticed within about twice this.
+/// Keepalive idle time, probe interval and probes: an idle connection to a dead server or
+/// path is noticed within about 10 + 3 × 2 = 16 s.
 const PG_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const PG_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const PG_KEEPALIVE_RETRIES: u32 = 3;
+/// Data unacknowledged this long ends the connection (`TCP_USER_TIMEOUT`).
+const PG_TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl PgTarget {
     /// The client configuration (timeouts and keepalives set, `sslmode` made explicit) and how
@@ -154,7 +159,11 @@ impl PgTarget {
         if cfg.get_connect_timeout().is_none() {
             cfg.connect_timeout(PG_CONNECT_TIMEOUT);
         }
-        cfg.keepalives(true).keepalives_idle(PG_KEEPALIVE_IDLE);
+        cfg.keepalives(true)
+            .keepalives_idle(PG_KEEPALIVE_IDLE)
+            .keepalives_interval(PG_KEEPALIVE_INTERVAL)
+            .keepalives_retries(PG_KEEPALIVE_RETRIES)
+            .tcp_user_timeout(PG_TCP_USER_TIMEOUT);
         if cfg.get_application_name().is_none() {
             cfg.application_name("hopmesh-verifier");
         }

@@ -433,10 +433,18 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction()?;
         let (lo_id, hi_id) = (pair.lo(), pair.hi());
         let (lo, hi) = (&lo_id.as_bytes()[..], &hi_id.as_bytes()[..]);
-        tx.execute(
-            "INSERT OR REPLACE INTO pairs (lo, hi, reissues) VALUES (?1, ?2, ?3)",
+        // The count only moves up (see PostgresStore::commit_reissue).
+        let written = tx.execute(
+            "INSERT INTO pairs (lo, hi, reissues) VALUES (?1, ?2, ?3)
+             ON CONFLICT (lo, hi) DO UPDATE SET reissues = excluded.reissues
+             WHERE pairs.reissues < excluded.reissues",
             params![lo, hi, i64::from(reissues)],
         )?;
+        if written != 1 {
+            return Err(StoreError::BadValue(format!(
+                "reissue count {reissues} is not above the stored one"
+            )));
+        }
         for g in compromised {
             tx.execute(
                 "INSERT OR IGNORE INTO compromised (lo, hi, generation, at) VALUES (?1, ?2, ?3, ?4)",
