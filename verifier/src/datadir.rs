@@ -131,12 +131,7 @@ impl DataDir {
                 }
                 return Err(e.into());
             }
-            fs::write(
-                self.file(PG_MARKER),
-                "This verifier's store is in PostgreSQL: pass --store postgres://... \
-                 (or HOPMESH_VERIFIER_STORE).\n",
-            )
-            .map_err(|e| VerifierError::io(format!("write {PG_MARKER}"), e))?;
+            self.write_pg_marker()?;
         }
         let pins = Pins {
             verifier_tls_spki_sha256: hex::encode(spki_pin(&tls.spki())),
@@ -223,12 +218,7 @@ impl DataDir {
             &self.file("admin.token"),
             hex::encode(random32()?).as_bytes(),
         )?;
-        fs::write(
-            self.file(PG_MARKER),
-            "This verifier's store is in PostgreSQL: pass --store postgres://... \
-             (or HOPMESH_VERIFIER_STORE).\n",
-        )
-        .map_err(|e| VerifierError::io(format!("write {PG_MARKER}"), e))?;
+        self.write_pg_marker()?;
         let pins = Pins {
             verifier_tls_spki_sha256: hex::encode(contents.verifier_tls_pin),
             signing_keys: contents.signing_keys.iter().map(hex::encode).collect(),
@@ -238,6 +228,15 @@ impl DataDir {
         fs::write(self.file("pins.json"), json + "\n")
             .map_err(|e| VerifierError::io("write pins.json", e))?;
         Ok(pins)
+    }
+
+    fn write_pg_marker(&self) -> Result<(), VerifierError> {
+        fs::write(
+            self.file(PG_MARKER),
+            "This verifier's store is in PostgreSQL: pass --store postgres://... \
+             (or HOPMESH_VERIFIER_STORE).\n",
+        )
+        .map_err(|e| VerifierError::io(format!("write {PG_MARKER}"), e))
     }
 
     fn occupied(&self) -> VerifierError {

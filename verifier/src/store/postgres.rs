@@ -492,23 +492,7 @@ impl PostgresStore {
         let (target, epoch) = (lock.target.clone(), lock.epoch);
         let lost = Arc::new(AtomicBool::new(false));
         let lost2 = lost.clone();
-        let rt = self
-            .rt
-            .as_ref()
-            .ok_or_else(|| StoreError::Postgres("the store runtime stopped".into()))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
-            let out = tokio::time::timeout(
-                PG_CALL_TIMEOUT,
-                take_serve_lock(&target, lost2, Some(epoch)),
-            )
-            .await
-            .unwrap_or(Err(StoreError::Timeout(PG_CALL_TIMEOUT)));
-            let _ = tx.send(out);
-        });
-        let taken = rx
-            .recv()
-            .map_err(|_| StoreError::Postgres("a store call ended without an answer".into()))?;
+        let taken = self.run(|_| async move { take_serve_lock(&target, lost2, Some(epoch)).await });
         let Some(lock) = self.serve.as_mut() else {
             return Ok(());
         };
