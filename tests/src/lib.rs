@@ -147,6 +147,33 @@ impl VerifierHarness {
         h
     }
 
+    /// A second verifier serving the same PostgreSQL store beside this one: the mesh's secrets
+    /// moved by a replica bundle, a TLS key of its own, the same policy and clock.
+    pub async fn replica(&self) -> Self {
+        let pass = b"a replica bundle passphrase for tests";
+        let bundle = DataDir::new(self.dir.path())
+            .export_bundle(pass)
+            .expect("export a replica bundle");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pins = DataDir::with_store(dir.path(), self.store.clone())
+            .init_replica(&bundle, pass)
+            .expect("init the replica");
+        let policy_path = dir.path().join("policy.toml");
+        std::fs::copy(&self.policy_path, &policy_path).expect("copy the policy");
+        let mut h = Self {
+            dir,
+            policy_path,
+            pins,
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+            running: None,
+            store: self.store.clone(),
+            last_addr: None,
+        };
+        h.restart().await.expect("start the replica");
+        h
+    }
+
     /// (Re)starts the verifier, on the QUIC port it had before (nodes keep its address).
     pub async fn restart(&mut self) -> Result<(), VerifierError> {
         if let Some(r) = self.running.take() {

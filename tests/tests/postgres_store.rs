@@ -208,13 +208,23 @@ async fn with_the_database_down_nothing_is_acknowledged_and_it_recovers() {
     );
 
     cluster.restart();
-    // A fenced store tries to take its lock again at most every PG_RELOCK_INTERVAL.
-    tokio::time::sleep(hopmesh_verifier::store::PG_RELOCK_INTERVAL).await;
-    let out = h
-        .admin()
-        .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
-        .await
-        .expect("the pool reconnects once the database is back");
+    // The follower takes the lock again (at most every PG_RELOCK_INTERVAL) and reads the
+    // change feed to its head (at least every FEED_POLL_INTERVAL); until then, fenced.
+    let back = std::time::Instant::now();
+    let out = loop {
+        let r = h
+            .admin()
+            .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
+            .await;
+        match r {
+            Ok(out) => break out,
+            Err(e) if e.contains("fenced") && back.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the verifier serves again once the database is back: {e}"),
+        }
+    };
+    println!("serving again {:?} after the database", back.elapsed());
     assert_eq!(
         out["revocation_version"], 1,
         "the refused revoke used no version"
@@ -332,4 +342,205 @@ async fn a_replica_from_a_bundle_serves_nodes_pinned_to_the_first_verifier() {
             .verify_audit()
             .expect("the chain reaches its anchor");
     }
+}
+
+/// Waits (bounded) on `stream` for a push that `want` picks; returns it and how long it took.
+async fn wait_push<T>(
+    stream: &mut hopmesh_transport::verifier_client::PushStream,
+    mut want: impl FnMut(&hopmesh_protocol::enrollment::Push) -> Option<T>,
+) -> (T, Duration) {
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let p = stream.next().await.expect("push stream").expect("open");
+            if let Some(t) = want(&p) {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("the push arrives within 10 s");
+    (got, started.elapsed())
+}
+
+/// The version of a revocation-list push, verified under the mesh's pins.
+fn list_version(
+    pins: &hopmesh_transport::pins::Pins,
+    p: &hopmesh_protocol::enrollment::Push,
+) -> Option<u64> {
+    use hopmesh_protocol::attestation::{KeySet, RevocationUpdate, verify_revocation_list};
+    let hopmesh_protocol::enrollment::Push::Revocations { list } = p else {
+        return None;
+    };
+    let keys = KeySet::new(pins.signing_keys().expect("signing keys")).expect("key set");
+    match verify_revocation_list(list, &keys, None).expect("a list signed by the mesh") {
+        RevocationUpdate::Newer(l) => Some(l.version),
+        RevocationUpdate::Same => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_serve_at_once_and_each_applies_the_others_changes() {
+    use hopmesh_protocol::enrollment::Push;
+    use hopmesh_protocol::ids::NodeName;
+    use hopmesh_tests::{GOOD_MEASUREMENT, TestNode, VerifierHarness, standard_policy};
+    use hopmesh_verifier::authority::NodeRef;
+    let Some(cluster) = PgCluster::shared() else {
+        return;
+    };
+    let one =
+        VerifierHarness::start_on(&standard_policy(), Settings::default(), pg_store(&cluster))
+            .await;
+    let two = one.replica().await;
+
+    // A join secret made at one is used at the other; each sees the other's enrolment.
+    let a = one.node().await;
+    let first = a
+        .enroll(two.join_token("a", 600), GOOD_MEASUREMENT, one.now())
+        .await
+        .expect("a enrolls at one with a secret made at two");
+    let b = two.node().await;
+    b.enroll(one.join_token("b", 600), GOOD_MEASUREMENT, two.now())
+        .await
+        .expect("b enrolls at two");
+    let sees = |h: &VerifierHarness, name: &str| {
+        h.shared()
+            .authority()
+            .nodes_view()
+            .iter()
+            .any(|n| n.name == name)
+    };
+    for _ in 0..100 {
+        if sees(&one, "b") && sees(&two, "a") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        sees(&one, "b") && sees(&two, "a"),
+        "each replica applied the other's enrolment"
+    );
+
+    // Serials increase for one node across replicas, both ways.
+    let a_at_two = TestNode::connect(&two, a.identity.try_clone().expect("clone")).await;
+    let second = a_at_two
+        .refresh(GOOD_MEASUREMENT, two.now())
+        .await
+        .expect("a refreshes at two");
+    let third = a
+        .refresh(GOOD_MEASUREMENT, one.now())
+        .await
+        .expect("a refreshes at one again");
+    let serials = [first.get().serial, second.get().serial, third.get().serial];
+    assert!(
+        serials.windows(2).all(|w| w[0] < w[1]),
+        "serials of one node increase across replicas: {serials:?}"
+    );
+
+    // b, subscribed at two, learns of a's revocation at one: the list and its compromised
+    // generations.
+    let mut pushes = b.subscribe().await.expect("b subscribes at two");
+    let now = one.now();
+    let out = one
+        .shared()
+        .authority()
+        .revoke(&NodeRef::Name(NodeName::new("a").expect("name")), now)
+        .expect("revoke a at one");
+    assert_eq!(out.revocation_version, 1);
+    let (version, took) = wait_push(&mut pushes, |p| {
+        list_version(&two.pins, p).filter(|v| *v >= 1)
+    })
+    .await;
+    assert_eq!(version, 1, "b got the list one signed");
+    let (peer, _) = wait_push(&mut pushes, |p| match p {
+        Push::Compromised { peer, .. } => Some(*peer),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        peer.to_string(),
+        out.node_id,
+        "b treats a's generations as compromised"
+    );
+    println!("cross-replica revocation propagation: {took:?}");
+    assert!(
+        two.shared()
+            .authority()
+            .nodes_view()
+            .iter()
+            .any(|n| n.name == "a" && n.revoked_at.is_some()),
+        "two holds a as revoked"
+    );
+    let e = a_at_two
+        .refresh(GOOD_MEASUREMENT, two.now())
+        .await
+        .expect_err("a revoked at one is refused at two");
+    assert!(format!("{e}").to_lowercase().contains("revoked"), "{e}");
+
+    // Revokes at both replicas at once: each gets its own version; both end on the list
+    // that holds both.
+    let c = one.node().await;
+    c.enroll(one.join_token("c", 600), GOOD_MEASUREMENT, one.now())
+        .await
+        .expect("c enrolls");
+    for _ in 0..100 {
+        if sees(&two, "c") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s1, s2) = (one.shared().clone(), two.shared().clone());
+    let now = one.now();
+    let at_one = std::thread::spawn(move || {
+        s1.authority()
+            .revoke(&NodeRef::Name(NodeName::new("c").expect("name")), now)
+    });
+    let at_two = std::thread::spawn(move || {
+        s2.authority()
+            .revoke(&NodeRef::Name(NodeName::new("b").expect("name")), now)
+    });
+    let v1 = at_one
+        .join()
+        .expect("thread")
+        .expect("revoke c at one")
+        .revocation_version;
+    let v2 = at_two
+        .join()
+        .expect("thread")
+        .expect("revoke b at two")
+        .revocation_version;
+    let mut versions = [v1, v2];
+    versions.sort_unstable();
+    assert_eq!(versions, [2, 3], "unique versions across replicas");
+    for _ in 0..100 {
+        let at = |h: &VerifierHarness| h.shared().authority().revocation_list().map(|l| l.version);
+        if at(&one) == Some(3) && at(&two) == Some(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for h in [&one, &two] {
+        assert_eq!(
+            h.shared().authority().revocation_list().map(|l| l.version),
+            Some(3),
+            "both replicas hold the last list"
+        );
+        let revoked: Vec<String> = h
+            .shared()
+            .authority()
+            .nodes_view()
+            .into_iter()
+            .filter(|n| n.revoked_at.is_some())
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(revoked.len(), 3, "{revoked:?}");
+    }
+    let applied = two.shared().metrics().render();
+    assert!(
+        applied.contains("feed_applied_total{kind=\"list\"}"),
+        "{applied}"
+    );
+    let (mut one, mut two) = (one, two);
+    two.stop().await;
+    one.stop().await;
 }

@@ -282,6 +282,48 @@ async fn ticker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Longest the follower waits for a change notification before it reads the change feed
+/// anyway: a lost notification delays a change by at most this long, never loses it.
+pub const FEED_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// On a shared store, applies the other replicas' changes ([`Authority::follow`]): woken by
+/// their notifications, and at least every [`FEED_POLL_INTERVAL`]. Ends at shutdown.
+async fn follower(
+    shared: Arc<Shared>,
+    signal: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = signal.notified() => {}
+            () = tokio::time::sleep(FEED_POLL_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let s = Arc::clone(&shared);
+        let followed = tokio::task::spawn_blocking(move || {
+            let now = s.now();
+            s.authority().follow(now)
+        })
+        .await;
+        match followed {
+            Ok(Ok(_)) if failing => {
+                tracing::info!("the change feed is read again");
+                failing = false;
+            }
+            Ok(Ok(_)) => {}
+            // Logged when it starts failing, not every second; counted in `store_failures`.
+            Ok(Err(e)) if !failing => {
+                tracing::error!(error = %e, "reading the change feed failed; this replica stops issuing once it is behind");
+                failing = true;
+            }
+            Ok(Err(_)) => {}
+            Err(e) if e.is_panic() => tracing::error!("the change-feed follower panicked"),
+            Err(_) => return,
+        }
+    }
+}
+
 /// Opens the data directory and starts the QUIC service, the admin API and the ticker.
 pub async fn start(
     dir: &Path,
@@ -361,6 +403,10 @@ pub async fn start(
             tracing::error!(error = %e, "admin API failed");
         }
     }));
+    let signal = shared.authority().change_signal();
+    if let Some(signal) = signal {
+        tasks.push(tokio::spawn(follower(shared.clone(), signal, rx.clone())));
+    }
     tasks.push(tokio::spawn(ticker(shared.clone(), rx)));
     tracing::info!(%node_addr, %admin_addr, "verifier serving");
     Ok(Running {

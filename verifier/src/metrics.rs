@@ -47,6 +47,11 @@ pub struct Metrics {
     /// lock is lost: nothing issued or acknowledged), `other`. Counted by
     /// `store::Counted` around whichever store the verifier runs on.
     pub store_failures: Labeled,
+    /// Changes of other replicas applied from a shared store's change feed, by kind (`node`,
+    /// `list`, `ban`, `pair`; `authority/follow.rs`).
+    pub feed_applied: Labeled,
+    /// The last change-feed entry this verifier has read (0 on SQLite).
+    pub feed_seq: Gauge,
     /// Connection attempts and connections refused or closed by the connection budgets
     /// (`verifier/src/service.rs`), by reason.
     pub connection_refusals: Labeled,
@@ -140,6 +145,14 @@ impl Default for Metrics {
             "Store calls that failed, by kind (timeout, postgres, sqlite, stale_version, fenced, other)",
             store_failures.clone(),
         );
+        let feed_applied = Labeled::default();
+        registry.register(
+            "feed_applied",
+            "Changes of other replicas applied from the change feed, by kind",
+            feed_applied.clone(),
+        );
+        let feed_seq = Gauge::default();
+        registry.register("feed_seq", "Last change-feed entry read", feed_seq.clone());
         registry.register(
             "audit_write_failures",
             "Audit writes that failed, by kind (best_effort, durable, anchor, checkpoint)",
@@ -249,6 +262,8 @@ impl Default for Metrics {
             audit_write_failures,
             audit_pages_capped,
             store_failures,
+            feed_applied,
+            feed_seq,
             attested,
             refusals,
             pushes,

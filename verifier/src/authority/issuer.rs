@@ -10,7 +10,7 @@ use hopmesh_protocol::wire::BoundedVec;
 use super::refusals::AdminError;
 use crate::store::{NodeRecord, Store, StoreError};
 
-/// Attestation serials reserved per store commit.
+/// Attestation serials reserved per store commit at most (a shared store reserves one).
 pub const SERIAL_BLOCK: u64 = 1024;
 
 /// Signs attestations (and, through [`key`](Self::key), revocation lists).
@@ -43,8 +43,10 @@ impl Issuer {
 
     fn next_serial(&mut self, store: &mut dyn Store) -> Result<u64, StoreError> {
         if self.serials.0 >= self.serials.1 {
-            let first = store.reserve_serials(SERIAL_BLOCK)?;
-            self.serials = (first, first + SERIAL_BLOCK);
+            // A shared store hands out one at a time (`Store::serial_block`).
+            let n = store.serial_block().clamp(1, SERIAL_BLOCK);
+            let first = store.reserve_serials(n)?;
+            self.serials = (first, first + n);
         }
         let s = self.serials.0;
         self.serials.0 += 1;

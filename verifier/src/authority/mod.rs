@@ -29,6 +29,7 @@
 //! counted, and the node only sees a coarse [`Refusal`].
 
 mod admission;
+mod follow;
 mod issuer;
 mod journal;
 mod operator;
@@ -70,9 +71,10 @@ pub use self::admission::{
     Issued, PendingEnrollment, PendingRefresh, RefreshStep, commit_refresh, enroll_outside_lock,
     join_secret_hash, lock_authority, refresh_outside_lock, try_lock_authority,
 };
+pub use self::follow::FEED_BATCH;
 pub use self::issuer::SERIAL_BLOCK;
 pub use self::journal::CHECKPOINT_INTERVAL_SECS;
-pub use self::operator::{PolicyReload, RELOAD_REPORTED};
+pub use self::operator::{PolicyReload, RELOAD_REPORTED, REVOKE_ATTEMPTS};
 pub use self::refusals::{AdminError, EnrollRefusal, RefreshRefusal, ReportRefusal};
 pub use self::rotation::{
     ROTATION_BATCH, ROTATION_BATCH_PAIRS, ROTATION_OFFSET_LABEL, ROTATION_SPREAD_PERCENT, Rotated,
@@ -130,6 +132,8 @@ pub struct Authority {
     refusal_audit: RefusalAudit,
     /// Signed audit checkpoints (`journal.rs`).
     checkpoints: self::journal::Checkpoints,
+    /// Where this verifier is in a shared store's change feed (`follow.rs`).
+    feed: self::follow::Feed,
 }
 
 impl std::fmt::Debug for Authority {
@@ -153,6 +157,13 @@ impl Authority {
             policy,
         } = parts;
         let settings_limits = settings.limits.clone();
+        // Before the state is loaded: a change committed meanwhile is applied again, never missed.
+        let feed = self::follow::Feed {
+            seq: store.change_head()?,
+        };
+        metrics
+            .feed_seq
+            .set(i64::try_from(feed.seq).unwrap_or(i64::MAX));
         let registry = Registry::load(store.as_ref())?;
         let seeds = Seeds::load(master, settings.generation_secs, store.as_ref(), now)?;
         let revocations = Revocations::load(store.as_ref(), &signing)?;
@@ -173,8 +184,14 @@ impl Authority {
             subscribers: Subscribers::default(),
             refusal_audit: RefusalAudit::new(&settings_limits, now),
             checkpoints: self::journal::Checkpoints::default(),
+            feed,
         };
         Ok(me)
+    }
+
+    /// Woken when another replica wrote to a shared store; `None` on a store of its own.
+    pub fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        lock(&self.store).change_signal()
     }
 
     /// The metrics.
@@ -323,7 +340,13 @@ impl Authority {
 
     fn prune_revocations(&mut self, now: UnixTime) -> Result<(), AdminError> {
         let list = self.revocations.pruned(self.issuer.key(), now)?;
-        lock(&self.store).put_revocation_list(&list.0)?;
+        let put = lock(&self.store).put_revocation_list(&list.0);
+        if let Err(crate::store::StoreError::StaleVersion { .. }) = put {
+            // Another replica pruned (or revoked) first: take its list.
+            self.sync_revocations()?;
+            return Ok(());
+        }
+        put?;
         self.revocations.install(list);
         self.revocation_version_changed();
         self.broadcast_revocations();

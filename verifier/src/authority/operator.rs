@@ -2,13 +2,12 @@
 //! reload.
 
 use hopmesh_protocol::audit_aggregate::bounded_text;
-use hopmesh_protocol::enrollment::{Push, Refusal, Report, ReportKind};
+use hopmesh_protocol::enrollment::{Refusal, Report, ReportKind};
 use hopmesh_protocol::hop_token::PairIds;
 use hopmesh_protocol::ids::{NodeId, NodeName};
 use hopmesh_protocol::policy::Policy;
 use hopmesh_protocol::secret::JoinSecret;
 use hopmesh_protocol::time::UnixTime;
-use hopmesh_protocol::wire::BoundedVec;
 use hopmesh_transport::fields;
 
 use super::Authority;
@@ -16,7 +15,11 @@ use super::admission::sha256;
 use super::refusals::{AdminError, ReportRefusal};
 use super::settings::CompromiseMode;
 use super::views::{NodeRef, ReissueOutcome, RevokeOutcome};
-use crate::store::{BanSubject, JoinTokenRecord, lock};
+use crate::store::{BanSubject, JoinTokenRecord, StoreError, lock};
+
+/// How many times a revoke is decided when other replicas keep taking the next list version
+/// first (`Authority::revoke`).
+pub const REVOKE_ATTEMPTS: u32 = 3;
 
 impl Authority {
     /// Creates a one-time join secret for `name`.
@@ -56,7 +59,38 @@ impl Authority {
     /// Revokes a node: its audit record is fsynced and anchored, then the revocation is
     /// committed, and only then applied and pushed to every connected node (`journal.rs`: a
     /// failing audit log or store refuses the revoke and changes nothing).
+    ///
+    /// On a shared store another replica may have taken the next list version first
+    /// ([`StoreError::StaleVersion`]): the feed is then followed (which may show the node is
+    /// revoked already) and the revoke is decided again, up to [`REVOKE_ATTEMPTS`] times.
     pub fn revoke(&mut self, target: &NodeRef, now: UnixTime) -> Result<RevokeOutcome, AdminError> {
+        let mut attempt = 1;
+        loop {
+            match self.revoke_once(target, now) {
+                Err(AdminError::Store(StoreError::StaleVersion { stored, offered }))
+                    if attempt < REVOKE_ATTEMPTS =>
+                {
+                    tracing::info!(
+                        stored,
+                        offered,
+                        "another replica revoked first; following the feed"
+                    );
+                    attempt += 1;
+                    self.follow(now)?;
+                    // A list this verifier committed but never heard back about is not in the
+                    // feed as someone else's: read it directly.
+                    self.sync_revocations()?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn revoke_once(
+        &mut self,
+        target: &NodeRef,
+        now: UnixTime,
+    ) -> Result<RevokeOutcome, AdminError> {
         let rec = self.registry.resolve(target)?;
         if rec.revoked_at.is_some() {
             return Err(AdminError::AlreadyRevoked(rec.name.to_string()));
@@ -79,28 +113,12 @@ impl Authority {
         self.revocations.install(list);
         self.revocation_version_changed();
         self.registry.add_bans(bans);
-        self.registry.mark_revoked(&rec.node_id, now);
         self.metrics.revocations.inc();
-
-        // Its peers treat every generation they share with it as compromised.
-        let peers = self.tables.peers_of(&rec.node_id);
-        for p in &peers {
-            let gens = self
-                .seeds
-                .recent_generations(&PairIds::new(*p, rec.node_id), now);
-            let msg = Push::Compromised {
-                peer: rec.node_id,
-                generations: BoundedVec::new(gens).unwrap_or_default(),
-            };
-            self.push(p, &[msg]);
-        }
-        self.broadcast_revocations();
-        self.subscribers.close(&rec.node_id);
-        self.node_changed(&rec.node_id, now);
+        let notified = self.revocation_applied(&rec.node_id, now, now, true);
         Ok(RevokeOutcome {
             node_id: rec.node_id.to_string(),
             revocation_version: version,
-            notified: peers.len(),
+            notified,
         })
     }
 
@@ -176,13 +194,8 @@ impl Authority {
         }
         self.seeds.apply_reissue(&plan);
         self.metrics.reissues.inc();
-        for (me, peer) in [(a, b), (b, a)] {
-            // Checked by the callers; a pair policy forbids never gets seeds.
-            if let Some(pair) = self.tables.allowed_pair(me, peer) {
-                let msgs = self.seeds.pair_pushes(&pair, now);
-                self.push(me, &msgs);
-            }
-        }
+        // Checked by the callers; a pair policy forbids never gets seeds.
+        self.push_pair_seeds(a, b, now);
         Ok(ReissueOutcome {
             reissues: plan.next,
             compromised,

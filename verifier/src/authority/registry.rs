@@ -303,6 +303,11 @@ impl Registry {
         }
     }
 
+    /// Is exactly this ban in force?
+    pub(super) fn has_ban(&self, ban: &BanSubject) -> bool {
+        self.bans.contains(ban)
+    }
+
     /// Applies committed bans.
     pub(super) fn add_bans(&mut self, bans: impl IntoIterator<Item = BanSubject>) {
         self.bans.extend(bans);

@@ -28,12 +28,19 @@ impl Revocations {
         let Some(stored) = store.revocation_list()? else {
             return Ok(Self::default());
         };
+        Ok(Self {
+            current: Some(Self::verified(stored, key)?),
+        })
+    }
+
+    /// A stored list, which must verify under `key` and say the version it is stored under.
+    pub(super) fn verified(stored: StoredList, key: &SigningKey) -> Result<SignedList, AdminError> {
         let keys = KeySet::new(vec![key.verifying_key()])
             .map_err(|e| AdminError::Internal(e.to_string()))?;
         match verify_revocation_list(&stored.bytes, &keys, None) {
-            Ok(RevocationUpdate::Newer(list)) if list.version == stored.version => Ok(Self {
-                current: Some((stored, list)),
-            }),
+            Ok(RevocationUpdate::Newer(list)) if list.version == stored.version => {
+                Ok((stored, list))
+            }
             other => Err(AdminError::Store(StoreError::BadValue(format!(
                 "stored revocation list does not verify under this verifier's key: {other:?}"
             )))),

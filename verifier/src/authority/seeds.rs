@@ -196,6 +196,11 @@ impl Seeds {
         })
     }
 
+    /// Replaces a pair's reissue state with one another replica committed.
+    pub(super) fn set_state(&mut self, state: PairState) {
+        self.pairs.insert(state.pair, state);
+    }
+
     /// Applies a committed reissue.
     pub(super) fn apply_reissue(&mut self, plan: &ReissuePlan) {
         let state = self.pairs.entry(plan.pair).or_insert(PairState {

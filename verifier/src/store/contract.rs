@@ -564,14 +564,208 @@ fn set_schema_version(target: &PgTarget, v: i64) {
 }
 
 #[test]
-fn a_second_serving_verifier_on_one_database_is_refused() {
+fn a_replica_serves_once_and_other_replicas_serve_beside_it() {
     let Some(b) = Postgres::new() else { return };
     let first = PostgresStore::open(&b.target, &MESH_KEY, "r1", true).expect("first");
-    let e = PostgresStore::open(&b.target, &MESH_KEY, "r1", true).expect_err("second");
+    let e = PostgresStore::open(&b.target, &MESH_KEY, "r1", true).expect_err("r1 again");
     assert!(matches!(e, StoreError::InUse(_)), "{e}");
+    let mut other = PostgresStore::open(&b.target, &MESH_KEY, "r2", true).expect("r2 serves too");
+    other.check_serving().expect("r2 issues");
     PostgresStore::open(&b.target, &MESH_KEY, "r1", false).expect("a non-serving reader may open");
     drop(first);
     PostgresStore::open(&b.target, &MESH_KEY, "r1", true).expect("the lock went with the first");
+}
+
+/// Each batch a follower reads starts right after the last entry it saw and has no holes.
+pub(super) fn check_feed(batches: &[Vec<u64>]) -> Result<u64, String> {
+    let mut last = 0;
+    for b in batches {
+        for &seq in b {
+            if seq != last + 1 {
+                return Err(format!("entry {seq} read after {last}"));
+            }
+            last = seq;
+        }
+    }
+    Ok(last)
+}
+
+#[test]
+fn the_feed_checker_fails_on_broken_feeds() {
+    assert_eq!(check_feed(&[vec![1, 2], vec![], vec![3]]), Ok(3));
+    assert!(check_feed(&[vec![1, 3]]).is_err(), "a hole");
+    assert!(check_feed(&[vec![1, 2], vec![2]]).is_err(), "read twice");
+    assert!(check_feed(&[vec![2, 1]]).is_err(), "out of order");
+}
+
+#[test]
+fn the_change_feed_is_read_in_commit_order_without_holes_while_three_replicas_write() {
+    let Some(b) = Postgres::new() else { return };
+    const EACH: u8 = 20;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let s = PostgresStore::open(&b.target, &MESH_KEY, "reader", false).expect("open");
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut batches = Vec::new();
+            let mut last = s.change_head().expect("head");
+            assert_eq!(last, 0);
+            let started = std::time::Instant::now();
+            loop {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(60),
+                    "bounded"
+                );
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                let batch: Vec<u64> = s
+                    .changes_since(last, 7)
+                    .expect("read")
+                    .iter()
+                    .map(|c| c.seq)
+                    .collect();
+                if let Some(l) = batch.last() {
+                    last = *l;
+                }
+                let empty = batch.is_empty();
+                batches.push(batch);
+                if finished && empty {
+                    return batches;
+                }
+            }
+        })
+    };
+    let start = Arc::new(Barrier::new(3));
+    let writers: Vec<_> = (0..3u8)
+        .map(|w| {
+            let mut s =
+                PostgresStore::open(&b.target, &MESH_KEY, &format!("w{w}"), false).expect("open");
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                for i in 0..EACH {
+                    let id = NodeId::from_bytes([w * 100 + i; 32]);
+                    s.put_node(&node(id, &format!("n{w}-{i}"))).expect("node");
+                    s.put_bans(&[BanSubject::Node(id)], "test", UnixTime::from_secs(1))
+                        .expect("ban");
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let batches = reader.join().expect("reader");
+    let total = check_feed(&batches).expect("the follower never saw a hole");
+    assert_eq!(total, 3 * 2 * u64::from(EACH), "every write is in the feed");
+    // Each replica's own entries are marked as its own, in the order it wrote them.
+    let s = PostgresStore::open(&b.target, &MESH_KEY, "w1", false).expect("open");
+    assert_eq!(s.change_head().expect("head"), total);
+    let all = s.changes_since(0, 1000).expect("read");
+    let mine: Vec<&ChangeKind> = all.iter().filter(|c| c.mine).map(|c| &c.kind).collect();
+    let want: Vec<ChangeKind> = (0..EACH)
+        .flat_map(|i| {
+            let id = NodeId::from_bytes([100 + i; 32]);
+            [ChangeKind::Node(id), ChangeKind::Ban(BanSubject::Node(id))]
+        })
+        .collect();
+    assert_eq!(mine, want.iter().collect::<Vec<_>>());
+    assert!(
+        all.iter().all(|c| c.at_ms > 1_600_000_000_000),
+        "the database's clock"
+    );
+}
+
+#[test]
+fn every_replicated_write_names_what_it_changed_in_the_feed() {
+    let Some(b) = Postgres::new() else { return };
+    let mut s = PostgresStore::open(&b.target, &MESH_KEY, "w", false).expect("open");
+    let (x, y) = (NodeId::from_bytes([1; 32]), NodeId::from_bytes([2; 32]));
+    let pair = PairIds::new(x, y);
+    s.put_node(&node(x, "x")).expect("node");
+    s.commit_revocation(&x, UnixTime::from_secs(9), &[BanSubject::Node(x)], &list(1))
+        .expect("revoke");
+    s.put_revocation_list(&list(2)).expect("prune");
+    s.commit_reissue(&pair, 1, &[Generation(4)], UnixTime::from_secs(9))
+        .expect("reissue");
+    s.put_bans(
+        &[BanSubject::Name(name("x"))],
+        "ban",
+        UnixTime::from_secs(9),
+    )
+    .expect("ban");
+    // Writes no other replica needs in memory are not in the feed.
+    s.reserve_serials(1).expect("serials");
+    s.put_join_token(&JoinTokenRecord {
+        secret_hash: [3; 32],
+        name: name("z"),
+        segments: None,
+        created_at: UnixTime::from_secs(1),
+        expires_at: UnixTime::from_secs(99),
+    })
+    .expect("token");
+    let other = PostgresStore::open(&b.target, &MESH_KEY, "other", false).expect("open");
+    let feed = other.changes_since(0, 100).expect("read");
+    let kinds: Vec<ChangeKind> = feed.iter().map(|c| c.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ChangeKind::Node(x),
+            ChangeKind::List,
+            ChangeKind::Node(x),
+            ChangeKind::Ban(BanSubject::Node(x)),
+            ChangeKind::List,
+            ChangeKind::Pair(pair),
+            ChangeKind::Ban(BanSubject::Name(name("x"))),
+        ]
+    );
+    assert!(feed.iter().all(|c| !c.mine));
+    assert_eq!(
+        other
+            .changes_since(3, 2)
+            .expect("read")
+            .iter()
+            .map(|c| c.seq)
+            .collect::<Vec<_>>(),
+        [4, 5]
+    );
+    // What the follower re-reads.
+    assert!(
+        other
+            .node(&x)
+            .expect("node")
+            .is_some_and(|n| n.revoked_at.is_some())
+    );
+    assert_eq!(other.node(&y).expect("node"), None);
+    let state = other.pair_state(&pair).expect("pair").expect("stored");
+    assert_eq!(
+        (state.reissues, state.compromised),
+        (1, vec![Generation(4)])
+    );
+    assert_eq!(
+        other
+            .pair_state(&PairIds::new(x, NodeId::from_bytes([7; 32])))
+            .expect("pair"),
+        None
+    );
+}
+
+#[test]
+fn a_feed_entry_no_build_writes_is_refused() {
+    for (kind, subject) in [
+        ("node", vec![1; 31]),
+        ("list", vec![1]),
+        ("pair", vec![1; 63]),
+        ("ban_name", vec![0xff, 0xfe]),
+        ("policy", vec![]),
+    ] {
+        let e = postgres::change_of(kind, subject).expect_err(kind);
+        assert!(matches!(e, StoreError::BadValue(_)), "{e}");
+    }
+    assert_eq!(
+        postgres::change_of("list", vec![]).expect("list"),
+        ChangeKind::List
+    );
 }
 
 #[test]
@@ -654,7 +848,7 @@ fn a_call_with_the_server_down_fails_with_the_reason_and_the_pool_recovers() {
 }
 
 #[test]
-fn a_verifier_that_lost_its_serve_lock_is_fenced_until_it_takes_it_again() {
+fn a_verifier_that_lost_its_serve_lock_is_fenced_until_it_took_it_again_and_caught_up() {
     let Some(cluster) = PgCluster::start_private() else {
         return;
     };
@@ -665,39 +859,47 @@ fn a_verifier_that_lost_its_serve_lock_is_fenced_until_it_takes_it_again() {
     PostgresStore::init(&target, &MESH_KEY).expect("init");
     let mut a = PostgresStore::open(&target, &MESH_KEY, "a", true).expect("a serves");
     a.check_serving().expect("holding the lock");
-    let restart = || {
-        cluster.stop();
-        cluster.restart();
-        // The lock's session ended with the server; give its driver a moment to see it.
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    };
-    restart();
-    a.check_serving()
-        .expect("nobody served meanwhile: the lock is taken again");
-    assert!(
-        PostgresStore::open(&target, &MESH_KEY, "b", true).is_err(),
-        "a holds it again"
-    );
-
-    restart();
-    // While a has lost its lock, b takes it and serves (moving the serve epoch), then stops.
+    cluster.stop();
+    cluster.restart();
+    // The lock's session ended with the server; give its driver a moment to see it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Meanwhile another replica writes.
     let mut b = PostgresStore::open(&target, &MESH_KEY, "b", true).expect("b serves");
     b.reserve_serials(1).expect("b writes");
-    drop(b);
-    std::thread::sleep(PG_RELOCK_INTERVAL);
+    let e = a
+        .check_serving()
+        .expect_err("lost, then taken again: catching up");
+    assert!(
+        matches!(&e, StoreError::Fenced(why) if why.contains("catching up")),
+        "{e}"
+    );
     for _ in 0..2 {
-        let e = a.check_serving().expect_err("a's memory may be stale now");
-        assert!(
-            matches!(&e, StoreError::Fenced(why) if why.contains("another verifier")),
-            "{e}"
-        );
         let e = a
             .reserve_serials(1)
             .expect_err("fenced: nothing acknowledged");
-        assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+        assert!(
+            matches!(&e, StoreError::Fenced(why) if why.contains("change feed")),
+            "{e}"
+        );
+        a.check_serving().expect_err("still catching up");
     }
     assert!(
-        PostgresStore::open(&target, &MESH_KEY, "a2", true).is_ok(),
-        "a holds no lock: a restarted verifier may serve"
+        PostgresStore::open(&target, &MESH_KEY, "a", true).is_err(),
+        "a holds its lock again"
     );
+    a.feed_current();
+    a.check_serving().expect("caught up: serving again");
+    a.reserve_serials(1).expect("and writing");
+    // A replica whose follower stops reading is fenced once the feed is older than the bound.
+    std::thread::sleep(FEED_STALE_BOUND + std::time::Duration::from_millis(200));
+    let e = a
+        .check_serving()
+        .expect_err("the feed was not read within the bound");
+    assert!(
+        matches!(&e, StoreError::Fenced(why) if why.contains("stale")),
+        "{e}"
+    );
+    a.feed_current();
+    a.check_serving().expect("read again");
+    drop(b);
 }

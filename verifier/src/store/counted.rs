@@ -8,7 +8,8 @@ use hopmesh_protocol::time::UnixTime;
 use hopmesh_transport::audit::SignedHead;
 
 use super::{
-    BanSubject, JoinTokenRecord, JoinTokenUse, NodeRecord, PairState, Store, StoreError, StoredList,
+    BanSubject, Change, JoinTokenRecord, JoinTokenUse, NodeRecord, PairState, Store, StoreError,
+    StoredList,
 };
 use crate::metrics::Metrics;
 
@@ -125,5 +126,32 @@ impl Store for Counted {
     fn check_serving(&mut self) -> Result<(), StoreError> {
         let r = self.inner.check_serving();
         self.count(r)
+    }
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+    fn serial_block(&self) -> u64 {
+        self.inner.serial_block()
+    }
+    fn change_head(&self) -> Result<u64, StoreError> {
+        self.count(self.inner.change_head())
+    }
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.count(self.inner.changes_since(after, limit))
+    }
+    fn feed_current(&mut self) {
+        self.inner.feed_current();
+    }
+    fn relock(&mut self) {
+        self.inner.relock();
+    }
+    fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.inner.change_signal()
+    }
+    fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        self.count(self.inner.node(id))
+    }
+    fn pair_state(&self, pair: &PairIds) -> Result<Option<PairState>, StoreError> {
+        self.count(self.inner.pair_state(pair))
     }
 }

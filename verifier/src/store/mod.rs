@@ -22,8 +22,8 @@ mod sqlite;
 
 pub use counted::{Counted, failure_kind};
 pub use postgres::{
-    PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_POOL_SIZE, PG_RELOCK_INTERVAL, PG_SCHEMA_VERSION,
-    PostgresStore,
+    FEED_STALE_BOUND, PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_POOL_SIZE, PG_RELOCK_INTERVAL,
+    PG_SCHEMA_VERSION, PostgresStore,
 };
 pub use spec::{PgTarget, StoreSpec, TlsPlan, plan_tls};
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
@@ -166,6 +166,35 @@ pub struct PairState {
     pub compromised: Vec<Generation>,
 }
 
+/// One entry of a shared store's change feed: what another verifier changed, to be read
+/// again from the store and applied (`authority/follow.rs`). Entries are numbered from one
+/// locked counter in the writing transaction, so they commit in `seq` order: a reader that
+/// has seen `seq` has seen everything before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Position in the feed (1, 2, ...; no gaps).
+    pub seq: u64,
+    /// Written by this verifier (already applied here).
+    pub mine: bool,
+    /// What changed.
+    pub kind: ChangeKind,
+    /// When the change committed (the database's clock, milliseconds since the epoch).
+    pub at_ms: u64,
+}
+
+/// What a [`Change`] names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A node record (enrolled, re-addressed, revoked).
+    Node(NodeId),
+    /// The revocation list.
+    List,
+    /// A ban.
+    Ban(BanSubject),
+    /// A pair's reissue state.
+    Pair(PairIds),
+}
+
 /// The store, shared by the authority and the commits the service makes outside the
 /// authority's lock (an enrolment's join secret and record, a refresh's changed record). Lock
 /// order: the authority's lock, then this one; code holding this lock never takes the
@@ -238,9 +267,49 @@ pub trait Store: Send + std::fmt::Debug {
         Ok(None)
     }
     /// May this verifier issue now? A shared store refuses ([`StoreError::Fenced`]) while
-    /// this verifier does not hold its serve lock: it checks it before every attestation.
+    /// this verifier does not hold its serve lock, or has not read the change feed to its head
+    /// within [`FEED_STALE_BOUND`]: it checks it before every attestation.
     fn check_serving(&mut self) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// Do other verifiers write this store too (then the authority follows its change feed)?
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Attestation serials to reserve at once. One for a shared store: each serial is then
+    /// taken from the shared counter when it is issued, so a node's serials increase across
+    /// verifiers (a block reserved earlier elsewhere would hand out lower ones).
+    fn serial_block(&self) -> u64 {
+        1024
+    }
+    /// The last entry of the change feed (0: none). Read before the state is loaded, so
+    /// nothing committed in between is missed.
+    fn change_head(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    /// Up to `limit` entries after `after`, written by other verifiers, in order.
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let _ = (after, limit);
+        Ok(Vec::new())
+    }
+    /// The follower read the feed to its head: the store may serve (see
+    /// [`Self::check_serving`]).
+    fn feed_current(&mut self) {}
+    /// Called by the follower before it reads the feed: a store that lost its serve lock tries
+    /// to take it again (rate-limited), so it is back, caught up, without waiting for a write.
+    fn relock(&mut self) {}
+    /// Woken when another verifier wrote a change (a lost wake-up only delays: the follower
+    /// also polls).
+    fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+    /// One node record.
+    fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self.nodes()?.into_iter().find(|n| n.node_id == *id))
+    }
+    /// One pair's reissue state.
+    fn pair_state(&self, pair: &PairIds) -> Result<Option<PairState>, StoreError> {
+        Ok(self.pair_states()?.into_iter().find(|p| p.pair == *pair))
     }
 }
 

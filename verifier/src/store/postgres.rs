@@ -9,6 +9,13 @@
 //! versioned (`hopmesh.meta`), created and migrated by [`PostgresStore::init`] only, and bound
 //! to one mesh: `hopmesh.mesh` holds the signing key of the verifier that created it, and
 //! [`PostgresStore::open`] refuses a database of another mesh.
+//!
+//! Several verifiers (replicas) serve one database at once. Each write that the others must
+//! apply also appends to `hopmesh.changes`, numbered from one locked counter in the same
+//! transaction (so entries commit in order and a reader never skips one that commits later),
+//! and notifies `hopmesh_changes`; each replica follows the feed (`authority/follow.rs`). A
+//! serving replica holds a session advisory lock of its own (two processes with one TLS key
+//! are refused) on a connection that also listens for the notifications.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,17 +29,20 @@ use hopmesh_protocol::time::UnixTime;
 use hopmesh_transport::audit::SignedHead;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use tokio_postgres::{GenericClient, NoTls, Transaction};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Connection, GenericClient, NoTls, Transaction};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::spec::{PgTarget, TlsPlan};
 use super::{
-    BanSubject, JoinTokenRecord, JoinTokenUse, NodeRecord, PairState, Store, StoreError,
-    StoredList, ban_row, i64_of, id_of, u64_of,
+    BanSubject, Change, ChangeKind, JoinTokenRecord, JoinTokenUse, NodeRecord, PairState, Store,
+    StoreError, StoredList, ban_row, i64_of, id_of, u64_of,
 };
 
-/// Schema version this build reads and writes in PostgreSQL (1: the first PostgreSQL schema).
-pub const PG_SCHEMA_VERSION: i64 = 1;
+/// Schema version this build reads and writes in PostgreSQL (1: the first PostgreSQL schema;
+/// 2: the change feed, several serving replicas).
+pub const PG_SCHEMA_VERSION: i64 = 2;
 /// Connections in the pool (each call holds one for its transaction).
 pub const PG_POOL_SIZE: usize = 8;
 /// Longest a store call may take, waiting for a pooled connection included. Past it the call
@@ -43,11 +53,28 @@ pub const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Advisory lock taken by `init` (in its transaction) so that concurrent inits serialise.
 const INIT_LOCK: i64 = 0x686f_706d_6573_6801;
-/// Advisory lock held for as long as a serving verifier has the store open.
-const SERVE_LOCK: i64 = 0x686f_706d_6573_6802;
+/// The channel a change notifies.
+const CHANGE_CHANNEL: &str = "hopmesh_changes";
+/// Longest a serving replica may go without reading the change feed to its head before it
+/// stops issuing attestations (its follower reads at least every second): the bound on how
+/// stale the state it issues from may be.
+pub const FEED_STALE_BOUND: Duration = Duration::from_secs(5);
+
+/// The advisory lock a serving replica holds for as long as it has the store open: one per
+/// replica (its TLS key), so two processes of one replica are refused.
+fn serve_lock_key(replica: &str) -> i64 {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("hopmesh serve lock\0{replica}").as_bytes(),
+    );
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    i64::from_be_bytes(b)
+}
 
 /// The migrations, in order: entry `n` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE hopmesh.meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 CREATE TABLE hopmesh.mesh (id INT PRIMARY KEY CHECK (id = 1), signing_key BYTEA NOT NULL);
 CREATE TABLE hopmesh.join_tokens (
@@ -67,7 +94,14 @@ CREATE TABLE hopmesh.compromised (lo BYTEA NOT NULL, hi BYTEA NOT NULL, generati
 CREATE TABLE hopmesh.audit_anchor (replica TEXT PRIMARY KEY CHECK (replica <> ''),
     seq BIGINT NOT NULL, hash TEXT NOT NULL, key_id TEXT NOT NULL, sig TEXT NOT NULL);
 INSERT INTO hopmesh.meta (key, value) VALUES ('next_serial', 1), ('serve_epoch', 0);
-"];
+",
+    "
+CREATE TABLE hopmesh.changes (seq BIGINT PRIMARY KEY, replica TEXT NOT NULL, kind TEXT NOT NULL,
+    subject BYTEA NOT NULL, at_ms BIGINT NOT NULL);
+INSERT INTO hopmesh.meta (key, value) VALUES ('change_seq', 0);
+DELETE FROM hopmesh.meta WHERE key = 'serve_epoch';
+",
+];
 
 /// What [`PostgresStore::init`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,17 +114,20 @@ pub enum InitOutcome {
     Current,
 }
 
-/// The serve lock of an exclusively opened store: the session holding [`SERVE_LOCK`], the
-/// serve epoch it set, and whether that session ended (`lost`). A store whose lock is lost
-/// refuses every call and every issuance (fenced) until it takes the lock again with the
-/// epoch unchanged; if another verifier served meanwhile, it stays fenced for good.
+/// The serve lock of a serving store: the session holding its replica's advisory lock (and
+/// listening for changes), and whether that session ended (`lost`). A store whose lock is lost
+/// refuses every write and every issuance (fenced) until it has taken the lock again *and*
+/// its follower has read the change feed to the head (`stale` until then): whatever other
+/// replicas did meanwhile is applied before this one acts again.
 struct ServeLock {
     target: PgTarget,
+    key: i64,
     client: Option<tokio_postgres::Client>,
-    epoch: i64,
     lost: Arc<AtomicBool>,
-    /// Set for good once another verifier served: this one's memory may be stale.
-    superseded: Option<String>,
+    /// Taken again after a loss; the feed not yet read to the head since.
+    stale: bool,
+    /// When the follower last read the feed to its head.
+    fresh_at: Instant,
     next_try: Instant,
 }
 
@@ -101,8 +138,10 @@ pub const PG_RELOCK_INTERVAL: Duration = Duration::from_secs(1);
 pub struct PostgresStore {
     rt: Option<tokio::runtime::Runtime>,
     pool: Pool,
-    /// The serve lock, when opened exclusively.
+    /// The serve lock, when opened to serve.
     serve: Option<ServeLock>,
+    /// Notified when another replica wrote a change.
+    signal: Arc<Notify>,
     /// Whose audit anchor this handle reads and writes: each verifier keeps its own audit
     /// log, so each has its own anchor (the hex of `SHA-256` of its TLS key's SPKI).
     replica: String,
@@ -123,13 +162,16 @@ const PG_UNLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
-        let client = self.serve.as_mut().and_then(|l| l.client.take());
-        if let (Some(lock), Some(rt)) = (client, self.rt.as_ref()) {
+        let client = self
+            .serve
+            .as_mut()
+            .and_then(|l| Some((l.client.take()?, l.key)));
+        if let (Some((lock, key)), Some(rt)) = (client, self.rt.as_ref()) {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             rt.spawn(async move {
                 let _ = tokio::time::timeout(
                     PG_UNLOCK_TIMEOUT,
-                    lock.execute("SELECT pg_advisory_unlock($1)", &[&SERVE_LOCK]),
+                    lock.execute("SELECT pg_advisory_unlock($1)", &[&key]),
                 )
                 .await;
                 let _ = tx.send(());
@@ -200,23 +242,38 @@ fn rustls_connector(target: &PgTarget) -> Result<MakeRustlsConnect, StoreError> 
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// Connects once outside the pool (the serve lock needs a connection of its own); `lost` is
-/// set when the connection ends, for whatever reason (the session lock ends with it).
+/// Drives a connection of its own: forwards notifications to `signal` and sets `lost` when
+/// the connection ends, for whatever reason (the session lock ends with it).
+async fn drive<S, T>(mut conn: Connection<S, T>, lost: Arc<AtomicBool>, signal: Arc<Notify>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(_))) => signal.notify_one(),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "the store's serve-lock connection ended");
+                break;
+            }
+            None => break,
+        }
+    }
+    lost.store(true, Ordering::SeqCst);
+}
+
+/// Connects once outside the pool (the serve lock needs a connection of its own).
 async fn connect_one(
     target: &PgTarget,
     lost: Arc<AtomicBool>,
+    signal: Arc<Notify>,
 ) -> Result<tokio_postgres::Client, StoreError> {
     let (cfg, plan) = target.config()?;
-    let watch = move |r: Result<(), tokio_postgres::Error>| {
-        if let Err(e) = r {
-            tracing::error!(error = %e, "the store's serve-lock connection ended");
-        }
-        lost.store(true, Ordering::SeqCst);
-    };
     let client = match plan {
         TlsPlan::Plain => {
             let (client, conn) = cfg.connect(NoTls).await.map_err(|e| pg_err(&e))?;
-            tokio::spawn(async move { watch(conn.await) });
+            tokio::spawn(drive(conn, lost, signal));
             client
         }
         TlsPlan::Verify => {
@@ -224,46 +281,109 @@ async fn connect_one(
                 .connect(rustls_connector(target)?)
                 .await
                 .map_err(|e| pg_err(&e))?;
-            tokio::spawn(async move { watch(conn.await) });
+            tokio::spawn(drive(conn, lost, signal));
             client
         }
     };
     Ok(client)
 }
 
-/// Takes the serve lock on a connection of its own and moves the serve epoch: `Ok(None)` when
-/// another session holds the lock. With `expect`, the epoch must still be that one (nobody
-/// served this database since): otherwise [`StoreError::Fenced`].
+/// Takes the serve lock `key` on a connection of its own, which then listens for changes:
+/// `Ok(None)` when another session holds it.
 async fn take_serve_lock(
     target: &PgTarget,
+    key: i64,
     lost: Arc<AtomicBool>,
-    expect: Option<i64>,
-) -> Result<Option<(tokio_postgres::Client, i64)>, StoreError> {
-    let c = connect_one(target, lost).await?;
+    signal: Arc<Notify>,
+) -> Result<Option<tokio_postgres::Client>, StoreError> {
+    let c = connect_one(target, lost, signal).await?;
     let got: bool = c
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&SERVE_LOCK])
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
         .await
         .map_err(|e| pg_err(&e))?
         .get(0);
     if !got {
         return Ok(None);
     }
-    let epoch: i64 = c
+    c.batch_execute(&format!("LISTEN {CHANGE_CHANNEL}"))
+        .await
+        .map_err(|e| pg_err(&e))?;
+    Ok(Some(c))
+}
+
+/// Appends `changes` to the feed in `tx`, numbered from the locked counter row, and notifies
+/// the other replicas (delivered at commit). Called last in a transaction, so the counter's
+/// row lock is held only until the commit and always taken after every other row lock.
+async fn record_changes(
+    tx: &Transaction<'_>,
+    replica: &str,
+    changes: &[ChangeKind],
+) -> Result<(), StoreError> {
+    let n = i64::try_from(changes.len()).unwrap_or(i64::MAX);
+    if n == 0 {
+        return Ok(());
+    }
+    let last: i64 = tx
         .query_one(
-            "UPDATE hopmesh.meta SET value = value + 1 WHERE key = 'serve_epoch' RETURNING value",
-            &[],
+            "UPDATE hopmesh.meta SET value = value + $1 WHERE key = 'change_seq' RETURNING value",
+            &[&n],
         )
         .await
         .map_err(|e| pg_err(&e))?
         .get(0);
-    match expect {
-        Some(mine) if epoch != mine + 1 => Err(StoreError::Fenced(format!(
-            "another verifier served this database while this one had lost its lock \
-             (serve epoch {mine} -> {}); restart this verifier to serve again",
-            epoch - 1
-        ))),
-        _ => Ok(Some((c, epoch))),
+    for (seq, c) in (last - n + 1..).zip(changes) {
+        let (kind, subject) = change_row(c);
+        tx.execute(
+            "INSERT INTO hopmesh.changes (seq, replica, kind, subject, at_ms)
+             VALUES ($1, $2, $3, $4, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)",
+            &[&seq, &replica, &kind, &subject],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
     }
+    tx.execute("SELECT pg_notify($1, '')", &[&CHANGE_CHANNEL])
+        .await
+        .map_err(|e| pg_err(&e))?;
+    Ok(())
+}
+
+/// How a change is stored: its kind and subject bytes.
+fn change_row(c: &ChangeKind) -> (&'static str, Vec<u8>) {
+    match c {
+        ChangeKind::Node(id) => ("node", id.as_bytes().to_vec()),
+        ChangeKind::List => ("list", Vec::new()),
+        ChangeKind::Ban(BanSubject::Node(id)) => ("ban_node", id.as_bytes().to_vec()),
+        ChangeKind::Ban(BanSubject::Name(n)) => ("ban_name", n.as_str().as_bytes().to_vec()),
+        ChangeKind::Pair(p) => {
+            let mut b = p.lo().as_bytes().to_vec();
+            b.extend_from_slice(p.hi().as_bytes());
+            ("pair", b)
+        }
+    }
+}
+
+/// The change a stored row names; a row no build writes is a [`StoreError::BadValue`].
+pub(crate) fn change_of(kind: &str, subject: Vec<u8>) -> Result<ChangeKind, StoreError> {
+    let bad = || {
+        StoreError::BadValue(format!(
+            "change feed entry {kind} of {} bytes",
+            subject.len()
+        ))
+    };
+    Ok(match kind {
+        "node" => ChangeKind::Node(id_of(subject.clone()).map_err(|_| bad())?),
+        "list" if subject.is_empty() => ChangeKind::List,
+        "ban_node" => ChangeKind::Ban(BanSubject::Node(id_of(subject.clone()).map_err(|_| bad())?)),
+        "ban_name" => {
+            let text = std::str::from_utf8(&subject).map_err(|_| bad())?;
+            ChangeKind::Ban(BanSubject::Name(name_of(text)?))
+        }
+        "pair" if subject.len() == 64 => ChangeKind::Pair(PairIds::new(
+            id_of(subject[..32].to_vec())?,
+            id_of(subject[32..].to_vec())?,
+        )),
+        _ => return Err(bad()),
+    })
 }
 
 /// The schema version, or `None` when the database holds no hopmesh schema.
@@ -330,6 +450,7 @@ impl PostgresStore {
             rt: Some(rt),
             pool,
             serve: None,
+            signal: Arc::new(Notify::new()),
             replica: String::new(),
             server: target.describe(),
         })
@@ -412,8 +533,8 @@ impl PostgresStore {
     /// Opens the store of the mesh whose signing key is `mesh_key` as verifier `replica` (the
     /// owner of the audit anchor it reads and writes; not empty): the schema must exist and
     /// be exactly this build's version. With `exclusive` (a serving verifier), also takes the
-    /// serve lock, held until the store is dropped: a second verifier on the same database is
-    /// refused ([`StoreError::InUse`]).
+    /// replica's serve lock, held until the store is dropped: a second process serving as the
+    /// same replica is refused ([`StoreError::InUse`]); other replicas serve beside it.
     pub fn open(
         target: &PgTarget,
         mesh_key: &[u8],
@@ -447,75 +568,84 @@ impl PostgresStore {
             }
         })?;
         if exclusive {
-            let (t, lost) = (target.clone(), Arc::new(AtomicBool::new(false)));
+            let key = serve_lock_key(replica);
+            let (t, lost, signal) = (
+                target.clone(),
+                Arc::new(AtomicBool::new(false)),
+                store.signal.clone(),
+            );
             let lost2 = lost.clone();
-            let taken = store.run(|_| async move { take_serve_lock(&t, lost2, None).await })?;
-            let Some((client, epoch)) = taken else {
+            let taken =
+                store.run(|_| async move { take_serve_lock(&t, key, lost2, signal).await })?;
+            let Some(client) = taken else {
                 return Err(StoreError::InUse(store.server.clone()));
             };
             store.serve = Some(ServeLock {
                 target: target.clone(),
+                key,
                 client: Some(client),
-                epoch,
                 lost,
-                superseded: None,
+                stale: false,
+                fresh_at: Instant::now(),
                 next_try: Instant::now(),
             });
         }
         Ok(store)
     }
 
-    /// For an exclusively opened store: `Ok` while it holds its serve lock; when the lock was
-    /// lost, one attempt (at most every [`PG_RELOCK_INTERVAL`]) to take it again, which
-    /// succeeds only if no other verifier served meanwhile; [`StoreError::Fenced`] otherwise.
+    /// For a serving store: `Ok` while it holds its serve lock and is not catching up; when
+    /// the lock was lost, one attempt (at most every [`PG_RELOCK_INTERVAL`]) to take it again,
+    /// after which it is fenced until the follower read the change feed to its head
+    /// ([`Store::feed_current`]); [`StoreError::Fenced`] otherwise.
     fn check_lock(&mut self) -> Result<(), StoreError> {
         let Some(lock) = self.serve.as_mut() else {
             return Ok(());
         };
-        if let Some(why) = &lock.superseded {
-            return Err(StoreError::Fenced(why.clone()));
-        }
         if !lock.lost.load(Ordering::SeqCst) {
-            return Ok(());
+            return if lock.stale {
+                Err(StoreError::Fenced(
+                    "the serve lock was taken again; nothing is issued or acknowledged until the \
+                     change feed is read to its head"
+                        .into(),
+                ))
+            } else {
+                Ok(())
+            };
         }
-        let fenced = || {
-            StoreError::Fenced(
-                "the serve lock was lost (the database restarted or is unreachable); \
+        let fenced = |why: &str| {
+            StoreError::Fenced(format!(
+                "the serve lock was lost (the database restarted or is unreachable){why}; \
                  nothing is issued or acknowledged until it is taken again"
-                    .into(),
-            )
+            ))
         };
         if Instant::now() < lock.next_try {
-            return Err(fenced());
+            return Err(fenced(""));
         }
         lock.next_try = Instant::now() + PG_RELOCK_INTERVAL;
-        let (target, epoch) = (lock.target.clone(), lock.epoch);
+        let (target, key, signal) = (lock.target.clone(), lock.key, self.signal.clone());
         let lost = Arc::new(AtomicBool::new(false));
         let lost2 = lost.clone();
-        let taken = self.run(|_| async move { take_serve_lock(&target, lost2, Some(epoch)).await });
+        let taken = self.run(|_| async move { take_serve_lock(&target, key, lost2, signal).await });
         let Some(lock) = self.serve.as_mut() else {
             return Ok(());
         };
         match taken {
-            Ok(Some((client, epoch))) => {
-                tracing::warn!(epoch, "the store's serve lock was taken again");
+            Ok(Some(client)) => {
+                tracing::warn!("the store's serve lock was taken again; catching up");
                 lock.client = Some(client);
-                lock.epoch = epoch;
                 lock.lost = lost;
-                Ok(())
+                lock.stale = true;
+                // Whatever was notified while the lock was lost is read now.
+                self.signal.notify_one();
+                Err(fenced(
+                    ", and was taken again: catching up on the change feed",
+                ))
             }
-            Ok(None) => {
-                let why = "another verifier holds this database's serve lock now; restart this \
-                           verifier (it is a standby until then)"
-                    .to_owned();
-                lock.superseded = Some(why.clone());
-                Err(StoreError::Fenced(why))
-            }
-            Err(StoreError::Fenced(why)) => {
-                lock.superseded = Some(why.clone());
-                Err(StoreError::Fenced(why))
-            }
-            Err(_) => Err(fenced()),
+            Ok(None) => Err(fenced(
+                " and is held by another session of this replica (the old session may not have \
+                 ended yet)",
+            )),
+            Err(_) => Err(fenced("")),
         }
     }
 
@@ -604,6 +734,31 @@ async fn insert_bans(
     Ok(())
 }
 
+/// A node record from a row of `node_id, name, spki, measurement, addresses, enrolled_at,
+/// revoked_at`.
+fn node_of_row(r: &tokio_postgres::Row) -> Result<NodeRecord, StoreError> {
+    let addrs: String = r.get(4);
+    Ok(NodeRecord {
+        node_id: id_of(r.get(0))?,
+        name: name_of(r.get(1))?,
+        spki: r.get(2),
+        measurement: Measurement(
+            r.get::<_, Vec<u8>>(3)
+                .try_into()
+                .map_err(|_| StoreError::BadValue("measurement".into()))?,
+        ),
+        addresses: addrs
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        enrolled_at: UnixTime::from_secs(u64_of(r.get(5))),
+        revoked_at: r
+            .get::<_, Option<i64>>(6)
+            .map(|t| UnixTime::from_secs(u64_of(t))),
+    })
+}
+
 fn segments_of(s: Option<String>) -> Option<Vec<String>> {
     s.map(|s| {
         s.split(',')
@@ -615,7 +770,147 @@ fn segments_of(s: Option<String>) -> Option<Vec<String>> {
 
 impl Store for PostgresStore {
     fn check_serving(&mut self) -> Result<(), StoreError> {
-        self.check_lock()
+        self.check_lock()?;
+        match &self.serve {
+            Some(lock) if lock.fresh_at.elapsed() > FEED_STALE_BOUND => {
+                Err(StoreError::Fenced(format!(
+                    "the change feed was last read to its head {:?} ago (bound {FEED_STALE_BOUND:?}): \
+                     this replica's state may be stale",
+                    lock.fresh_at.elapsed()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn serial_block(&self) -> u64 {
+        1
+    }
+
+    fn change_head(&self) -> Result<u64, StoreError> {
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let row = c
+                .query_one(
+                    "SELECT value FROM hopmesh.meta WHERE key = 'change_seq'",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            Ok(u64_of(row.get(0)))
+        })
+    }
+
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let replica = self.replica.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let rows = c
+                .query(
+                    "SELECT seq, replica, kind, subject, at_ms FROM hopmesh.changes
+                     WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&i64_of(after), &limit],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            rows.into_iter()
+                .map(|r| {
+                    Ok(Change {
+                        seq: u64_of(r.get(0)),
+                        mine: r.get::<_, &str>(1) == replica,
+                        kind: change_of(r.get(2), r.get(3))?,
+                        at_ms: u64_of(r.get(4)),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn relock(&mut self) {
+        // Fenced until caught up: the follower's very next step.
+        let _ = self.check_lock();
+    }
+
+    fn feed_current(&mut self) {
+        if let Some(lock) = self.serve.as_mut()
+            && !lock.lost.load(Ordering::SeqCst)
+        {
+            if lock.stale {
+                tracing::warn!("caught up on the change feed: serving again");
+            }
+            lock.stale = false;
+            lock.fresh_at = Instant::now();
+        }
+    }
+
+    fn change_signal(&self) -> Option<Arc<Notify>> {
+        Some(self.signal.clone())
+    }
+
+    fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
+        let id = *id;
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let row = c
+                .query_opt(
+                    "SELECT node_id, name, spki, measurement, addresses, enrolled_at, revoked_at
+                     FROM hopmesh.nodes WHERE node_id = $1",
+                    &[&&id.as_bytes()[..]],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            row.as_ref().map(node_of_row).transpose()
+        })
+    }
+
+    fn pair_state(&self, pair: &PairIds) -> Result<Option<PairState>, StoreError> {
+        let pair = *pair;
+        self.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let (lo, hi) = (pair.lo().as_bytes().to_vec(), pair.hi().as_bytes().to_vec());
+            let reissues = tx
+                .query_opt(
+                    "SELECT reissues FROM hopmesh.pairs WHERE lo = $1 AND hi = $2",
+                    &[&lo, &hi],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?
+                .map(|r| u16::try_from(r.get::<_, i32>(0)))
+                .transpose()
+                .map_err(|_| StoreError::BadValue("reissue count".into()))?;
+            let compromised: Vec<Generation> = tx
+                .query(
+                    "SELECT generation FROM hopmesh.compromised WHERE lo = $1 AND hi = $2
+                     ORDER BY generation",
+                    &[&lo, &hi],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?
+                .iter()
+                .map(|r| Generation(u64_of(r.get(0))))
+                .collect();
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            if reissues.is_none() && compromised.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(PairState {
+                pair,
+                reissues: reissues.unwrap_or(0),
+                compromised,
+            }))
+        })
     }
 
     fn put_join_token(&mut self, t: &JoinTokenRecord) -> Result<(), StoreError> {
@@ -687,10 +982,11 @@ impl Store for PostgresStore {
 
     fn put_node(&mut self, n: &NodeRecord) -> Result<(), StoreError> {
         self.check_lock()?;
-        let n = n.clone();
+        let (n, replica) = (n.clone(), self.replica.clone());
         self.run(|pool| async move {
-            let c = pool.get().await.map_err(pool_err)?;
-            c.execute(
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            tx.execute(
                 // A revocation mark is never cleared by a record write (see SqliteStore).
                 "INSERT INTO hopmesh.nodes AS n
                     (node_id, name, spki, measurement, addresses, enrolled_at, revoked_at)
@@ -711,7 +1007,8 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(|e| pg_err(&e))?;
-            Ok(())
+            record_changes(&tx, &replica, &[ChangeKind::Node(n.node_id)]).await?;
+            tx.commit().await.map_err(|e| pg_err(&e))
         })
     }
 
@@ -726,30 +1023,7 @@ impl Store for PostgresStore {
                 )
                 .await
                 .map_err(|e| pg_err(&e))?;
-            rows.iter()
-                .map(|r| {
-                    let addrs: String = r.get(4);
-                    Ok(NodeRecord {
-                        node_id: id_of(r.get(0))?,
-                        name: name_of(r.get(1))?,
-                        spki: r.get(2),
-                        measurement: Measurement(
-                            r.get::<_, Vec<u8>>(3)
-                                .try_into()
-                                .map_err(|_| StoreError::BadValue("measurement".into()))?,
-                        ),
-                        addresses: addrs
-                            .split(',')
-                            .filter(|a| !a.is_empty())
-                            .map(str::to_owned)
-                            .collect(),
-                        enrolled_at: UnixTime::from_secs(u64_of(r.get(5))),
-                        revoked_at: r
-                            .get::<_, Option<i64>>(6)
-                            .map(|t| UnixTime::from_secs(u64_of(t))),
-                    })
-                })
-                .collect()
+            rows.iter().map(node_of_row).collect()
         })
     }
 
@@ -785,10 +1059,13 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         self.check_lock()?;
         let (bans, reason) = (bans.to_vec(), reason.to_owned());
+        let replica = self.replica.clone();
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
             insert_bans(&tx, &bans, &reason, i64_of(at.as_secs())).await?;
+            let changes: Vec<_> = bans.into_iter().map(ChangeKind::Ban).collect();
+            record_changes(&tx, &replica, &changes).await?;
             tx.commit().await.map_err(|e| pg_err(&e))
         })
     }
@@ -802,6 +1079,7 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         self.check_lock()?;
         let (node, bans, list) = (*node, bans.to_vec(), list.clone());
+        let replica = self.replica.clone();
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
@@ -814,6 +1092,9 @@ impl Store for PostgresStore {
             .await
             .map_err(|e| pg_err(&e))?;
             insert_bans(&tx, &bans, "revoked", at).await?;
+            let mut changes = vec![ChangeKind::List, ChangeKind::Node(node)];
+            changes.extend(bans.into_iter().map(ChangeKind::Ban));
+            record_changes(&tx, &replica, &changes).await?;
             tx.commit().await.map_err(|e| pg_err(&e))
         })
     }
@@ -837,11 +1118,12 @@ impl Store for PostgresStore {
 
     fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), StoreError> {
         self.check_lock()?;
-        let list = list.clone();
+        let (list, replica) = (list.clone(), self.replica.clone());
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
             write_newer_list(&tx, &list).await?;
+            record_changes(&tx, &replica, &[ChangeKind::List]).await?;
             tx.commit().await.map_err(|e| pg_err(&e))
         })
     }
@@ -925,6 +1207,7 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         self.check_lock()?;
         let (pair, compromised) = (*pair, compromised.to_vec());
+        let replica = self.replica.clone();
         self.run(|pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
@@ -954,6 +1237,7 @@ impl Store for PostgresStore {
                 .await
                 .map_err(|e| pg_err(&e))?;
             }
+            record_changes(&tx, &replica, &[ChangeKind::Pair(pair)]).await?;
             tx.commit().await.map_err(|e| pg_err(&e))
         })
     }
