@@ -171,7 +171,7 @@ async fn main() -> Result<()> {
         };
         let config = NodeConfig {
             data_dir: dir,
-            verifier: verifier.node_addr.to_string(),
+            verifiers: vec![verifier.node_addr.to_string()],
             listen: quic.local_addr()?,
             advertise,
             socks: socks.local_addr()?,

@@ -3,6 +3,7 @@
 //! ```toml
 //! data_dir = "/var/lib/hopmesh-node"   # key, attestation, pins, revocations, ctl socket
 //! verifier = "verifier.example:7443"   # host:port; names are resolved with hickory
+//! # verifiers = ["v1.example:7443", "v2.example:7443"]  # or several replicas (instead)
 //! listen = "0.0.0.0:4433"              # QUIC overlay
 //! advertise = ["203.0.113.5:4433"]     # where peers dial this node (host:port)
 //! socks = "127.0.0.1:1080"             # must be a loopback address
@@ -33,13 +34,18 @@ pub enum Congestion {
     Cubic,
 }
 
+/// Most verifiers a node lists (`verifiers`).
+pub const MAX_VERIFIERS: usize = 8;
+
 /// A checked node configuration.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// Data directory.
     pub data_dir: PathBuf,
-    /// Verifier `host:port`.
-    pub verifier: String,
+    /// The verifiers, `host:port` each (1 to [`MAX_VERIFIERS`]): replicas of one mesh. The
+    /// link starts at one picked by the node's id and fails over to the next
+    /// (`verifier_link::Failover`).
+    pub verifiers: Vec<String>,
     /// QUIC listen address.
     pub listen: SocketAddr,
     /// Advertised addresses.
@@ -66,7 +72,8 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 struct Raw {
     data_dir: PathBuf,
-    verifier: String,
+    verifier: Option<String>,
+    verifiers: Option<Vec<String>>,
     listen: String,
     #[serde(default)]
     advertise: Vec<String>,
@@ -142,8 +149,29 @@ impl NodeConfig {
                 "socks: `{socks}` must be a loopback address (the SOCKS endpoint is local only)"
             ));
         }
-        hopmesh_protocol::policy::parse_backend(&raw.verifier)
-            .map_err(|e| format!("verifier: {e}"))?;
+        let verifiers = match (raw.verifier, raw.verifiers) {
+            (Some(v), None) => vec![v],
+            (None, Some(list)) if !list.is_empty() && list.len() <= MAX_VERIFIERS => list,
+            (None, Some(list)) => {
+                return Err(format!(
+                    "verifiers: {} entries; list 1 to {MAX_VERIFIERS}",
+                    list.len()
+                ));
+            }
+            (None, None) => return Err("verifier: missing (or list them in `verifiers`)".into()),
+            (Some(_), Some(_)) => {
+                return Err("verifier and verifiers: set one of them, not both".into());
+            }
+        };
+        for v in &verifiers {
+            hopmesh_protocol::policy::parse_backend(v).map_err(|e| format!("verifier: {e}"))?;
+        }
+        let mut unique = verifiers.clone();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != verifiers.len() {
+            return Err("verifiers: an entry is listed twice".into());
+        }
         if raw.advertise.len() > 4 {
             return Err("advertise: at most 4 addresses".into());
         }
@@ -201,7 +229,7 @@ impl NodeConfig {
         };
         Ok(Self {
             data_dir,
-            verifier: raw.verifier,
+            verifiers,
             listen,
             advertise: raw.advertise,
             socks,
@@ -255,6 +283,28 @@ mod tests {
                 err(&format!("{base}socks_max_clients = {bad}\n")).contains("socks_max_clients")
             );
         }
+        assert_eq!(ok.verifiers, ["v.example:7443"]);
+        let head = "data_dir = \"d\"\nlisten = \"0.0.0.0:1\"\n";
+        let many = NodeConfig::parse(
+            &format!("{head}verifiers = [\"a:1\", \"b:2\", \"[::1]:3\"]\n"),
+            Path::new("."),
+        )
+        .expect("several verifiers");
+        assert_eq!(many.verifiers, ["a:1", "b:2", "[::1]:3"]);
+        assert!(err(head).contains("verifier: missing"));
+        assert!(err(&format!("{head}verifiers = []\n")).contains("0 entries"));
+        let nine: Vec<String> = (1..=MAX_VERIFIERS + 1)
+            .map(|i| format!("\"v{i}:1\""))
+            .collect();
+        assert!(err(&format!("{head}verifiers = [{}]\n", nine.join(", "))).contains("9 entries"));
+        assert!(err(&format!("{head}verifiers = [\"a:1\", \"a:1\"]\n")).contains("twice"));
+        assert!(err(&format!("{head}verifiers = [\"a:1\", \"b\"]\n")).contains("verifier"));
+        assert!(
+            err(&format!(
+                "{head}verifier = \"a:1\"\nverifiers = [\"b:1\"]\n"
+            ))
+            .contains("not both")
+        );
         let two = NodeConfig::parse(&format!("{base}socks_max_clients = 2\n"), Path::new("."))
             .expect("valid");
         assert_eq!(two.socks_max_clients, 2);

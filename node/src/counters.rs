@@ -40,6 +40,9 @@ pub struct Counters {
     /// Resubscribes for a fresh table snapshot after a table update that did not assemble or
     /// apply (`verifier_link.rs`, audited as `table_resync`).
     pub table_resyncs: AtomicU64,
+    /// Moves of the verifier link to another listed verifier after the one it used failed,
+    /// refused or ended its session (`verifier_link::Failover`).
+    pub verifier_failovers: AtomicU64,
     /// Seconds from a revocation list's `issued_at` (signed by the verifier, on its clock) to
     /// the node applying it (on the node's clock), observed once per newer list applied
     /// (`verifier_link.rs`, `apply_push`). Whole seconds on both ends; a list that arrives when
@@ -58,6 +61,7 @@ impl Default for Counters {
             bytes_in: AtomicU64::default(),
             audit_aggregated: AtomicU64::default(),
             table_resyncs: AtomicU64::default(),
+            verifier_failovers: AtomicU64::default(),
             revocation_propagation: Histogram::new(REVOCATION_PROPAGATION_BUCKETS),
             refusals: Mutex::default(),
         }
@@ -96,6 +100,8 @@ pub struct CountersView {
     pub audit_aggregated: u64,
     /// Table resyncs.
     pub table_resyncs: u64,
+    /// See [`Counters::verifier_failovers`].
+    pub verifier_failovers: u64,
     /// Refusals by reason.
     pub refused: BTreeMap<&'static str, u64>,
 }
@@ -154,6 +160,11 @@ impl Counters {
                 "table_resyncs",
                 "Resubscribes for a fresh routing-table snapshot after an update that did not apply",
                 v.table_resyncs,
+            ),
+            (
+                "verifier_failovers",
+                "Moves of the verifier link to another listed verifier",
+                v.verifier_failovers,
             ),
         ] {
             registry.register(name, help, ConstCounter::new(value));
@@ -216,6 +227,7 @@ impl Counters {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             audit_aggregated: self.audit_aggregated.load(Ordering::Relaxed),
             table_resyncs: self.table_resyncs.load(Ordering::Relaxed),
+            verifier_failovers: self.verifier_failovers.load(Ordering::Relaxed),
             refused: self
                 .refusals
                 .lock()

@@ -162,15 +162,15 @@ async fn run(cli: Cli) -> Result<()> {
             pins,
             advertise,
         } => {
-            let (data_dir, verifier, advertise) = match config {
+            let (data_dir, verifiers, advertise) = match config {
                 Some(path) => {
                     let c = NodeConfig::load(&path)?;
-                    (c.data_dir, c.verifier, c.advertise)
+                    (c.data_dir, c.verifiers, c.advertise)
                 }
                 // clap requires both flags when there is no --config.
                 None => (
                     data_dir.ok_or_else(|| anyhow!("--data-dir is required"))?,
-                    verifier.ok_or_else(|| anyhow!("--verifier is required"))?,
+                    vec![verifier.ok_or_else(|| anyhow!("--verifier is required"))?],
                     advertise,
                 ),
             };
@@ -185,23 +185,49 @@ async fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("read {}", pins.display()))?,
             )
             .context("pins file")?;
-            let addr = tokio::net::lookup_host(&verifier)
-                .await
-                .with_context(|| format!("resolve {verifier}"))?
-                .next()
-                .ok_or_else(|| anyhow!("{verifier} has no address"))?;
             let measurement =
                 hopmesh_node::datadir::self_measurement().context("measure own executable")?;
-            let out = hopmesh_node::enroll::enroll(
-                &data_dir,
-                addr,
-                join_secret,
-                &pins,
-                &advertise,
-                measurement,
-                SystemClock::default().now(),
-            )
-            .await?;
+            // The first listed verifier that can be reached. Only an unreachable one is
+            // skipped: any answer (an enrolment, or a refusal every replica would repeat) ends
+            // the search.
+            let mut out = Err(anyhow!("no verifier listed"));
+            for verifier in &verifiers {
+                let addr = match tokio::net::lookup_host(verifier).await {
+                    Ok(mut a) => a.next(),
+                    Err(e) => {
+                        eprintln!("resolve {verifier}: {e}");
+                        None
+                    }
+                };
+                let Some(addr) = addr else {
+                    out = Err(anyhow!("{verifier} has no address"));
+                    continue;
+                };
+                let tried = hopmesh_node::enroll::enroll(
+                    &data_dir,
+                    addr,
+                    join_secret.clone(),
+                    &pins,
+                    &advertise,
+                    measurement,
+                    SystemClock::default().now(),
+                )
+                .await;
+                let unreachable = matches!(
+                    &tried,
+                    Err(hopmesh_node::NodeError::Verifier(
+                        hopmesh_transport::verifier_client::ClientError::Connect(_)
+                    ))
+                );
+                out = tried.with_context(|| format!("enroll at {verifier}"));
+                if !unreachable {
+                    break;
+                }
+                if let Err(e) = &out {
+                    eprintln!("{e:#}");
+                }
+            }
+            let out = out?;
             println!(
                 "{}",
                 serde_json::json!({"node_id": out.node_id.to_string(), "name": out.name, "attestation_not_after": out.not_after.as_secs()})

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use hopmesh_protocol::attestation::{ATTESTATION_BACKDATE, VerifiedAttestation};
 use hopmesh_protocol::enrollment::{Address, Push, Refusal, Report};
+use hopmesh_protocol::ids::NodeId;
 use hopmesh_protocol::table_sync::TableSyncError;
 use hopmesh_protocol::time::UnixTime;
 use hopmesh_protocol::wire::{BoundedString, BoundedVec};
 use hopmesh_transport::fields;
 use hopmesh_transport::quic::FrameIoError;
-use hopmesh_transport::verifier_client::{ClientError, PushStream, VerifierClient};
+use hopmesh_transport::verifier_client::{ClientError, Heartbeat, PushStream, VerifierClient};
 use tokio::sync::{mpsc, watch};
 
 use crate::counters::Counters;
@@ -118,28 +119,106 @@ impl Backoff {
     }
 }
 
+/// Pause before the link tries the next listed verifier after one failed or went away
+/// (jittered by up to a quarter more): short, so a dead replica costs little more than the
+/// time to notice it (`Heartbeat::NODE`). A whole round of failures waits the [`Backoff`].
+pub const FAILOVER_PAUSE: Duration = Duration::from_millis(100);
+
+/// Which listed verifier the link uses, and how long it waits before the next attempt.
+///
+/// It starts at one picked by the node's id (so nodes spread over the replicas), and moves to
+/// the next after every session that ends: after a healthy or cleanly ended one (a replica
+/// went away, or stopped serving) at once ([`FAILOVER_PAUSE`]); after a failed attempt too,
+/// until every verifier failed in a row, then it waits the [`Backoff`]; after a refusal
+/// (revoked, not enrolled) it waits [`MAX_BACKOFF`]. With one verifier it is the [`Backoff`]
+/// alone.
+#[derive(Clone, Debug)]
+pub struct Failover {
+    n: usize,
+    current: usize,
+    failed_in_row: usize,
+    backoff: Backoff,
+}
+
+impl Failover {
+    /// `n` verifiers (at least one), starting at the one `node` maps to.
+    pub fn new(n: usize, node: &NodeId) -> Self {
+        let n = n.max(1);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&node.as_bytes()[..8]);
+        let start = usize::try_from(u64::from_be_bytes(first) % n as u64).unwrap_or(0);
+        Self {
+            n,
+            current: start,
+            failed_in_row: 0,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// The verifier to use now (an index into the list).
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// After the session at [`Self::current`] ended with `end`, having been subscribed for
+    /// `subscribed_for`: moves on, and returns the wait (without jitter) before the next attempt.
+    pub fn after(&mut self, end: SessionEnd, subscribed_for: Option<Duration>) -> Duration {
+        if self.n == 1 {
+            return self.backoff.after(end, subscribed_for);
+        }
+        self.current = (self.current + 1) % self.n;
+        if end == SessionEnd::Refused {
+            self.failed_in_row = 0;
+            return self.backoff.after(end, subscribed_for);
+        }
+        let healthy =
+            end == SessionEnd::Clean || subscribed_for.is_some_and(|d| d >= HEALTHY_SESSION);
+        if healthy {
+            self.failed_in_row = 0;
+            self.backoff = Backoff::default();
+            return FAILOVER_PAUSE;
+        }
+        self.failed_in_row += 1;
+        if self.failed_in_row < self.n {
+            return FAILOVER_PAUSE;
+        }
+        self.failed_in_row = 0;
+        self.backoff.after(end, subscribed_for)
+    }
+}
+
 /// Keeps the verifier link up: refresh at half-life with jitter, apply pushes, send reports,
-/// reconnect with [`Backoff`].
+/// move between the listed verifiers with [`Failover`].
 pub async fn run(
     overlay: Arc<Overlay>,
     mut reports: mpsc::Receiver<Report>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let node = overlay.shared.clone();
-    let mut backoff = Backoff::default();
+    let verifiers = node.config.verifiers.clone();
+    let mut failover = Failover::new(verifiers.len(), &node.local);
     loop {
         let mut subscribed_at = None;
+        let name = verifiers
+            .get(failover.current())
+            .cloned()
+            .unwrap_or_default();
         let session = async {
             let addrs = node
-                .resolve_hostport(&node.config.verifier)
+                .resolve_hostport(&name)
                 .await
                 .map_err(ClientError::Connect)?;
             let addr = *addrs
                 .first()
                 .ok_or_else(|| ClientError::Connect("verifier name has no address".into()))?;
-            let client =
-                VerifierClient::connect(&overlay.endpoint, addr, &node.identity, &node.pins)
-                    .await?;
+            let client = VerifierClient::connect_with(
+                &overlay.endpoint,
+                addr,
+                &node.identity,
+                &node.pins,
+                Heartbeat::NODE,
+            )
+            .await?;
             run_session(&overlay, &client, &mut reports, &mut subscribed_at).await
         };
         let result = tokio::select! {
@@ -157,14 +236,21 @@ pub async fn run(
                 SessionEnd::Refused
             }
             Err(e) => {
-                tracing::warn!(error = %e, "verifier link down");
+                tracing::warn!(verifier = %name, error = %e, "verifier link down");
                 SessionEnd::Failed
             }
         };
-        let wait = backoff.after(
+        let wait = failover.after(
             end,
             subscribed_at.map(|t: tokio::time::Instant| t.elapsed()),
         );
+        if verifiers.len() > 1 {
+            node.counters
+                .verifier_failovers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let to = verifiers.get(failover.current()).map_or("", String::as_str);
+            tracing::info!(from = %name, to, "verifier link moves to the next verifier");
+        }
         let jitter = Duration::from_millis(rand::random_range(0..=wait.as_millis() as u64 / 4 + 1));
         tokio::select! {
             _ = tokio::time::sleep(wait + jitter) => {}
@@ -425,5 +511,69 @@ mod tests {
             b.after(SessionEnd::Refused, Some(HEALTHY_SESSION)),
             MAX_BACKOFF
         );
+    }
+
+    fn node(first: u8) -> NodeId {
+        let mut b = [7u8; 32];
+        b[..8].copy_from_slice(&[0, 0, 0, 0, 0, 0, 0, first]);
+        NodeId::from_bytes(b)
+    }
+
+    #[test]
+    fn failover_starts_by_node_id_and_moves_through_every_verifier_before_backing_off() {
+        // Nodes spread over the replicas by id.
+        let starts: Vec<usize> = (0..6)
+            .map(|i| Failover::new(3, &node(i)).current())
+            .collect();
+        assert_eq!(starts, [0, 1, 2, 0, 1, 2]);
+        let mut f = Failover::new(3, &node(1));
+        // Failed attempts move on at once until all three failed in a row; then the backoff.
+        let mut seen = vec![f.current()];
+        assert_eq!(f.after(SessionEnd::Failed, None), FAILOVER_PAUSE);
+        seen.push(f.current());
+        assert_eq!(f.after(SessionEnd::Failed, None), FAILOVER_PAUSE);
+        seen.push(f.current());
+        assert_eq!(seen, [1, 2, 0], "every verifier tried once");
+        assert_eq!(f.after(SessionEnd::Failed, None), MIN_BACKOFF);
+        assert_eq!(f.current(), 1);
+        // The next round fails too: the backoff doubles per round, not per attempt.
+        assert_eq!(f.after(SessionEnd::Failed, None), FAILOVER_PAUSE);
+        assert_eq!(f.after(SessionEnd::Failed, None), FAILOVER_PAUSE);
+        assert_eq!(f.after(SessionEnd::Failed, None), MIN_BACKOFF * 2);
+        // A healthy session that ends (its replica died) moves on at once and starts over.
+        assert_eq!(
+            f.after(SessionEnd::Failed, Some(HEALTHY_SESSION)),
+            FAILOVER_PAUSE
+        );
+        assert_eq!(f.after(SessionEnd::Failed, None), FAILOVER_PAUSE);
+        assert_eq!(f.after(SessionEnd::Failed, None), FAILOVER_PAUSE);
+        assert_eq!(f.after(SessionEnd::Failed, None), MIN_BACKOFF);
+        // A replica that closes the session cleanly (stopping, or fenced) is left at once.
+        let before = f.current();
+        assert_eq!(
+            f.after(SessionEnd::Clean, Some(Duration::from_secs(1))),
+            FAILOVER_PAUSE
+        );
+        assert_ne!(f.current(), before);
+        // A refusal waits the longest, and the next attempt goes elsewhere.
+        let before = f.current();
+        assert_eq!(f.after(SessionEnd::Refused, None), MAX_BACKOFF);
+        assert_ne!(f.current(), before);
+    }
+
+    #[test]
+    fn failover_with_one_verifier_is_the_backoff_alone() {
+        let mut f = Failover::new(1, &node(5));
+        let mut b = Backoff::default();
+        for end in [
+            SessionEnd::Failed,
+            SessionEnd::Failed,
+            SessionEnd::Clean,
+            SessionEnd::Failed,
+            SessionEnd::Refused,
+        ] {
+            assert_eq!(f.after(end, None), b.after(end, None));
+            assert_eq!(f.current(), 0);
+        }
     }
 }

@@ -93,8 +93,11 @@ impl TestMeshNode {
 /// Verifier, backends and nodes.
 #[derive(Debug)]
 pub struct Mesh {
-    /// The verifier.
+    /// The verifier (where nodes enroll).
     pub verifier: VerifierHarness,
+    /// Further replicas on the same PostgreSQL store (none unless
+    /// [`Mesh::start_replicated`]); every node lists all of them after the verifier.
+    pub replicas: Vec<VerifierHarness>,
     /// Nodes by name.
     pub nodes: BTreeMap<String, TestMeshNode>,
     /// Backends: api, db, web.
@@ -126,13 +129,28 @@ impl Mesh {
             extra_nodes,
             tweak,
             StoreSpec::Sqlite,
+            0,
         )
         .await
     }
 
     /// The standard mesh with its verifier's store at `store`.
     pub async fn start_on_store(settings: Settings, store: StoreSpec) -> Self {
-        Self::start_full(settings, "", &[], |_, _| {}, store).await
+        Self::start_full(settings, "", &[], |_, _| {}, store, 0).await
+    }
+
+    /// The standard mesh on the PostgreSQL `store` with `replicas` more verifiers serving it;
+    /// each node lists every verifier (`verifiers`).
+    pub async fn start_replicated(settings: Settings, store: StoreSpec, replicas: usize) -> Self {
+        Self::start_full(settings, "", &[], |_, _| {}, store, replicas).await
+    }
+
+    /// Every verifier's node-facing address, the first verifier's first (while running).
+    pub fn verifier_addrs(&self) -> Vec<String> {
+        std::iter::once(&self.verifier)
+            .chain(&self.replicas)
+            .filter_map(|h| h.running.as_ref().map(|r| r.node_addr.to_string()))
+            .collect()
     }
 
     async fn start_full(
@@ -141,6 +159,7 @@ impl Mesh {
         extra_nodes: &[&str],
         tweak: impl Fn(&str, &mut NodeConfig),
         store: StoreSpec,
+        replicas: usize,
     ) -> Self {
         let backends = vec![
             EchoBackend::start().await,
@@ -150,8 +169,13 @@ impl Mesh {
         let policy =
             mesh_policy(backends[0].addr, backends[1].addr, backends[2].addr) + extra_policy;
         let verifier = VerifierHarness::start_on(&policy, settings, store).await;
+        let mut others = Vec::new();
+        for _ in 0..replicas {
+            others.push(verifier.replica().await);
+        }
         let mut mesh = Self {
             verifier,
+            replicas: others,
             nodes: BTreeMap::new(),
             backends,
         };
@@ -213,7 +237,7 @@ impl Mesh {
         let socks = TcpListener::bind("127.0.0.1:0").await.expect("bind socks");
         let mut config = NodeConfig {
             data_dir: dir.path().to_owned(),
-            verifier: running.node_addr.to_string(),
+            verifiers: self.verifier_addrs(),
             listen: quic.local_addr().expect("addr"),
             advertise,
             socks: socks.local_addr().expect("addr"),
@@ -264,6 +288,9 @@ impl Mesh {
             if let Some(h) = n.handle.take() {
                 h.shutdown().await;
             }
+        }
+        for r in &mut self.replicas {
+            r.stop().await;
         }
         self.verifier.stop().await;
     }

@@ -544,3 +544,94 @@ async fn two_replicas_serve_at_once_and_each_applies_the_others_changes() {
     two.stop().await;
     one.stop().await;
 }
+
+/// Waits (bounded) until every node of `mesh` is subscribed again; fails if any node's own
+/// attestation stops being usable meanwhile (it would fail closed). Returns the time taken.
+async fn all_connected(mesh: &Mesh, within: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let shows: Vec<serde_json::Value> = mesh.nodes.values().map(|n| n.show()).collect();
+        for s in &shows {
+            assert!(s["self_permit"].is_null(), "a node failed closed: {s}");
+        }
+        if shows.iter().all(|s| s["verifier_connected"] == true) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "nodes not connected again within {within:?}: {shows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn failovers(mesh: &Mesh) -> u64 {
+    mesh.nodes
+        .values()
+        .map(|n| {
+            n.show()["counters"]["verifier_failovers"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_listing_two_replicas_move_to_the_live_one_and_none_fails_closed() {
+    let Some(cluster) = PgCluster::shared() else {
+        return;
+    };
+    let mut mesh = Mesh::start_replicated(Settings::default(), pg_store(&cluster), 1).await;
+    assert_eq!(mesh.verifier_addrs().len(), 2);
+    round_trip(&mesh, "api.s1.mesh").await.expect("a reaches b");
+    let before = failovers(&mesh);
+
+    // The first verifier stops: its nodes move to the replica; data keeps flowing.
+    mesh.verifier.stop().await;
+    let took = all_connected(&mesh, Duration::from_secs(20)).await;
+    println!("every node subscribed again {took:?} after the first verifier stopped");
+    round_trip(&mesh, "api.s1.mesh")
+        .await
+        .expect("a reaches b with one verifier gone");
+    // A revoke at the replica is enforced by every node, wherever it was subscribed.
+    mesh.replicas[0]
+        .admin()
+        .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
+        .await
+        .expect("revoke b at the replica");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        round_trip(&mesh, "api.s1.mesh").await,
+        Err(2),
+        "b is cut off"
+    );
+
+    // Rolling: the first comes back, then the replica stops; nodes move back.
+    mesh.verifier
+        .restart()
+        .await
+        .expect("the first verifier again");
+    mesh.replicas[0].stop().await;
+    // b is revoked: it never subscribes again; the others do.
+    let mut b = mesh.nodes.remove("b").expect("b");
+    let took = all_connected(&mesh, Duration::from_secs(20)).await;
+    println!("every live node subscribed again {took:?} after the replica stopped");
+    assert!(
+        failovers(&mesh) > before,
+        "the nodes counted their moves ({before} before)"
+    );
+    assert!(
+        mesh.verifier
+            .admin()
+            .call("POST", "/v1/revoke", Some(serde_json::json!({"node": "b"})))
+            .await
+            .expect_err("already revoked")
+            .contains("revoked"),
+        "the first verifier knows b is revoked"
+    );
+    if let Some(h) = b.handle.take() {
+        h.shutdown().await;
+    }
+    mesh.replicas[0].restart().await.expect("the replica again");
+    mesh.shutdown().await;
+}

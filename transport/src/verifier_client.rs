@@ -29,6 +29,31 @@ use crate::tls::{self, ALPN_CONTROL, ServerExpectation};
 /// How long to wait for the verifier's answer.
 pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How a verifier connection notices that the verifier is gone: a QUIC keep-alive every
+/// `keep_alive`, and the connection is dead after `idle` without a packet from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Longest time without a packet from the verifier.
+    pub idle: Duration,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+}
+
+impl Heartbeat {
+    /// A node's link: a dead verifier (or a path to it) is noticed within 3 s, so the node
+    /// moves to another replica well inside the failover target (docs/operations.md). One
+    /// small packet a second per node.
+    pub const NODE: Self = Self {
+        idle: Duration::from_secs(3),
+        keep_alive: Duration::from_secs(1),
+    };
+    /// One-off calls (enrolment, tools, the scale simulator's many clients).
+    pub const RELAXED: Self = Self {
+        idle: Duration::from_secs(30),
+        keep_alive: Duration::from_secs(10),
+    };
+}
+
 /// Why a verifier call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -77,12 +102,24 @@ impl PushStream {
 }
 
 impl VerifierClient {
-    /// Dials the verifier at `addr` from `endpoint` as `identity`.
+    /// Dials the verifier at `addr` from `endpoint` as `identity`, with the
+    /// [`Heartbeat::RELAXED`] liveness check.
     pub async fn connect(
         endpoint: &Endpoint,
         addr: SocketAddr,
         identity: &Identity,
         pins: &Pins,
+    ) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, addr, identity, pins, Heartbeat::RELAXED).await
+    }
+
+    /// [`Self::connect`] with `heartbeat`.
+    pub async fn connect_with(
+        endpoint: &Endpoint,
+        addr: SocketAddr,
+        identity: &Identity,
+        pins: &Pins,
+        heartbeat: Heartbeat,
     ) -> Result<Self, ClientError> {
         let tls = tls::client_config(
             identity,
@@ -92,10 +129,7 @@ impl VerifierClient {
                 signing_keys: pins.signing_keys()?,
             },
         )?;
-        let transport = Arc::new(transport_config(
-            Duration::from_secs(30),
-            Duration::from_secs(10),
-        ));
+        let transport = Arc::new(transport_config(heartbeat.idle, heartbeat.keep_alive));
         let cfg = quinn_client(tls, transport)?;
         let connecting = endpoint
             .connect_with(cfg, addr, SNI)

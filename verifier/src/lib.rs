@@ -303,7 +303,10 @@ async fn follower(
         let s = Arc::clone(&shared);
         let followed = tokio::task::spawn_blocking(move || {
             let now = s.now();
-            s.authority().follow(now)
+            let mut authority = s.authority();
+            let followed = authority.follow(now);
+            authority.check_fenced(now);
+            followed
         })
         .await;
         match followed {

@@ -23,6 +23,8 @@ pub const FEED_BATCH: usize = 256;
 pub(super) struct Feed {
     /// The last entry read (and applied, unless it was this verifier's own).
     pub(super) seq: u64,
+    /// Since when this replica has not been serving (fenced), if it is not.
+    pub(super) fenced_since: Option<UnixTime>,
 }
 
 impl Authority {
@@ -65,6 +67,39 @@ impl Authority {
         }
         lock(&self.store).feed_current();
         Ok(applied)
+    }
+
+    /// Is this replica serving ([`crate::store::Store::check_serving`])? When it stops (fenced:
+    /// it lost the database, or its feed is stale), every push stream is closed, once, so its
+    /// nodes move to another replica; while fenced, subscribes are refused too. Audited
+    /// (`fenced`, `serving_again`). Called by the follower after each read of the feed.
+    pub fn check_fenced(&mut self, now: UnixTime) -> bool {
+        let checked = lock(&self.store).check_serving();
+        match (checked, self.feed.fenced_since) {
+            (Ok(()), None) => true,
+            (Ok(()), Some(since)) => {
+                self.feed.fenced_since = None;
+                tracing::warn!("serving again");
+                self.audit(
+                    now,
+                    "serving_again",
+                    hopmesh_transport::fields! {"fenced_secs" => now.as_secs().saturating_sub(since.as_secs())},
+                );
+                true
+            }
+            (Err(e), None) => {
+                self.feed.fenced_since = Some(now);
+                let closed = self.subscribers.close_all(&self.metrics);
+                tracing::error!(error = %e, closed, "fenced: closed every push stream so nodes move to another replica");
+                self.audit(
+                    now,
+                    "fenced",
+                    hopmesh_transport::fields! {"reason" => e.to_string(), "closed" => closed},
+                );
+                false
+            }
+            (Err(_), Some(_)) => false,
+        }
     }
 
     fn apply_change(&mut self, kind: &ChangeKind, now: UnixTime) -> Result<(), AdminError> {

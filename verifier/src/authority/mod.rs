@@ -160,6 +160,7 @@ impl Authority {
         // Before the state is loaded: a change committed meanwhile is applied again, never missed.
         let feed = self::follow::Feed {
             seq: store.change_head()?,
+            fenced_since: None,
         };
         metrics
             .feed_seq
@@ -319,6 +320,17 @@ impl Authority {
             } else {
                 Refusal::NotEnrolled
             });
+        }
+        // A fenced replica's state may be stale: its nodes subscribe at another one.
+        if self.feed.fenced_since.is_some() {
+            self.refuse(
+                now,
+                "subscribe_refused",
+                node,
+                "subscribe_not_serving",
+                serde_json::Map::new(),
+            );
+            return Err(Refusal::Internal);
         }
         let snapshot = self.snapshot(node, now);
         Ok(self.subscribers.open(*node, snapshot, &self.metrics))

@@ -67,6 +67,14 @@ impl Subscribers {
         self.channels.contains_key(node)
     }
 
+    /// Closes every stream; returns how many.
+    pub(super) fn close_all(&mut self, metrics: &Metrics) -> usize {
+        let n = self.channels.len();
+        self.channels.clear();
+        metrics.subscribed.set(0);
+        n
+    }
+
     /// Closes the stream of `node` (its receiver sees the end).
     pub(super) fn close(&mut self, node: &NodeId) {
         self.channels.remove(node);
