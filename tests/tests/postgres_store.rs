@@ -635,3 +635,59 @@ async fn nodes_listing_two_replicas_move_to_the_live_one_and_none_fails_closed()
     mesh.replicas[0].restart().await.expect("the replica again");
     mesh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reloaded_at_one_replica_is_served_by_every_replica() {
+    use hopmesh_protocol::ids::NodeName;
+    use hopmesh_tests::{VerifierHarness, standard_policy};
+    let Some(cluster) = PgCluster::shared() else {
+        return;
+    };
+    let one =
+        VerifierHarness::start_on(&standard_policy(), Settings::default(), pg_store(&cluster))
+            .await;
+    let mut two = one.replica().await;
+    let version = |h: &VerifierHarness| h.shared().authority().policy_version();
+    assert_eq!(
+        (version(&one), version(&two)),
+        (1, 1),
+        "the first file is the mesh's policy"
+    );
+    let may_enroll_d = |h: &VerifierHarness| {
+        let now = h.now();
+        h.shared()
+            .authority()
+            .create_join_token(&NodeName::new("d").expect("name"), None, 600, now)
+            .is_ok()
+    };
+    assert!(!may_enroll_d(&two), "d is not in the policy yet");
+
+    // One's file gains a node; a reload there is applied at two.
+    let with_d = standard_policy() + "\n[[node]]\nname = \"d\"\nsegments = [\"s1\"]\n";
+    std::fs::write(&one.policy_path, &with_d).expect("write policy");
+    let out = one
+        .admin()
+        .call("POST", "/v1/policy/reload", None)
+        .await
+        .expect("reload at one");
+    assert!(out.is_object(), "{out}");
+    for _ in 0..100 {
+        if version(&two) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!((version(&one), version(&two)), (2, 2));
+    assert!(may_enroll_d(&two), "two serves the reloaded policy");
+
+    // Two restarts with its own, older file: it serves the mesh's policy, not the file.
+    two.restart().await.expect("restart two");
+    assert_eq!(version(&two), 2);
+    assert!(
+        may_enroll_d(&two),
+        "the database's policy, not the stale file"
+    );
+    let mut one = one;
+    two.stop().await;
+    one.stop().await;
+}

@@ -156,7 +156,7 @@ impl Shared {
         let policy =
             hopmesh_protocol::policy::Policy::parse(&text).map_err(authority::AdminError::from)?;
         let now = self.now();
-        Ok(self.authority().apply_policy(policy, now))
+        Ok(self.authority().reload_stored(policy, &text, now)?)
     }
 }
 
@@ -339,7 +339,27 @@ pub async fn start(
     let opened = data.open()?;
     let text = std::fs::read_to_string(&opts.policy_path)
         .map_err(|e| VerifierError::io(format!("read {}", opts.policy_path.display()), e))?;
-    let policy = Policy::parse(&text)?;
+    let mut policy = Policy::parse(&text)?;
+    let mut store = opened.store;
+    // Replicas serve one policy: the one stored in the shared database. The file becomes it
+    // on the first start and on every reload.
+    let mut policy_version = 0;
+    if store.is_shared() {
+        match store.policy()? {
+            Some((version, stored)) => {
+                if stored != text {
+                    tracing::warn!(
+                        version,
+                        file = %opts.policy_path.display(),
+                        "the policy file differs from the mesh's policy in the database; serving the database's (reload to make the file the mesh's policy)"
+                    );
+                    policy = Policy::parse(&stored)?;
+                }
+                policy_version = version;
+            }
+            None => policy_version = store.put_policy(&text)?,
+        }
+    }
     if !policy.allow_any_measurement && policy.measurements.is_empty() {
         tracing::warn!("policy allows no measurement: no node can enroll or refresh");
     }
@@ -356,12 +376,13 @@ pub async fn start(
         settings: opts.settings.clone(),
         signing: opened.signing.into_signing_key(),
         master: opened.master,
-        store: Box::new(Counted::new(opened.store, metrics.clone())),
+        store: Box::new(Counted::new(store, metrics.clone())),
         audit: opened.audit,
         metrics: metrics.clone(),
         policy,
     };
-    let authority = Authority::new(parts, now)?;
+    let mut authority = Authority::new(parts, now)?;
+    authority.policy_loaded(policy_version);
     let shared = Arc::new(Shared {
         authority: Mutex::new(authority),
         metrics,

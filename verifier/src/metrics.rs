@@ -52,6 +52,8 @@ pub struct Metrics {
     pub feed_applied: Labeled,
     /// The last change-feed entry this verifier has read (0 on SQLite).
     pub feed_seq: Gauge,
+    /// Version of the stored policy served (0: the policy file, on SQLite).
+    pub policy_version: Gauge,
     /// Connection attempts and connections refused or closed by the connection budgets
     /// (`verifier/src/service.rs`), by reason.
     pub connection_refusals: Labeled,
@@ -150,6 +152,12 @@ impl Default for Metrics {
             "feed_applied",
             "Changes of other replicas applied from the change feed, by kind",
             feed_applied.clone(),
+        );
+        let policy_version = Gauge::default();
+        registry.register(
+            "policy_version",
+            "Version of the stored policy served (0: the policy file of a verifier on SQLite)",
+            policy_version.clone(),
         );
         let feed_seq = Gauge::default();
         registry.register("feed_seq", "Last change-feed entry read", feed_seq.clone());
@@ -264,6 +272,7 @@ impl Default for Metrics {
             store_failures,
             feed_applied,
             feed_seq,
+            policy_version,
             attested,
             refusals,
             pushes,

@@ -25,6 +25,11 @@ pub(super) struct Feed {
     pub(super) seq: u64,
     /// Since when this replica has not been serving (fenced), if it is not.
     pub(super) fenced_since: Option<UnixTime>,
+    /// Version of the stored policy this verifier applies (0: its own file, not stored).
+    pub(super) policy_version: u64,
+    /// Whether the stored policy was checked since start (a reload elsewhere between the
+    /// policy read at start and the feed's head is caught by this first check).
+    pub(super) policy_synced: bool,
 }
 
 impl Authority {
@@ -37,6 +42,10 @@ impl Authority {
             return Ok(0);
         }
         lock(&self.store).relock();
+        if !self.feed.policy_synced {
+            self.sync_policy(now)?;
+            self.feed.policy_synced = true;
+        }
         let mut applied = 0;
         loop {
             let batch = lock(&self.store).changes_since(self.feed.seq, FEED_BATCH)?;
@@ -50,6 +59,7 @@ impl Authority {
                         ChangeKind::List => "list",
                         ChangeKind::Ban(_) => "ban",
                         ChangeKind::Pair(_) => "pair",
+                        ChangeKind::Policy => "policy",
                     };
                     self.metrics
                         .feed_applied
@@ -114,6 +124,9 @@ impl Authority {
                 }
             }
             ChangeKind::Ban(b) => self.apply_ban(b.clone(), now),
+            ChangeKind::Policy => {
+                self.sync_policy(now)?;
+            }
             ChangeKind::Pair(p) => {
                 let state = lock(&self.store).pair_state(p)?;
                 if let Some(state) = state {
@@ -122,6 +135,59 @@ impl Authority {
             }
         }
         Ok(())
+    }
+
+    /// The version of the stored policy this verifier serves (0: its policy file, on a store
+    /// of its own).
+    pub fn policy_version(&self) -> u64 {
+        self.feed.policy_version
+    }
+
+    /// Records that the policy this verifier was built with is the stored version `version`
+    /// (read by `start` from the shared store).
+    pub fn policy_loaded(&mut self, version: u64) {
+        self.feed.policy_version = version;
+        self.metrics
+            .policy_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// Applies the stored policy if it is newer than the one served here (a reload at another
+    /// replica). A stored policy that does not parse is an error: the follower stops there.
+    fn sync_policy(&mut self, now: UnixTime) -> Result<bool, AdminError> {
+        let stored = lock(&self.store).policy()?;
+        let Some((version, text)) = stored else {
+            return Ok(false);
+        };
+        if version <= self.feed.policy_version {
+            return Ok(false);
+        }
+        let policy = hopmesh_protocol::policy::Policy::parse(&text)?;
+        let out = self.apply_policy(policy, now);
+        tracing::info!(
+            version,
+            nodes_changed = out.nodes_changed,
+            "applied the mesh's policy from another replica"
+        );
+        self.policy_loaded(version);
+        Ok(true)
+    }
+
+    /// A policy reload here: on a shared store the text is stored as the mesh's next policy
+    /// version first (every replica applies it from the feed; a failing store refuses the
+    /// reload and changes nothing), then applied.
+    pub fn reload_stored(
+        &mut self,
+        policy: hopmesh_protocol::policy::Policy,
+        text: &str,
+        now: UnixTime,
+    ) -> Result<super::PolicyReload, AdminError> {
+        let version = lock(&self.store).put_policy(text)?;
+        let out = self.apply_policy(policy, now);
+        if version > 0 {
+            self.policy_loaded(version);
+        }
+        Ok(out)
     }
 
     /// Installs the stored revocation list if it is newer than ours (after checking it verifies

@@ -161,6 +161,8 @@ impl Authority {
         let feed = self::follow::Feed {
             seq: store.change_head()?,
             fenced_since: None,
+            policy_version: 0,
+            policy_synced: false,
         };
         metrics
             .feed_seq

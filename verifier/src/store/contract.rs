@@ -694,6 +694,8 @@ fn every_replicated_write_names_what_it_changed_in_the_feed() {
         UnixTime::from_secs(9),
     )
     .expect("ban");
+    assert_eq!(s.put_policy("first").expect("policy"), 1);
+    assert_eq!(s.put_policy("second").expect("policy"), 2);
     // Writes no other replica needs in memory are not in the feed.
     s.reserve_serials(1).expect("serials");
     s.put_join_token(&JoinTokenRecord {
@@ -717,7 +719,13 @@ fn every_replicated_write_names_what_it_changed_in_the_feed() {
             ChangeKind::List,
             ChangeKind::Pair(pair),
             ChangeKind::Ban(BanSubject::Name(name("x"))),
+            ChangeKind::Policy,
+            ChangeKind::Policy,
         ]
+    );
+    assert_eq!(
+        other.policy().expect("policy"),
+        Some((2, "second".to_owned()))
     );
     assert!(feed.iter().all(|c| !c.mine));
     assert_eq!(
@@ -757,7 +765,8 @@ fn a_feed_entry_no_build_writes_is_refused() {
         ("list", vec![1]),
         ("pair", vec![1; 63]),
         ("ban_name", vec![0xff, 0xfe]),
-        ("policy", vec![]),
+        ("policy", vec![1]),
+        ("acl", vec![]),
     ] {
         let e = postgres::change_of(kind, subject).expect_err(kind);
         assert!(matches!(e, StoreError::BadValue(_)), "{e}");

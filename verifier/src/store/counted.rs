@@ -148,6 +148,13 @@ impl Store for Counted {
     fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         self.inner.change_signal()
     }
+    fn policy(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.count(self.inner.policy())
+    }
+    fn put_policy(&mut self, text: &str) -> Result<u64, StoreError> {
+        let r = self.inner.put_policy(text);
+        self.count(r)
+    }
     fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
         self.count(self.inner.node(id))
     }

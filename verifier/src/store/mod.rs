@@ -193,6 +193,8 @@ pub enum ChangeKind {
     Ban(BanSubject),
     /// A pair's reissue state.
     Pair(PairIds),
+    /// The mesh's policy.
+    Policy,
 }
 
 /// The store, shared by the authority and the commits the service makes outside the
@@ -302,6 +304,18 @@ pub trait Store: Send + std::fmt::Debug {
     /// also polls).
     fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
+    }
+    /// The mesh's policy text and its version, on a shared store (every replica serves the
+    /// same policy): `None` on a store of one verifier (it reads its policy file) or before
+    /// any was stored.
+    fn policy(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(None)
+    }
+    /// Stores `text` as the mesh's next policy version and returns it (0: this store keeps no
+    /// policy). Every replica applies it from the change feed.
+    fn put_policy(&mut self, text: &str) -> Result<u64, StoreError> {
+        let _ = text;
+        Ok(0)
     }
     /// One node record.
     fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {

@@ -100,6 +100,8 @@ CREATE TABLE hopmesh.changes (seq BIGINT PRIMARY KEY, replica TEXT NOT NULL, kin
     subject BYTEA NOT NULL, at_ms BIGINT NOT NULL);
 INSERT INTO hopmesh.meta (key, value) VALUES ('change_seq', 0);
 DELETE FROM hopmesh.meta WHERE key = 'serve_epoch';
+CREATE TABLE hopmesh.policy (id INT PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL,
+    text TEXT NOT NULL);
 ",
 ];
 
@@ -352,6 +354,7 @@ fn change_row(c: &ChangeKind) -> (&'static str, Vec<u8>) {
     match c {
         ChangeKind::Node(id) => ("node", id.as_bytes().to_vec()),
         ChangeKind::List => ("list", Vec::new()),
+        ChangeKind::Policy => ("policy", Vec::new()),
         ChangeKind::Ban(BanSubject::Node(id)) => ("ban_node", id.as_bytes().to_vec()),
         ChangeKind::Ban(BanSubject::Name(n)) => ("ban_name", n.as_str().as_bytes().to_vec()),
         ChangeKind::Pair(p) => {
@@ -373,6 +376,7 @@ pub(crate) fn change_of(kind: &str, subject: Vec<u8>) -> Result<ChangeKind, Stor
     Ok(match kind {
         "node" => ChangeKind::Node(id_of(subject.clone()).map_err(|_| bad())?),
         "list" if subject.is_empty() => ChangeKind::List,
+        "policy" if subject.is_empty() => ChangeKind::Policy,
         "ban_node" => ChangeKind::Ban(BanSubject::Node(id_of(subject.clone()).map_err(|_| bad())?)),
         "ban_name" => {
             let text = std::str::from_utf8(&subject).map_err(|_| bad())?;
@@ -850,6 +854,39 @@ impl Store for PostgresStore {
 
     fn change_signal(&self) -> Option<Arc<Notify>> {
         Some(self.signal.clone())
+    }
+
+    fn policy(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.run(|pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let row = c
+                .query_opt("SELECT version, text FROM hopmesh.policy WHERE id = 1", &[])
+                .await
+                .map_err(|e| pg_err(&e))?;
+            Ok(row.map(|r| (u64_of(r.get(0)), r.get(1))))
+        })
+    }
+
+    fn put_policy(&mut self, text: &str) -> Result<u64, StoreError> {
+        self.check_lock()?;
+        let (text, replica) = (text.to_owned(), self.replica.clone());
+        self.run(|pool| async move {
+            let mut c = pool.get().await.map_err(pool_err)?;
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let version: i64 = tx
+                .query_one(
+                    "INSERT INTO hopmesh.policy AS p (id, version, text) VALUES (1, 1, $1)
+                     ON CONFLICT (id) DO UPDATE SET version = p.version + 1, text = EXCLUDED.text
+                     RETURNING version",
+                    &[&text],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?
+                .get(0);
+            record_changes(&tx, &replica, &[ChangeKind::Policy]).await?;
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok(u64_of(version))
+        })
     }
 
     fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
