@@ -41,7 +41,7 @@ impl Authority {
         if !lock(&self.store).is_shared() {
             return Ok(0);
         }
-        lock(&self.store).relock();
+        lock(&self.store).relock()?;
         if !self.feed.policy_synced {
             self.sync_policy(now)?;
             self.feed.policy_synced = true;

@@ -875,13 +875,28 @@ fn a_verifier_that_lost_its_serve_lock_is_fenced_until_it_took_it_again_and_caug
     // Meanwhile another replica writes.
     let mut b = PostgresStore::open(&target, &MESH_KEY, "b", true).expect("b serves");
     b.reserve_serials(1).expect("b writes");
-    let e = a
-        .check_serving()
-        .expect_err("lost, then taken again: catching up");
+    // The attempt to take the lock again runs in the background (a call never waits for it).
+    let started = std::time::Instant::now();
+    let first = a.check_serving().expect_err("lost");
+    assert!(matches!(&first, StoreError::Fenced(_)), "{first}");
     assert!(
-        matches!(&e, StoreError::Fenced(why) if why.contains("catching up")),
-        "{e}"
+        started.elapsed() < std::time::Duration::from_millis(500),
+        "a fenced call does not wait for the database"
     );
+    loop {
+        let e = a
+            .check_serving()
+            .expect_err("lost, then taken again: catching up");
+        assert!(matches!(&e, StoreError::Fenced(_)), "{e}");
+        if e.to_string().contains("catching up") {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{e}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     for _ in 0..2 {
         let e = a
             .reserve_serials(1)

@@ -142,8 +142,9 @@ impl Store for Counted {
     fn feed_current(&mut self) {
         self.inner.feed_current();
     }
-    fn relock(&mut self) {
-        self.inner.relock();
+    fn relock(&mut self) -> Result<(), StoreError> {
+        let r = self.inner.relock();
+        self.count(r)
     }
     fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         self.inner.change_signal()

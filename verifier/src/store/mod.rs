@@ -22,8 +22,8 @@ mod sqlite;
 
 pub use counted::{Counted, failure_kind};
 pub use postgres::{
-    FEED_STALE_BOUND, PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_POOL_SIZE, PG_RELOCK_INTERVAL,
-    PG_SCHEMA_VERSION, PostgresStore,
+    FEED_READ_TIMEOUT, FEED_STALE_BOUND, PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_POOL_SIZE,
+    PG_RELOCK_INTERVAL, PG_SCHEMA_VERSION, PostgresStore,
 };
 pub use spec::{PgTarget, StoreSpec, TlsPlan, plan_tls};
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};
@@ -64,8 +64,10 @@ pub enum StoreError {
     /// good): nothing is issued or acknowledged.
     #[error("store (PostgreSQL): fenced: {0}")]
     Fenced(String),
-    /// Another verifier already serves from this database.
-    #[error("another verifier is serving from this database ({0}); one verifier per database")]
+    /// Another process already serves this database as the same replica (the same TLS key).
+    #[error(
+        "another process is serving this database as this replica ({0}); each replica runs once (make another with `init --replica-of`)"
+    )]
     InUse(String),
     /// The store location or its TLS settings are not usable.
     #[error("store settings: {0}")]
@@ -298,8 +300,12 @@ pub trait Store: Send + std::fmt::Debug {
     /// [`Self::check_serving`]).
     fn feed_current(&mut self) {}
     /// Called by the follower before it reads the feed: a store that lost its serve lock tries
-    /// to take it again (rate-limited), so it is back, caught up, without waiting for a write.
-    fn relock(&mut self) {}
+    /// to take it again (rate-limited, never waiting), so it is back, caught up, without
+    /// waiting for a write. `Err` while the lock is not held: the feed is not read then (the
+    /// database is gone or restarting; a read would only wait).
+    fn relock(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Woken when another verifier wrote a change (a lost wake-up only delays: the follower
     /// also polls).
     fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {

@@ -128,10 +128,21 @@ struct ServeLock {
     lost: Arc<AtomicBool>,
     /// Taken again after a loss; the feed not yet read to the head since.
     stale: bool,
+    /// An attempt to take the lock again, in flight on the store's runtime.
+    retake: Option<std::sync::mpsc::Receiver<Retaken>>,
     /// When the follower last read the feed to its head.
     fresh_at: Instant,
     next_try: Instant,
 }
+
+/// What an attempt to take the serve lock again gives: the session and its `lost` flag, or
+/// `None` when another session holds the lock.
+type Retaken = Result<Option<(tokio_postgres::Client, Arc<AtomicBool>)>, StoreError>;
+
+/// Longest a read of the change feed may take: shorter than [`PG_CALL_TIMEOUT`], since the
+/// follower reads under the authority lock; a database that stops answering makes the feed
+/// stale (and the replica fenced, [`FEED_STALE_BOUND`]) rather than holding the lock long.
+pub const FEED_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Shortest time between two attempts of a fenced store to take its serve lock again.
 pub const PG_RELOCK_INTERVAL: Duration = Duration::from_secs(1);
@@ -590,6 +601,7 @@ impl PostgresStore {
                 client: Some(client),
                 lost,
                 stale: false,
+                retake: None,
                 fresh_at: Instant::now(),
                 next_try: Instant::now(),
             });
@@ -622,39 +634,72 @@ impl PostgresStore {
                  nothing is issued or acknowledged until it is taken again"
             ))
         };
+        // An attempt in flight: never waited for here (the caller may hold the authority
+        // lock, and a database that does not answer would hold it for the connect timeout).
+        if let Some(rx) = &lock.retake {
+            let got = match rx.try_recv() {
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Err(fenced("")),
+                Ok(got) => got,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    Err(StoreError::Postgres("the attempt ended".into()))
+                }
+            };
+            lock.retake = None;
+            return match got {
+                Ok(Some((client, lost))) => {
+                    tracing::warn!("the store's serve lock was taken again; catching up");
+                    lock.client = Some(client);
+                    lock.lost = lost;
+                    lock.stale = true;
+                    // Whatever was notified while the lock was lost is read now.
+                    self.signal.notify_one();
+                    Err(fenced(
+                        ", and was taken again: catching up on the change feed",
+                    ))
+                }
+                Ok(None) => Err(fenced(
+                    " and is held by another session of this replica (the old session may not \
+                     have ended yet)",
+                )),
+                Err(_) => Err(fenced("")),
+            };
+        }
         if Instant::now() < lock.next_try {
             return Err(fenced(""));
         }
         lock.next_try = Instant::now() + PG_RELOCK_INTERVAL;
         let (target, key, signal) = (lock.target.clone(), lock.key, self.signal.clone());
-        let lost = Arc::new(AtomicBool::new(false));
-        let lost2 = lost.clone();
-        let taken = self.run(|_| async move { take_serve_lock(&target, key, lost2, signal).await });
-        let Some(lock) = self.serve.as_mut() else {
-            return Ok(());
-        };
-        match taken {
-            Ok(Some(client)) => {
-                tracing::warn!("the store's serve lock was taken again; catching up");
-                lock.client = Some(client);
-                lock.lost = lost;
-                lock.stale = true;
-                // Whatever was notified while the lock was lost is read now.
-                self.signal.notify_one();
-                Err(fenced(
-                    ", and was taken again: catching up on the change feed",
-                ))
-            }
-            Ok(None) => Err(fenced(
-                " and is held by another session of this replica (the old session may not have \
-                 ended yet)",
-            )),
-            Err(_) => Err(fenced("")),
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        lock.retake = Some(rx);
+        if let Some(rt) = self.rt.as_ref() {
+            rt.spawn(async move {
+                let lost = Arc::new(AtomicBool::new(false));
+                let attempt = take_serve_lock(&target, key, lost.clone(), signal);
+                let got = match tokio::time::timeout(PG_CALL_TIMEOUT, attempt).await {
+                    Ok(Ok(Some(client))) => Ok(Some((client, lost))),
+                    Ok(Ok(None)) => Ok(None),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(StoreError::Timeout(PG_CALL_TIMEOUT)),
+                };
+                let _ = tx.send(got);
+            });
         }
+        Err(fenced(""))
     }
 
-    /// Runs one call on the store's runtime and waits for its answer (bounded).
+    /// Runs one call on the store's runtime and waits for its answer (bounded by
+    /// [`PG_CALL_TIMEOUT`]).
     fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Pool) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        self.run_within(PG_CALL_TIMEOUT, f)
+    }
+
+    /// [`Self::run`] bounded by `bound` instead.
+    fn run_within<T, F, Fut>(&self, bound: Duration, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(Pool) -> Fut,
@@ -667,9 +712,9 @@ impl PostgresStore {
         let fut = f(self.pool.clone());
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
-            let out = tokio::time::timeout(PG_CALL_TIMEOUT, fut)
+            let out = tokio::time::timeout(bound, fut)
                 .await
-                .unwrap_or(Err(StoreError::Timeout(PG_CALL_TIMEOUT)));
+                .unwrap_or(Err(StoreError::Timeout(bound)));
             let _ = tx.send(out);
         });
         rx.recv()
@@ -812,7 +857,7 @@ impl Store for PostgresStore {
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
         let replica = self.replica.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(|pool| async move {
+        self.run_within(FEED_READ_TIMEOUT, |pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
             let rows = c
                 .query(
@@ -835,9 +880,19 @@ impl Store for PostgresStore {
         })
     }
 
-    fn relock(&mut self) {
-        // Fenced until caught up: the follower's very next step.
-        let _ = self.check_lock();
+    fn relock(&mut self) -> Result<(), StoreError> {
+        match self.check_lock() {
+            // Held again but stale: reading the feed is what makes it current.
+            Err(StoreError::Fenced(_))
+                if self
+                    .serve
+                    .as_ref()
+                    .is_some_and(|l| l.stale && !l.lost.load(Ordering::SeqCst)) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     fn feed_current(&mut self) {
