@@ -2,7 +2,8 @@
 //!
 //! - `attestation_issue`: one refresh through the authority (checks, serial, Ed25519 sign,
 //!   audit record) beside a raw Ed25519 sign baseline. Target ≥ 5 000 attestations/s on one
-//!   core (≤ 200 µs each).
+//!   core (≤ 200 µs each). Again on PostgreSQL (`verifier/postgres/…`), where a store that
+//!   replicas share hands out each serial from the database: one round trip per attestation.
 //! - revocation push latency is in `revocation_push.rs` (a load run, not criterion).
 //! - `store/{sqlite,postgres}/…`: the durable commits behind a revoke (`commit_revocation`)
 //!   and an enrolment (`put_node`), and a serial block, on each backend in the same run
@@ -36,6 +37,32 @@ mod pg_cluster;
 fn issuance(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SqliteStore::create(&dir.path().join("store.db")).expect("store");
+    let raw = SigningKey::from_seed(&SigningSeed::from_bytes([1; 32]));
+    let msg = [7u8; 300];
+    let mut g = c.benchmark_group("verifier");
+    g.bench_function("baseline_ed25519_sign_300B", |b| {
+        b.iter(|| raw.sign_raw(black_box(&msg)))
+    });
+    g.finish();
+    refreshes(c, "verifier", Box::new(store));
+    let Some(cluster) = pg_cluster::PgCluster::start_durable() else {
+        eprintln!("verifier/postgres skipped: HOPMESH_SKIP_POSTGRES=1");
+        return;
+    };
+    let target = PgTarget {
+        url: cluster.fresh_database(),
+        ca: None,
+    };
+    PostgresStore::init(&target, &[9; 32]).expect("init");
+    // Opened without the serve lock: no follower runs here to keep the feed fresh.
+    let pg = PostgresStore::open(&target, &[9; 32], "bench", false).expect("open");
+    // On a store replicas share, each attestation takes its serial from the database.
+    refreshes(c, "verifier/postgres", Box::new(pg));
+}
+
+/// One refresh through the authority on `store` (node `a` of the standard test policy).
+fn refreshes(c: &mut Criterion, group: &str, store: Box<dyn Store>) {
+    let dir = tempfile::tempdir().expect("tempdir");
     let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
     // The standard test policy; node `a` enrolls and refreshes.
     let measurement = Measurement([3; 32]);
@@ -52,7 +79,7 @@ fn issuance(c: &mut Criterion) {
             settings: Settings::default(),
             signing: SigningKey::from_seed(&SigningSeed::from_bytes([1; 32])),
             master: MasterSecret::from_bytes([2; 32]),
-            store: Box::new(store),
+            store,
             audit,
             metrics: Arc::new(Metrics::default()),
             policy,
@@ -78,13 +105,7 @@ fn issuance(c: &mut Criterion) {
     )
     .expect("enroll");
     let id = node.node_id();
-    let raw = SigningKey::from_seed(&SigningSeed::from_bytes([1; 32]));
-    let msg = [7u8; 300];
-
-    let mut g = c.benchmark_group("verifier");
-    g.bench_function("baseline_ed25519_sign_300B", |b| {
-        b.iter(|| raw.sign_raw(black_box(&msg)))
-    });
+    let mut g = c.benchmark_group(group);
     g.bench_function("attestation_issue_refresh", |b| {
         b.iter(|| {
             auth.refresh(black_box(&id), &measurement, &addresses, now)
