@@ -145,6 +145,22 @@ impl Mesh {
         Self::start_full(settings, "", &[], |_, _| {}, store, replicas).await
     }
 
+    /// [`Self::start_replicated`] plus `extra_policy` text and `extra_nodes` (declared in it),
+    /// each node's config changed by `tweak(name, config)` before it starts. `config.verifiers`
+    /// holds every verifier's address then (the first verifier's first, as
+    /// [`Self::verifier_addrs`]), so `tweak` may list others in their place (a proxy in front
+    /// of each, for example).
+    pub async fn start_replicated_with(
+        settings: Settings,
+        store: StoreSpec,
+        replicas: usize,
+        extra_policy: &str,
+        extra_nodes: &[&str],
+        tweak: impl Fn(&str, &mut NodeConfig),
+    ) -> Self {
+        Self::start_full(settings, extra_policy, extra_nodes, tweak, store, replicas).await
+    }
+
     /// Every verifier's node-facing address, the first verifier's first (while running).
     pub fn verifier_addrs(&self) -> Vec<String> {
         std::iter::once(&self.verifier)
