@@ -124,6 +124,10 @@ impl Backoff {
 /// time to notice it (`Heartbeat::NODE`). A whole round of failures waits the [`Backoff`].
 pub const FAILOVER_PAUSE: Duration = Duration::from_millis(100);
 
+/// A session subscribed at least this long counts as served: when it ends the link moves on
+/// at once (not a failed attempt), though only a [`HEALTHY_SESSION`] resets the backoff.
+pub const SERVED_SESSION: Duration = Duration::from_secs(2);
+
 /// Which listed verifier the link uses, and how long it waits before the next attempt.
 ///
 /// It starts at one picked by the node's id (so nodes spread over the replicas), and moves to
@@ -176,6 +180,13 @@ impl Failover {
         if healthy {
             self.failed_in_row = 0;
             self.backoff = Backoff::default();
+            return FAILOVER_PAUSE;
+        }
+        // A replica that served for a while and went away (a rolling restart moves nodes
+        // twice within HEALTHY_SESSION): move at once, but keep the backoff's state, so
+        // replicas that drop every session soon after it starts are still paced.
+        if subscribed_for.is_some_and(|d| d >= SERVED_SESSION) {
+            self.failed_in_row = 0;
             return FAILOVER_PAUSE;
         }
         self.failed_in_row += 1;
@@ -540,6 +551,25 @@ mod tests {
         assert_eq!(f.after(SessionEnd::Failed, None), FAILOVER_PAUSE);
         assert_eq!(f.after(SessionEnd::Failed, None), FAILOVER_PAUSE);
         assert_eq!(f.after(SessionEnd::Failed, None), MIN_BACKOFF * 2);
+        // A session that served a while, short of healthy, moves on at once too: a rolling
+        // restart moves a node twice within HEALTHY_SESSION.
+        assert_eq!(
+            f.after(SessionEnd::Failed, Some(SERVED_SESSION)),
+            FAILOVER_PAUSE
+        );
+        assert_eq!(
+            f.after(SessionEnd::Failed, Some(SERVED_SESSION)),
+            FAILOVER_PAUSE
+        );
+        assert_eq!(
+            f.after(SessionEnd::Failed, Some(SERVED_SESSION)),
+            FAILOVER_PAUSE
+        );
+        // One that dropped right after subscribing is a failed attempt.
+        let short = Some(SERVED_SESSION - Duration::from_millis(1));
+        assert_eq!(f.after(SessionEnd::Failed, short), FAILOVER_PAUSE);
+        assert_eq!(f.after(SessionEnd::Failed, short), FAILOVER_PAUSE);
+        assert_eq!(f.after(SessionEnd::Failed, short), MIN_BACKOFF * 4);
         // A healthy session that ends (its replica died) moves on at once and starts over.
         assert_eq!(
             f.after(SessionEnd::Failed, Some(HEALTHY_SESSION)),

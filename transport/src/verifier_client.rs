@@ -40,8 +40,9 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// A node's link: a dead verifier (or a path to it) is noticed within 3 s, so the node
-    /// moves to another replica well inside the failover target (docs/operations.md). One
+    /// A node's link: a dead verifier (or a path to it) is noticed after 3 s idle plus at most
+    /// one keep-alive interval (≈4 s measured, `benches/benches/failover.rs`), so the node
+    /// moves to another replica inside the 5 s failover target (docs/design.md, section 3). One
     /// small packet a second per node.
     pub const NODE: Self = Self {
         idle: Duration::from_secs(3),
