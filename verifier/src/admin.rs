@@ -33,6 +33,38 @@ use serde_json::{Value, json};
 use crate::Shared;
 use crate::admin_addr::{AdminAddr, CHALLENGE_LEN, proof, proof_is_valid};
 use crate::authority::{AdminError, NodeRef};
+use crate::store::StoreError;
+
+/// Rounds of a revoke (or ban) at a shared store, each of up to
+/// [`crate::authority::REVOKE_ATTEMPTS`] attempts under the authority lock, while other
+/// replicas keep taking the next revocation-list version first; between rounds the lock is
+/// released for a random pause of [`REVOKE_BACKOFF_MS`], so that the replicas' attempts
+/// spread out. Past the last round the answer is 503: nothing was revoked.
+pub const REVOKE_ROUNDS: u32 = 4;
+
+/// The pause between two revoke rounds, ms, drawn uniformly.
+pub const REVOKE_BACKOFF_MS: std::ops::Range<u64> = 10..150;
+
+/// Runs `op` (a revoke or a ban) for up to [`REVOKE_ROUNDS`] rounds while it loses the race
+/// for the next revocation-list version.
+async fn revoke_rounds<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    op: impl Fn(&Shared) -> Result<T, AdminError> + Send + Sync + 'static,
+) -> Result<T, AdminError> {
+    let op = Arc::new(op);
+    let mut round = 1;
+    loop {
+        let f = op.clone();
+        match shared.unqueued(move |s| f(s)).await {
+            Err(AdminError::Store(StoreError::StaleVersion { .. })) if round < REVOKE_ROUNDS => {
+                round += 1;
+                let pause = rand::random_range(REVOKE_BACKOFF_MS);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// How long the CLI waits for the admin API (connect, proof and answer).
 pub const CLIENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -52,9 +84,22 @@ impl From<AdminError> for ApiError {
             AdminError::BadRequest(_) | AdminError::Policy(_) | AdminError::ReissueLimit => {
                 StatusCode::BAD_REQUEST
             }
+            // Nothing was done and another attempt (here later, or at another replica) may
+            // succeed: the replica is fenced, the database did not answer in time, or other
+            // replicas kept taking the next revocation-list version.
+            AdminError::Store(
+                StoreError::Fenced(_) | StoreError::Timeout(_) | StoreError::StaleVersion { .. },
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Store(_) | AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Self(status, e.to_string())
+        let text = match &e {
+            AdminError::Store(StoreError::StaleVersion { .. }) => format!(
+                "other replicas took the next revocation-list version first in each of \
+                 {REVOKE_ROUNDS} rounds; nothing was revoked, retry ({e})"
+            ),
+            _ => e.to_string(),
+        };
+        Self(status, text)
     }
 }
 
@@ -181,10 +226,7 @@ async fn revoke(
     Json(req): Json<NodeReq>,
 ) -> Result<Json<Value>, ApiError> {
     let target = node_ref(&req.node)?;
-    let now = shared.now();
-    let outcome = shared
-        .unqueued(move |s| s.authority().revoke(&target, now))
-        .await?;
+    let outcome = revoke_rounds(&shared, move |s| s.authority().revoke(&target, s.now())).await?;
     Ok(Json(json!(outcome)))
 }
 
@@ -193,10 +235,7 @@ async fn ban(
     Json(req): Json<NodeReq>,
 ) -> Result<Json<Value>, ApiError> {
     let target = node_ref(&req.node)?;
-    let now = shared.now();
-    shared
-        .unqueued(move |s| s.authority().ban(&target, now))
-        .await?;
+    revoke_rounds(&shared, move |s| s.authority().ban(&target, s.now())).await?;
     Ok(Json(json!({"banned": req.node})))
 }
 

@@ -795,6 +795,18 @@ fn tls_to_the_store_is_verified_against_the_ca_file() {
     );
     let mut s = PostgresStore::open(&tls, &MESH_KEY, "r1", false).expect("open over TLS");
     assert_eq!(s.reserve_serials(1).expect("a call over TLS"), 1);
+    // Over TCP the server probes a replica's sessions as the replica probes the server (a
+    // partitioned replica's serve lock ends on the server too), and ends a session left idle
+    // inside a transaction.
+    for (setting, want) in [
+        ("tcp_keepalives_idle", "10"),
+        ("tcp_keepalives_interval", "2"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "10000"),
+        ("idle_in_transaction_session_timeout", "10s"),
+    ] {
+        assert_eq!(s.show(setting).expect(setting), want, "{setting}");
+    }
     // A CA that did not sign the server's certificate: refused, with the reason.
     let dir = tempfile::tempdir().expect("tempdir");
     let other = dir.path().join("other-ca.pem");

@@ -144,6 +144,11 @@ type Retaken = Result<Option<(tokio_postgres::Client, Arc<AtomicBool>)>, StoreEr
 /// stale (and the replica fenced, [`FEED_STALE_BOUND`]) rather than holding the lock long.
 pub const FEED_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Longest the serial reservation behind one attestation may take: it runs under the
+/// authority lock, so a database that stops answering would otherwise hold every refresh at
+/// this replica for [`PG_CALL_TIMEOUT`]; a refresh refused sooner lets its node move on.
+pub const PG_ISSUE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Shortest time between two attempts of a fenced store to take its serve lock again.
 pub const PG_RELOCK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -687,6 +692,19 @@ impl PostgresStore {
         Err(fenced(""))
     }
 
+    /// Test only: a server setting as this store's sessions see it (`SHOW`).
+    #[cfg(test)]
+    pub(crate) fn show(&self, setting: &'static str) -> Result<String, StoreError> {
+        self.run(move |pool| async move {
+            let c = pool.get().await.map_err(pool_err)?;
+            let row = c
+                .query_one(&format!("SHOW {setting}"), &[])
+                .await
+                .map_err(|e| pg_err(&e))?;
+            Ok(row.get(0))
+        })
+    }
+
     /// Runs one call on the store's runtime and waits for its answer (bounded by
     /// [`PG_CALL_TIMEOUT`]).
     fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
@@ -1222,7 +1240,7 @@ impl Store for PostgresStore {
 
     fn reserve_serials(&mut self, n: u64) -> Result<u64, StoreError> {
         self.check_lock()?;
-        self.run(|pool| async move {
+        self.run_within(PG_ISSUE_TIMEOUT, |pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
             // One statement under the row lock: concurrent reservations never overlap.
             let row = c

@@ -136,6 +136,28 @@ const PG_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const PG_KEEPALIVE_RETRIES: u32 = 3;
 /// Data unacknowledged this long ends the connection (`TCP_USER_TIMEOUT`).
 const PG_TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The server ends a session idle inside a transaction this long
+/// (`idle_in_transaction_session_timeout`): a replica cut off between a transaction's first
+/// row lock and its commit would otherwise hold the change counter's row lock, and so stall
+/// every replica's writes, until the server noticed the dead connection.
+pub const PG_IDLE_IN_TRANSACTION: Duration = Duration::from_secs(10);
+
+/// Session settings sent at connect (`options`): the server probes with the same keepalives
+/// as the client, so a partitioned replica's sessions (and its serve lock) end on the server
+/// within about 16 s too, rather than after the server's default of two hours, and a healed
+/// replica can take its lock again; and [`PG_IDLE_IN_TRANSACTION`]. Ignored by the server on
+/// unix sockets, where no partition can happen.
+fn server_session_options() -> String {
+    format!(
+        "-c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={} \
+         -c tcp_user_timeout={} -c idle_in_transaction_session_timeout={}",
+        PG_KEEPALIVE_IDLE.as_secs(),
+        PG_KEEPALIVE_INTERVAL.as_secs(),
+        PG_KEEPALIVE_RETRIES,
+        PG_TCP_USER_TIMEOUT.as_millis(),
+        PG_IDLE_IN_TRANSACTION.as_millis(),
+    )
+}
 
 impl PgTarget {
     /// The client configuration (timeouts and keepalives set, `sslmode` made explicit) and how
@@ -167,6 +189,12 @@ impl PgTarget {
         if cfg.get_application_name().is_none() {
             cfg.application_name("hopmesh-verifier");
         }
+        // The operator's own `options` come last, so they win where they set the same.
+        let options = match cfg.get_options() {
+            Some(own) => format!("{} {own}", server_session_options()),
+            None => server_session_options(),
+        };
+        cfg.options(&options);
         Ok((cfg, plan))
     }
 
@@ -198,6 +226,32 @@ mod tests {
     fn plan(url: &str, ca: bool) -> Result<TlsPlan, String> {
         let cfg: tokio_postgres::Config = url.parse().expect("parses");
         plan_tls(cfg.get_hosts(), cfg.get_hostaddrs(), cfg.get_ssl_mode(), ca)
+    }
+
+    #[test]
+    fn the_server_is_asked_to_probe_and_to_end_idle_transactions_and_the_operator_wins() {
+        let target = |url: &str| PgTarget {
+            url: url.into(),
+            ca: None,
+        };
+        let (cfg, _) = target("postgresql://u@127.0.0.1/db")
+            .config()
+            .expect("config");
+        let ours = cfg.get_options().expect("options").to_owned();
+        for want in [
+            "-c tcp_keepalives_idle=10 ",
+            "-c tcp_keepalives_interval=2 ",
+            "-c tcp_keepalives_count=3 ",
+            "-c tcp_user_timeout=10000 ",
+            "-c idle_in_transaction_session_timeout=10000",
+        ] {
+            assert!(ours.contains(want), "{want} in {ours}");
+        }
+        let (cfg, _) = target("postgresql://u@127.0.0.1/db?options=-c%20tcp_keepalives_idle%3D30")
+            .config()
+            .expect("config");
+        let both = cfg.get_options().expect("options");
+        assert_eq!(both, format!("{ours} -c tcp_keepalives_idle=30"));
     }
 
     #[test]
