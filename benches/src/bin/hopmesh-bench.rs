@@ -156,6 +156,12 @@ enum Cmd {
         /// other node and the first reaches the second's service through SOCKS.
         #[arg(long)]
         real: Option<usize>,
+        /// Verifier replicas on one PostgreSQL database (a throwaway cluster; needs Debian's
+        /// `postgresql`): each size then runs twice in this invocation, first on one verifier
+        /// on SQLite (the baseline), then on the replicas, node i at replica i % R, admin
+        /// actions at replica 0. 1: one verifier on SQLite only.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        replicas: u16,
     },
     /// Adds one figure to results.json in `--out` (used by `netns/run.sh bench_lossy`).
     Add {
@@ -255,9 +261,11 @@ fn main() -> Result<()> {
             fault,
             ci,
             real,
+            replicas,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            hopmesh_benches::procs::stop_children_on_signal(&rt)?;
+            // Also stops the PostgreSQL cluster of a replicas run.
+            hopmesh_benches::sim::stop_on_signal(&rt)?;
             let bin = bin_dir(bin)?;
             let mut p = hopmesh_benches::sim::Params {
                 bin,
@@ -275,6 +283,7 @@ fn main() -> Result<()> {
                 propagation_timeout: Duration::from_secs(propagation_timeout),
                 enroll_timeout: Duration::from_secs(enroll_timeout),
                 fault,
+                replicas: usize::from(replicas),
             };
             let sizes = if ci {
                 p.peers = 9;

@@ -15,6 +15,16 @@
 //! check of every node's table against the policy's oracle ([`shape`]). Any lost, truncated or
 //! reordered push, revocation or table update that did not reach a subscriber, or session that
 //! ended unexpectedly fails the run ([`SizeResult::failures`]).
+//!
+//! With `--replicas R` (R > 1) each size runs twice in the same invocation: first the baseline,
+//! one verifier on its SQLite store as above, then R verifier replicas on one PostgreSQL
+//! database of a throwaway cluster (verifier/src/store/pg_cluster.rs, `fsync` on, reached over
+//! its unix socket), made with the verifier's own commands (`init --store`, `replica export`,
+//! `init --replica-of`, `serve`). Node `i` talks to replica `i % R` with replica 0's pins;
+//! join tokens, revocations and the policy reload go through replica 0's admin API, and
+//! propagation is reported for the subscribers at replica 0 and at the other replicas apart.
+//! Every check above holds at every replica. The verifiers and the cluster are stopped at the
+//! end, on an error, and on a signal ([`stop_on_signal`]).
 
 pub mod consumer;
 pub mod node;
@@ -22,12 +32,16 @@ pub mod real;
 pub mod report;
 pub mod shape;
 
+#[path = "../../../verifier/src/store/pg_cluster.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod pg_cluster;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -41,10 +55,11 @@ use serde_json::json;
 use sha2::Digest;
 use tokio::sync::{Semaphore, watch};
 
-use crate::procs::{Proc, clock_ticks, cpu_time, rss_bytes};
+use crate::procs::{CpuTime, Proc, clock_ticks, cpu_time, rss_bytes};
 use crate::stats::percentile;
 use consumer::{Consumer, Kind, Tally};
 use node::{Ctx, Slot};
+use pg_cluster::PgCluster;
 use shape::Shape;
 
 /// How often the orchestrator looks at the nodes while waiting for something to reach all
@@ -57,10 +72,18 @@ const TOKEN_CONCURRENCY: usize = 8;
 /// A fault injected to prove the checker fails a broken run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Fault {
-    /// Node 0 drops the first revocation-list push after the first revoke.
+    /// The fault's node ([`fault_node`]) drops the first revocation-list push after the first
+    /// revoke.
     DropRevocation,
-    /// Node 0 drops the first table push after the policy reload.
+    /// The fault's node drops the first table push after the policy reload.
     DropTable,
+}
+
+/// The node that drops a push under a [`Fault`]: node 0 with one verifier; with replicas the
+/// first node of the last replica (`replicas - 1`), so the fault hits a subscriber the
+/// revocation reaches across replicas.
+pub fn fault_node(p: &Params) -> usize {
+    (p.replicas.max(1) - 1).min(p.nodes.saturating_sub(1))
 }
 
 /// One simulator run at one mesh size.
@@ -97,6 +120,8 @@ pub struct Params {
     pub enroll_timeout: Duration,
     /// Fault injection.
     pub fault: Option<Fault>,
+    /// Verifier replicas on one PostgreSQL database (1: one verifier on its SQLite store).
+    pub replicas: usize,
 }
 
 /// Enrolments per second over one bucket of the mesh size.
@@ -226,6 +251,42 @@ pub struct SizeResult {
     pub dropped_by_fault: u64,
     /// The fault injected, if any.
     pub fault: Option<Fault>,
+    /// Verifiers serving the mesh (1: one verifier on SQLite; more: replicas on PostgreSQL).
+    #[serde(default)]
+    pub replicas: usize,
+    /// Their store: `sqlite` or `postgresql`.
+    #[serde(default)]
+    pub store: String,
+    /// Revocations, subscribers at the replica that took the revoke (replica 0; replicas only).
+    #[serde(default)]
+    pub revocation_same_replica: Option<Propagation>,
+    /// Revocations, subscribers at the other replicas (replicas only).
+    #[serde(default)]
+    pub revocation_other_replicas: Option<Propagation>,
+    /// Policy reload, affected nodes at the replica that took the reload (replicas only).
+    #[serde(default)]
+    pub reload_same_replica: Option<Propagation>,
+    /// Policy reload, affected nodes at the other replicas (replicas only).
+    #[serde(default)]
+    pub reload_other_replicas: Option<Propagation>,
+    /// PostgreSQL server CPU seconds in the steady phase (replicas only).
+    #[serde(default)]
+    pub steady_db_cpu_s: f64,
+    /// PostgreSQL server CPU seconds in the burst (replicas only).
+    #[serde(default)]
+    pub burst_db_cpu_s: f64,
+    /// Burst: attestations per CPU second of the verifiers and the database server together.
+    #[serde(default)]
+    pub burst_attestations_per_total_cpu_s: f64,
+    /// ERROR lines in the verifiers' logs (run at `warn`).
+    #[serde(default)]
+    pub verifier_log_errors: usize,
+    /// WARN lines in the verifiers' logs.
+    #[serde(default)]
+    pub verifier_log_warnings: usize,
+    /// The first few of each.
+    #[serde(default)]
+    pub verifier_log_samples: Vec<String>,
     /// Simulator CPU seconds in all (it shares the machine with the verifier).
     pub sim_cpu_s: f64,
     /// Wall seconds of the whole size.
@@ -253,10 +314,16 @@ impl SizeResult {
             self.session_errors > 0,
             format!("{} sessions ended unexpectedly", self.session_errors),
         );
+        let other = self
+            .revocation_other_replicas
+            .as_ref()
+            .map_or(String::new(), |o| {
+                format!(" ({} at subscribers of other replicas)", o.missing)
+            });
         check(
             self.revocation.missing > 0,
             format!(
-                "{} (subscriber, revocation) pairs never arrived",
+                "{} (subscriber, revocation) pairs never arrived{other}",
                 self.revocation.missing
             ),
         );
@@ -290,6 +357,15 @@ impl SizeResult {
             ),
         );
         f
+    }
+
+    /// What ran: `300 nodes`, or `300 nodes, PostgreSQL ×3`.
+    pub fn label(&self) -> String {
+        if self.replicas > 1 {
+            format!("{} nodes, PostgreSQL ×{}", self.nodes, self.replicas)
+        } else {
+            format!("{} nodes", self.nodes)
+        }
     }
 }
 
@@ -334,45 +410,98 @@ struct Verifier {
     admin: AdminClient,
     pins: Pins,
     policy_path: PathBuf,
+    log: PathBuf,
+}
+
+/// The `hopmesh-verifier` binary in `p.bin`.
+fn verifier_bin(p: &Params) -> Result<PathBuf> {
+    let vbin = p.bin.join("hopmesh-verifier");
+    if !vbin.exists() {
+        bail!(
+            "{} not found: build with `cargo build --release --bins`",
+            vbin.display()
+        );
+    }
+    Ok(vbin)
+}
+
+/// `hopmesh-verifier --data-dir vdir init` on `store` (None: SQLite), or with `replica_of`
+/// (bundle, passphrase file) a replica of the verifier that exported the bundle; the pins it
+/// printed.
+fn init(
+    vbin: &Path,
+    vdir: &Path,
+    store: Option<&str>,
+    replica_of: Option<(&Path, &Path)>,
+) -> Result<Pins> {
+    let mut cmd = Command::new(vbin);
+    cmd.arg("--data-dir").arg(vdir).arg("init");
+    if let Some((bundle, pass)) = replica_of {
+        cmd.arg("--replica-of")
+            .arg(bundle)
+            .arg("--passphrase-file")
+            .arg(pass);
+    }
+    if let Some(url) = store {
+        // In the environment, as the CLI asks: a password in the URL stays out of `ps`.
+        cmd.env("HOPMESH_VERIFIER_STORE", url);
+    }
+    let pins_text = run_ok(&mut cmd)?;
+    serde_json::from_str(&pins_text).context("verifier init pins")
 }
 
 impl Verifier {
+    /// One verifier on its SQLite store.
     fn start(p: &Params, work: &Path, shape: &Shape) -> Result<Self> {
-        let vbin = p.bin.join("hopmesh-verifier");
-        if !vbin.exists() {
-            bail!(
-                "{} not found: build with `cargo build --release --bins`",
-                vbin.display()
-            );
-        }
+        let vbin = verifier_bin(p)?;
         let vdir = work.join("verifier");
         let policy_path = work.join("policy.toml");
         std::fs::write(&policy_path, shape.policy())?;
-        let pins_text = run_ok(Command::new(&vbin).arg("--data-dir").arg(&vdir).arg("init"))?;
-        let pins: Pins = serde_json::from_str(&pins_text).context("verifier init pins")?;
-        let mut proc = Proc::spawn(
+        let pins = init(&vbin, &vdir, None, None)?;
+        Self::serve(
+            p,
+            &vbin,
+            &vdir,
+            &policy_path,
+            pins,
+            None,
             "verifier",
-            Command::new(&vbin)
-                .arg("--data-dir")
-                .arg(&vdir)
-                .arg("serve")
-                .arg("--policy")
-                .arg(&policy_path)
-                .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-                .args(["--epoch", &p.epoch.to_string()])
-                .args(["--generation", &p.generation.to_string()])
-                .args(["--attestation-ttl", &p.ttl.to_string()])
-                .env("HOPMESH_LOG", "warn"),
             &work.join("verifier.log"),
-        )?;
+        )
+    }
+
+    /// `hopmesh-verifier --data-dir vdir serve` on `store` (None: SQLite), loopback only.
+    #[allow(clippy::too_many_arguments)]
+    fn serve(
+        p: &Params,
+        vbin: &Path,
+        vdir: &Path,
+        policy_path: &Path,
+        pins: Pins,
+        store: Option<&str>,
+        name: &str,
+        log: &Path,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(vbin);
+        cmd.arg("--data-dir")
+            .arg(vdir)
+            .arg("serve")
+            .arg("--policy")
+            .arg(policy_path)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--epoch", &p.epoch.to_string()])
+            .args(["--generation", &p.generation.to_string()])
+            .args(["--attestation-ttl", &p.ttl.to_string()])
+            .env("HOPMESH_LOG", "warn");
+        if let Some(url) = store {
+            cmd.env("HOPMESH_VERIFIER_STORE", url);
+        }
+        let mut proc = Proc::spawn(name, &mut cmd, log)?;
         let out = proc.stdout().context("verifier stdout")?;
         let mut line = String::new();
         BufReader::new(out).read_line(&mut line)?;
         if line.is_empty() {
-            bail!(
-                "the verifier printed nothing (see {})",
-                work.join("verifier.log").display()
-            );
+            bail!("{name} printed nothing (see {})", log.display());
         }
         let started: serde_json::Value = serde_json::from_str(&line)?;
         let node_addr = started["node_addr"]
@@ -382,13 +511,14 @@ impl Verifier {
         let admin_addr = started["admin_addr"]
             .as_str()
             .context("verifier did not print admin_addr")?;
-        let token = DataDir::new(&vdir).admin_token()?;
+        let token = DataDir::new(vdir).admin_token()?;
         Ok(Self {
             proc,
             node_addr,
             admin: AdminClient::new(admin_addr, &token),
             pins,
-            policy_path,
+            policy_path: policy_path.to_owned(),
+            log: log.to_owned(),
         })
     }
 
@@ -402,6 +532,242 @@ impl Verifier {
             .call(method, path, Some(body))
             .await
             .map_err(anyhow::Error::msg)
+    }
+}
+
+/// The PostgreSQL cluster of a replicas run. Held here, not on a stack, so that
+/// [`stop_on_signal`] can stop it too; a [`ClusterGuard`] stops it when dropped.
+static CLUSTER: Mutex<Option<PgCluster>> = Mutex::new(None);
+
+fn cluster_slot() -> MutexGuard<'static, Option<PgCluster>> {
+    CLUSTER.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The text of a caught panic (pg_cluster.rs reports a failed `initdb`, `pg_ctl` or
+/// `createdb` by panicking, as test support does).
+fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "panicked".into())
+}
+
+/// The running throwaway cluster (`fsync` on); stopped (`pg_ctl stop -m immediate`) and
+/// removed when dropped.
+#[derive(Debug)]
+struct ClusterGuard;
+
+impl ClusterGuard {
+    fn start() -> Result<Self> {
+        let cluster = std::panic::catch_unwind(PgCluster::start_durable)
+            .map_err(|e| anyhow::anyhow!("start PostgreSQL: {}", panic_text(&*e)))?
+            .context("replicas need PostgreSQL, and HOPMESH_SKIP_POSTGRES=1 is set")?;
+        let mut slot = cluster_slot();
+        if slot.is_some() {
+            bail!("a PostgreSQL cluster of this run is already up");
+        }
+        *slot = Some(cluster);
+        Ok(Self)
+    }
+
+    /// A fresh database's URL (over the cluster's unix socket).
+    fn database(&self) -> Result<String> {
+        let slot = cluster_slot();
+        let c = slot.as_ref().context("the cluster is gone")?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.fresh_database()))
+            .map_err(|e| anyhow::anyhow!("createdb: {}", panic_text(&*e)))
+    }
+
+    /// The cluster's directory (its socket's, from the socket URL).
+    fn dir(&self) -> Option<PathBuf> {
+        let url = cluster_slot().as_ref()?.socket_url("x");
+        let host = url
+            .strip_prefix("postgresql://postgres@")?
+            .split(':')
+            .next()?;
+        Some(PathBuf::from(host.replace("%2F", "/")))
+    }
+
+    /// The postmaster's pid (its CPU and its backends' are the database's), from
+    /// `postmaster.pid` in the cluster's data directory.
+    fn postmaster_pid(&self) -> Option<u32> {
+        let pidfile = std::fs::read_to_string(self.dir()?.join("data/postmaster.pid")).ok()?;
+        pidfile.lines().next()?.trim().parse().ok()
+    }
+}
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        drop(cluster_slot().take());
+    }
+}
+
+/// On SIGTERM, SIGINT or SIGHUP: kill every process this one started (its descendants, by
+/// pid), stop the PostgreSQL cluster of a replicas run, then exit (status 143). Without it a
+/// signal would end this process without running the `Drop`s that stop them (the cluster's
+/// server is not a descendant: `pg_ctl` detaches it).
+pub fn stop_on_signal(rt: &tokio::runtime::Runtime) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = rt.block_on(async { signal(SignalKind::terminate()) })?;
+    let mut int = rt.block_on(async { signal(SignalKind::interrupt()) })?;
+    let mut hup = rt.block_on(async { signal(SignalKind::hangup()) })?;
+    rt.spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+        }
+        let me = std::process::id();
+        let pids: Vec<String> = crate::procs::tree(&[me])
+            .into_iter()
+            .filter(|&p| p != me)
+            .map(|p| p.to_string())
+            .collect();
+        if !pids.is_empty() {
+            let _ = Command::new("kill").arg("-9").args(&pids).status();
+        }
+        drop(cluster_slot().take());
+        eprintln!("hopmesh-bench: stopped by a signal; child processes and PostgreSQL stopped");
+        std::process::exit(143);
+    });
+    Ok(())
+}
+
+/// The verifiers of one size and, for replicas, their database. Fields drop in order: the
+/// verifiers before the cluster.
+struct Deployment {
+    /// Replica 0 first: join tokens, revocations and the policy reload go through it.
+    verifiers: Vec<Arc<Verifier>>,
+    /// The database server's postmaster (replicas only).
+    db_pid: Option<u32>,
+    /// The PostgreSQL cluster (replicas only).
+    _cluster: Option<ClusterGuard>,
+}
+
+impl Deployment {
+    /// One verifier on SQLite.
+    fn sqlite(p: &Params, work: &Path, shape: &Shape) -> Result<Self> {
+        Ok(Self {
+            verifiers: vec![Arc::new(Verifier::start(p, work, shape)?)],
+            db_pid: None,
+            _cluster: None,
+        })
+    }
+
+    /// `p.replicas` replicas on one fresh database of a throwaway cluster, made as an operator
+    /// makes them: `init` on the database and `serve` for the first; `replica export` from it;
+    /// `init --replica-of` and `serve` for each other. One policy file for all (the first
+    /// replica's becomes the database's; the others serve the database's).
+    fn replicas(p: &Params, work: &Path, shape: &Shape) -> Result<Self> {
+        let vbin = verifier_bin(p)?;
+        let cluster = ClusterGuard::start()?;
+        let url = cluster.database()?;
+        let db_pid = cluster.postmaster_pid();
+        eprintln!(
+            "sim: PostgreSQL cluster in {} (postmaster {})",
+            cluster.dir().unwrap_or_default().display(),
+            db_pid.map_or("?".into(), |p| p.to_string())
+        );
+        if db_pid.is_none() {
+            eprintln!("sim: the PostgreSQL postmaster's pid not found: its CPU is not counted");
+        }
+        let mut dep = Self {
+            verifiers: Vec::new(),
+            db_pid,
+            _cluster: Some(cluster),
+        };
+        let policy_path = work.join("policy.toml");
+        std::fs::write(&policy_path, shape.policy())?;
+        let serve = |k: usize, dir: &Path, pins: Pins| {
+            Verifier::serve(
+                p,
+                &vbin,
+                dir,
+                &policy_path,
+                pins,
+                Some(&url),
+                &format!("verifier-{k}"),
+                &work.join(format!("verifier-{k}.log")),
+            )
+        };
+        let first = work.join("verifier-0");
+        let pins = init(&vbin, &first, Some(&url), None)?;
+        dep.verifiers
+            .push(Arc::new(serve(0, &first, pins.clone())?));
+        let pass = work.join("bundle.pass");
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&pass)?;
+            f.write_all(b"the simulator's replica bundle passphrase\n")?;
+        }
+        let bundle = work.join("replica.bundle");
+        run_ok(
+            Command::new(&vbin)
+                .arg("--data-dir")
+                .arg(&first)
+                .args(["replica", "export", "--out"])
+                .arg(&bundle)
+                .arg("--passphrase-file")
+                .arg(&pass),
+        )?;
+        let want = serde_json::to_value(&pins)?;
+        for k in 1..p.replicas {
+            let dir = work.join(format!("verifier-{k}"));
+            let theirs = init(&vbin, &dir, Some(&url), Some((&bundle, &pass)))?;
+            if serde_json::to_value(&theirs)? != want {
+                bail!("replica {k} printed pins other than replica 0's");
+            }
+            // Nodes at this replica get replica 0's pins: its certificate must pass with them.
+            dep.verifiers.push(Arc::new(serve(k, &dir, pins.clone())?));
+        }
+        Ok(dep)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.verifiers.iter().map(|v| v.proc.pid()).collect()
+    }
+
+    fn node_addrs(&self) -> Vec<SocketAddr> {
+        self.verifiers.iter().map(|v| v.node_addr).collect()
+    }
+
+    /// Resident memory of all verifiers.
+    fn rss(&self) -> Result<u64> {
+        self.verifiers.iter().map(|v| rss_bytes(v.proc.pid())).sum()
+    }
+
+    /// CPU of the database server (zero without one).
+    fn db_cpu(&self, ticks: f64) -> CpuTime {
+        self.db_pid
+            .map_or_else(CpuTime::default, |pid| cpu_time(&[pid], ticks))
+    }
+
+    /// ERROR and WARN lines in the verifiers' logs (counted), and the first few of each.
+    fn log_lines(&self) -> (usize, usize, Vec<String>) {
+        let (mut errors, mut warnings) = (0, 0);
+        let mut first = Vec::new();
+        for v in &self.verifiers {
+            let text = std::fs::read_to_string(&v.log).unwrap_or_default();
+            for l in text.lines() {
+                let n = if l.contains("ERROR") {
+                    &mut errors
+                } else if l.contains("WARN") {
+                    &mut warnings
+                } else {
+                    continue;
+                };
+                *n += 1;
+                if *n <= 3 {
+                    first.push(format!("{}: {}", v.proc.name, l.trim()));
+                }
+            }
+        }
+        (errors, warnings, first)
     }
 }
 
@@ -535,9 +901,19 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
         backend_port_base: 30_000,
         backends: BTreeMap::new(),
     };
-    let v = Arc::new(Verifier::start(p, work.path(), &shape)?);
-    let vpid = v.proc.pid();
-    let verifier_cpu0 = cpu_time(&[vpid], ticks);
+    let tag = if p.replicas > 1 {
+        format!("{} pg×{}", p.nodes, p.replicas)
+    } else {
+        p.nodes.to_string()
+    };
+    let dep = if p.replicas > 1 {
+        Deployment::replicas(p, work.path(), &shape)?
+    } else {
+        Deployment::sqlite(p, work.path(), &shape)?
+    };
+    let v = dep.verifiers[0].clone();
+    let vpids = dep.pids();
+    let verifier_cpu0 = cpu_time(&vpids, ticks);
     let mut r = SizeResult {
         nodes: p.nodes,
         peers: p.peers,
@@ -546,16 +922,23 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
         epoch: p.epoch,
         concurrency: p.concurrency,
         fault: p.fault,
+        replicas: p.replicas.max(1),
+        store: if p.replicas > 1 {
+            "postgresql"
+        } else {
+            "sqlite"
+        }
+        .into(),
         ..SizeResult::default()
     };
-    r.rss_start = rss_bytes(vpid)?;
+    r.rss_start = dep.rss()?;
 
     // 1. Join tokens.
     let (secrets, tokens_per_sec) = join_tokens(&v, p.nodes).await?;
     r.tokens_per_sec = tokens_per_sec;
     eprintln!(
-        "sim {}: {} join tokens at {tokens_per_sec:.0}/s",
-        p.nodes, p.nodes
+        "sim {tag}: {} join tokens at {tokens_per_sec:.0}/s",
+        p.nodes
     );
 
     // 2. Enrolment: every node starts, at most `concurrency` enrol at once.
@@ -565,7 +948,7 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     let ctx = Arc::new(Ctx {
         endpoints: node::endpoints(p.nodes)?,
         burst_gate: Semaphore::new(node::BURST_CONCURRENCY),
-        verifier: v.node_addr,
+        verifiers: dep.node_addrs(),
         pins: v.pins.clone(),
         measurement: sim_measurement(),
         enroll_gate: Semaphore::new(p.concurrency.max(1)),
@@ -609,8 +992,7 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
             enrolled.len() as f64 / last.duration_since(enrol_start).as_secs_f64().max(1e-9);
     }
     eprintln!(
-        "sim {}: enrolled {} at {:.1}/s{}",
-        p.nodes,
+        "sim {tag}: enrolled {} at {:.1}/s{}",
         enrolled.len(),
         r.enrol_per_sec,
         if all_subscribed { "" } else { " (timed out)" }
@@ -622,19 +1004,21 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     .await;
     r.converge_s = enrolled.last().map_or(0.0, |l| l.elapsed().as_secs_f64());
     if !converged {
-        eprintln!("sim {}: tables did not converge", p.nodes);
+        eprintln!("sim {tag}: tables did not converge");
     }
-    r.rss_enrolled = rss_bytes(vpid)?;
+    r.rss_enrolled = dep.rss()?;
     r.rss_per_node = r.rss_enrolled.saturating_sub(r.rss_start) as f64 / p.nodes as f64;
 
     // 3. Steady refreshing across seed rotations.
     let t0 = Instant::now();
     let u0 = unix_secs_f64();
-    let cpu0 = cpu_time(&[vpid], ticks);
+    let cpu0 = cpu_time(&vpids, ticks);
+    let db0 = dep.db_cpu(ticks);
     let refreshes0 = mesh.sum(|s| s.refreshes);
     let tally0 = mesh.tally();
     tokio::time::sleep(Duration::from_secs(p.steady_secs)).await;
-    let cpu1 = cpu_time(&[vpid], ticks);
+    let cpu1 = cpu_time(&vpids, ticks);
+    r.steady_db_cpu_s = dep.db_cpu(ticks).since(db0);
     let refreshes1 = mesh.sum(|s| s.refreshes);
     let tally1 = mesh.tally();
     let u1 = unix_secs_f64();
@@ -661,7 +1045,8 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     if p.burst > 0 {
         let b0 = mesh.sum(|s| s.burst_refreshes);
         let live = (0..p.nodes).filter(|&i| mesh.live(i)).count() as u64;
-        let cpu0 = cpu_time(&[vpid], ticks);
+        let cpu0 = cpu_time(&vpids, ticks);
+        let db0 = dep.db_cpu(ticks);
         let t0 = Instant::now();
         burst_tx.send_modify(|n| *n += 1);
         wait_for(p.propagation_timeout.max(Duration::from_secs(60)), || {
@@ -669,25 +1054,35 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
         })
         .await;
         let wall = t0.elapsed().as_secs_f64();
-        let cpu = cpu_time(&[vpid], ticks).since(cpu0);
+        let cpu = cpu_time(&vpids, ticks).since(cpu0);
+        r.burst_db_cpu_s = dep.db_cpu(ticks).since(db0);
         r.burst_refreshes = mesh.sum(|s| s.burst_refreshes) - b0;
         r.burst_attestations_per_sec = r.burst_refreshes as f64 / wall;
         r.burst_cpu_ms_per_refresh = 1e3 * cpu / r.burst_refreshes.max(1) as f64;
         r.burst_attestations_per_cpu_s = r.burst_refreshes as f64 / cpu.max(1e-9);
+        r.burst_attestations_per_total_cpu_s =
+            r.burst_refreshes as f64 / (cpu + r.burst_db_cpu_s).max(1e-9);
+        eprintln!(
+            "sim {tag}: burst {:.0} attestations/s ({:.0} per verifier CPU-s)",
+            r.burst_attestations_per_sec, r.burst_attestations_per_cpu_s
+        );
     }
 
-    // 5. Revocations: to every live subscriber.
+    // 5. Revocations: to every live subscriber (through replica 0's admin API).
+    let faulty = fault_node(p);
     if p.fault == Some(Fault::DropRevocation) {
-        mesh.slots[0].lock().consumer.drop_next = Some(Kind::Revocations);
+        mesh.slots[faulty].lock().consumer.drop_next = Some(Kind::Revocations);
     }
     let victims = victims(
         &mesh.shape,
         p.revocations + usize::from(p.rotation_revocation),
+        faulty,
     );
     let mut ms = Vec::new();
     let mut calls = Vec::new();
     let mut missing = 0;
     let mut actions = 0;
+    let mut split = Split::new(p.replicas);
     for (n, &victim) in victims.iter().enumerate() {
         let in_rotation = p.rotation_revocation && n == victims.len() - 1;
         if in_rotation {
@@ -699,30 +1094,52 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
         let (got, miss, call) = revoke(&v, &mut mesh, victim, p.propagation_timeout).await?;
         if in_rotation {
             let mut c = vec![call];
-            r.revocation_in_rotation = Some(Propagation::from(got, 1, miss, &mut c));
+            let ms: Vec<f64> = got.iter().map(|&(_, d)| d).collect();
+            r.revocation_in_rotation = Some(Propagation::from(ms, 1, miss.len(), &mut c));
         } else {
-            ms.extend(got);
-            missing += miss;
+            ms.extend(got.iter().map(|&(_, d)| d));
+            missing += miss.len();
             actions += 1;
             calls.push(call);
+            split.add(&got, &miss);
         }
     }
-    r.revocation = Propagation::from(ms, actions, missing, &mut calls);
+    r.revocation = Propagation::from(ms, actions, missing, &mut calls.clone());
+    (r.revocation_same_replica, r.revocation_other_replicas) = split.finish(actions, &calls);
     eprintln!(
-        "sim {}: revocation p50 {:.1} ms p99 {:.1} ms max {:.1} ms, {} missing",
-        p.nodes,
+        "sim {tag}: revocation p50 {:.1} ms p99 {:.1} ms max {:.1} ms, {} missing; admin call {:.1} ms",
         r.revocation.p50_ms,
         r.revocation.p99_ms,
         r.revocation.max_ms,
-        r.revocation.missing
+        r.revocation.missing,
+        r.revocation.admin_call_ms
     );
+    for (what, x) in [
+        ("same replica", &r.revocation_same_replica),
+        ("other replicas", &r.revocation_other_replicas),
+    ] {
+        if let Some(x) = x {
+            eprintln!(
+                "sim {tag}:   {what}: p50 {:.1} ms p99 {:.1} ms max {:.1} ms, {} missing",
+                x.p50_ms, x.p99_ms, x.max_ms, x.missing
+            );
+        }
+    }
 
     // 6. Policy reload: allow s0 -> s1.
     if p.reload && mesh.shape.segments() >= 2 {
         if p.fault == Some(Fault::DropTable) {
-            mesh.slots[0].lock().consumer.drop_next = Some(Kind::Table);
+            mesh.slots[faulty].lock().consumer.drop_next = Some(Kind::Table);
         }
-        let (prop, affected, unaffected) = reload(&v, &mut mesh, p.propagation_timeout).await?;
+        let (prop, affected, unaffected, got, wrong) =
+            reload(&v, &mut mesh, p.propagation_timeout).await?;
+        let mut split = Split::new(p.replicas);
+        split.add(&got, &wrong);
+        (r.reload_same_replica, r.reload_other_replicas) = split.finish(1, &[prop.admin_call_ms]);
+        eprintln!(
+            "sim {tag}: policy reload p50 {:.1} ms p99 {:.1} ms, {} missing",
+            prop.p50_ms, prop.p99_ms, prop.missing
+        );
         r.reload = Some(prop);
         r.reload_affected = affected;
         r.reload_unaffected_pushes = unaffected;
@@ -773,10 +1190,17 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     ctx.close();
     // Our process tree includes the verifier: take its share out.
     r.sim_cpu_s = (cpu_time(&[me], ticks).since(sim_cpu0)
-        - cpu_time(&[vpid], ticks).since(verifier_cpu0))
+        - cpu_time(&vpids, ticks).since(verifier_cpu0))
     .max(0.0);
-    r.wall_s = wall.elapsed().as_secs_f64();
+    (
+        r.verifier_log_errors,
+        r.verifier_log_warnings,
+        r.verifier_log_samples,
+    ) = dep.log_lines();
     drop(v);
+    // The verifiers, then the database.
+    drop(dep);
+    r.wall_s = wall.elapsed().as_secs_f64();
     Ok(r)
 }
 
@@ -803,8 +1227,29 @@ pub fn run_all(
         ],
         real: Vec::new(),
     };
+    if p.replicas > 1 {
+        all.notes.push(format!(
+            "PostgreSQL ×{r}: {r} verifier replicas on one database of a throwaway PostgreSQL \
+             cluster (fsync on, unix socket, on this machine), made with the verifier's own \
+             commands (init --store, replica export, init --replica-of, serve); node i talks to \
+             replica i % {r} with replica 0's pins; join tokens, revocations and the policy \
+             reload go through replica 0's admin API. Each size runs first on one verifier on \
+             SQLite (the baseline, same invocation), then on the replicas. Verifier CPU and RSS \
+             are all replicas' together; the database server's CPU is shown apart.",
+            r = p.replicas
+        ));
+        all.notes.push(
+            "Propagation is timed from just before the admin call to each node's receipt; \
+             'same replica' are the subscribers of replica 0 (pushed from the call itself), \
+             'other replicas' those of the others (through the database's change feed)."
+                .into(),
+        );
+    }
     let mut failed = Vec::new();
     if let Some(real_nodes) = real_nodes {
+        if p.replicas > 1 {
+            bail!("stage 2 (--real) runs against one verifier: drop --replicas");
+        }
         // Stage 2 only, at each size.
         for &n in sizes {
             let params = Params {
@@ -829,21 +1274,36 @@ pub fn run_all(
             bail!("stage 2 failed: {}", failed.join("; "))
         };
     }
+    // With replicas: the SQLite baseline of each size, then the replicas.
+    let kinds: Vec<usize> = if p.replicas > 1 {
+        vec![1, p.replicas]
+    } else {
+        vec![1]
+    };
     for &n in sizes {
-        let params = Params {
-            nodes: n,
-            ..p.clone()
-        };
-        let r = rt.block_on(run_size(&params))?;
-        for f in r.failures() {
-            eprintln!("sim {n}: FAILED: {f}");
-            failed.push(format!("{n} nodes: {f}"));
+        for &replicas in &kinds {
+            let params = Params {
+                nodes: n,
+                replicas,
+                ..p.clone()
+            };
+            let r = rt.block_on(run_size(&params))?;
+            let label = r.label();
+            for f in r.failures() {
+                eprintln!("sim {label}: FAILED: {f}");
+                failed.push(format!("{label}: {f}"));
+            }
+            for v in r
+                .violation_samples
+                .iter()
+                .chain(&r.error_samples)
+                .chain(&r.verifier_log_samples)
+            {
+                eprintln!("sim {label}:   {v}");
+            }
+            all.runs.push(r);
+            report::write(&all, out)?;
         }
-        for v in r.violation_samples.iter().chain(&r.error_samples) {
-            eprintln!("sim {n}:   {v}");
-        }
-        all.runs.push(r);
-        report::write(&all, out)?;
     }
     eprintln!("sim: report in {}", out.join("sim.md").display());
     if failed.is_empty() {
@@ -870,8 +1330,8 @@ fn buckets(start: Instant, enrolled: &[Instant]) -> Vec<RateBucket> {
     out
 }
 
-/// `n` nodes to revoke: the last node of successive segments, never node 0 (the fault's node).
-fn victims(shape: &Shape, n: usize) -> Vec<usize> {
+/// `n` nodes to revoke: the last node of successive segments, never `spare` (the fault's node).
+fn victims(shape: &Shape, n: usize, spare: usize) -> Vec<usize> {
     let mut out = Vec::new();
     let mut k = 0;
     while out.len() < n && k < shape.segments() * shape.segment_size() {
@@ -879,7 +1339,7 @@ fn victims(shape: &Shape, n: usize) -> Vec<usize> {
         let round = k / shape.segments();
         let members = shape.members(seg);
         if let Some(v) = members.clone().rev().nth(round)
-            && v != 0
+            && v != spare
             && !out.contains(&v)
         {
             out.push(v);
@@ -889,14 +1349,65 @@ fn victims(shape: &Shape, n: usize) -> Vec<usize> {
     out
 }
 
-/// Revokes `victim`; returns each live subscriber's latency (ms), how many never got it, and
-/// the admin call's round trip (ms).
+/// Propagation samples apart by where the node is: at replica 0, which took the admin call, or
+/// at another replica, which learns of it from the database's change feed. Node `i` is at
+/// replica `i % replicas` ([`Ctx::verifier`]).
+struct Split {
+    replicas: usize,
+    same: Vec<f64>,
+    other: Vec<f64>,
+    missing_same: usize,
+    missing_other: usize,
+}
+
+impl Split {
+    fn new(replicas: usize) -> Self {
+        Self {
+            replicas: replicas.max(1),
+            same: Vec::new(),
+            other: Vec::new(),
+            missing_same: 0,
+            missing_other: 0,
+        }
+    }
+
+    /// (node, ms) samples that arrived and the nodes that never got it.
+    fn add(&mut self, got: &[(usize, f64)], missing: &[usize]) {
+        for &(i, ms) in got {
+            if i % self.replicas == 0 {
+                self.same.push(ms);
+            } else {
+                self.other.push(ms);
+            }
+        }
+        for &i in missing {
+            if i % self.replicas == 0 {
+                self.missing_same += 1;
+            } else {
+                self.missing_other += 1;
+            }
+        }
+    }
+
+    /// (same replica, other replicas); none with one verifier.
+    fn finish(self, actions: usize, calls: &[f64]) -> (Option<Propagation>, Option<Propagation>) {
+        if self.replicas <= 1 {
+            return (None, None);
+        }
+        let same = Propagation::from(self.same, actions, self.missing_same, &mut calls.to_vec());
+        let other = Propagation::from(self.other, actions, self.missing_other, &mut calls.to_vec());
+        (Some(same), Some(other))
+    }
+}
+
+/// Revokes `victim`; returns each live subscriber's latency as (node, ms), the subscribers
+/// that never got it, and the admin call's round trip (ms).
 async fn revoke(
     v: &Verifier,
     mesh: &mut Mesh,
     victim: usize,
     timeout: Duration,
-) -> Result<(Vec<f64>, usize, f64)> {
+) -> Result<(Vec<(usize, f64)>, Vec<usize>, f64)> {
     mesh.revoked.insert(victim);
     mesh.slots[victim].lock().revoked = true;
     let id = mesh.slots[victim]
@@ -919,23 +1430,24 @@ async fn revoke(
     })
     .await;
     let mut got = Vec::new();
-    let mut missing = 0;
+    let mut missing = Vec::new();
     for &i in &subscribers {
         match slots[i].lock().consumer.revoked_seen.get(&id) {
-            Some(at) => got.push(at.saturating_duration_since(t0).as_secs_f64() * 1e3),
-            None => missing += 1,
+            Some(at) => got.push((i, at.saturating_duration_since(t0).as_secs_f64() * 1e3)),
+            None => missing.push(i),
         }
     }
     Ok((got, missing, call))
 }
 
-/// Reloads the policy with `allow s0 -> s1` added; returns the propagation to the affected
-/// nodes, how many were affected, and the table pushes unaffected nodes got.
+/// Reloads the policy with `allow s0 -> s1` added (the file, then the admin call at `v`);
+/// returns the propagation to the affected nodes, how many were affected, the table pushes
+/// unaffected nodes got, and the samples as (node, ms) with the nodes that missed it.
 async fn reload(
     v: &Verifier,
     mesh: &mut Mesh,
     timeout: Duration,
-) -> Result<(Propagation, usize, u64)> {
+) -> Result<(Propagation, usize, u64, Vec<(usize, f64)>, Vec<usize>)> {
     mesh.shape.extra_allows.push((0, 1));
     std::fs::write(&v.policy_path, mesh.shape.policy())?;
     let affected: Vec<usize> = mesh
@@ -954,12 +1466,13 @@ async fn reload(
     let call = t0.elapsed().as_secs_f64() * 1e3;
     wait_for(timeout, || mesh.table_mismatches(&affected).is_empty()).await;
     let wrong: BTreeSet<usize> = mesh.table_mismatches(&affected).into_iter().collect();
-    let mut ms = Vec::new();
+    let mut got = Vec::new();
     for &i in affected.iter().filter(|i| !wrong.contains(i)) {
         if let Some(at) = mesh.slots[i].lock().consumer.table_changed_at {
-            ms.push(at.saturating_duration_since(t0).as_secs_f64() * 1e3);
+            got.push((i, at.saturating_duration_since(t0).as_secs_f64() * 1e3));
         }
     }
+    let ms: Vec<f64> = got.iter().map(|&(_, d)| d).collect();
     let affected_set: BTreeSet<usize> = affected.iter().copied().collect();
     let unaffected: u64 = (0..mesh.slots.len())
         .filter(|i| !affected_set.contains(i) && mesh.live(*i))
@@ -970,6 +1483,8 @@ async fn reload(
         Propagation::from(ms, 1, wrong.len(), &mut c),
         affected.len(),
         unaffected,
+        got,
+        wrong.into_iter().collect(),
     ))
 }
 
@@ -1015,6 +1530,48 @@ mod tests {
     }
 
     #[test]
+    fn samples_split_by_the_replica_of_their_node() {
+        let mut s = Split::new(3);
+        // Nodes 0 and 3 are at replica 0, 1 and 5 at others; 4 (replica 1) and 6 missed it.
+        s.add(&[(0, 1.0), (3, 2.0), (1, 10.0), (5, 20.0)], &[4, 6]);
+        let (same, other) = s.finish(1, &[5.0]);
+        let (same, other) = (same.expect("same"), other.expect("other"));
+        assert_eq!((same.samples, same.missing), (2, 1));
+        assert_eq!((other.samples, other.missing), (2, 1));
+        assert!((same.max_ms - 2.0).abs() < 1e-9 && (other.max_ms - 20.0).abs() < 1e-9);
+        assert!((other.admin_call_ms - 5.0).abs() < 1e-9);
+        let mut one = Split::new(1);
+        one.add(&[(1, 1.0)], &[]);
+        assert!(matches!(one.finish(1, &[1.0]), (None, None)));
+    }
+
+    #[test]
+    fn the_faults_node_is_at_the_last_replica() {
+        let p = |replicas, nodes| Params {
+            bin: PathBuf::new(),
+            nodes,
+            peers: 1,
+            ttl: 10,
+            generation: 10,
+            epoch: 10,
+            concurrency: 1,
+            steady_secs: 0,
+            burst: 0,
+            revocations: 0,
+            rotation_revocation: false,
+            reload: false,
+            propagation_timeout: Duration::ZERO,
+            enroll_timeout: Duration::ZERO,
+            fault: None,
+            replicas,
+        };
+        assert_eq!(fault_node(&p(1, 10)), 0);
+        assert_eq!(fault_node(&p(3, 10)), 2);
+        assert_eq!(fault_node(&p(3, 10)) % 3, 2, "not at replica 0");
+        assert_eq!(fault_node(&p(3, 2)), 1);
+    }
+
+    #[test]
     fn buckets_cover_every_enrolment() {
         let t0 = Instant::now();
         let times: Vec<Instant> = (1..=25)
@@ -1029,7 +1586,7 @@ mod tests {
     }
 
     #[test]
-    fn victims_are_distinct_and_never_node_0() {
+    fn victims_are_distinct_and_never_the_faults_node() {
         let s = Shape {
             nodes: 9,
             peers: 2,
@@ -1038,8 +1595,11 @@ mod tests {
             backend_port_base: 1,
             backends: BTreeMap::new(),
         };
-        let v = victims(&s, 5);
+        let v = victims(&s, 5, 0);
         assert_eq!(v, vec![2, 5, 8, 1, 4]);
-        assert_eq!(victims(&s, 100).len(), 8);
+        assert_eq!(victims(&s, 100, 0).len(), 8);
+        // With replicas the fault's node is another: it is spared, node 0 may be revoked.
+        assert!(!victims(&s, 100, 2).contains(&2));
+        assert_eq!(victims(&s, 100, 2).len(), 8);
     }
 }

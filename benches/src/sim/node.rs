@@ -118,9 +118,11 @@ pub struct Ctx {
     /// Refreshes in flight at once in the burst phase (a refresh storm of every node at once
     /// would measure the verifier's overload, not its attestation rate).
     pub burst_gate: Semaphore,
-    /// The verifier's node-facing address.
-    pub verifier: SocketAddr,
-    /// The verifier's pins.
+    /// The verifiers' node-facing addresses: node `i` talks to `verifiers[i % len]` (one
+    /// verifier, or replicas on one PostgreSQL database, each with a TLS key of its own
+    /// certified by the mesh's signing key, so one set of pins accepts them all).
+    pub verifiers: Vec<SocketAddr>,
+    /// The verifier's pins (the first replica's: every replica must be accepted with them).
     pub pins: Pins,
     /// The measurement every simulated node presents (admitted by the policy).
     pub measurement: Measurement,
@@ -161,6 +163,11 @@ pub fn endpoints(nodes: usize) -> Result<Vec<quinn::Endpoint>, hopmesh_transport
 impl Ctx {
     fn endpoint(&self, index: usize) -> &quinn::Endpoint {
         &self.endpoints[index % self.endpoints.len()]
+    }
+
+    /// The verifier (replica) node `index` talks to.
+    pub fn verifier(&self, index: usize) -> SocketAddr {
+        self.verifiers[index % self.verifiers.len()]
     }
 
     /// Closes every endpoint.
@@ -278,8 +285,13 @@ async fn enroll(
     secret: JoinSecret,
     identity: &Identity,
 ) -> Result<(), ClientError> {
-    let client =
-        VerifierClient::connect(ctx.endpoint(index), ctx.verifier, identity, &ctx.pins).await?;
+    let client = VerifierClient::connect(
+        ctx.endpoint(index),
+        ctx.verifier(index),
+        identity,
+        &ctx.pins,
+    )
+    .await?;
     let facts = HostFacts {
         hostname: BoundedString::truncated(&format!("sim-{index}")),
         platform: BoundedString::truncated("sim"),
@@ -409,8 +421,13 @@ async fn session(
     slot: &Slot,
     permit: &mut Option<tokio::sync::SemaphorePermit<'_>>,
 ) -> Result<(), ClientError> {
-    let client =
-        VerifierClient::connect(ctx.endpoint(index), ctx.verifier, identity, &ctx.pins).await?;
+    let client = VerifierClient::connect(
+        ctx.endpoint(index),
+        ctx.verifier(index),
+        identity,
+        &ctx.pins,
+    )
+    .await?;
     let v = refresh(ctx, index, &client, slot).await?;
     let mut refreshes = 0u64;
     let mut next =

@@ -173,7 +173,7 @@ pub async fn run(p: &Params, real: usize) -> Result<RealResult> {
     let ctx = Arc::new(Ctx {
         endpoints: node::endpoints(p.nodes)?,
         burst_gate: Semaphore::new(node::BURST_CONCURRENCY),
-        verifier: v.node_addr,
+        verifiers: vec![v.node_addr],
         pins: v.pins.clone(),
         measurement: sim_measurement(),
         enroll_gate: Semaphore::new(p.concurrency.max(1)),

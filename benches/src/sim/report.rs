@@ -1,7 +1,8 @@
 //! The simulator's report: `sim.json` (the data), `sim.md` (targets of issue 13 judged per
 //! size, ratios against the smallest size of the same run, every figure) and SVG plots
 //! (`sim_enrolment.svg`: enrolment rate vs mesh size; `sim_propagation.svg`: revocation and
-//! reload latencies per size).
+//! reload latencies per size). With replicas, a table of PostgreSQL replicas against the SQLite
+//! baseline of the same run and the same size, with ratios.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::path::Path;
 use anyhow::Result;
 use plotters::prelude::*;
 
-use super::{SimResults, SizeResult};
+use super::{Propagation, SimResults, SizeResult};
 
 /// The plots, in report order.
 pub const PLOTS: [&str; 2] = ["sim_enrolment.svg", "sim_propagation.svg"];
@@ -41,14 +42,27 @@ pub fn markdown(r: &SimResults) -> String {
          every push checked as a node checks it. Numbers need a quiet machine: the simulator \
          shares the cores with the verifier (its CPU is shown).\n\n",
     );
+    if r.runs.iter().any(|s| s.replicas > 1) {
+        md.push_str(
+            "Runs marked `PostgreSQL ×R` are R verifier replicas on one PostgreSQL database \
+             instead, nodes spread over them; each follows the SQLite run of the same size, \
+             same invocation (see the comparison below).\n\n",
+        );
+    }
     for n in &r.notes {
         let _ = writeln!(md, "- {n}");
     }
-    let base = r.runs.iter().min_by_key(|s| s.nodes);
-    md.push_str("\n## Targets\n\n| nodes | target | measured | |\n| --- | --- | --- | --- |\n");
+    md.push_str("\n## Targets\n\n| run | target | measured | |\n| --- | --- | --- | --- |\n");
     for s in &r.runs {
+        // Against the smallest size of the same kind (one verifier, or as many replicas).
+        let base = r
+            .runs
+            .iter()
+            .filter(|b| b.replicas == s.replicas)
+            .min_by_key(|b| b.nodes);
+        let label = s.label();
         let mut row = |t: &str, m: String, ok: bool| {
-            let _ = writeln!(md, "| {} | {t} | {m} | {} |", s.nodes, yes(ok));
+            let _ = writeln!(md, "| {label} | {t} | {m} | {} |", yes(ok));
         };
         if let Some(b) = base.filter(|b| b.nodes != s.nodes) {
             let ratio = s.enrol_per_sec / b.enrol_per_sec.max(1e-9);
@@ -100,15 +114,23 @@ pub fn markdown(r: &SimResults) -> String {
             ),
             s.failures().is_empty(),
         );
+        if let Some(x) = &s.revocation_other_replicas {
+            row(
+                "revocation p99 ≤ 1 s at the other replicas' subscribers",
+                format!("{:.1} ms ({} missing)", x.p99_ms, x.missing),
+                x.p99_ms <= 1000.0 && x.missing == 0,
+            );
+        }
         row(
             "verifier RSS ≤ 100 KiB per node",
             kib(s.rss_per_node),
             s.rss_per_node <= 100.0 * 1024.0,
         );
     }
+    md.push_str(&comparison(r));
     md.push_str("\n## Figures\n\n| figure |");
     for s in &r.runs {
-        let _ = write!(md, " {} nodes |", s.nodes);
+        let _ = write!(md, " {} |", s.label());
     }
     md.push_str("\n| --- |");
     for _ in &r.runs {
@@ -117,6 +139,9 @@ pub fn markdown(r: &SimResults) -> String {
     md.push('\n');
     type Cell = fn(&SizeResult) -> String;
     let rows: Vec<(&str, Cell)> = vec![
+        ("verifiers / store", |s| {
+            format!("{} / {}", s.replicas.max(1), store_name(s))
+        }),
         ("peers per node", |s| s.peers.to_string()),
         ("TTL / generation / epoch, s", |s| {
             format!("{} / {} / {}", s.ttl, s.generation, s.epoch)
@@ -167,6 +192,15 @@ pub fn markdown(r: &SimResults) -> String {
                 s.revocation.p50_ms, s.revocation.p99_ms, s.revocation.max_ms
             )
         }),
+        ("revocation admin call (median), ms", |s| {
+            format!("{:.1}", s.revocation.admin_call_ms)
+        }),
+        ("revocation, same replica p50 / p99 / max, ms", |s| {
+            s.revocation_same_replica.as_ref().map_or("-".into(), ms3)
+        }),
+        ("revocation, other replicas p50 / p99 / max, ms", |s| {
+            s.revocation_other_replicas.as_ref().map_or("-".into(), ms3)
+        }),
         ("revocations × subscribers timed", |s| {
             format!(
                 "{} × ({} samples)",
@@ -183,6 +217,9 @@ pub fn markdown(r: &SimResults) -> String {
                 format!("{:.1} / {:.1} / {:.1}", x.p50_ms, x.p99_ms, x.max_ms)
             })
         }),
+        ("policy reload, other replicas p50 / p99 / max, ms", |s| {
+            s.reload_other_replicas.as_ref().map_or("-".into(), ms3)
+        }),
         ("policy reload: affected nodes / admin call ms", |s| {
             s.reload.as_ref().map_or("-".into(), |x| {
                 format!("{} / {:.1}", s.reload_affected, x.admin_call_ms)
@@ -197,6 +234,16 @@ pub fn markdown(r: &SimResults) -> String {
         ("lost / truncated / reordered", |s| s.violations.to_string()),
         ("sessions ended unexpectedly", |s| {
             s.session_errors.to_string()
+        }),
+        ("PostgreSQL server CPU, steady / burst, s", |s| {
+            if s.replicas > 1 {
+                format!("{:.1} / {:.1}", s.steady_db_cpu_s, s.burst_db_cpu_s)
+            } else {
+                "-".into()
+            }
+        }),
+        ("ERROR / WARN lines in the verifiers' logs", |s| {
+            format!("{} / {}", s.verifier_log_errors, s.verifier_log_warnings)
         }),
         ("simulator CPU, s / wall, s", |s| {
             format!("{:.1} / {:.1}", s.sim_cpu_s, s.wall_s)
@@ -242,11 +289,203 @@ pub fn markdown(r: &SimResults) -> String {
     for s in &r.runs {
         let f = s.failures();
         if !f.is_empty() {
-            let _ = writeln!(md, "\n**{} nodes FAILED**: {}", s.nodes, f.join("; "));
+            let _ = writeln!(md, "\n**{} FAILED**: {}", s.label(), f.join("; "));
             for v in s.violation_samples.iter().chain(&s.error_samples) {
                 let _ = writeln!(md, "- {v}");
             }
         }
+    }
+    for s in r.runs.iter().filter(|s| !s.verifier_log_samples.is_empty()) {
+        let _ = writeln!(
+            md,
+            "\n{}: ERROR and WARN lines in the verifiers' logs (the first few):",
+            s.label()
+        );
+        for l in &s.verifier_log_samples {
+            let _ = writeln!(md, "- `{l}`");
+        }
+    }
+    md
+}
+
+fn store_name(s: &SizeResult) -> &str {
+    if s.store.is_empty() {
+        "sqlite"
+    } else {
+        &s.store
+    }
+}
+
+fn ms3(x: &Propagation) -> String {
+    format!("{:.1} / {:.1} / {:.1}", x.p50_ms, x.p99_ms, x.max_ms)
+}
+
+/// PostgreSQL replicas against the SQLite run of the same size (same invocation), with the
+/// ratio replicas / SQLite of each figure.
+fn comparison(r: &SimResults) -> String {
+    let mut md = String::new();
+    for pg in r.runs.iter().filter(|s| s.replicas > 1) {
+        let Some(lite) = r
+            .runs
+            .iter()
+            .find(|s| s.replicas <= 1 && s.nodes == pg.nodes)
+        else {
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "\n## PostgreSQL ×{} vs SQLite ×1, {} nodes (same run)\n\n| figure | SQLite, 1 verifier | \
+             PostgreSQL, {} replicas | ratio |\n| --- | --- | --- | --- |",
+            pg.replicas, pg.nodes, pg.replicas
+        );
+        let mut row = |what: &str, a: f64, b: f64, digits: usize| {
+            let ratio = if a > 0.0 {
+                format!("{:.2}×", b / a)
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(md, "| {what} | {a:.digits$} | {b:.digits$} | {ratio} |");
+        };
+        row(
+            "burst: attestations/s (wall)",
+            lite.burst_attestations_per_sec,
+            pg.burst_attestations_per_sec,
+            0,
+        );
+        row(
+            "burst: attestations per verifier CPU-s",
+            lite.burst_attestations_per_cpu_s,
+            pg.burst_attestations_per_cpu_s,
+            0,
+        );
+        row(
+            "burst: attestations per CPU-s, verifiers + database server",
+            lite.burst_attestations_per_total_cpu_s,
+            pg.burst_attestations_per_total_cpu_s,
+            0,
+        );
+        row(
+            "steady: verifier CPU per refresh, ms",
+            lite.steady_cpu_ms_per_refresh,
+            pg.steady_cpu_ms_per_refresh,
+            2,
+        );
+        row(
+            "revoke admin call (median), ms",
+            lite.revocation.admin_call_ms,
+            pg.revocation.admin_call_ms,
+            1,
+        );
+        row(
+            "revocation p50, all subscribers, ms",
+            lite.revocation.p50_ms,
+            pg.revocation.p50_ms,
+            1,
+        );
+        row(
+            "revocation p99, all subscribers, ms",
+            lite.revocation.p99_ms,
+            pg.revocation.p99_ms,
+            1,
+        );
+        for (what, x) in [
+            ("same replica", &pg.revocation_same_replica),
+            ("other replicas", &pg.revocation_other_replicas),
+        ] {
+            if let Some(x) = x {
+                row(
+                    &format!("revocation p50, {what} (SQLite: all), ms"),
+                    lite.revocation.p50_ms,
+                    x.p50_ms,
+                    1,
+                );
+                row(
+                    &format!("revocation p99, {what} (SQLite: all), ms"),
+                    lite.revocation.p99_ms,
+                    x.p99_ms,
+                    1,
+                );
+                row(
+                    &format!("revocation max, {what} (SQLite: all), ms"),
+                    lite.revocation.max_ms,
+                    x.max_ms,
+                    1,
+                );
+            }
+        }
+        if let (Some(a), Some(b)) = (&lite.revocation_in_rotation, &pg.revocation_in_rotation) {
+            row(
+                "revocation at a rotation edge, max, ms",
+                a.max_ms,
+                b.max_ms,
+                1,
+            );
+        }
+        if let (Some(a), Some(b)) = (&lite.reload, &pg.reload) {
+            row("policy reload p99, ms", a.p99_ms, b.p99_ms, 1);
+            if let Some(o) = &pg.reload_other_replicas {
+                row(
+                    "policy reload p99, other replicas (SQLite: all), ms",
+                    a.p99_ms,
+                    o.p99_ms,
+                    1,
+                );
+            }
+            row(
+                "policy reload admin call, ms",
+                a.admin_call_ms,
+                b.admin_call_ms,
+                1,
+            );
+        }
+        row(
+            "join tokens/s (admin API)",
+            lite.tokens_per_sec,
+            pg.tokens_per_sec,
+            0,
+        );
+        row(
+            "enrolments/s (whole mesh)",
+            lite.enrol_per_sec,
+            pg.enrol_per_sec,
+            1,
+        );
+        row(
+            "verifier RSS per node (all verifiers), KiB",
+            lite.rss_per_node / 1024.0,
+            pg.rss_per_node / 1024.0,
+            1,
+        );
+        let missing = |s: &SizeResult| {
+            s.revocation.missing
+                + s.revocation_in_rotation.as_ref().map_or(0, |x| x.missing)
+                + s.reload.as_ref().map_or(0, |x| x.missing)
+        };
+        let _ = writeln!(
+            md,
+            "\nChecks: SQLite {}; PostgreSQL ×{} {} ({} missing at other replicas' subscribers, \
+             {} violations, {} session errors, {} final tables wrong, {} behind on revocations; \
+             {} missing in all).",
+            if lite.failures().is_empty() {
+                "passed"
+            } else {
+                "**FAILED**"
+            },
+            pg.replicas,
+            if pg.failures().is_empty() {
+                "passed"
+            } else {
+                "**FAILED**"
+            },
+            pg.revocation_other_replicas
+                .as_ref()
+                .map_or(0, |x| x.missing),
+            pg.violations,
+            pg.session_errors,
+            pg.final_table_mismatches,
+            pg.final_revocation_behind,
+            missing(pg),
+        );
     }
     md
 }
@@ -283,7 +522,7 @@ fn enrolment_plot(r: &SimResults, path: &Path) -> PlotResult {
             .collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
-            .label(format!("{} nodes", s.nodes))
+            .label(s.label())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], c.stroke_width(2)));
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))?;
     }
@@ -325,21 +564,39 @@ fn propagation_plot(r: &SimResults, path: &Path) -> PlotResult {
         .x_desc("simulated nodes")
         .y_desc("ms")
         .draw()?;
-    for (k, (label, f)) in lines.into_iter().enumerate() {
-        let c = COLORS[k % COLORS.len()];
-        let pts: Vec<(f64, f64)> = r
-            .runs
-            .iter()
-            .filter_map(|s| f(s).map(|y| (s.nodes as f64, y)))
-            .collect();
-        if pts.is_empty() {
-            continue;
+    // One line per figure and kind of run (one verifier, or R replicas).
+    let mut kinds: Vec<usize> = r.runs.iter().map(|s| s.replicas).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let mut k = 0;
+    for &kind in &kinds {
+        let suffix = if kind > 1 {
+            format!(", PostgreSQL ×{kind}")
+        } else if kinds.len() > 1 {
+            ", SQLite".into()
+        } else {
+            String::new()
+        };
+        for (label, f) in &lines {
+            let pts: Vec<(f64, f64)> = r
+                .runs
+                .iter()
+                .filter(|s| s.replicas == kind)
+                .filter_map(|s| f(s).map(|y| (s.nodes as f64, y)))
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            let c = COLORS[k % COLORS.len()];
+            k += 1;
+            chart
+                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+                .label(format!("{label}{suffix}"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 15, y)], c.stroke_width(2))
+                });
+            chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))?;
         }
-        chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], c.stroke_width(2)));
-        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))?;
     }
     chart
         .configure_series_labels()
@@ -413,5 +670,53 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(back.runs.len(), 2);
+    }
+
+    #[test]
+    fn replicas_are_set_beside_the_sqlite_run_of_their_size_with_ratios() {
+        let lite = SizeResult {
+            burst_attestations_per_sec: 1000.0,
+            replicas: 1,
+            ..size(300, 10.0)
+        };
+        let mut pg = SizeResult {
+            burst_attestations_per_sec: 400.0,
+            replicas: 3,
+            store: "postgresql".into(),
+            revocation_other_replicas: Some(Propagation {
+                p99_ms: 40.0,
+                missing: 2,
+                ..Propagation::default()
+            }),
+            ..size(300, 8.0)
+        };
+        pg.revocation.missing = 2;
+        let r = SimResults {
+            runs: vec![lite, pg],
+            notes: Vec::new(),
+            real: Vec::new(),
+        };
+        let md = markdown(&r);
+        assert!(
+            md.contains("## PostgreSQL ×3 vs SQLite ×1, 300 nodes (same run)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| burst: attestations/s (wall) | 1000 | 400 | 0.40× |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 300 nodes | 300 nodes, PostgreSQL ×3 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("PostgreSQL ×3 **FAILED** (2 missing at other"),
+            "{md}"
+        );
+        assert!(md.contains("**300 nodes, PostgreSQL ×3 FAILED**"), "{md}");
+        // Each kind is judged against its own smallest size: no cross-kind enrolment ratio.
+        assert!(!md.contains("× overall"), "{md}");
+        let dir = tempfile::tempdir().expect("tmp");
+        write(&r, dir.path()).expect("write");
     }
 }
