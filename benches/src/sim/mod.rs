@@ -219,8 +219,12 @@ pub struct SizeResult {
     pub rss_start: u64,
     /// Verifier RSS with every node enrolled and subscribed, bytes.
     pub rss_enrolled: u64,
-    /// (rss_enrolled − rss_start) / nodes, bytes.
+    /// (rss_enrolled − rss_start) / nodes, bytes (all verifiers together).
     pub rss_per_node: f64,
+    /// The same of each replica alone (each holds every node's state, and its own nodes'
+    /// sessions), bytes; replicas only.
+    #[serde(default)]
+    pub replica_rss_per_node: Vec<f64>,
     /// Revocations propagated to every subscriber.
     pub revocation: Propagation,
     /// The revocation timed just after a seed-rotation edge.
@@ -738,7 +742,15 @@ impl Deployment {
 
     /// Resident memory of all verifiers.
     fn rss(&self) -> Result<u64> {
-        self.verifiers.iter().map(|v| rss_bytes(v.proc.pid())).sum()
+        Ok(self.each_rss()?.iter().sum())
+    }
+
+    /// Resident memory of each verifier.
+    fn each_rss(&self) -> Result<Vec<u64>> {
+        self.verifiers
+            .iter()
+            .map(|v| rss_bytes(v.proc.pid()))
+            .collect()
     }
 
     /// CPU of the database server (zero without one).
@@ -932,6 +944,7 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
         ..SizeResult::default()
     };
     r.rss_start = dep.rss()?;
+    let replica_rss0 = dep.each_rss()?;
 
     // 1. Join tokens.
     let (secrets, tokens_per_sec) = join_tokens(&v, p.nodes).await?;
@@ -1008,6 +1021,14 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     }
     r.rss_enrolled = dep.rss()?;
     r.rss_per_node = r.rss_enrolled.saturating_sub(r.rss_start) as f64 / p.nodes as f64;
+    if p.replicas > 1 {
+        r.replica_rss_per_node = dep
+            .each_rss()?
+            .iter()
+            .zip(&replica_rss0)
+            .map(|(b, a)| b.saturating_sub(*a) as f64 / p.nodes as f64)
+            .collect();
+    }
 
     // 3. Steady refreshing across seed rotations.
     let t0 = Instant::now();
