@@ -25,6 +25,10 @@ pub(super) struct Feed {
     pub(super) seq: u64,
     /// Since when this replica has not been serving (fenced), if it is not.
     pub(super) fenced_since: Option<UnixTime>,
+    /// The last read of the feed failed: the database may be unreachable, so the periodic
+    /// store work that can wait (pruning, audit checkpoints) waits, rather than holding the
+    /// authority lock for a call bound each while the replica is about to be fenced.
+    pub(super) failing: bool,
     /// Version of the stored policy this verifier applies (0: its own file, not stored).
     pub(super) policy_version: u64,
     /// Whether the stored policy was checked since start (a reload elsewhere between the
@@ -41,6 +45,12 @@ impl Authority {
         if !lock(&self.store).is_shared() {
             return Ok(0);
         }
+        let followed = self.follow_shared(now);
+        self.feed.failing = followed.is_err();
+        followed
+    }
+
+    fn follow_shared(&mut self, now: UnixTime) -> Result<usize, AdminError> {
         lock(&self.store).relock()?;
         if !self.feed.policy_synced {
             self.sync_policy(now)?;

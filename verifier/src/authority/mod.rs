@@ -76,6 +76,7 @@ pub use self::issuer::SERIAL_BLOCK;
 pub use self::journal::CHECKPOINT_INTERVAL_SECS;
 pub use self::operator::{PolicyReload, RELOAD_REPORTED, REVOKE_ATTEMPTS};
 pub use self::refusals::{AdminError, EnrollRefusal, RefreshRefusal, ReportRefusal};
+pub use self::revocations::PRUNE_RETRY_SECS;
 pub use self::rotation::{
     ROTATION_BATCH, ROTATION_BATCH_PAIRS, ROTATION_OFFSET_LABEL, ROTATION_SPREAD_PERCENT, Rotated,
 };
@@ -161,6 +162,7 @@ impl Authority {
         let feed = self::follow::Feed {
             seq: store.change_head()?,
             fenced_since: None,
+            failing: false,
             policy_version: 0,
             policy_synced: false,
         };
@@ -343,11 +345,22 @@ impl Authority {
     /// and again (after releasing the lock) while the answer says more is due.
     pub fn tick(&mut self, now: UnixTime) -> Rotated {
         self.flush_refusal_audit(now);
-        self.checkpoint_if_due(now);
-        if self.revocations.has_expired(now)
-            && let Err(e) = self.prune_revocations(now)
-        {
-            tracing::error!(error = %e, "pruning the revocation list failed");
+        // A fenced replica writes nothing (another replica prunes, and this one follows),
+        // and one whose last feed read failed does not wait on the database for work that
+        // can wait.
+        let store_ok = self.feed.fenced_since.is_none() && !self.feed.failing;
+        if store_ok {
+            self.checkpoint_if_due(now);
+        }
+        if store_ok && self.revocations.prune_due(now) {
+            match self.prune_revocations(now) {
+                Ok(()) => self.revocations.prune_done(),
+                Err(e) => {
+                    if self.revocations.prune_failed(now) {
+                        tracing::error!(error = %e, retry_secs = revocations::PRUNE_RETRY_SECS, "pruning the revocation list failed; retrying every few seconds (logged once)");
+                    }
+                }
+            }
         }
         self.rotate(now)
     }

@@ -15,10 +15,17 @@ use crate::store::{Store, StoreError, StoredList};
 /// A signed list: what is stored and served, and what it says.
 pub(super) type SignedList = (StoredList, RevocationList);
 
+/// Seconds after a failed prune before the next attempt: each attempt is a store call under
+/// the authority lock, and a database that stopped answering would otherwise be asked again
+/// at every tick (100 ms), each time for a whole call bound.
+pub const PRUNE_RETRY_SECS: u64 = 5;
+
 /// The current list, if one was ever signed.
 #[derive(Debug, Default)]
 pub(super) struct Revocations {
     current: Option<SignedList>,
+    /// No prune before this, after one failed.
+    prune_retry_at: Option<UnixTime>,
 }
 
 impl Revocations {
@@ -30,6 +37,7 @@ impl Revocations {
         };
         Ok(Self {
             current: Some(Self::verified(stored, key)?),
+            prune_retry_at: None,
         })
     }
 
@@ -71,6 +79,25 @@ impl Revocations {
         self.current
             .as_ref()
             .is_some_and(|(_, l)| l.revoked.iter().any(|r| r.until <= now))
+    }
+
+    /// Is a prune due at `now`: an entry expired, and no failed prune in the last
+    /// [`PRUNE_RETRY_SECS`]?
+    pub(super) fn prune_due(&self, now: UnixTime) -> bool {
+        self.has_expired(now) && self.prune_retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// A prune failed at `now`: the next waits [`PRUNE_RETRY_SECS`]. Returns whether this is
+    /// the first failure in a row (logged; the rest are counted only).
+    pub(super) fn prune_failed(&mut self, now: UnixTime) -> bool {
+        let first = self.prune_retry_at.is_none();
+        self.prune_retry_at = Some(now.plus(PRUNE_RETRY_SECS));
+        first
+    }
+
+    /// A prune succeeded (or was not needed): the next may come at once.
+    pub(super) fn prune_done(&mut self) {
+        self.prune_retry_at = None;
     }
 
     /// Signs the next version holding `entries`.
@@ -134,5 +161,39 @@ impl Revocations {
         BoundedVec::new(stored.bytes.clone())
             .ok()
             .map(|list| Push::Revocations { list })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hopmesh_protocol::secret::SigningSeed;
+
+    use super::*;
+
+    #[test]
+    fn a_failed_prune_waits_before_the_next_attempt_and_a_good_one_clears_the_wait() {
+        let key = SigningKey::from_seed(&SigningSeed::from_bytes([5; 32]));
+        let t = UnixTime::from_secs;
+        let mut r = Revocations::default();
+        assert!(!r.prune_due(t(1_000)), "nothing to prune without a list");
+        let list = r
+            .with_revoked(NodeId::from_bytes([9; 32]), 10, &key, t(1_000))
+            .expect("sign");
+        r.install(list);
+        assert!(!r.prune_due(t(1_009)), "the entry is still in force");
+        assert!(r.prune_due(t(1_010)), "the entry ran out");
+        assert!(
+            r.prune_failed(t(1_010)),
+            "the first failure in a row is logged"
+        );
+        assert!(!r.prune_due(t(1_010)));
+        assert!(!r.prune_due(t(1_010 + PRUNE_RETRY_SECS - 1)));
+        assert!(r.prune_due(t(1_010 + PRUNE_RETRY_SECS)));
+        assert!(
+            !r.prune_failed(t(1_015)),
+            "a second failure in a row is not logged again"
+        );
+        r.prune_done();
+        assert!(r.prune_due(t(1_015)), "after a success no wait");
     }
 }

@@ -2565,3 +2565,168 @@ fn an_enrolment_pushes_deltas_and_only_the_new_pairs_seeds() {
         assert_eq!(update.changes.len(), 3, "{update:?}");
     }
 }
+
+/// A shared SQLite store whose change feed fails while `feed_down` is set, counting the list
+/// writes (prunes) made on it.
+#[derive(Debug)]
+struct FeedDown {
+    inner: SqliteStore,
+    feed_down: Arc<std::sync::atomic::AtomicBool>,
+    list_writes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Store for FeedDown {
+    fn put_join_token(
+        &mut self,
+        t: &crate::store::JoinTokenRecord,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.put_join_token(t)
+    }
+    fn take_join_token(
+        &mut self,
+        secret_hash: &[u8; 32],
+        now: UnixTime,
+    ) -> Result<crate::store::JoinTokenUse, crate::store::StoreError> {
+        self.inner.take_join_token(secret_hash, now)
+    }
+    fn put_node(&mut self, n: &crate::store::NodeRecord) -> Result<(), crate::store::StoreError> {
+        self.inner.put_node(n)
+    }
+    fn nodes(&self) -> Result<Vec<crate::store::NodeRecord>, crate::store::StoreError> {
+        self.inner.nodes()
+    }
+    fn bans(&self) -> Result<Vec<crate::store::BanSubject>, crate::store::StoreError> {
+        self.inner.bans()
+    }
+    fn put_bans(
+        &mut self,
+        bans: &[crate::store::BanSubject],
+        reason: &str,
+        at: UnixTime,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.put_bans(bans, reason, at)
+    }
+    fn commit_revocation(
+        &mut self,
+        node: &NodeId,
+        at: UnixTime,
+        bans: &[crate::store::BanSubject],
+        list: &StoredList,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.commit_revocation(node, at, bans, list)
+    }
+    fn revocation_list(&self) -> Result<Option<StoredList>, crate::store::StoreError> {
+        self.inner.revocation_list()
+    }
+    fn put_revocation_list(&mut self, list: &StoredList) -> Result<(), crate::store::StoreError> {
+        self.list_writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.put_revocation_list(list)
+    }
+    fn reserve_serials(&mut self, n: u64) -> Result<u64, crate::store::StoreError> {
+        self.inner.reserve_serials(n)
+    }
+    fn pair_states(&self) -> Result<Vec<crate::store::PairState>, crate::store::StoreError> {
+        self.inner.pair_states()
+    }
+    fn commit_reissue(
+        &mut self,
+        pair: &PairIds,
+        reissues: u16,
+        compromised: &[Generation],
+        at: UnixTime,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.commit_reissue(pair, reissues, compromised, at)
+    }
+    fn put_audit_anchor(
+        &mut self,
+        anchor: &hopmesh_transport::audit::SignedHead,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.put_audit_anchor(anchor)
+    }
+    fn audit_anchor(
+        &self,
+    ) -> Result<Option<hopmesh_transport::audit::SignedHead>, crate::store::StoreError> {
+        self.inner.audit_anchor()
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+    fn changes_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::store::Change>, crate::store::StoreError> {
+        if self.feed_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::store::StoreError::Timeout(
+                std::time::Duration::from_secs(2),
+            ));
+        }
+        self.inner.changes_since(after, limit)
+    }
+}
+
+#[test]
+fn a_replica_whose_feed_read_failed_defers_its_prune_until_the_feed_reads_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let feed_down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let list_writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store = FeedDown {
+        inner: SqliteStore::create(&dir.path().join("store.db")).expect("store"),
+        feed_down: feed_down.clone(),
+        list_writes: list_writes.clone(),
+    };
+    let (audit, _) = AuditLog::open(&dir.path().join("audit.jsonl")).expect("audit");
+    let mut auth = Authority::new(
+        Parts {
+            settings: Settings::default(),
+            signing: signing(),
+            master: MasterSecret::from_bytes([2; 32]),
+            store: Box::new(store),
+            audit,
+            metrics: Arc::new(Metrics::default()),
+            policy: Policy::parse(&standard_policy()).expect("policy"),
+        },
+        t(T0),
+    )
+    .expect("authority");
+    let secret = auth
+        .create_join_token(&name("a"), None, 60, t(T0))
+        .expect("token")
+        .0;
+    let k = spki(1);
+    auth.enroll(
+        &Enrollment {
+            spki: &k,
+            join_secret: &secret,
+            measurement: GOOD,
+            addresses: &addresses(1),
+            hostname: "test-host",
+        },
+        t(T0),
+    )
+    .expect("enrolls");
+    auth.revoke(&NodeRef::Name(name("a")), t(T0))
+        .expect("revoke");
+    let after = t(T0 + auth.settings().attestation_ttl + 1);
+    assert!(auth.revocations.prune_due(after), "the entry ran out");
+
+    // The feed read fails: the prune waits, however often the tick runs.
+    feed_down.store(true, SeqCst);
+    assert!(auth.follow(after).is_err());
+    for _ in 0..5 {
+        auth.tick(after);
+    }
+    assert_eq!(list_writes.load(SeqCst), 0, "no prune while the feed fails");
+    // The feed reads again: the next tick prunes.
+    feed_down.store(false, SeqCst);
+    auth.follow(after).expect("the feed reads");
+    auth.tick(after);
+    assert_eq!(
+        list_writes.load(SeqCst),
+        1,
+        "pruned once the feed read again"
+    );
+    assert!(!auth.revocations.prune_due(after));
+}

@@ -23,7 +23,7 @@ mod sqlite;
 pub use counted::{Counted, failure_kind};
 pub use postgres::{
     FEED_READ_TIMEOUT, FEED_STALE_BOUND, PG_CALL_TIMEOUT, PG_CONNECT_TIMEOUT, PG_ISSUE_TIMEOUT,
-    PG_POOL_SIZE, PG_RELOCK_INTERVAL, PG_SCHEMA_VERSION, PostgresStore,
+    PG_LOAD_TIMEOUT, PG_POOL_SIZE, PG_RELOCK_INTERVAL, PG_SCHEMA_VERSION, PostgresStore,
 };
 pub use spec::{PG_IDLE_IN_TRANSACTION, PgTarget, StoreSpec, TlsPlan, plan_tls};
 pub use sqlite::{SCHEMA_VERSION, SqliteStore};

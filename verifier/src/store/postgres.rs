@@ -46,8 +46,15 @@ pub const PG_SCHEMA_VERSION: i64 = 2;
 /// Connections in the pool (each call holds one for its transaction).
 pub const PG_POOL_SIZE: usize = 8;
 /// Longest a store call may take, waiting for a pooled connection included. Past it the call
-/// fails with [`StoreError::Timeout`] and is not acknowledged.
-pub const PG_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// fails with [`StoreError::Timeout`] and is not acknowledged. Short, because the authority
+/// makes its calls under its lock: while one waits on a database that stopped answering,
+/// nothing else at this replica (refreshes included) goes on; a control-plane commit on a
+/// healthy database takes milliseconds.
+pub const PG_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest the calls made at start may take (opening: the first connections and the serve
+/// lock; `init` and its migrations; the loads of whole tables: nodes, bans, pair states):
+/// their size grows with the mesh, and nothing waits behind them.
+pub const PG_LOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a new connection (TCP, TLS, authentication) may take.
 pub const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -498,7 +505,7 @@ impl PostgresStore {
         let store = Self::connect(target)?;
         let server = store.server.clone();
         let key = mesh_key.to_vec();
-        store.run(|pool| async move {
+        store.run_within(PG_LOAD_TIMEOUT, |pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&INIT_LOCK])
@@ -570,7 +577,8 @@ impl PostgresStore {
         store.replica = replica.to_owned();
         let key = mesh_key.to_vec();
         let server = store.server.clone();
-        store.run(|pool| async move {
+        // At start: the first connection is made here, and nothing waits behind it.
+        store.run_within(PG_LOAD_TIMEOUT, |pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
             match schema_version(&**c).await? {
                 None => Err(StoreError::Missing(format!(
@@ -595,8 +603,9 @@ impl PostgresStore {
                 store.signal.clone(),
             );
             let lost2 = lost.clone();
-            let taken =
-                store.run(|_| async move { take_serve_lock(&t, key, lost2, signal).await })?;
+            let taken = store.run_within(PG_LOAD_TIMEOUT, |_| async move {
+                take_serve_lock(&t, key, lost2, signal).await
+            })?;
             let Some(client) = taken else {
                 return Err(StoreError::InUse(store.server.clone()));
             };
@@ -680,11 +689,13 @@ impl PostgresStore {
             rt.spawn(async move {
                 let lost = Arc::new(AtomicBool::new(false));
                 let attempt = take_serve_lock(&target, key, lost.clone(), signal);
-                let got = match tokio::time::timeout(PG_CALL_TIMEOUT, attempt).await {
+                // In the background, so it may take a whole connect and a call.
+                let bound = PG_CONNECT_TIMEOUT + PG_CALL_TIMEOUT;
+                let got = match tokio::time::timeout(bound, attempt).await {
                     Ok(Ok(Some(client))) => Ok(Some((client, lost))),
                     Ok(Ok(None)) => Ok(None),
                     Ok(Err(e)) => Err(e),
-                    Err(_) => Err(StoreError::Timeout(PG_CALL_TIMEOUT)),
+                    Err(_) => Err(StoreError::Timeout(bound)),
                 };
                 let _ = tx.send(got);
             });
@@ -1123,7 +1134,7 @@ impl Store for PostgresStore {
     }
 
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        self.run(|pool| async move {
+        self.run_within(PG_LOAD_TIMEOUT, |pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
             let rows = c
                 .query(
@@ -1138,7 +1149,7 @@ impl Store for PostgresStore {
     }
 
     fn bans(&self) -> Result<Vec<BanSubject>, StoreError> {
-        self.run(|pool| async move {
+        self.run_within(PG_LOAD_TIMEOUT, |pool| async move {
             let c = pool.get().await.map_err(pool_err)?;
             let rows = c
                 .query("SELECT kind, subject FROM hopmesh.bans", &[])
@@ -1256,7 +1267,7 @@ impl Store for PostgresStore {
     }
 
     fn pair_states(&self) -> Result<Vec<PairState>, StoreError> {
-        self.run(|pool| async move {
+        self.run_within(PG_LOAD_TIMEOUT, |pool| async move {
             let mut c = pool.get().await.map_err(pool_err)?;
             // One snapshot for both tables.
             let tx = c
