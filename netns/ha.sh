@@ -55,6 +55,14 @@
 #                      bounded loop and one paced 1 MiB stream is open: every fetch succeeds
 #                      (and some finish inside each restart), the stream arrives intact, no
 #                      node's refusal counters move, every node's self_permit stays null.
+#   ha_partition       The replica with the most nodes subscribed cut from the database (nft in
+#                      the database's namespace drops its packets both ways) for three TTLs
+#                      (3 x 30 s) while fetches run: it audits `fenced`, refuses a write, issues
+#                      no attestation (its attestations_issued metric unchanged), holds no
+#                      node session at any sample; every node subscribes at another replica,
+#                      every fetch succeeds, no refusal counter moves, no node's self_permit is
+#                      set. Healed: it serves again (a write acknowledged) and audits
+#                      `serving_again`.
 # After the scenarios a `leak_check` row always runs: PostgreSQL stopped, everything the run
 # started stopped, its namespaces deleted, and nothing may be left (processes, namespaces,
 # listening sockets, nft tables: netns/leaks.py; the cluster directory); the work dir is
@@ -928,8 +936,107 @@ EOF
     note "rolling_restart: refusal counters unchanged; verifier_failovers$moved"
 }
 
+# ---------------------------------------------------------------------------- ha_partition
+# metric_at I PREFIX: the sum of replica I's metric series starting with PREFIX (its admin
+# socket's /metrics).
+metric_at() {
+    local addr; addr=$(cat "$WORK/v$1/admin.addr")
+    curl -s --max-time 5 --unix-socket "${addr#unix:}" http://localhost/metrics |
+        awk -v p="$2" 'index($1, p) == 1 { v += $2 } END { print v + 0 }'
+}
+issued_at() { metric_at "$1" hopmesh_verifier_attestations_issued_total; }
+# partition I on|off: replica I cut from the database, both directions (nft in the database's
+# namespace: the replica's packets to it and its answers are dropped, as a partition does).
+partition() {
+    if [ "$2" = on ]; then
+        n "$DB" nft -f - <<EOF
+table inet hmha_partition {
+    chain input { type filter hook input priority 0; ip saddr ${VIP[$1]} drop; }
+    chain output { type filter hook output priority 0; ip daddr ${VIP[$1]} drop; }
+}
+EOF
+    else
+        n "$DB" nft delete table inet hmha_partition
+    fi
+}
+# more_events I EVENT N: replica I's audit log holds more than N EVENT records.
+more_events() { [ "$(audit_events "$1" "$2")" -gt "$3" ]; }
+# elsewhere I: every running node is subscribed at a replica other than I.
+elsewhere() {
+    local j others="" name
+    for j in 1 2 3; do [ "$j" = "$1" ] || others="$others $(connected_at "$j")"; done
+    for name in $NODES; do case " $others " in *" $name "*) ;; *) return 1 ;; esac; done
+}
+
+scenario_ha_partition() {
+    local i cut=0 best=-1 at cnt name on=""
+    for i in 1 2 3; do
+        at=$(connected_at "$i"); cnt=$(wc -w <<<"$at")
+        if [ "$cnt" -gt "$best" ]; then best=$cnt; cut=$i; on=$at; fi
+    done
+    [ "$best" -ge 1 ] || { fail "no node is subscribed at any replica"; return 1; }
+    declare -A REFUSED
+    for name in $NODES; do REFUSED[$name]=$(refused_sum "$name"); done
+    local fenced0 again0 issued0
+    fenced0=$(audit_events "$cut" fenced); again0=$(audit_events "$cut" serving_again)
+    local out="$WORK/partition.out" stop="$WORK/partition.stop"
+    : >"$out"
+    traffic_loop "$out" "$stop" &
+    local loop=$!
+    track "$loop" "traffic loop (partition)"
+    local t0; t0=$(now_ms)
+    issued0=$(issued_at "$cut")
+    partition "$cut" on
+    # Healed and the traffic stopped whatever happens below.
+    trap "partition $cut off >/dev/null 2>&1 || true; touch $stop" EXIT
+    note "partition: v$cut (nodes on it: $on) cut from the database; TTL $TTL s; cut for $((3 * TTL)) s"
+    # It fences itself within its staleness bound (audited) and closes its sessions: its nodes
+    # subscribe at the other two.
+    wait_for 20 "v$cut audits that it fenced itself" more_events "$cut" fenced "$fenced0"
+    note "partition: v$cut fenced itself (audited) $(secs_since "$t0") s after the cut"
+    wait_for 30 "every node subscribed at a replica other than v$cut" elsewhere "$cut"
+    note "partition: every node subscribed elsewhere $(secs_since "$t0") s after the cut"
+    local rc=0
+    timeout 20 ip netns exec "${VNS[$cut]}" "$VERIFIER" --data-dir "$WORK/v$cut" join-token create --name probe --ttl 60 >>"$LOG" 2>&1 || rc=$?
+    [ "$rc" != 0 ] || fail "v$cut acknowledged a write while cut from the database"
+    [ "$rc" != 124 ] || fail "v$cut did not answer a write within 20 s while cut"
+    # Three TTLs: nodes refresh at the other replicas, none fails closed, every fetch works,
+    # and the cut replica issues nothing (each attestation it issues needs a commit).
+    local samples=0
+    while [ "$(python3 -c "print(($(now_ms) - $t0) < $((3 * TTL * 1000)))")" = True ]; do
+        [ -z "$(connected_at "$cut")" ] || fail "a node is subscribed at v$cut while it is cut: $(connected_at "$cut")"
+        samples=$((samples + 1))
+        sleep 5
+    done
+    local issued1; issued1=$(issued_at "$cut")
+    [ "$issued1" = "$issued0" ] || fail "v$cut issued $((issued1 - issued0)) attestations while cut from the database"
+    partition "$cut" off
+    trap - EXIT
+    local t1; t1=$(now_ms)
+    note "partition: healed after $(secs_since "$t0") s; v$cut issued nothing while cut ($issued0 -> $issued1 attestations); its sessions sampled $samples times, always none"
+    touch "$stop"
+    wait "$loop" || true
+    local fetches fails permits
+    fetches=$(awk '$2 != "permit"' "$out" | wc -l)
+    fails=$(awk '$2 != "permit" && $4 != 0' "$out" | wc -l)
+    permits=$(awk '$2 == "permit" && $4 != "None"' "$out" | wc -l)
+    note "partition: $fetches fetches, $fails failed; $(awk '$2 == "permit"' "$out" | wc -l) self_permit samples, $permits not null"
+    [ "$fetches" -gt 0 ] || fail "no fetch ran during the partition"
+    [ "$fails" = 0 ] || { awk '$2 != "permit" && $4 != 0' "$out" | head -5 | tee -a "$LOG"; fail "$fails fetches failed during the partition"; }
+    [ "$permits" = 0 ] || { awk '$2 == "permit" && $4 != "None"' "$out" | head -5 | tee -a "$LOG"; fail "a node failed closed during the partition"; }
+    for name in $NODES; do
+        [ "$(refused_sum "$name")" = "${REFUSED[$name]}" ] || fail "node $name refused streams during the partition (${REFUSED[$name]} -> $(refused_sum "$name"))"
+    done
+    # Healed: the server ended the cut replica's old session (the keepalives the replica asks
+    # of it), so the replica takes its lock again, catches up and serves (audited).
+    wait_for 60 "v$cut serving again after the partition healed" serving "$cut"
+    note "partition: v$cut serves again $(secs_since "$t1") s after the heal"
+    more_events "$cut" serving_again "$again0" || fail "v$cut did not audit serving_again"
+    wait_for 30 "every node ready after the partition" all_ready $NODES
+}
+
 # ---------------------------------------------------------------------------- runner
-ORDER="ha_kill_storm ha_db_down ha_rolling_restart"
+ORDER="ha_kill_storm ha_db_down ha_rolling_restart ha_partition"
 SELECTED=${*:-$ORDER}
 for s in $SELECTED; do
     case " $ORDER " in *" $s "*) ;; *) echo "netns-ha: unknown scenario $s (one of: $ORDER)" >&2; exit 2 ;; esac
