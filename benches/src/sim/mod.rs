@@ -77,6 +77,9 @@ pub enum Fault {
     DropRevocation,
     /// The fault's node drops the first table push after the policy reload.
     DropTable,
+    /// Replicas: every node talks to replica 0 instead of its own (the replicas' node views
+    /// must then show the sessions misplaced).
+    OneReplica,
 }
 
 /// The node that drops a push under a [`Fault`]: node 0 with one verifier; with replicas the
@@ -285,6 +288,15 @@ pub struct SizeResult {
     /// ERROR lines in the verifiers' logs (run at `warn`).
     #[serde(default)]
     pub verifier_log_errors: usize,
+    /// Replicas only, once every table converged: live nodes a replica's `GET /v1/nodes`
+    /// shows with a push stream open at it other than its own (node `i` at replica `i % R`), or
+    /// not open at their own (must be 0).
+    #[serde(default)]
+    pub replica_sessions_misplaced: usize,
+    /// Replicas only: (replica, live node) pairs the replica's nodes view lacks (must be 0:
+    /// every replica holds every node).
+    #[serde(default)]
+    pub replica_nodes_missing: usize,
     /// WARN lines in the verifiers' logs.
     #[serde(default)]
     pub verifier_log_warnings: usize,
@@ -346,6 +358,20 @@ impl SizeResult {
                 format!("{} affected nodes missed the reloaded table", r.missing),
             );
         }
+        check(
+            self.replica_sessions_misplaced > 0,
+            format!(
+                "{} sessions not at (only) their own replica",
+                self.replica_sessions_misplaced
+            ),
+        );
+        check(
+            self.replica_nodes_missing > 0,
+            format!(
+                "{} (replica, node) pairs missing from the replicas' node views",
+                self.replica_nodes_missing
+            ),
+        );
         check(
             self.final_table_mismatches > 0,
             format!(
@@ -961,7 +987,11 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     let ctx = Arc::new(Ctx {
         endpoints: node::endpoints(p.nodes)?,
         burst_gate: Semaphore::new(node::BURST_CONCURRENCY),
-        verifiers: dep.node_addrs(),
+        verifiers: if p.fault == Some(Fault::OneReplica) {
+            vec![v.node_addr]
+        } else {
+            dep.node_addrs()
+        },
         pins: v.pins.clone(),
         measurement: sim_measurement(),
         enroll_gate: Semaphore::new(p.concurrency.max(1)),
@@ -1028,6 +1058,24 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
             .zip(&replica_rss0)
             .map(|(b, a)| b.saturating_sub(*a) as f64 / p.nodes as f64)
             .collect();
+    }
+
+    if p.replicas > 1 {
+        // Every replica knows every node and holds exactly its own nodes' sessions.
+        let end = Instant::now() + p.propagation_timeout;
+        loop {
+            let (misplaced, missing) = replica_views(&dep, &mesh).await?;
+            r.replica_sessions_misplaced = misplaced;
+            r.replica_nodes_missing = missing;
+            if (misplaced == 0 && missing == 0) || Instant::now() >= end {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "sim {tag}: replicas' node views: {} sessions misplaced, {} nodes missing",
+            r.replica_sessions_misplaced, r.replica_nodes_missing
+        );
     }
 
     // 3. Steady refreshing across seed rotations.
@@ -1370,6 +1418,39 @@ fn victims(shape: &Shape, n: usize, spare: usize) -> Vec<usize> {
     out
 }
 
+/// Asks every replica for its nodes (`GET /v1/nodes`); returns the live subscribed nodes shown
+/// with a push stream open at a replica other than their own or not at their own (node `i` at
+/// replica `i % R`), and the (replica, live node) pairs a replica does not list.
+async fn replica_views(dep: &Deployment, mesh: &Mesh) -> Result<(usize, usize)> {
+    let replicas = dep.verifiers.len();
+    let live: Vec<usize> = (0..mesh.slots.len())
+        .filter(|&i| mesh.live(i) && mesh.slots[i].lock().subscribed_at.is_some())
+        .collect();
+    let (mut misplaced, mut missing) = (0, 0);
+    for (k, v) in dep.verifiers.iter().enumerate() {
+        let view = v
+            .admin
+            .call("GET", "/v1/nodes", None)
+            .await
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("nodes of replica {k}"))?;
+        let shown: BTreeMap<&str, bool> = view
+            .as_array()
+            .context("the nodes view is not a list")?
+            .iter()
+            .filter_map(|n| Some((n["name"].as_str()?, n["connected"].as_bool()?)))
+            .collect();
+        for &i in &live {
+            match shown.get(Shape::name(i).as_str()) {
+                None => missing += 1,
+                Some(&open) if open != (i % replicas == k) => misplaced += 1,
+                Some(_) => {}
+            }
+        }
+    }
+    Ok((misplaced, missing))
+}
+
 /// Propagation samples apart by where the node is: at replica 0, which took the admin call, or
 /// at another replica, which learns of it from the database's change feed. Node `i` is at
 /// replica `i % replicas` ([`Ctx::verifier`]).
@@ -1530,6 +1611,8 @@ mod tests {
             |r| r.revocation.missing = 1,
             |r| r.final_table_mismatches = 1,
             |r| r.final_revocation_behind = 1,
+            |r| r.replica_sessions_misplaced = 1,
+            |r| r.replica_nodes_missing = 1,
             |r| {
                 r.reload = Some(Propagation {
                     missing: 1,

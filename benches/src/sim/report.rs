@@ -260,6 +260,19 @@ pub fn markdown(r: &SimResults) -> String {
         ("sessions ended unexpectedly", |s| {
             s.session_errors.to_string()
         }),
+        (
+            "replicas: sessions misplaced / nodes missing from a view",
+            |s| {
+                if s.replicas > 1 {
+                    format!(
+                        "{} / {}",
+                        s.replica_sessions_misplaced, s.replica_nodes_missing
+                    )
+                } else {
+                    "-".into()
+                }
+            },
+        ),
         ("PostgreSQL server CPU, steady / burst, s", |s| {
             if s.replicas > 1 {
                 format!("{:.1} / {:.1}", s.steady_db_cpu_s, s.burst_db_cpu_s)
