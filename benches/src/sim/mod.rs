@@ -573,6 +573,36 @@ fn cluster_slot() -> MutexGuard<'static, Option<PgCluster>> {
     CLUSTER.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Work directories of the running sizes, removed by [`stop_on_signal`] (a signal skips the
+/// `TempDir`'s drop).
+static WORK_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn work_dirs() -> MutexGuard<'static, Vec<PathBuf>> {
+    WORK_DIRS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A size's work directory (removed when dropped), known to [`stop_on_signal`].
+struct WorkDir(tempfile::TempDir);
+
+impl WorkDir {
+    fn new() -> Result<Self> {
+        let d = tempfile::tempdir()?;
+        work_dirs().push(d.path().to_owned());
+        Ok(Self(d))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let p = self.0.path().to_owned();
+        work_dirs().retain(|d| *d != p);
+    }
+}
+
 /// The text of a caught panic (pg_cluster.rs reports a failed `initdb`, `pg_ctl` or
 /// `createdb` by panicking, as test support does).
 fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
@@ -657,6 +687,9 @@ pub fn stop_on_signal(rt: &tokio::runtime::Runtime) -> std::io::Result<()> {
             let _ = Command::new("kill").arg("-9").args(&pids).status();
         }
         drop(cluster_slot().take());
+        for d in work_dirs().drain(..) {
+            let _ = std::fs::remove_dir_all(d);
+        }
         eprintln!("hopmesh-bench: stopped by a signal; child processes and PostgreSQL stopped");
         std::process::exit(143);
     });
@@ -930,7 +963,7 @@ pub async fn run_size(p: &Params) -> Result<SizeResult> {
     let me = std::process::id();
     let ticks = clock_ticks();
     let sim_cpu0 = cpu_time(&[me], ticks);
-    let work = tempfile::tempdir()?;
+    let work = WorkDir::new()?;
     let shape = Shape {
         nodes: p.nodes,
         peers: p.peers,
