@@ -12,6 +12,7 @@
 //! # socks_max_clients = 512            # concurrent SOCKS clients (see DEFAULT_SOCKS_MAX_CLIENTS)
 //! # metrics = "127.0.0.1:9101"        # Prometheus /metrics, loopback only
 //! # congestion = "bbr"                 # or "cubic" (see `Congestion`)
+//! # socks_reply = "early"              # or "after_connect" (see `SocksReply`)
 //! ```
 
 use std::net::SocketAddr;
@@ -32,6 +33,25 @@ pub enum Congestion {
     Bbr,
     /// CUBIC (quinn's default).
     Cubic,
+}
+
+/// When the SOCKS endpoint answers a CONNECT (`socks_reply`).
+///
+/// `Early`, the default, answers as soon as everything this node can decide alone has passed
+/// (its own attestation, the route and policy, a connection to the first hop, a minted token):
+/// the app's first bytes then travel right behind the token and header, one tunnel round trip
+/// per new connection instead of two. A refusal only the far end can know (its gate, or its
+/// backend refusing or timing out) arrives after the app was told "succeeded": the app's TCP
+/// connection is reset (never a clean close), and the refusal is counted and audited here
+/// (`node/src/refusal.rs`, `RemoteRefusal`). `AfterConnect` waits for the serving node's
+/// backend connect result and answers with its true REP code, at one more round trip.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SocksReply {
+    /// Answer once the local checks pass; remote refusals reset the connection.
+    #[default]
+    Early,
+    /// Answer with the serving node's backend connect result.
+    AfterConnect,
 }
 
 /// Most verifiers a node lists (`verifiers`).
@@ -62,6 +82,8 @@ pub struct NodeConfig {
     pub metrics: Option<SocketAddr>,
     /// Congestion controller for data connections.
     pub congestion: Congestion,
+    /// When SOCKS CONNECTs are answered.
+    pub socks_reply: SocksReply,
     /// Worker threads of the node's runtime (see [`default_threads`]).
     pub threads: usize,
     /// Test only: seconds added to the clock.
@@ -84,6 +106,7 @@ struct Raw {
     socks_max_clients: Option<usize>,
     metrics: Option<String>,
     congestion: Option<String>,
+    socks_reply: Option<String>,
     threads: Option<usize>,
     #[serde(default)]
     clock_offset: i64,
@@ -217,6 +240,15 @@ impl NodeConfig {
             Some("cubic") => Congestion::Cubic,
             Some(other) => return Err(format!("congestion: `{other}` is not `bbr` or `cubic`")),
         };
+        let socks_reply = match raw.socks_reply.as_deref() {
+            None | Some("early") => SocksReply::Early,
+            Some("after_connect") => SocksReply::AfterConnect,
+            Some(other) => {
+                return Err(format!(
+                    "socks_reply: `{other}` is not `early` or `after_connect`"
+                ));
+            }
+        };
         let threads = match raw.threads {
             None => default_threads(),
             Some(n @ 1..=256) => n,
@@ -237,6 +269,7 @@ impl NodeConfig {
             socks_max_clients,
             metrics,
             congestion,
+            socks_reply,
             threads,
             clock_offset: raw.clock_offset,
         })
@@ -278,6 +311,14 @@ mod tests {
         assert_eq!(ok.congestion, Congestion::Bbr);
         assert_eq!(ok.socks_max_clients, DEFAULT_SOCKS_MAX_CLIENTS);
         let base = "data_dir = \"d\"\nverifier = \"v:1\"\nlisten = \"0.0.0.0:1\"\n";
+        assert_eq!(ok.socks_reply, SocksReply::Early);
+        assert!(err(&format!("{base}socks_reply = \"late\"\n")).contains("socks_reply"));
+        let waits = NodeConfig::parse(
+            &format!("{base}socks_reply = \"after_connect\"\n"),
+            Path::new("."),
+        )
+        .expect("valid");
+        assert_eq!(waits.socks_reply, SocksReply::AfterConnect);
         for bad in [0, MAX_SOCKS_MAX_CLIENTS + 1] {
             assert!(
                 err(&format!("{base}socks_max_clients = {bad}\n")).contains("socks_max_clients")

@@ -35,8 +35,6 @@ use crate::streams::Flow;
 pub const TOKEN_DEADLINE: Duration = Duration::from_secs(5);
 /// Time to connect to a backend.
 pub const BACKEND_CONNECT_DEADLINE: Duration = Duration::from_secs(5);
-/// Time the next hop has to report its backend connect result to a relay.
-pub const RELAY_STATUS_DEADLINE: Duration = Duration::from_secs(15);
 
 fn reset(send: &mut SendStream, recv: &mut RecvStream, why: &GateRefusal) {
     let _ = send.reset(why.code());
@@ -167,7 +165,7 @@ pub async fn handle(
 }
 
 /// As a relay: open the next hop's stream with our own token, pass the origin's header on,
-/// relay the status byte, then splice the two streams.
+/// then splice the two streams (the next hop's status byte is the first byte relayed back).
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     node: Arc<Shared>,
@@ -189,7 +187,7 @@ async fn forward(
             return;
         }
     };
-    let Ok((mut out_send, mut out_recv)) = out.conn.open_bi().await else {
+    let Ok((mut out_send, out_recv)) = out.conn.open_bi().await else {
         let _ = in_send
             .write_all(&[StreamStatus::HostUnreachable.to_byte()])
             .await;
@@ -229,17 +227,9 @@ async fn forward(
         let _ = in_send.reset(codes::INTERNAL);
         return;
     }
-    let mut status = [0u8; 1];
-    let status =
-        match tokio::time::timeout(RELAY_STATUS_DEADLINE, out_recv.read_exact(&mut status)).await {
-            Ok(Ok(())) => status[0],
-            _ => StreamStatus::NotAllowed.to_byte(),
-        };
-    if in_send.write_all(&[status]).await.is_err() || status != StreamStatus::Connected.to_byte() {
-        let _ = out_send.reset(codes::INTERNAL);
-        let _ = in_send.finish();
-        return;
-    }
+    // No wait for the next hop's status: it is the first byte coming back and passes through
+    // the splice like any other, while the origin's bytes already go on (the next hop buffers
+    // them until its gate admits the stream). A refusal on the way resets the whole chain.
     let relayed = splice_quic(in_send, in_recv, out_send, out_recv, RELAY_WRITE_DEADLINE).await;
     match relayed {
         Ok(()) => {}

@@ -5,7 +5,7 @@
 //! ([`hopmesh_protocol::codes`], as [`codes`] `VarInt`s). The strings are part of the
 //! node's interface (metrics, audit records, `ctl show`): never rename one.
 
-use hopmesh_protocol::control::FlowRefusal;
+use hopmesh_protocol::control::{FlowRefusal, StreamStatus};
 use hopmesh_protocol::enrollment::ReportKind;
 use hopmesh_protocol::hop_token::TokenRefusal;
 use hopmesh_protocol::routing::RouteRefusal;
@@ -131,6 +131,49 @@ impl SocksRefusal {
     /// Whether the refusal is counted (refusals of our own state are audited only).
     pub fn counted(&self) -> bool {
         !matches!(self, Self::SelfNotPermitted(_) | Self::NoRoutes)
+    }
+}
+
+/// Why the far end refused an outbound stream, as the origin learns it: the status byte the
+/// serving node (or a relay) sent instead of "connected", a reset before any status, or no
+/// status within the deadline. With `socks_reply = "early"` the app was already told
+/// "succeeded", so the origin counts and audits these (the app sees a reset connection); with
+/// `after_connect` they become the SOCKS reply and are counted too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteRefusal {
+    /// A status other than "connected".
+    Status(StreamStatus),
+    /// The stream was reset before a status arrived (a gate refusal on the way, generic by
+    /// design, or the connection failed).
+    Reset,
+    /// No status within the deadline.
+    Timeout,
+}
+
+impl RemoteRefusal {
+    /// Stable reason name (counter label, audit `reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Status(StreamStatus::NotAllowed) => "remote_not_allowed",
+            Self::Status(StreamStatus::HostUnreachable) => "remote_backend_unreachable",
+            Self::Status(StreamStatus::ConnectionRefused) => "remote_backend_refused",
+            Self::Status(StreamStatus::TimedOut) => "remote_backend_timeout",
+            Self::Status(StreamStatus::GeneralFailure | StreamStatus::Connected) => {
+                "remote_general_failure"
+            }
+            Self::Reset => "remote_reset",
+            Self::Timeout => "remote_status_timeout",
+        }
+    }
+
+    /// The status this amounts to (the SOCKS reply in `after_connect` mode).
+    pub fn status(&self) -> StreamStatus {
+        match self {
+            Self::Status(s) => *s,
+            // The refusal is generic by design: the origin learns only "not allowed".
+            Self::Reset => StreamStatus::NotAllowed,
+            Self::Timeout => StreamStatus::TimedOut,
+        }
     }
 }
 
@@ -322,6 +365,51 @@ mod tests {
         for (r, reason) in cases {
             assert_eq!(r.reason(), reason);
             assert_eq!(r.code(), VarInt::from_u32(0x4801));
+        }
+    }
+
+    #[test]
+    fn remote_refusals_keep_their_strings_and_statuses() {
+        let cases = [
+            (
+                RemoteRefusal::Status(StreamStatus::NotAllowed),
+                "remote_not_allowed",
+                StreamStatus::NotAllowed,
+            ),
+            (
+                RemoteRefusal::Status(StreamStatus::HostUnreachable),
+                "remote_backend_unreachable",
+                StreamStatus::HostUnreachable,
+            ),
+            (
+                RemoteRefusal::Status(StreamStatus::ConnectionRefused),
+                "remote_backend_refused",
+                StreamStatus::ConnectionRefused,
+            ),
+            (
+                RemoteRefusal::Status(StreamStatus::TimedOut),
+                "remote_backend_timeout",
+                StreamStatus::TimedOut,
+            ),
+            (
+                RemoteRefusal::Status(StreamStatus::GeneralFailure),
+                "remote_general_failure",
+                StreamStatus::GeneralFailure,
+            ),
+            (
+                RemoteRefusal::Reset,
+                "remote_reset",
+                StreamStatus::NotAllowed,
+            ),
+            (
+                RemoteRefusal::Timeout,
+                "remote_status_timeout",
+                StreamStatus::TimedOut,
+            ),
+        ];
+        for (r, reason, status) in cases {
+            assert_eq!(r.reason(), reason, "{r:?}");
+            assert_eq!(r.status(), status, "{r:?}");
         }
     }
 

@@ -1,14 +1,18 @@
 //! The local SOCKS5 endpoint: CONNECT to mesh names only.
 //!
 //! Loopback sources only; 5 s handshake deadline; unknown, disallowed, IP-literal and
-//! non-mesh targets get REP 0x02 with no network action (no DNS, no dial). The reply is sent
-//! only after the serving node reported its backend connect result, so apps see a true code.
+//! non-mesh targets get REP 0x02 with no network action (no DNS, no dial). By default
+//! (`socks_reply = "early"`) the success reply is sent once every local check has passed, and
+//! the app's first bytes follow the token and header: one tunnel round trip per connection. A
+//! refusal by the far end then resets the app's connection and is counted and audited here;
+//! `after_connect` waits for the serving node's backend result and answers with its true code.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hopmesh_protocol::control::{FlowAssertion, StreamHeader, StreamStatus};
+use hopmesh_protocol::control::{FlowAssertion, StreamHeader};
+use hopmesh_protocol::ids::NodeId;
 use hopmesh_protocol::routing::EgressRoute;
 use hopmesh_protocol::secret::ct_eq;
 use hopmesh_protocol::socks5::{
@@ -22,16 +26,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
+use crate::config::SocksReply;
 use crate::counters::Counters;
 use crate::peer::Dial;
-use crate::refusal::{MintRefusal, SocksRefusal};
+use crate::refusal::{MintRefusal, RemoteRefusal, SocksRefusal};
 use crate::shared::Shared;
-use crate::splice::{SpliceEnd, rst, splice};
+use crate::splice::{SpliceEnd, read_status, rst, splice, splice_after_status};
 use crate::state::Mint;
 
 /// Whole SOCKS handshake deadline.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
-/// How long to wait for the serving node's backend connect result.
+/// How long to wait for the serving node's backend connect result (the status byte).
 pub const STATUS_DEADLINE: Duration = Duration::from_secs(15);
 /// Largest handshake message (a request with a 255-byte name is 262 bytes; auth is 513).
 const MAX_HANDSHAKE: usize = 1024;
@@ -363,23 +368,50 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from
         let _ = tcp.write_all(&reply(Reply::HostUnreachable)).await;
         return;
     }
-    let mut status = [0u8; 1];
-    let status = match tokio::time::timeout(STATUS_DEADLINE, recv.read_exact(&mut status)).await {
-        Ok(Ok(())) => StreamStatus::from_byte(status[0]),
-        // A reset stream: the serving node refused the token (generic by design).
-        Ok(Err(_)) => StreamStatus::NotAllowed,
-        Err(_) => StreamStatus::TimedOut,
+    let ended = match node.config.socks_reply {
+        SocksReply::Early => {
+            // Everything this node can know alone has passed: the app may send now, and its
+            // bytes follow the token and header. What only the far end knows comes down as
+            // the first byte of the stream (`splice_after_status`).
+            if tcp.write_all(&reply(Reply::Succeeded)).await.is_err() {
+                let _ = send.reset(codes::INTERNAL);
+                return;
+            }
+            Counters::add(&node.counters.socks_ok, 1);
+            splice_after_status(tcp, send, recv, node.counters.clone(), STATUS_DEADLINE).await
+        }
+        SocksReply::AfterConnect => {
+            if let Err(why) = read_status(&mut recv, STATUS_DEADLINE).await {
+                let _ = tcp.write_all(&reply(why.status().socks_reply())).await;
+                let _ = send.reset(codes::INTERNAL);
+                remote_refused(&node, first_hop, &host, why);
+                return;
+            }
+            if tcp.write_all(&reply(Reply::Succeeded)).await.is_err() {
+                let _ = send.reset(codes::INTERNAL);
+                return;
+            }
+            Counters::add(&node.counters.socks_ok, 1);
+            splice(tcp, send, recv, node.counters.clone()).await
+        }
     };
-    if tcp.write_all(&reply(status.socks_reply())).await.is_err()
-        || status != StreamStatus::Connected
-    {
-        let _ = send.reset(codes::INTERNAL);
-        return;
+    match ended {
+        SpliceEnd::Clean { .. } => {}
+        SpliceEnd::Refused(why) => remote_refused(&node, first_hop, &host, why),
+        SpliceEnd::Reset(e) => tracing::debug!(target = %host, error = %e, "outbound stream reset"),
     }
-    Counters::add(&node.counters.socks_ok, 1);
-    if let SpliceEnd::Reset(e) = splice(tcp, send, recv, node.counters.clone()).await {
-        tracing::debug!(target = %host, error = %e, "outbound stream reset");
-    }
+}
+
+/// Counts and audits a refusal by the far end (aggregated per first hop and reason: a peer
+/// can repeat it at will).
+fn remote_refused(node: &Shared, first_hop: NodeId, host: &str, why: RemoteRefusal) {
+    node.counters.refused(why.reason());
+    node.audit_refusal(
+        "stream_refused_remote",
+        first_hop,
+        why.reason(),
+        fields! {"target" => host, "peer" => first_hop.to_string(), "reason" => why.reason()},
+    );
 }
 
 #[cfg(test)]

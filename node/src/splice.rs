@@ -7,6 +7,7 @@
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -16,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::counters::Counters;
+use crate::refusal::RemoteRefusal;
+use hopmesh_protocol::control::StreamStatus;
 
 /// First read buffer of a direction: small, so an idle or short-lived stream costs little.
 pub const MIN_READ: usize = 16 * 1024;
@@ -92,6 +95,9 @@ pub enum SpliceEnd {
     },
     /// A direction failed; both sides were reset.
     Reset(String),
+    /// The far end refused the stream before its status said "connected" (a splice that
+    /// began before the status, [`splice_after_status`]); both sides were reset.
+    Refused(RemoteRefusal),
 }
 
 /// Splices until both directions end or one fails. TCP → QUIC bytes (from a local app or
@@ -102,20 +108,81 @@ pub async fn splice(
     recv: RecvStream,
     counters: Arc<Counters>,
 ) -> SpliceEnd {
-    splice_until(tcp, send, recv, counters, std::future::pending()).await
+    splice_inner(tcp, send, recv, counters, std::future::pending(), None).await
 }
 
 /// [`splice`], ended early when `stop` resolves: both sides are reset with the code it gives
 /// (a policy change that forbids the stream), never finished cleanly.
 pub async fn splice_until(
     tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+    counters: Arc<Counters>,
+    stop: impl std::future::Future<Output = (VarInt, &'static str)>,
+) -> SpliceEnd {
+    splice_inner(tcp, send, recv, counters, stop, None).await
+}
+
+/// [`splice`] begun before the far end's status byte: the app's bytes go up at once, while the
+/// first byte coming down must be the status, within `deadline`. Anything but "connected", a
+/// reset before it, or no status in time ends the splice as [`SpliceEnd::Refused`], with both
+/// sides reset: the app, told "succeeded" already, sees its connection reset, never a clean
+/// close.
+pub async fn splice_after_status(
+    tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+    counters: Arc<Counters>,
+    deadline: Duration,
+) -> SpliceEnd {
+    splice_inner(
+        tcp,
+        send,
+        recv,
+        counters,
+        std::future::pending(),
+        Some(deadline),
+    )
+    .await
+}
+
+/// Reads the far end's one status byte within `deadline`: `Ok` for "connected".
+pub async fn read_status(recv: &mut RecvStream, deadline: Duration) -> Result<(), RemoteRefusal> {
+    let mut status = [0u8; 1];
+    match tokio::time::timeout(deadline, recv.read_exact(&mut status)).await {
+        Ok(Ok(())) => match StreamStatus::from_byte(status[0]) {
+            StreamStatus::Connected => Ok(()),
+            other => Err(RemoteRefusal::Status(other)),
+        },
+        // A reset stream: a hop refused the token (generic by design), or the stream ended.
+        Ok(Err(_)) => Err(RemoteRefusal::Reset),
+        Err(_) => Err(RemoteRefusal::Timeout),
+    }
+}
+
+/// Why a direction of a splice stopped.
+enum Cut {
+    /// A read or write failed on the TCP side or reading QUIC.
+    Failed(String),
+    /// Writing to QUIC failed: the peer stopped the stream (before the status: a refusal).
+    QuicWrite(String),
+    /// The status said no.
+    Refused(RemoteRefusal),
+}
+
+async fn splice_inner(
+    tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
     counters: Arc<Counters>,
     stop: impl std::future::Future<Output = (VarInt, &'static str)>,
+    status_deadline: Option<Duration>,
 ) -> SpliceEnd {
     let _ = tcp.set_nodelay(true);
     let (mut tr, mut tw) = tcp.into_split();
+    // Set once the status said "connected" (at once when there is none to wait for).
+    // (An atomic only because the future must be `Send`; both users are in this task.)
+    let connected = AtomicBool::new(status_deadline.is_none());
     let result = {
         let up = async {
             // `BytesMut` + `read_buf`: the buffer is never zeroed (a zeroed 64 KiB per
@@ -130,20 +197,27 @@ pub async fn splice_until(
                 let n = tr
                     .read_buf(room)
                     .await
-                    .map_err(|e| format!("tcp read: {e}"))?;
+                    .map_err(|e| Cut::Failed(format!("tcp read: {e}")))?;
                 if n == 0 {
-                    send.finish().map_err(|e| format!("quic finish: {e}"))?;
-                    return Ok::<u64, String>(total);
+                    send.finish()
+                        .map_err(|e| Cut::QuicWrite(format!("quic finish: {e}")))?;
+                    return Ok::<u64, Cut>(total);
                 }
                 buf.filled(n, free);
                 send.write_chunk(buf.take())
                     .await
-                    .map_err(|e| format!("quic write: {e}"))?;
+                    .map_err(|e| Cut::QuicWrite(format!("quic write: {e}")))?;
                 total += n as u64;
                 Counters::add(&counters.bytes_out, n as u64);
             }
         };
         let down = async {
+            if let Some(deadline) = status_deadline {
+                read_status(&mut recv, deadline)
+                    .await
+                    .map_err(Cut::Refused)?;
+                connected.store(true, Ordering::Relaxed);
+            }
             // `read_chunks`: quinn's received bytes as they are, written to TCP with one
             // vectored write per batch (no copy into a buffer of ours).
             let mut chunks: [Bytes; CHUNKS] = Default::default();
@@ -153,27 +227,36 @@ pub async fn splice_until(
                     Ok(None) => {
                         tw.shutdown()
                             .await
-                            .map_err(|e| format!("tcp shutdown: {e}"))?;
-                        return Ok::<u64, String>(total);
+                            .map_err(|e| Cut::Failed(format!("tcp shutdown: {e}")))?;
+                        return Ok::<u64, Cut>(total);
                     }
                     Ok(Some(k)) => {
                         let n = write_all_chunks(&mut tw, &mut chunks[..k])
                             .await
-                            .map_err(|e| format!("tcp write: {e}"))?;
+                            .map_err(|e| Cut::Failed(format!("tcp write: {e}")))?;
                         total += n;
                         Counters::add(&counters.bytes_in, n);
                     }
-                    Err(e) => return Err(format!("quic read: {e}")),
+                    Err(e) => return Err(Cut::Failed(format!("quic read: {e}"))),
                 }
             }
         };
         tokio::pin!(up, down, stop);
         let (mut u, mut d) = (None, None);
         loop {
-            tokio::select! {
-                r = &mut up, if u.is_none() => match r { Ok(n) => u = Some(n), Err(e) => break Err((codes::INTERNAL, e)) },
-                r = &mut down, if d.is_none() => match r { Ok(n) => d = Some(n), Err(e) => break Err((codes::INTERNAL, e)) },
-                (code, why) = &mut stop => break Err((code, format!("stopped: {why}"))),
+            let cut = tokio::select! {
+                r = &mut up, if u.is_none() => match r { Ok(n) => { u = Some(n); None } Err(e) => Some(e) },
+                r = &mut down, if d.is_none() => match r { Ok(n) => { d = Some(n); None } Err(e) => Some(e) },
+                (code, why) = &mut stop => break Err((code, Cut::Failed(format!("stopped: {why}")))),
+            };
+            match cut {
+                // A stream stopped before its status: the far end refused it (its gate resets
+                // both directions; the write side may notice first).
+                Some(Cut::QuicWrite(_)) if !connected.load(Ordering::Relaxed) => {
+                    break Err((codes::INTERNAL, Cut::Refused(RemoteRefusal::Reset)));
+                }
+                Some(cut) => break Err((codes::INTERNAL, cut)),
+                None => {}
             }
             if let (Some(up), Some(down)) = (u, d) {
                 break Ok((up, down));
@@ -186,13 +269,16 @@ pub async fn splice_until(
             let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
             SpliceEnd::Clean { up, down }
         }
-        Err((code, e)) => {
+        Err((code, cut)) => {
             let _ = send.reset(code);
             let _ = recv.stop(code);
             if let Ok(tcp) = tr.reunite(tw) {
                 rst(tcp);
             }
-            SpliceEnd::Reset(e)
+            match cut {
+                Cut::Refused(r) => SpliceEnd::Refused(r),
+                Cut::Failed(e) | Cut::QuicWrite(e) => SpliceEnd::Reset(e),
+            }
         }
     }
 }

@@ -261,6 +261,7 @@ impl Mesh {
             socks_max_clients: hopmesh_node::config::DEFAULT_SOCKS_MAX_CLIENTS,
             metrics: None,
             congestion: Default::default(),
+            socks_reply: Default::default(),
             threads: 1,
             clock_offset: 0,
         };
