@@ -20,6 +20,9 @@ pub mod system {
     pub const HOPMESH_E1: &str = "hopmesh E=1s";
     /// hopmesh with a 60 s epoch.
     pub const HOPMESH_E60: &str = "hopmesh E=60s";
+    /// hopmesh with `socks_reply = "after_connect"` (the SOCKS reply waits for the serving
+    /// node's backend connect result), measured in w2 and w3 against the default early reply.
+    pub const HOPMESH_AFTER_CONNECT: &str = "hopmesh reply-after-connect";
     /// Kernel TCP over the lossy namespace link.
     pub const KERNEL_TCP: &str = "kernel TCP";
 }

@@ -83,6 +83,8 @@ pub struct MeshSpec {
     pub ttl: u64,
     /// The service's backend.
     pub backend: SocketAddr,
+    /// Lines appended to every node's config (`socks_reply = "after_connect"`, say).
+    pub node_extra: String,
 }
 
 /// One running node.
@@ -216,8 +218,9 @@ impl Mesh {
             std::fs::write(
                 &config,
                 format!(
-                    "data_dir = \"{}\"\nverifier = \"{vaddr}\"\nlisten = \"{listen}\"\nadvertise = [\"{listen}\"]\nsocks = \"{socks}\"\n",
+                    "data_dir = \"{}\"\nverifier = \"{vaddr}\"\nlisten = \"{listen}\"\nadvertise = [\"{listen}\"]\nsocks = \"{socks}\"\n{}",
                     data_dir.display(),
+                    spec.node_extra,
                 ),
             )?;
             let proc = Proc::spawn(

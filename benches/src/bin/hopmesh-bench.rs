@@ -68,6 +68,9 @@ enum Cmd {
         /// Hop-token epoch in seconds.
         #[arg(long, default_value_t = 10)]
         epoch: u64,
+        /// The nodes' `socks_reply` (`early` or `after_connect`).
+        #[arg(long, default_value = "early")]
+        socks_reply: String,
     },
     /// Downloads through a SOCKS5 proxy (or directly) and prints MB/s: load for profiling.
     Load {
@@ -305,7 +308,11 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Mesh { bin, epoch } => {
+        Cmd::Mesh {
+            bin,
+            epoch,
+            socks_reply,
+        } => {
             let rt = tokio::runtime::Runtime::new()?;
             hopmesh_benches::procs::stop_children_on_signal(&rt)?;
             let bin = bin_dir(bin)?;
@@ -320,6 +327,7 @@ fn main() -> Result<()> {
                     generation: 300,
                     ttl: 300,
                     backend: backend.addr,
+                    node_extra: format!("socks_reply = {socks_reply:?}\n"),
                 },
             )?;
             let show = |n: &hopmesh_benches::systems::MeshNode| {
@@ -508,6 +516,7 @@ fn run(
         generation: 300,
         ttl: 300,
         backend: backend.addr,
+        node_extra: String::new(),
     };
     let main_mesh = Mesh::start(bin, &work.path().join("mesh"), &mesh_spec(10))?;
     eprintln!("hopmesh mesh up");
@@ -519,6 +528,13 @@ fn run(
 
     let e1 = Mesh::start(bin, &work.path().join("mesh-e1"), &mesh_spec(1))?;
     let e60 = Mesh::start(bin, &work.path().join("mesh-e60"), &mesh_spec(60))?;
+    // The SOCKS reply after the backend connect (one more tunnel round trip), against the
+    // default early reply of the main mesh: w2 and w3.
+    let after_connect = MeshSpec {
+        node_extra: "socks_reply = \"after_connect\"\n".into(),
+        ..mesh_spec(10)
+    };
+    let after_connect = Mesh::start(bin, &work.path().join("mesh-after"), &after_connect)?;
     let ssh = if no_ssh {
         None
     } else {
@@ -560,10 +576,16 @@ fn run(
         },
     ];
 
+    let reply_modes = [Sys {
+        name: sys::HOPMESH_AFTER_CONNECT,
+        via: after_connect.via(),
+        pids: after_connect.data_path_pids(),
+    }];
+
     // Warm-up, not measured: every system moves bytes once before round 1, so no round
     // measures a cold path (first-use page faults, congestion and MTU state still starting).
     eprintln!("warm-up");
-    for s in systems.iter().chain(&rotation) {
+    for s in systems.iter().chain(&rotation).chain(&reply_modes) {
         warm_up(&rt, s, z)?;
     }
     for round in 0..rounds {
@@ -572,11 +594,18 @@ fn run(
         for i in order(systems.len()).filter(|_| on("w1")) {
             w1(&rt, &systems[i], z, ticks, "w1", "MB/s", &mut r)?;
         }
-        for i in order(systems.len()).filter(|_| on("w2")) {
-            w2(&rt, &systems[i], z, &mut r)?;
+        // The reply modes interleave with the other systems (second in even rounds, last in
+        // odd ones).
+        let with_modes: Vec<&Sys> = {
+            let mut v: Vec<&Sys> = order(systems.len()).map(|i| &systems[i]).collect();
+            v.insert(if round % 2 == 0 { 1 } else { v.len() }, &reply_modes[0]);
+            v
+        };
+        for s in with_modes.iter().filter(|_| on("w2")) {
+            w2(&rt, s, z, &mut r)?;
         }
-        for i in order(systems.len()).filter(|_| on("w3")) {
-            w3(&rt, &systems[i], z, "w3", "req/s", &mut r)?;
+        for s in with_modes.iter().filter(|_| on("w3")) {
+            w3(&rt, s, z, "w3", "req/s", &mut r)?;
         }
         for i in order(systems.len()).filter(|_| on("w4")) {
             w4(&rt, &systems[i], z, ticks, &mut r)?;
@@ -599,9 +628,9 @@ fn run(
             rss_bytes(n.proc.pid())? as f64 / (1 << 20) as f64,
         );
     }
-    check_no_refusals(&rt, &[&main_mesh, &e1, &e60])?;
+    check_no_refusals(&rt, &[&main_mesh, &e1, &e60, &after_connect])?;
     drop(ssh);
-    drop((e1, e60, main_mesh));
+    drop((e1, e60, after_connect, main_mesh));
 
     for &n in scale {
         eprintln!("scale: {n} nodes");
@@ -859,6 +888,7 @@ fn workload8(
             generation: 300,
             ttl,
             backend,
+            node_extra: String::new(),
         },
     )?;
     // Steady state: CPU of the verifier over a window of two refresh periods.
