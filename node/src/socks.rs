@@ -22,7 +22,7 @@ use hopmesh_protocol::socks5::{
 use hopmesh_protocol::wire::BoundedVec;
 use hopmesh_transport::fields;
 use hopmesh_transport::quic::codes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
@@ -151,9 +151,43 @@ pub fn credentials_match(user: &[u8], pass: &[u8], want_user: &str, want_pass: &
     ct_eq(user, want_user.as_bytes()) & ct_eq(pass, want_pass.as_bytes())
 }
 
-/// Reads until `parse` has a whole message or fails; `Ok(None)` on EOF.
-async fn read_msg<T>(
-    tcp: &mut TcpStream,
+/// A SOCKS client's socket with our answers not yet written. An answer waits while the
+/// client's next message has already arrived, and goes out before any read that must wait:
+/// a client that sends its greeting and request together gets the method selection and the
+/// reply in one write (one wake-up of the client instead of two); any other client sees
+/// exactly the exchange RFC 1928 describes.
+struct SocksConn<S = TcpStream> {
+    tcp: S,
+    out: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SocksConn<S> {
+    /// Holds `bytes` until the next flush.
+    fn queue(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    /// Writes what is held.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = self.tcp.write_all(&self.out).await;
+        self.out.clear();
+        written
+    }
+
+    /// Writes what is held, then `bytes`, in one write.
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.queue(bytes);
+        self.flush().await
+    }
+}
+
+/// Reads until `parse` has a whole message or fails; `Ok(None)` on EOF. Held answers are
+/// written before a read that has to wait for the client.
+async fn read_msg<T, S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut SocksConn<S>,
     buf: &mut Vec<u8>,
     parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, SocksError>,
 ) -> Result<Option<T>, SocksError> {
@@ -165,8 +199,11 @@ async fn read_msg<T>(
         if buf.len() >= MAX_HANDSHAKE {
             return Err(SocksError::WrongVersion(0));
         }
+        if conn.flush().await.is_err() {
+            return Ok(None);
+        }
         let mut chunk = [0u8; 512];
-        let n = tcp.read(&mut chunk).await.unwrap_or(0);
+        let n = conn.tcp.read(&mut chunk).await.unwrap_or(0);
         if n == 0 {
             return Ok(None);
         }
@@ -174,85 +211,83 @@ async fn read_msg<T>(
     }
 }
 
-async fn answer(tcp: &mut TcpStream, resp: SocksResponse) {
+async fn answer(conn: &mut SocksConn, resp: SocksResponse) {
     let bytes = match resp {
-        SocksResponse::Close => return,
+        SocksResponse::Close => Vec::new(),
         SocksResponse::NoAcceptableMethod => {
             encode_method_selection(method::NO_ACCEPTABLE).to_vec()
         }
         SocksResponse::AuthFailure => encode_userpass_status(false).to_vec(),
         SocksResponse::Reply(r) => encode_reply(r, None),
     };
-    let _ = tcp.write_all(&bytes).await;
+    let _ = conn.send(&bytes).await;
 }
 
 /// The outcome of the handshake.
 enum Handshake {
-    /// CONNECT to this host.
+    /// CONNECT to this host (answers may still be held in the connection).
     Connect(String),
     /// Already answered (or closed); stop.
     Done,
 }
 
-async fn handshake(node: &Shared, tcp: &mut TcpStream) -> Handshake {
+async fn handshake(node: &Shared, conn: &mut SocksConn) -> Handshake {
     let mut buf = Vec::new();
-    let greeting = match read_msg(tcp, &mut buf, socks5::parse_greeting).await {
+    let greeting = match read_msg(conn, &mut buf, socks5::parse_greeting).await {
         Ok(Some(g)) => g,
         Ok(None) => return Handshake::Done,
         Err(e) => {
             node.counters.refused(e.reason());
-            answer(tcp, e.response()).await;
+            answer(conn, e.response()).await;
             return Handshake::Done;
         }
     };
     let auth = node.config.socks_auth.clone();
     let chosen = greeting.choose(auth.is_some());
-    if tcp
-        .write_all(&encode_method_selection(chosen))
-        .await
-        .is_err()
-        || chosen == method::NO_ACCEPTABLE
-    {
+    if chosen == method::NO_ACCEPTABLE {
+        let _ = conn.send(&encode_method_selection(chosen)).await;
         node.counters
             .refused(SocksRefusal::NoAcceptableMethod.reason());
         return Handshake::Done;
     }
+    conn.queue(&encode_method_selection(chosen));
     if let Some((user, pass)) = auth {
-        let creds = match read_msg(tcp, &mut buf, socks5::parse_userpass).await {
+        let creds = match read_msg(conn, &mut buf, socks5::parse_userpass).await {
             Ok(Some(c)) => c,
             Ok(None) => return Handshake::Done,
             Err(e) => {
-                answer(tcp, e.response()).await;
+                answer(conn, e.response()).await;
                 return Handshake::Done;
             }
         };
         let ok = credentials_match(&creds.username, &creds.password, &user, &pass);
-        let _ = tcp.write_all(&encode_userpass_status(ok)).await;
         if !ok {
+            let _ = conn.send(&encode_userpass_status(false)).await;
             node.counters.refused(SocksRefusal::AuthFailed.reason());
             node.audit("socks_auth_failed", fields! {});
             return Handshake::Done;
         }
+        conn.queue(&encode_userpass_status(true));
     }
-    let req = match read_msg(tcp, &mut buf, socks5::parse_request).await {
+    let req = match read_msg(conn, &mut buf, socks5::parse_request).await {
         Ok(Some(r)) => r,
         Ok(None) => return Handshake::Done,
         Err(e) => {
             node.counters.refused(e.reason());
-            answer(tcp, e.response()).await;
+            answer(conn, e.response()).await;
             return Handshake::Done;
         }
     };
     if req.command != Command::Connect {
         node.counters
             .refused(SocksRefusal::CommandNotSupported.reason());
-        answer(tcp, SocksResponse::Reply(Reply::CommandNotSupported)).await;
+        answer(conn, SocksResponse::Reply(Reply::CommandNotSupported)).await;
         return Handshake::Done;
     }
     if !buf.is_empty() {
         // Data before our reply: the client did not wait for the handshake.
         node.counters.refused(SocksRefusal::PipelinedData.reason());
-        answer(tcp, SocksResponse::Reply(Reply::GeneralFailure)).await;
+        answer(conn, SocksResponse::Reply(Reply::GeneralFailure)).await;
         return Handshake::Done;
     }
     Handshake::Connect(req.target.host())
@@ -285,7 +320,7 @@ fn stream_header(node: &Shared, route: &EgressRoute) -> Option<Vec<u8>> {
     .ok()
 }
 
-async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from: SocketAddr) {
+async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, tcp: TcpStream, from: SocketAddr) {
     if !from.ip().is_loopback() {
         let why = SocksRefusal::NonLoopbackSource;
         node.counters.refused(why.reason());
@@ -296,6 +331,10 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from
         return rst(tcp);
     }
     let _ = tcp.set_nodelay(true);
+    let mut tcp = SocksConn {
+        tcp,
+        out: Vec::new(),
+    };
     let host = match tokio::time::timeout(HANDSHAKE_DEADLINE, handshake(&node, &mut tcp)).await {
         Ok(Handshake::Connect(h)) => h,
         Ok(Handshake::Done) => return,
@@ -318,7 +357,7 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from
                 "socks_refused",
                 fields! {"target" => host.as_str(), "reason" => why.audit_text()},
             );
-            let _ = tcp.write_all(&reply(Reply::NotAllowed)).await;
+            let _ = tcp.send(&reply(Reply::NotAllowed)).await;
             return;
         }
     };
@@ -330,12 +369,12 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from
             node.counters
                 .refused(SocksRefusal::PeerUnreachable.reason());
             tracing::debug!(target = %host, error = %e, "no connection to the serving node");
-            let _ = tcp.write_all(&reply(Reply::HostUnreachable)).await;
+            let _ = tcp.send(&reply(Reply::HostUnreachable)).await;
             return;
         }
     };
     let Ok((mut send, mut recv)) = pc.conn.open_bi().await else {
-        let _ = tcp.write_all(&reply(Reply::HostUnreachable)).await;
+        let _ = tcp.send(&reply(Reply::HostUnreachable)).await;
         return;
     };
     let minted = stream_header(&node, &route)
@@ -359,13 +398,13 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from
         Err(why) => {
             node.counters.refused(SocksRefusal::Mint(why).reason());
             let _ = send.reset(codes::INTERNAL);
-            let _ = tcp.write_all(&reply(Reply::NotAllowed)).await;
+            let _ = tcp.send(&reply(Reply::NotAllowed)).await;
             return;
         }
     };
     Counters::add(&node.counters.streams_opened, 1);
     if send.write_all(&first).await.is_err() {
-        let _ = tcp.write_all(&reply(Reply::HostUnreachable)).await;
+        let _ = tcp.send(&reply(Reply::HostUnreachable)).await;
         return;
     }
     let ended = match node.config.socks_reply {
@@ -373,26 +412,26 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, mut tcp: TcpStream, from
             // Everything this node can know alone has passed: the app may send now, and its
             // bytes follow the token and header. What only the far end knows comes down as
             // the first byte of the stream (`splice_after_status`).
-            if tcp.write_all(&reply(Reply::Succeeded)).await.is_err() {
+            if tcp.send(&reply(Reply::Succeeded)).await.is_err() {
                 let _ = send.reset(codes::INTERNAL);
                 return;
             }
             Counters::add(&node.counters.socks_ok, 1);
-            splice_after_status(tcp, send, recv, node.counters.clone(), STATUS_DEADLINE).await
+            splice_after_status(tcp.tcp, send, recv, node.counters.clone(), STATUS_DEADLINE).await
         }
         SocksReply::AfterConnect => {
             if let Err(why) = read_status(&mut recv, STATUS_DEADLINE).await {
-                let _ = tcp.write_all(&reply(why.status().socks_reply())).await;
+                let _ = tcp.send(&reply(why.status().socks_reply())).await;
                 let _ = send.reset(codes::INTERNAL);
                 remote_refused(&node, first_hop, &host, why);
                 return;
             }
-            if tcp.write_all(&reply(Reply::Succeeded)).await.is_err() {
+            if tcp.send(&reply(Reply::Succeeded)).await.is_err() {
                 let _ = send.reset(codes::INTERNAL);
                 return;
             }
             Counters::add(&node.counters.socks_ok, 1);
-            splice(tcp, send, recv, node.counters.clone()).await
+            splice(tcp.tcp, send, recv, node.counters.clone()).await
         }
     };
     match ended {
@@ -425,6 +464,103 @@ mod tests {
         assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
         b.succeeded();
         assert_eq!(b.failed(), ACCEPT_BACKOFF_MIN);
+    }
+
+    /// A client socket that hands out scripted reads and logs every read and write.
+    struct Scripted {
+        reads: std::collections::VecDeque<Vec<u8>>,
+        log: Vec<String>,
+    }
+
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let me = self.get_mut();
+            if let Some(chunk) = me.reads.pop_front() {
+                me.log.push(format!("read {}", chunk.len()));
+                buf.put_slice(&chunk);
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Scripted {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.get_mut().log.push(format!("write {}", buf.len()));
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Greeting, then request, then our reply, with the client's bytes in `reads`.
+    async fn exchange(reads: Vec<Vec<u8>>) -> Vec<String> {
+        let mut conn = SocksConn {
+            tcp: Scripted {
+                reads: reads.into(),
+                log: Vec::new(),
+            },
+            out: Vec::new(),
+        };
+        let mut buf = Vec::new();
+        read_msg(&mut conn, &mut buf, socks5::parse_greeting)
+            .await
+            .expect("greeting")
+            .expect("not EOF");
+        conn.queue(&encode_method_selection(method::NO_AUTH));
+        read_msg(&mut conn, &mut buf, socks5::parse_request)
+            .await
+            .expect("request")
+            .expect("not EOF");
+        conn.send(&encode_reply(Reply::Succeeded, None))
+            .await
+            .expect("reply");
+        conn.tcp.log
+    }
+
+    fn greeting_and_request() -> (Vec<u8>, Vec<u8>) {
+        let greeting = socks5::encode_greeting(&[method::NO_AUTH]);
+        let request = socks5::encode_request(&socks5::Request {
+            command: Command::Connect,
+            target: socks5::TargetAddr::Domain("api.s1.mesh".into()),
+            port: 80,
+        });
+        (greeting, request)
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_greeting_gets_method_and_reply_in_one_write() {
+        let (greeting, request) = greeting_and_request();
+        let log = exchange(vec![[greeting, request].concat()]).await;
+        assert_eq!(
+            log,
+            ["read 21", "write 12"],
+            "method selection (2) + reply (10)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_waits_gets_the_method_selection_before_the_next_read() {
+        let (greeting, request) = greeting_and_request();
+        let log = exchange(vec![greeting, request]).await;
+        assert_eq!(log, ["read 3", "write 2", "read 18", "write 10"]);
     }
 
     #[test]
