@@ -30,6 +30,10 @@ pub struct Counters {
     pub streams_opened: AtomicU64,
     /// SOCKS connections that got success.
     pub socks_ok: AtomicU64,
+    /// Outbound streams whose token and header left alone: the app sent nothing within
+    /// [`crate::splice::FIRST_BYTES_WAIT`] of the early SOCKS reply (a server-speaks-first
+    /// protocol, or a busy app), so they did not share a packet with its first bytes.
+    pub header_sent_alone: AtomicU64,
     /// Bytes from apps into the mesh.
     pub bytes_out: AtomicU64,
     /// Bytes from the mesh to apps or backends.
@@ -57,6 +61,7 @@ impl Default for Counters {
             streams_accepted: AtomicU64::default(),
             streams_opened: AtomicU64::default(),
             socks_ok: AtomicU64::default(),
+            header_sent_alone: AtomicU64::default(),
             bytes_out: AtomicU64::default(),
             bytes_in: AtomicU64::default(),
             audit_aggregated: AtomicU64::default(),
@@ -92,6 +97,8 @@ pub struct CountersView {
     pub streams_opened: u64,
     /// SOCKS successes.
     pub socks_ok: u64,
+    /// See [`Counters::header_sent_alone`].
+    pub header_sent_alone: u64,
     /// Bytes out.
     pub bytes_out: u64,
     /// Bytes in.
@@ -140,6 +147,11 @@ impl Counters {
                 "socks_ok",
                 "SOCKS requests answered with success",
                 v.socks_ok,
+            ),
+            (
+                "header_sent_alone",
+                "Outbound streams whose token and header left without the app's first bytes (none came within the wait)",
+                v.header_sent_alone,
             ),
             (
                 "bytes_out",
@@ -223,6 +235,7 @@ impl Counters {
             streams_accepted: self.streams_accepted.load(Ordering::Relaxed),
             streams_opened: self.streams_opened.load(Ordering::Relaxed),
             socks_ok: self.socks_ok.load(Ordering::Relaxed),
+            header_sent_alone: self.header_sent_alone.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             audit_aggregated: self.audit_aggregated.load(Ordering::Relaxed),

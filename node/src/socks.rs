@@ -403,23 +403,24 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, tcp: TcpStream, from: So
         }
     };
     Counters::add(&node.counters.streams_opened, 1);
-    if send.write_all(&first).await.is_err() {
-        let _ = tcp.send(&reply(Reply::HostUnreachable)).await;
-        return;
-    }
     let ended = match node.config.socks_reply {
         SocksReply::Early => {
-            // Everything this node can know alone has passed: the app may send now, and its
-            // bytes follow the token and header. What only the far end knows comes down as
-            // the first byte of the stream (`splice_after_status`).
+            // Everything this node can know alone has passed: the app may send now, and the
+            // token and header leave with its first bytes. What only the far end knows comes
+            // down as the first byte of the stream (`splice_after_status`).
             if tcp.send(&reply(Reply::Succeeded)).await.is_err() {
                 let _ = send.reset(codes::INTERNAL);
                 return;
             }
             Counters::add(&node.counters.socks_ok, 1);
-            splice_after_status(tcp.tcp, send, recv, node.counters.clone(), STATUS_DEADLINE).await
+            let counters = node.counters.clone();
+            splice_after_status(tcp.tcp, send, recv, counters, first.into(), STATUS_DEADLINE).await
         }
         SocksReply::AfterConnect => {
+            if send.write_all(&first).await.is_err() {
+                let _ = tcp.send(&reply(Reply::HostUnreachable)).await;
+                return;
+            }
             if let Err(why) = read_status(&mut recv, STATUS_DEADLINE).await {
                 let _ = tcp.send(&reply(why.status().socks_reply())).await;
                 let _ = send.reset(codes::INTERNAL);

@@ -108,7 +108,16 @@ pub async fn splice(
     recv: RecvStream,
     counters: Arc<Counters>,
 ) -> SpliceEnd {
-    splice_inner(tcp, send, recv, counters, std::future::pending(), None).await
+    splice_inner(
+        tcp,
+        send,
+        recv,
+        counters,
+        std::future::pending(),
+        None,
+        None,
+    )
+    .await
 }
 
 /// [`splice`], ended early when `stop` resolves: both sides are reset with the code it gives
@@ -120,19 +129,27 @@ pub async fn splice_until(
     counters: Arc<Counters>,
     stop: impl std::future::Future<Output = (VarInt, &'static str)>,
 ) -> SpliceEnd {
-    splice_inner(tcp, send, recv, counters, stop, None).await
+    splice_inner(tcp, send, recv, counters, stop, None, None).await
 }
 
-/// [`splice`] begun before the far end's status byte: the app's bytes go up at once, while the
-/// first byte coming down must be the status, within `deadline`. Anything but "connected", a
-/// reset before it, or no status in time ends the splice as [`SpliceEnd::Refused`], with both
-/// sides reset: the app, told "succeeded" already, sees its connection reset, never a clean
-/// close.
+/// How long the token and header wait for the app's first bytes after an early SOCKS reply,
+/// to leave in one packet with them. An app that speaks first (HTTP, TLS, gRPC) answers the
+/// reply within microseconds on the same host; a server-speaks-first protocol pays this once
+/// per connection (counted: `header_sent_alone`).
+pub const FIRST_BYTES_WAIT: Duration = Duration::from_millis(1);
+
+/// [`splice`] begun before the far end's status byte, with `head` (our token and header) still
+/// to send: it goes out with the app's first bytes, or alone after [`FIRST_BYTES_WAIT`]. The
+/// app's bytes then go up at once, while the first byte coming down must be the status, within
+/// `deadline`. Anything but "connected", a reset before it, or no status in time ends the
+/// splice as [`SpliceEnd::Refused`], with both sides reset: the app, told "succeeded" already,
+/// sees its connection reset, never a clean close.
 pub async fn splice_after_status(
     tcp: TcpStream,
     send: SendStream,
     recv: RecvStream,
     counters: Arc<Counters>,
+    head: Bytes,
     deadline: Duration,
 ) -> SpliceEnd {
     splice_inner(
@@ -141,6 +158,7 @@ pub async fn splice_after_status(
         recv,
         counters,
         std::future::pending(),
+        Some(head),
         Some(deadline),
     )
     .await
@@ -176,9 +194,10 @@ async fn splice_inner(
     mut recv: RecvStream,
     counters: Arc<Counters>,
     stop: impl std::future::Future<Output = (VarInt, &'static str)>,
+    head: Option<Bytes>,
     status_deadline: Option<Duration>,
 ) -> SpliceEnd {
-    let _ = tcp.set_nodelay(true);
+    // (The callers set TCP_NODELAY when they accept or connect the socket.)
     let (mut tr, mut tw) = tcp.into_split();
     // Set once the status said "connected" (at once when there is none to wait for).
     // (An atomic only because the future must be `Send`; both users are in this task.)
@@ -191,6 +210,32 @@ async fn splice_inner(
             // was 8 % of the sending node's CPU in a 1 GiB transfer).
             let mut buf = ReadBuf::default();
             let mut total = 0u64;
+            if let Some(head) = head {
+                // Both chunks are queued before quinn's connection task runs: one packet.
+                let room = buf.room();
+                let free = room.capacity();
+                let first = tokio::time::timeout(FIRST_BYTES_WAIT, tr.read_buf(room)).await;
+                send.write_chunk(head)
+                    .await
+                    .map_err(|e| Cut::QuicWrite(format!("quic write: {e}")))?;
+                match first {
+                    Err(_) => Counters::add(&counters.header_sent_alone, 1),
+                    Ok(Err(e)) => return Err(Cut::Failed(format!("tcp read: {e}"))),
+                    Ok(Ok(0)) => {
+                        send.finish()
+                            .map_err(|e| Cut::QuicWrite(format!("quic finish: {e}")))?;
+                        return Ok(0);
+                    }
+                    Ok(Ok(n)) => {
+                        buf.filled(n, free);
+                        send.write_chunk(buf.take())
+                            .await
+                            .map_err(|e| Cut::QuicWrite(format!("quic write: {e}")))?;
+                        total += n as u64;
+                        Counters::add(&counters.bytes_out, n as u64);
+                    }
+                }
+            }
             loop {
                 let room = buf.room();
                 let free = room.capacity();
