@@ -34,6 +34,10 @@ pub struct Counters {
     /// [`crate::splice::FIRST_BYTES_WAIT`] of the early SOCKS reply (a server-speaks-first
     /// protocol, or a busy app), so they did not share a packet with its first bytes.
     pub header_sent_alone: AtomicU64,
+    /// Inbound streams whose "connected" status left alone: the origin had sent its app's
+    /// bytes behind the header, but the backend sent nothing within
+    /// [`crate::splice::STATUS_WAIT`] to share a packet with.
+    pub status_sent_alone: AtomicU64,
     /// Bytes from apps into the mesh.
     pub bytes_out: AtomicU64,
     /// Bytes from the mesh to apps or backends.
@@ -62,6 +66,7 @@ impl Default for Counters {
             streams_opened: AtomicU64::default(),
             socks_ok: AtomicU64::default(),
             header_sent_alone: AtomicU64::default(),
+            status_sent_alone: AtomicU64::default(),
             bytes_out: AtomicU64::default(),
             bytes_in: AtomicU64::default(),
             audit_aggregated: AtomicU64::default(),
@@ -99,6 +104,8 @@ pub struct CountersView {
     pub socks_ok: u64,
     /// See [`Counters::header_sent_alone`].
     pub header_sent_alone: u64,
+    /// See [`Counters::status_sent_alone`].
+    pub status_sent_alone: u64,
     /// Bytes out.
     pub bytes_out: u64,
     /// Bytes in.
@@ -152,6 +159,11 @@ impl Counters {
                 "header_sent_alone",
                 "Outbound streams whose token and header left without the app's first bytes (none came within the wait)",
                 v.header_sent_alone,
+            ),
+            (
+                "status_sent_alone",
+                "Inbound streams whose connected status left without the backend's first bytes (none came within the wait)",
+                v.status_sent_alone,
             ),
             (
                 "bytes_out",
@@ -236,6 +248,7 @@ impl Counters {
             streams_opened: self.streams_opened.load(Ordering::Relaxed),
             socks_ok: self.socks_ok.load(Ordering::Relaxed),
             header_sent_alone: self.header_sent_alone.load(Ordering::Relaxed),
+            status_sent_alone: self.status_sent_alone.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             audit_aggregated: self.audit_aggregated.load(Ordering::Relaxed),

@@ -27,7 +27,9 @@ use crate::counters::Counters;
 use crate::peer::{Dial, PeerConn};
 use crate::refusal::{CloseReason, GateRefusal};
 use crate::shared::Shared;
-use crate::splice::{RELAY_WRITE_DEADLINE, RelayError, SpliceEnd, splice_quic, splice_until};
+use crate::splice::{
+    RELAY_WRITE_DEADLINE, RelayError, SpliceEnd, splice_quic, splice_serving_early, splice_until,
+};
 use crate::state::{Admitted, ConnectionContext, Mint};
 use crate::streams::Flow;
 
@@ -141,14 +143,23 @@ pub async fn handle(
     };
     Counters::add(&node.counters.streams_accepted, 1);
     let (status, tcp) = connect_backend(&node, &serve).await;
-    if send.write_all(&[status.to_byte()]).await.is_err() {
-        return;
-    }
     let Some(tcp) = tcp else {
         node.counters.refused("backend_unreachable");
+        let _ = send.write_all(&[status.to_byte()]).await;
         let _ = send.finish();
         return;
     };
+    // App bytes already behind the header: the origin answered its app early and is not
+    // waiting for our status, so the status may wait (briefly) for the backend's first bytes.
+    // An origin that waits for the status (`after_connect`) never sends before it.
+    let early = match tokio::time::timeout(Duration::ZERO, recv.read_chunk(usize::MAX, true)).await
+    {
+        Ok(Ok(Some(chunk))) => Some(chunk.bytes),
+        _ => None,
+    };
+    if early.is_none() && send.write_all(&[status.to_byte()]).await.is_err() {
+        return;
+    }
     // Tracked while it is served: a policy change that forbids it ends it (the watchdog).
     let mut ticket = node.streams.track(Flow {
         peer: pc.peer,
@@ -159,7 +170,12 @@ pub async fn handle(
         let why = ticket.stopped().await;
         (why.code(), why.reason())
     };
-    if let SpliceEnd::Reset(e) = splice_until(tcp, send, recv, node.counters.clone(), stop).await {
+    let counters = node.counters.clone();
+    let ended = match early {
+        Some(early) => splice_serving_early(tcp, send, recv, counters, early, stop).await,
+        None => splice_until(tcp, send, recv, counters, stop).await,
+    };
+    if let SpliceEnd::Reset(e) = ended {
         tracing::debug!(peer = %pc.peer.short(), error = %e, "inbound stream reset");
     }
 }

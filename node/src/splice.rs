@@ -114,8 +114,7 @@ pub async fn splice(
         recv,
         counters,
         std::future::pending(),
-        None,
-        None,
+        Opening::default(),
     )
     .await
 }
@@ -129,7 +128,68 @@ pub async fn splice_until(
     counters: Arc<Counters>,
     stop: impl std::future::Future<Output = (VarInt, &'static str)>,
 ) -> SpliceEnd {
-    splice_inner(tcp, send, recv, counters, stop, None, None).await
+    splice_inner(tcp, send, recv, counters, stop, Opening::default()).await
+}
+
+/// How long the serving node holds its "connected" status byte for the backend's first bytes
+/// when the origin already sent the app's bytes behind its header (an early SOCKS reply: the
+/// origin is not waiting for the status to let its app send), so both leave in one packet. A
+/// backend that is slower to answer gets the status sent alone (counted `status_sent_alone`):
+/// the origin's `STATUS_DEADLINE` never comes near.
+pub const STATUS_WAIT: Duration = Duration::from_millis(1);
+
+/// The serving node's [`splice_until`] for a stream whose origin sent `early` (the app's first
+/// bytes, already read from the stream) behind its header: they go to the backend first, and
+/// the "connected" status byte leaves with the backend's first bytes (or alone after
+/// [`STATUS_WAIT`]). The bytes on the stream are the same as with [`splice_until`] after the
+/// status was written; only the packets differ.
+pub async fn splice_serving_early(
+    tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+    counters: Arc<Counters>,
+    early: Bytes,
+    stop: impl std::future::Future<Output = (VarInt, &'static str)>,
+) -> SpliceEnd {
+    let opening = Opening {
+        up_head: Some(UpHead {
+            bytes: Bytes::from_static(&[0]),
+            wait: STATUS_WAIT,
+            kind: HeadKind::Status,
+        }),
+        down_head: Some(early),
+        status_deadline: None,
+    };
+    debug_assert_eq!(StreamStatus::Connected.to_byte(), 0);
+    splice_inner(tcp, send, recv, counters, stop, opening).await
+}
+
+/// What goes first in each direction of a splice.
+#[derive(Default)]
+struct Opening {
+    /// Bytes for the stream before any from TCP: they leave with TCP's first bytes, or alone
+    /// after the wait.
+    up_head: Option<UpHead>,
+    /// Bytes already read from the stream, for TCP before any others.
+    down_head: Option<Bytes>,
+    /// The first byte coming down is the far end's status, due within this.
+    status_deadline: Option<Duration>,
+}
+
+/// See [`Opening::up_head`].
+struct UpHead {
+    bytes: Bytes,
+    wait: Duration,
+    kind: HeadKind,
+}
+
+/// What an [`UpHead`] is (which counter a lonely one counts in).
+#[derive(Clone, Copy)]
+enum HeadKind {
+    /// The origin's token and header: `header_sent_alone`.
+    Header,
+    /// The serving node's status byte: `status_sent_alone`.
+    Status,
 }
 
 /// How long the token and header wait for the app's first bytes after an early SOCKS reply,
@@ -152,16 +212,16 @@ pub async fn splice_after_status(
     head: Bytes,
     deadline: Duration,
 ) -> SpliceEnd {
-    splice_inner(
-        tcp,
-        send,
-        recv,
-        counters,
-        std::future::pending(),
-        Some(head),
-        Some(deadline),
-    )
-    .await
+    let opening = Opening {
+        up_head: Some(UpHead {
+            bytes: head,
+            wait: FIRST_BYTES_WAIT,
+            kind: HeadKind::Header,
+        }),
+        down_head: None,
+        status_deadline: Some(deadline),
+    };
+    splice_inner(tcp, send, recv, counters, std::future::pending(), opening).await
 }
 
 /// Reads the far end's one status byte within `deadline`: `Ok` for "connected".
@@ -194,9 +254,13 @@ async fn splice_inner(
     mut recv: RecvStream,
     counters: Arc<Counters>,
     stop: impl std::future::Future<Output = (VarInt, &'static str)>,
-    head: Option<Bytes>,
-    status_deadline: Option<Duration>,
+    opening: Opening,
 ) -> SpliceEnd {
+    let Opening {
+        up_head,
+        down_head,
+        status_deadline,
+    } = opening;
     // (The callers set TCP_NODELAY when they accept or connect the socket.)
     let (mut tr, mut tw) = tcp.into_split();
     // Set once the status said "connected" (at once when there is none to wait for).
@@ -210,16 +274,22 @@ async fn splice_inner(
             // was 8 % of the sending node's CPU in a 1 GiB transfer).
             let mut buf = ReadBuf::default();
             let mut total = 0u64;
-            if let Some(head) = head {
+            if let Some(head) = up_head {
                 // Both chunks are queued before quinn's connection task runs: one packet.
                 let room = buf.room();
                 let free = room.capacity();
-                let first = tokio::time::timeout(FIRST_BYTES_WAIT, tr.read_buf(room)).await;
-                send.write_chunk(head)
+                let first = tokio::time::timeout(head.wait, tr.read_buf(room)).await;
+                send.write_chunk(head.bytes)
                     .await
                     .map_err(|e| Cut::QuicWrite(format!("quic write: {e}")))?;
                 match first {
-                    Err(_) => Counters::add(&counters.header_sent_alone, 1),
+                    Err(_) => Counters::add(
+                        match head.kind {
+                            HeadKind::Header => &counters.header_sent_alone,
+                            HeadKind::Status => &counters.status_sent_alone,
+                        },
+                        1,
+                    ),
                     Ok(Err(e)) => return Err(Cut::Failed(format!("tcp read: {e}"))),
                     Ok(Ok(0)) => {
                         send.finish()
@@ -267,6 +337,15 @@ async fn splice_inner(
             // vectored write per batch (no copy into a buffer of ours).
             let mut chunks: [Bytes; CHUNKS] = Default::default();
             let mut total = 0u64;
+            if let Some(early) = down_head {
+                let n = early.len() as u64;
+                chunks[0] = early;
+                write_all_chunks(&mut tw, &mut chunks[..1])
+                    .await
+                    .map_err(|e| Cut::Failed(format!("tcp write: {e}")))?;
+                total += n;
+                Counters::add(&counters.bytes_in, n);
+            }
             loop {
                 match recv.read_chunks(&mut chunks).await {
                     Ok(None) => {

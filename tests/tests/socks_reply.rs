@@ -3,7 +3,8 @@
 //! `early` (the default) answers once every local check passed; a refusal only the serving
 //! node can know (here: its backend refuses the connection) then resets the app's connection,
 //! never a clean close, and is counted and audited at the origin. `after_connect` answers with
-//! the serving node's true result instead.
+//! the serving node's true result instead. The serving node's status byte rides with the
+//! backend's first bytes when the app's bytes came behind the header (`STATUS_WAIT`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +26,49 @@ fn dead_service() -> String {
 }
 
 async fn mesh(reply: SocksReply) -> Mesh {
-    Mesh::start_configured(Settings::default(), &dead_service(), &[], move |_, c| {
+    mesh_with(reply, "").await
+}
+
+async fn mesh_with(reply: SocksReply, more_policy: &str) -> Mesh {
+    let policy = format!("{}{more_policy}", dead_service());
+    Mesh::start_configured(Settings::default(), &policy, &[], move |_, c| {
         c.socks_reply = reply;
     })
     .await
+}
+
+fn counter(mesh: &Mesh, node: &str, name: &str) -> u64 {
+    mesh.node(node).show()["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{node}: no counter {name}"))
+}
+
+/// A backend that reads a request, answers `SLOW_ANSWER` after `SLOW_DELAY` (far beyond
+/// `STATUS_WAIT`) and closes; it serves `conns` connections and then stops.
+const SLOW_ANSWER: &[u8] = b"late answer";
+const SLOW_DELAY: Duration = Duration::from_millis(150);
+
+async fn slow_backend(conns: usize) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        for _ in 0..conns {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 64];
+            let _ = tcp.read(&mut buf).await;
+            tokio::time::sleep(SLOW_DELAY).await;
+            let _ = tcp.write_all(SLOW_ANSWER).await;
+            let _ = tcp.shutdown().await;
+        }
+    });
+    let policy = format!(
+        "\n[[service]]\nname = \"slow\"\nsegment = \"s1\"\nnode = \"b\"\nbackend = \"127.0.0.1:{port}\"\n"
+    );
+    (policy, task)
 }
 
 fn refused(mesh: &Mesh, node: &str, reason: &str) -> u64 {
@@ -142,5 +182,56 @@ async fn repeated_remote_refusals_are_counted_each_and_audited_aggregated() {
         "aggregated: {} records for {N} refusals",
         records.len()
     );
+    mesh.shutdown().await;
+}
+
+/// The serving node holds its status for the backend's first bytes (one packet each way for a
+/// request and its answer), at most `STATUS_WAIT`: a slower backend gets it alone, counted, and
+/// the app's bytes are the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_rides_with_the_backends_first_bytes_or_leaves_alone_counted() {
+    const SLOW: usize = 5;
+    let (slow_policy, slow_task) = slow_backend(SLOW).await;
+    let mesh = mesh_with(SocksReply::Early, &slow_policy).await;
+    assert_eq!(counter(&mesh, "b", "status_sent_alone"), 0);
+
+    // An echo backend answers within microseconds: the status waits and rides with it.
+    const N: u64 = 20;
+    for i in 0..N {
+        let tcp = socks_connect(mesh.node("a").socks, "api.s1.mesh", 80)
+            .await
+            .expect("allowed");
+        let data = Arc::new(pattern(1_000, i));
+        assert_eq!(*echo_through(tcp, data.clone()).await.expect("echo"), *data);
+    }
+    let alone = counter(&mesh, "b", "status_sent_alone");
+    assert!(
+        alone < N,
+        "{alone} of {N} echo streams sent their status alone"
+    );
+
+    // A backend that answers after 150 ms: the status cannot wait for it.
+    for _ in 0..SLOW {
+        let mut tcp = socks_connect(mesh.node("a").socks, "slow.s1.mesh", 80)
+            .await
+            .expect("allowed");
+        tcp.write_all(b"question").await.expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+            .await
+            .expect("in time")
+            .expect("a clean end");
+        assert_eq!(answer, SLOW_ANSWER);
+    }
+    // Each slow stream whose question came behind the header counts once (one whose header
+    // left alone, on a loaded machine, had its status written at once and counts nothing).
+    let slow_alone = counter(&mesh, "b", "status_sent_alone") - alone;
+    assert!(
+        (1..=SLOW as u64).contains(&slow_alone),
+        "{slow_alone} of {SLOW} slow streams counted status_sent_alone"
+    );
+    slow_task
+        .await
+        .expect("the slow backend served every connection");
     mesh.shutdown().await;
 }
