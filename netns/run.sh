@@ -17,7 +17,7 @@
 # Usage: netns/run.sh [SCENARIO...]      (all scenarios when none is named)
 #        BENCH_OUT=DIR netns/run.sh bench_lossy   (workload 5 of benches/run.sh)
 #   HOPMESH_BIN   directory with hopmesh-node, hopmesh-verifier, hopmesh-probe, hopmesh-replay,
-#                 hopmesh-flood, hopmesh-stall
+#                 hopmesh-flood, hopmesh-stall (bench_lossy: also hopmesh-bench, hopmesh-linkemu)
 #                 (target/release)
 #   HOPMESH_NETNS_SKIP_IF_NOT_ROOT=1   exit 0 with a notice when not root (never set in CI)
 #   NETNS_LEAK_SELFTEST=1   no scenarios: plant a leak of every kind and prove the leak check
@@ -669,57 +669,109 @@ scenario_shutdown_leaks() {
 
 # ---------------------------------------------------------------------------- benchmark
 # Workload 5 of the benchmark (benches/run.sh), not a pass/fail scenario: run only when named,
-# `BENCH_OUT=DIR netns/run.sh bench_lossy`. Between clouds 1 and 2 a 100 Mbit/s link with 20 ms
-# RTT (a TUN device in the router serializes at 100 Mbit/s with a 200-packet drop-tail queue
-# per direction and holds every packet 10 ms, netns/tun_delay.py, since this kernel has no
-# netem) and 1 % random loss each way (nftables numgen): the same link for both systems: hopmesh (a -> api.s1 on
-# b) and kernel TCP (curl in cloud 1 straight to an HTTP server in cloud 2). Rounds interleave
-# the two; each transfer is checked byte for byte; figures go to DIR/results.json.
+# `BENCH_OUT=DIR netns/run.sh bench_lossy`. Between clouds 1 and 2 a WAN link emulated by a TUN
+# device in the router (hopmesh-linkemu, netns/linkemu/, since this kernel has no netem): it holds every
+# packet half the RTT each way and, when capped, serializes at the rate with a 200-packet
+# drop-tail queue per direction; nftables (numgen) drops the loss each way. The same link for
+# both systems: hopmesh (a -> api.s1 on b, its default BBR) and kernel TCP with BBR set in both
+# namespaces (curl in cloud 1 straight to an HTTP server in cloud 2). Points (workload key):
+#   w5   100 Mbit/s, 20 ms RTT, 1 % loss, 16 MiB (both at the line rate: a sanity point)
+#   w5u  uncapped,   20 ms RTT, 1 % loss, 256 MiB
+#   w5h  uncapped,   50 ms RTT, 5 % loss, 256 MiB
+# and the emulator's own ceiling: kernel TCP over the uncapped 20 ms link without loss (w5u,
+# metric "no-loss MB/s"), and the emulator's CPU use during each transfer (metric "emulator CPU
+# %", of one core: near 100 the emulator, not the protocol, sets the figure). Rounds
+# interleave the two systems; each transfer is checked byte for byte; figures go to
+# DIR/results.json.
 scenario_bench_lossy() {
     local out=${BENCH_OUT:?set BENCH_OUT to the results directory} rounds=${BENCH_ROUNDS:-3}
-    local tun=${P}t file=mid bytes=$((16 << 20))
-    [ -x "$BIN/hopmesh-bench" ] || fail "$BIN/hopmesh-bench not built"
-    bgn "$R" python3 "$PWD/netns/tun_delay.py" "$tun" 10 100 200 1800 >>"$LOG" 2>&1
+    local b
+    for b in hopmesh-bench hopmesh-linkemu; do
+        [ -x "$BIN/$b" ] || fail "$BIN/$b not built (cargo build --release --bins)"
+    done
+    local cc1 cc2
+    cc1=$(n "$C1" sysctl -n net.ipv4.tcp_congestion_control)
+    cc2=$(n "$C2" sysctl -n net.ipv4.tcp_congestion_control)
+    n "$C1" sysctl -qw net.ipv4.tcp_congestion_control=bbr
+    n "$C2" sysctl -qw net.ipv4.tcp_congestion_control=bbr
+    bgn "$C2" python3 -m http.server 8090 --bind 198.51.100.2 --directory "$WORK/www-b" \
+        >/dev/null 2>>"$WORK/backend-direct.log"
+    wait_for 20 "direct HTTP server in cloud 2" n "$C1" curl -sf -o /dev/null http://198.51.100.2:8090/hello
+    # Uncapped transfers are long enough (256 MiB) that start-up is a small part of them.
+    head -c $((256 << 20)) /dev/urandom >"$WORK/www-b/huge"
+    lossy_point w5 10 100 1 mid "$rounds"
+    lossy_point w5u 10 0 1 huge "$rounds" ceiling
+    lossy_point w5h 25 0 5 huge "$rounds"
+    rm -f "$WORK/www-b/huge" "$WORK"/lossy-*
+    n "$C1" sysctl -qw "net.ipv4.tcp_congestion_control=$cc1"
+    n "$C2" sysctl -qw "net.ipv4.tcp_congestion_control=$cc2"
+}
+
+# lossy_point KEY ONE_WAY_MS RATE_MBIT(0 = uncapped) LOSS_PCT FILE ROUNDS [ceiling]
+lossy_point() {
+    local key=$1 delay=$2 rate=$3 loss=$4 file=$5 rounds=$6 ceiling=${7:-}
+    local tun=${P}t bytes emu round sys t0 t1 rc mbps
+    bytes=$(stat -c %s "$WORK/www-b/$file")
+    bgn "$R" "$BIN/hopmesh-linkemu" "$tun" "$delay" "$rate" 200 1800 >>"$LOG" 2>&1
+    emu=$!
     wait_for 10 "tun device" n "$R" ip link show "$tun"
     n "$R" ip link set "$tun" up
     n "$R" sysctl -qw net.ipv4.conf.all.rp_filter=0 "net.ipv4.conf.$tun.rp_filter=0"
     n "$R" ip route add default dev "$tun" table 100
     n "$R" ip rule add iif "${P}r1" to 198.51.100.0/26 lookup 100
     n "$R" ip rule add iif "${P}r2" to 192.0.2.0/26 lookup 100
-    n "$R" nft add rule inet hopmesh forward iifname "$tun" numgen random mod 100 '<' 1 counter drop
-    bgn "$C2" python3 -m http.server 8090 --bind 198.51.100.2 --directory "$WORK/www-b" \
-        >/dev/null 2>>"$WORK/backend-direct.log"
-    wait_for 20 "direct HTTP server in cloud 2" n "$C1" curl -sf -o /dev/null http://198.51.100.2:8090/hello
     # TCP connect time is one round trip: proof the delay is in the path.
     local rtt; rtt=$(n "$C1" curl -s -o /dev/null -w '%{time_connect}' http://198.51.100.2:8090/hello)
-    echo "    bench_lossy: TCP connect (1 RTT) ${rtt} s over the impaired link" | tee -a "$LOG"
-    python3 -c "import sys; sys.exit(0 if float('$rtt') >= 0.015 else 1)" || fail "the link is not delayed (RTT $rtt s)"
-    local round sys t0 t1 rc mbps
+    echo "    bench_lossy $key: ${rate/#0/uncapped} Mbit/s, $loss % loss: TCP connect (1 RTT) ${rtt} s" | tee -a "$LOG"
+    python3 -c "import sys; sys.exit(0 if float('$rtt') >= 2 * $delay / 1000 * 0.75 else 1)" \
+        || fail "the link is not delayed (RTT $rtt s, want $((2 * delay)) ms)"
+    # transfer SYS OUTFILE: curl over the link (hopmesh through a's SOCKS endpoint), checked.
+    local c0 c1 cpu
+    # emu_ticks: the emulator's user + system CPU time in clock ticks.
+    emu_ticks() { awk '{print $14 + $15}' "/proc/$emu/stat"; }
+    transfer() {
+        rm -f "$2"
+        rc=0
+        c0=$(emu_ticks)
+        t0=$(date +%s.%N)
+        if [ "$1" = tcp ]; then
+            n "$C1" curl -sS --max-time 300 -o "$2" "http://198.51.100.2:8090/$file" 2>>"$LOG" || rc=$?
+        else
+            n "$C1" curl -sS --max-time 300 --socks5-hostname 127.0.0.1:1080 -o "$2" \
+                "http://api.s1.mesh/$file" 2>>"$LOG" || rc=$?
+        fi
+        t1=$(date +%s.%N)
+        c1=$(emu_ticks)
+        cpu=$(python3 -c "print(round(($c1 - $c0) / $(getconf CLK_TCK) / ($t1 - $t0) * 100, 1))")
+        [ "$rc" = 0 ] || fail "$1 transfer over the $key link failed (curl $rc)"
+        [ "$(sha256sum <"$2")" = "$(sha256sum <"$WORK/www-b/$file")" ] || fail "$1: checksum mismatch"
+        mbps=$(python3 -c "print($bytes / 1e6 / ($t1 - $t0))")
+    }
+    if [ -n "$ceiling" ]; then
+        for round in $(seq 1 "$rounds"); do
+            transfer tcp "$WORK/lossy-tcp"
+            echo "    bench_lossy $key round $round: emulator ceiling (kernel TCP, no loss) $mbps MB/s, emulator CPU $cpu %" | tee -a "$LOG"
+            "$BIN/hopmesh-bench" add --out "$out" --workload "$key" --system "kernel TCP" --metric "no-loss MB/s" --value "$mbps"
+        done
+    fi
+    n "$R" nft add rule inet hopmesh forward iifname "$tun" numgen random mod 100 '<' "$loss" counter drop
     for round in $(seq 1 "$rounds"); do
         local order="tcp hopmesh"; [ $((round % 2)) = 0 ] && order="hopmesh tcp"
         for sys in $order; do
-            rm -f "$WORK/lossy-$sys"
-            t0=$(date +%s.%N)
-            rc=0
-            if [ "$sys" = tcp ]; then
-                n "$C1" curl -sS --max-time 300 -o "$WORK/lossy-$sys" "http://198.51.100.2:8090/$file" 2>>"$LOG" || rc=$?
-            else
-                n "$C1" curl -sS --max-time 300 --socks5-hostname 127.0.0.1:1080 -o "$WORK/lossy-$sys" \
-                    "http://api.s1.mesh/$file" 2>>"$LOG" || rc=$?
-            fi
-            t1=$(date +%s.%N)
-            [ "$rc" = 0 ] || fail "$sys transfer over the lossy link failed (curl $rc)"
-            [ "$(sha256sum <"$WORK/lossy-$sys")" = "$(sha256sum <"$WORK/www-b/$file")" ] || fail "$sys: checksum mismatch"
-            mbps=$(python3 -c "print($bytes / 1e6 / ($t1 - $t0))")
-            echo "    bench_lossy round $round: $sys $mbps MB/s" | tee -a "$LOG"
+            transfer "$sys" "$WORK/lossy-$sys"
+            echo "    bench_lossy $key round $round: $sys $mbps MB/s, emulator CPU $cpu %" | tee -a "$LOG"
             local name="kernel TCP"; [ "$sys" = hopmesh ] && name=hopmesh
-            "$BIN/hopmesh-bench" add --out "$out" --workload w5 --system "$name" --metric MB/s --value "$mbps"
+            "$BIN/hopmesh-bench" add --out "$out" --workload "$key" --system "$name" --metric MB/s --value "$mbps"
+            "$BIN/hopmesh-bench" add --out "$out" --workload "$key" --system "$name" --metric "emulator CPU %" --value "$cpu"
         done
     done
     n "$R" ip rule del iif "${P}r1" to 198.51.100.0/26 lookup 100
     n "$R" ip rule del iif "${P}r2" to 192.0.2.0/26 lookup 100
     n "$R" nft list chain inet hopmesh forward >>"$LOG"
     n "$R" nft flush chain inet hopmesh forward
+    kill "$emu"
+    wait "$emu" || true
+    wait_for 10 "tun device gone" bash -c "! ip netns exec $R ip link show $tun"
 }
 
 # ---------------------------------------------------------------------------- leak self-test

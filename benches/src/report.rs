@@ -33,6 +33,22 @@ fn fig(v: f64) -> String {
     }
 }
 
+/// Which side of a ratio's bound meets a target.
+#[derive(Clone, Copy, Debug)]
+enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Bound {
+    fn holds(self, v: f64) -> bool {
+        match self {
+            Bound::AtLeast(min) => v >= min,
+            Bound::AtMost(max) => v <= max,
+        }
+    }
+}
+
 fn med(r: &Results, w: &str, s: &str, m: &str) -> Option<f64> {
     r.get(w, s, m).map(|x| x.median)
 }
@@ -40,11 +56,13 @@ fn med(r: &Results, w: &str, s: &str, m: &str) -> Option<f64> {
 /// Checks every target.
 pub fn verdicts(r: &Results) -> Vec<Verdict> {
     let mut out = Vec::new();
-    let mut ratio = |what: &str, target: &str, num: Option<f64>, den: Option<f64>, min: f64| {
+    // A ratio num / den judged against a bound: at least `min` (`Bound::AtLeast`) or at
+    // most (`Bound::AtMost`).
+    let mut ratio = |what: &str, target: &str, num: Option<f64>, den: Option<f64>, bound: Bound| {
         let (measured, met) = match (num, den) {
             (Some(a), Some(b)) if b > 0.0 => (
                 format!("{} / {} = {:.2}×", fig(a), fig(b), a / b),
-                Some(a / b >= min),
+                Some(bound.holds(a / b)),
             ),
             _ => ("not measured".into(), None),
         };
@@ -55,67 +73,97 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
             met,
         });
     };
+    use Bound::{AtLeast, AtMost};
     let h = sys::HOPMESH;
+    for (w, name) in [("w1", "w1 1 GiB stream"), ("w4", "w4 100 × 10 MiB")] {
+        ratio(
+            &format!("{name}, MB/s hopmesh / ssh"),
+            "≥ 1.3×",
+            med(r, w, h, "MB/s"),
+            med(r, w, sys::SSH, "MB/s"),
+            AtLeast(1.3),
+        );
+        ratio(
+            &format!("{name}, MB/s hopmesh / direct TCP"),
+            "≥ 0.5×",
+            med(r, w, h, "MB/s"),
+            med(r, w, sys::DIRECT, "MB/s"),
+            AtLeast(0.5),
+        );
+        ratio(
+            &format!("{name}, proxy CPU s/GiB hopmesh / ssh"),
+            "≤ 0.6×",
+            med(r, w, h, "proxy CPU s/GiB"),
+            med(r, w, sys::SSH, "proxy CPU s/GiB"),
+            AtMost(0.6),
+        );
+    }
     ratio(
-        "w1 1 GiB stream, MB/s hopmesh / ssh",
-        "≥ 1.25×",
-        med(r, "w1", h, "MB/s"),
-        med(r, "w1", sys::SSH, "MB/s"),
-        1.25,
-    );
-    // Lower is better: ssh p50 / hopmesh p50 ≥ 1 means hopmesh p50 ≤ ssh p50.
-    ratio(
-        "w2 sequential, p50 ms ssh / hopmesh",
-        "≥ 1 (hopmesh p50 ≤ ssh p50)",
-        med(r, "w2", sys::SSH, "p50 ms"),
+        "w2 sequential, p50 ms hopmesh / ssh",
+        "≤ 0.6×",
         med(r, "w2", h, "p50 ms"),
-        1.0,
+        med(r, "w2", sys::SSH, "p50 ms"),
+        AtMost(0.6),
+    );
+    ratio(
+        "w2 sequential, p99 ms hopmesh / ssh",
+        "≤ 1×",
+        med(r, "w2", h, "p99 ms"),
+        med(r, "w2", sys::SSH, "p99 ms"),
+        AtMost(1.0),
     );
     ratio(
         "w3 100 clients, req/s hopmesh / ssh",
-        "≥ 1.25×",
+        "≥ 1.4×",
         med(r, "w3", h, "req/s"),
         med(r, "w3", sys::SSH, "req/s"),
-        1.25,
+        AtLeast(1.4),
     );
     ratio(
-        "w4 100 × 10 MiB, MB/s hopmesh / ssh",
-        "≥ 1.25×",
-        med(r, "w4", h, "MB/s"),
-        med(r, "w4", sys::SSH, "MB/s"),
-        1.25,
-    );
-    ratio(
-        "w5 lossy link, MB/s hopmesh / kernel TCP",
-        "≥ 0.5×",
+        "w5 100 Mbit/s, 20 ms, 1 % loss, MB/s hopmesh / kernel TCP (BBR)",
+        "≥ 0.5× (both at the line rate)",
         med(r, "w5", h, "MB/s"),
         med(r, "w5", sys::KERNEL_TCP, "MB/s"),
-        0.5,
+        AtLeast(0.5),
     );
+    for (w, link) in [
+        ("w5u", "uncapped, 20 ms, 1 % loss"),
+        ("w5h", "uncapped, 50 ms, 5 % loss"),
+    ] {
+        ratio(
+            &format!("{w} {link}, MB/s hopmesh / kernel TCP (BBR)"),
+            "≥ 2×",
+            med(r, w, h, "MB/s"),
+            med(r, w, sys::KERNEL_TCP, "MB/s"),
+            AtLeast(2.0),
+        );
+    }
     ratio(
         "w6 1 GiB stream, MB/s E=1s / E=60s",
         "≥ 0.95×",
         med(r, "w6", sys::HOPMESH_E1, "w1 MB/s"),
         med(r, "w6", sys::HOPMESH_E60, "w1 MB/s"),
-        0.95,
+        AtLeast(0.95),
     );
     ratio(
         "w6 100 clients, req/s E=1s / E=60s",
         "≥ 0.95×",
         med(r, "w6", sys::HOPMESH_E1, "w3 req/s"),
         med(r, "w6", sys::HOPMESH_E60, "w3 req/s"),
-        0.95,
+        AtLeast(0.95),
     );
     let best_proxied = [sys::SSH, h]
         .iter()
         .filter_map(|s| med(r, "w1", s, "MB/s"))
         .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
+    // Headroom above the best proxied system: below it the backend, not the proxy, would set
+    // the w1 figures (1.25×, not 2×: the target asks hopmesh for 0.5× direct and more).
     ratio(
         "backend check: w1 direct / best proxied",
-        "≥ 2× (backend not the bottleneck)",
+        "≥ 1.25× (backend not the bottleneck)",
         med(r, "w1", sys::DIRECT, "MB/s"),
         best_proxied,
-        2.0,
+        AtLeast(1.25),
     );
     let mut limit = |what: &str, target: &str, v: Option<f64>, max: f64, unit: &str| {
         out.push(Verdict {
@@ -215,6 +263,19 @@ pub fn markdown(r: &Results) -> String {
             v.what, v.target, v.measured
         );
     }
+    // Both SOCKS reply modes, measured interleaved (informational: the default is judged).
+    if let (Some(early), Some(after)) = (
+        med(r, "w2", sys::HOPMESH, "p50 ms"),
+        med(r, "w2", sys::HOPMESH_AFTER_CONNECT, "p50 ms"),
+    ) {
+        let _ = writeln!(
+            md,
+            "\nw2 p50 by SOCKS reply mode (informational): early reply {} ms, reply after connect {} ms ({:.2}×).",
+            fig(early),
+            fig(after),
+            after / early
+        );
+    }
     let _ = writeln!(md, "\n## All figures\n");
     let mut systems: Vec<&str> = Vec::new();
     for s in &r.series {
@@ -301,8 +362,8 @@ type PlotResult = Result<(), Box<dyn std::error::Error>>;
 fn throughput_plot(r: &Results, path: &Path) -> PlotResult {
     let root = SVGBackend::new(path, (1100, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    // Loopback and the 100 Mbit/s lossy link differ by 100×: one panel each.
-    let (left, right) = root.split_horizontally(760);
+    // Loopback and the lossy links differ by 100×: one panel each.
+    let (left, right) = root.split_horizontally(620);
     bar_panel(
         r,
         &left,
@@ -313,8 +374,12 @@ fn throughput_plot(r: &Results, path: &Path) -> PlotResult {
     bar_panel(
         r,
         &right,
-        "w5: 100 Mbit/s, 20 ms RTT, 1 % loss",
-        &[("w5", "16 MiB transfer")],
+        "w5: lossy links (RTT, loss)",
+        &[
+            ("w5", "100 Mbit/s, 20 ms, 1 %"),
+            ("w5u", "uncapped, 20 ms, 1 %"),
+            ("w5h", "uncapped, 50 ms, 5 %"),
+        ],
         &[sys::KERNEL_TCP, sys::HOPMESH],
     )?;
     root.present()?;
@@ -569,6 +634,19 @@ mod tests {
         }
         r.push("w2", sys::SSH, "p50 ms", 0.5);
         r.push("w2", sys::HOPMESH, "p50 ms", 0.6);
+        r.push("w2", sys::HOPMESH_AFTER_CONNECT, "p50 ms", 0.9);
+        for (w, s, v) in [
+            ("w1", sys::HOPMESH, 0.5),
+            ("w1", sys::SSH, 1.0),
+            ("w4", sys::HOPMESH, 0.7),
+            ("w4", sys::SSH, 1.0),
+        ] {
+            r.push(w, s, "proxy CPU s/GiB", v);
+        }
+        for (w, hop, tcp) in [("w5u", 30.0, 10.0), ("w5h", 3.0, 2.0)] {
+            r.push(w, sys::HOPMESH, "MB/s", hop);
+            r.push(w, sys::KERNEL_TCP, "MB/s", tcp);
+        }
         r.scale = vec![
             ScalePoint {
                 nodes: 10,
@@ -594,10 +672,37 @@ mod tests {
                 .find(|v| v.what.starts_with(prefix))
                 .unwrap_or_else(|| panic!("no verdict {prefix}"))
         };
-        assert_eq!(get("w1").met, Some(true), "600/400 = 1.5 ≥ 1.25");
-        assert_eq!(get("w2").met, Some(false), "p50 0.6 > 0.5");
+        assert_eq!(
+            get("w1 1 GiB stream, MB/s hopmesh / ssh").met,
+            Some(true),
+            "600/400 = 1.5 ≥ 1.3"
+        );
+        assert_eq!(
+            get("w1 1 GiB stream, MB/s hopmesh / direct").met,
+            Some(false),
+            "600/5000 < 0.5"
+        );
+        // Lower is better: at most the bound.
+        assert_eq!(
+            get("w1 1 GiB stream, proxy CPU").met,
+            Some(true),
+            "0.5/1.0 ≤ 0.6"
+        );
+        assert_eq!(
+            get("w4 100 × 10 MiB, proxy CPU").met,
+            Some(false),
+            "0.7/1.0 > 0.6"
+        );
+        assert_eq!(get("w2 sequential, p50").met, Some(false), "0.6/0.5 > 0.6");
+        assert_eq!(
+            get("w2 sequential, p99").met,
+            None,
+            "not measured is not a pass"
+        );
         assert_eq!(get("w3").met, None, "not measured is not a pass");
-        assert_eq!(get("backend").met, Some(true), "5000 / 600 ≥ 2");
+        assert_eq!(get("w5u").met, Some(true), "30/10 ≥ 2");
+        assert_eq!(get("w5h").met, Some(false), "3/2 < 2");
+        assert_eq!(get("backend").met, Some(true), "5000 / 600 ≥ 1.25");
         assert_eq!(get("w8 revocation").met, Some(false), "1500 ms > 1 s");
         assert_eq!(get("w8 verifier").met, Some(true), "1.1× is flat");
     }
@@ -625,6 +730,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("**missed**"));
+        assert!(
+            md.contains("early reply 0.60 ms, reply after connect 0.90 ms (1.50×)"),
+            "{md}"
+        );
         for f in [
             "throughput.svg",
             "latency_w2.svg",
