@@ -26,8 +26,9 @@ if ! { command -v sshd || [ -x /usr/sbin/sshd ]; } >/dev/null || ! command -v ss
     fi
 fi
 cargo build --release --bins
-rm -rf "$OUT"
 mkdir -p "$OUT"
+# Only this benchmark's own files: the simulator's reports (sim*.md, sim-*/) share the directory.
+rm -f "$OUT"/results.json "$OUT"/results.md "$OUT"/{throughput,latency_w2,latency_w3,scale}.svg
 "$BIN/hopmesh-bench" run --out "$OUT" "$@"
 if [ "$(id -u)" = 0 ]; then
     for tool in ip nft conntrack curl; do
