@@ -38,6 +38,11 @@ pub struct Counters {
     /// bytes behind the header, but the backend sent nothing within
     /// [`crate::splice::STATUS_WAIT`] to share a packet with.
     pub status_sent_alone: AtomicU64,
+    /// Relayed flows whose bytes travelled sealed end to end (counted at the origin and at the
+    /// serving node, once the flow's keys were agreed; `crate::sealed`).
+    pub sealed_flows: AtomicU64,
+    /// Key updates sent on sealed flows (at least one per epoch per direction of a long flow).
+    pub seal_key_updates: AtomicU64,
     /// Bytes from apps into the mesh.
     pub bytes_out: AtomicU64,
     /// Bytes from the mesh to apps or backends.
@@ -67,6 +72,8 @@ impl Default for Counters {
             socks_ok: AtomicU64::default(),
             header_sent_alone: AtomicU64::default(),
             status_sent_alone: AtomicU64::default(),
+            sealed_flows: AtomicU64::default(),
+            seal_key_updates: AtomicU64::default(),
             bytes_out: AtomicU64::default(),
             bytes_in: AtomicU64::default(),
             audit_aggregated: AtomicU64::default(),
@@ -106,6 +113,10 @@ pub struct CountersView {
     pub header_sent_alone: u64,
     /// See [`Counters::status_sent_alone`].
     pub status_sent_alone: u64,
+    /// See [`Counters::sealed_flows`].
+    pub sealed_flows: u64,
+    /// See [`Counters::seal_key_updates`].
+    pub seal_key_updates: u64,
     /// Bytes out.
     pub bytes_out: u64,
     /// Bytes in.
@@ -164,6 +175,16 @@ impl Counters {
                 "status_sent_alone",
                 "Inbound streams whose connected status left without the backend's first bytes (none came within the wait)",
                 v.status_sent_alone,
+            ),
+            (
+                "sealed_flows",
+                "Relayed flows whose bytes travelled sealed end to end (origin and serving node)",
+                v.sealed_flows,
+            ),
+            (
+                "seal_key_updates",
+                "Key updates sent on sealed relayed flows",
+                v.seal_key_updates,
             ),
             (
                 "bytes_out",
@@ -249,6 +270,8 @@ impl Counters {
             socks_ok: self.socks_ok.load(Ordering::Relaxed),
             header_sent_alone: self.header_sent_alone.load(Ordering::Relaxed),
             status_sent_alone: self.status_sent_alone.load(Ordering::Relaxed),
+            sealed_flows: self.sealed_flows.load(Ordering::Relaxed),
+            seal_key_updates: self.seal_key_updates.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             audit_aggregated: self.audit_aggregated.load(Ordering::Relaxed),

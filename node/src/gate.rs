@@ -11,8 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hopmesh_protocol::control::StreamStatus;
+use hopmesh_protocol::control::{StreamHeader, StreamStatus};
 use hopmesh_protocol::enrollment::{Report, ReportKind};
+use hopmesh_protocol::flow_seal::RecordKind;
 use hopmesh_protocol::hop_token::{ForgeryVerdict, Generation, TOKEN_LEN, TokenRefusal};
 use hopmesh_protocol::ids::{NodeId, ServiceId};
 use hopmesh_protocol::routing::ServePermit;
@@ -26,6 +27,7 @@ use tokio::net::TcpStream;
 use crate::counters::Counters;
 use crate::peer::{Dial, PeerConn};
 use crate::refusal::{CloseReason, GateRefusal};
+use crate::sealed::{SealedCut, SealedEnds, send_record, serving_keys, splice_sealed};
 use crate::shared::Shared;
 use crate::splice::{
     RELAY_WRITE_DEADLINE, RelayError, SpliceEnd, splice_quic, splice_serving_early, splice_until,
@@ -142,6 +144,9 @@ pub async fn handle(
         Err(why) => return refuse(&node, &pc, why, stream_id, &mut send, &mut recv),
     };
     Counters::add(&node.counters.streams_accepted, 1);
+    if origin != pc.peer {
+        return serve_sealed(node, pc, serve, origin, &header, send, recv).await;
+    }
     let (status, tcp) = connect_backend(&node, &serve).await;
     let Some(tcp) = tcp else {
         node.counters.refused("backend_unreachable");
@@ -178,6 +183,126 @@ pub async fn handle(
     if let SpliceEnd::Reset(e) = ended {
         tracing::debug!(peer = %pc.peer.short(), error = %e, "inbound stream reset");
     }
+}
+
+/// Serves a relayed flow, sealed end to end ([`crate::sealed`]): our answer, the origin's
+/// first record (no backend is connected before it proves the flow is the origin's), the
+/// backend connect, the status as a record, then the sealed splice. Every failure of a record
+/// is counted and audited here and resets the stream.
+async fn serve_sealed(
+    node: Arc<Shared>,
+    pc: Arc<PeerConn>,
+    serve: ServePermit,
+    origin: NodeId,
+    header: &[u8],
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let stream_id = u64::from(recv.id());
+    // The gate checked this header's assertion (`check_relayed`); decoding cannot fail now.
+    let Some(assertion) = StreamHeader::decode(header).ok().and_then(|h| h.assertion) else {
+        return refuse(
+            &node,
+            &pc,
+            GateRefusal::FlowMissing,
+            stream_id,
+            &mut send,
+            &mut recv,
+        );
+    };
+    let Some(attestation) = node.state_read().attestation.as_ref().map(|a| a.0.clone()) else {
+        return refuse(
+            &node,
+            &pc,
+            GateRefusal::SelfNotPermitted(crate::state::SelfRefusal::NoAttestation),
+            stream_id,
+            &mut send,
+            &mut recv,
+        );
+    };
+    let keyed = serving_keys(
+        &mut send,
+        &mut recv,
+        (node.identity.signing_key(), &attestation),
+        &assertion,
+        TOKEN_DEADLINE,
+    )
+    .await;
+    let (mut sealer, opener, first, pending) = match keyed {
+        Ok(k) => k,
+        Err(cut) => return sealed_refused(&node, &pc, origin, &cut, &mut send, &mut recv),
+    };
+    let (status, tcp) = connect_backend(&node, &serve).await;
+    let sent = send_record(
+        &mut send,
+        &mut sealer,
+        RecordKind::Status,
+        &[status.to_byte()],
+    )
+    .await;
+    let Some(tcp) = tcp else {
+        node.counters.refused("backend_unreachable");
+        let _ = send.finish();
+        return;
+    };
+    if sent.is_err() {
+        return;
+    }
+    Counters::add(&node.counters.sealed_flows, 1);
+    let mut ticket = node.streams.track(Flow {
+        peer: pc.peer,
+        origin,
+        service: serve.service,
+    });
+    let stop = async {
+        let why = ticket.stopped().await;
+        (why.code(), why.reason())
+    };
+    let ends = SealedEnds {
+        sealer,
+        opener,
+        pending,
+        tcp_head: Some(first),
+    };
+    let rekey = Duration::from_secs(node.state_read().epoch.as_secs());
+    let counters = node.counters.clone();
+    match splice_sealed(tcp, send, recv, counters, ends, rekey, stop).await {
+        SpliceEnd::Sealed(reason, detail) => {
+            node.counters.refused(reason);
+            node.audit_refusal(
+                "stream_refused",
+                pc.peer,
+                reason,
+                fields! {"peer" => pc.peer.to_string(), "origin" => origin.to_string(), "reason" => reason, "detail" => detail},
+            );
+        }
+        SpliceEnd::Reset(e) => {
+            tracing::debug!(peer = %pc.peer.short(), error = %e, "sealed inbound stream reset")
+        }
+        SpliceEnd::Clean { .. } | SpliceEnd::Refused(_) => {}
+    }
+}
+
+/// Counts, audits and resets a relayed flow whose answer could not be sent or whose first
+/// record did not prove the flow (a relay presenting a captured assertion, a changed record).
+fn sealed_refused(
+    node: &Shared,
+    pc: &PeerConn,
+    origin: NodeId,
+    cut: &SealedCut,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) {
+    let reason = cut.reason();
+    node.counters.refused(reason);
+    let _ = send.reset(codes::STREAM_REFUSED);
+    let _ = recv.stop(codes::STREAM_REFUSED);
+    node.audit_refusal(
+        "stream_refused",
+        pc.peer,
+        reason,
+        fields! {"peer" => pc.peer.to_string(), "origin" => origin.to_string(), "reason" => reason, "detail" => cut.to_string()},
+    );
 }
 
 /// As a relay: open the next hop's stream with our own token, pass the origin's header on,
@@ -246,7 +371,16 @@ async fn forward(
     // No wait for the next hop's status: it is the first byte coming back and passes through
     // the splice like any other, while the origin's bytes already go on (the next hop buffers
     // them until its gate admits the stream). A refusal on the way resets the whole chain.
-    let relayed = splice_quic(in_send, in_recv, out_send, out_recv, RELAY_WRITE_DEADLINE).await;
+    let tap = node.relay_tap.get().cloned();
+    let relayed = splice_quic(
+        in_send,
+        in_recv,
+        out_send,
+        out_recv,
+        RELAY_WRITE_DEADLINE,
+        tap,
+    )
+    .await;
     match relayed {
         Ok(()) => {}
         Err(RelayError::Stalled) => {

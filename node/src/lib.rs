@@ -19,6 +19,7 @@
 //! - [`show`]: `ctl show`, the exact state as JSON.
 //! - [`streams`]: the streams being served, so a policy change can end the ones it forbids.
 //! - [`splice`]: TCP ⇄ QUIC with half-close and reset on error.
+//! - [`sealed`]: both ends of a relayed flow sealed end to end (relays forward records blind).
 //! - [`path`]: per-path QUIC transport settings (loopback peers get 64 KiB datagrams).
 //! - [`ctl`]: the control socket (`ctl show`).
 //! - [`enroll`]: first contact with the verifier.
@@ -37,6 +38,7 @@ pub mod path;
 pub mod peer;
 pub mod refusal;
 pub mod runtime;
+pub mod sealed;
 pub mod shared;
 pub mod show;
 pub mod socks;

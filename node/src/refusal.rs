@@ -148,6 +148,10 @@ pub enum RemoteRefusal {
     Reset,
     /// No status within the deadline.
     Timeout,
+    /// A relayed flow sealed end to end failed before its status: the serving node's answer
+    /// did not verify (not the flow's serving node, a changed key) or a record did not open
+    /// (`crate::sealed`); the reason.
+    Sealed(&'static str),
 }
 
 impl RemoteRefusal {
@@ -163,6 +167,7 @@ impl RemoteRefusal {
             }
             Self::Reset => "remote_reset",
             Self::Timeout => "remote_status_timeout",
+            Self::Sealed(reason) => reason,
         }
     }
 
@@ -173,6 +178,7 @@ impl RemoteRefusal {
             // The refusal is generic by design: the origin learns only "not allowed".
             Self::Reset => StreamStatus::NotAllowed,
             Self::Timeout => StreamStatus::TimedOut,
+            Self::Sealed(_) => StreamStatus::GeneralFailure,
         }
     }
 }

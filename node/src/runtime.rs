@@ -51,6 +51,12 @@ impl Node {
     pub fn show(&self) -> Value {
         crate::show::show(&self.overlay.shared, &self.overlay.pool)
     }
+
+    /// Instruments the streams this node relays (tests only: what a compromised relay can
+    /// and cannot do). Only the first tap set is kept; `false` if one was set already.
+    pub fn set_relay_tap(&self, tap: Arc<dyn crate::splice::RelayTap>) -> bool {
+        self.overlay.shared.relay_tap.set(tap).is_ok()
+    }
 }
 
 /// Already-bound sockets (tests bind port 0).

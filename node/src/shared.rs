@@ -50,6 +50,8 @@ pub struct Shared {
     pub measurement: Measurement,
     /// The inbound streams being served.
     pub streams: Arc<Streams>,
+    /// Test instrumentation of relayed streams (never set by the node itself).
+    pub relay_tap: std::sync::OnceLock<Arc<dyn crate::splice::RelayTap>>,
     audit: Mutex<NodeAudit>,
     refusal_audit: Mutex<Aggregator<RefusalKey>>,
     reports: mpsc::Sender<Report>,
@@ -117,6 +119,7 @@ impl Shared {
             reports: p.reports,
             resolver,
             nonces: Mutex::new(NonceCache::default()),
+            relay_tap: std::sync::OnceLock::new(),
             verifier_connected: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),

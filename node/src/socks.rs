@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hopmesh_protocol::control::{FlowAssertion, StreamHeader};
+use hopmesh_protocol::flow_seal::{Ephemeral, MAX_RECORD_PAYLOAD, RecordKind};
 use hopmesh_protocol::ids::NodeId;
 use hopmesh_protocol::routing::EgressRoute;
 use hopmesh_protocol::secret::ct_eq;
@@ -30,6 +31,10 @@ use crate::config::SocksReply;
 use crate::counters::Counters;
 use crate::peer::Dial;
 use crate::refusal::{MintRefusal, RemoteRefusal, SocksRefusal};
+use crate::sealed::{
+    AnswerCheck, OriginFlow, SealedCut, SealedEnds, origin_keys, origin_status, send_record,
+    splice_sealed,
+};
 use crate::shared::Shared;
 use crate::splice::{SpliceEnd, read_status, rst, splice, splice_after_status};
 use crate::state::Mint;
@@ -293,31 +298,40 @@ async fn handshake(node: &Shared, conn: &mut SocksConn) -> Handshake {
     Handshake::Connect(req.target.host())
 }
 
-/// Our stream header for `route`; on a relayed route the origin signs the flow end to end.
-fn stream_header(node: &Shared, route: &EgressRoute) -> Option<Vec<u8>> {
+/// Our stream header for `route`. On a relayed route the origin signs the flow end to end,
+/// with a fresh key for sealing its bytes ([`crate::sealed`]): the flow is returned with it.
+fn stream_header(node: &Shared, route: &EgressRoute) -> Option<(Vec<u8>, Option<OriginFlow>)> {
     let st = node.state_read();
     let epoch = st.epoch.epoch_at(node.now());
-    let assertion = match route.via {
+    let flow = match route.via {
         None => None,
-        Some(_) => st.attestation.as_ref().and_then(|(env, _)| {
-            FlowAssertion::sign(
+        Some(_) => {
+            let ephemeral = Ephemeral::generate(&ring::rand::SystemRandom::new()).ok()?;
+            let (env, _) = st.attestation.as_ref()?;
+            let assertion = FlowAssertion::sign(
                 node.identity.signing_key(),
                 env,
                 route.serving_node,
                 route.service,
                 epoch,
                 rand::random(),
-            )
-        }),
+                ephemeral.public(),
+            )?;
+            Some(OriginFlow {
+                assertion,
+                ephemeral,
+            })
+        }
     };
-    StreamHeader {
+    let header = StreamHeader {
         origin: node.local,
         service: route.service,
         route: BoundedVec::empty(),
-        assertion,
+        assertion: flow.as_ref().map(|f| f.assertion.clone()),
     }
     .encode()
-    .ok()
+    .ok()?;
+    Some((header, flow))
 }
 
 async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, tcp: TcpStream, from: SocketAddr) {
@@ -377,9 +391,11 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, tcp: TcpStream, from: So
         let _ = tcp.send(&reply(Reply::HostUnreachable)).await;
         return;
     };
+    let mut sealed = None;
     let minted = stream_header(&node, &route)
         .ok_or(MintRefusal::NoSeedForPeer)
-        .and_then(|header| {
+        .and_then(|(header, flow)| {
+            sealed = flow;
             let mint = Mint {
                 dst: first_hop,
                 service: route.service,
@@ -403,6 +419,10 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, tcp: TcpStream, from: So
         }
     };
     Counters::add(&node.counters.streams_opened, 1);
+    if let Some(flow) = sealed {
+        let ended = sealed_client(&node, tcp, send, recv, first, flow, route.serving_node).await;
+        return client_ended(&node, first_hop, &host, ended);
+    }
     let ended = match node.config.socks_reply {
         SocksReply::Early => {
             // Everything this node can know alone has passed: the app may send now, and the
@@ -435,11 +455,119 @@ async fn client(node: Arc<Shared>, dial: Arc<dyn Dial>, tcp: TcpStream, from: So
             splice(tcp.tcp, send, recv, node.counters.clone()).await
         }
     };
+    client_ended(&node, first_hop, &host, ended);
+}
+
+fn client_ended(node: &Shared, first_hop: NodeId, host: &str, ended: SpliceEnd) {
     match ended {
         SpliceEnd::Clean { .. } => {}
-        SpliceEnd::Refused(why) => remote_refused(&node, first_hop, &host, why),
+        SpliceEnd::Refused(why) => remote_refused(node, first_hop, host, why),
+        SpliceEnd::Sealed(reason, detail) => {
+            // The download direction of a relayed flow did not open: a relay on the path (or
+            // the serving node) changed, dropped or cut records.
+            node.counters.refused(reason);
+            node.audit_refusal(
+                "flow_record_refused",
+                first_hop,
+                reason,
+                fields! {"target" => host, "peer" => first_hop.to_string(), "reason" => reason, "detail" => detail},
+            );
+        }
         SpliceEnd::Reset(e) => tracing::debug!(target = %host, error = %e, "outbound stream reset"),
     }
+}
+
+/// A relayed flow, sealed end to end: token and header go first; the serving node's answer
+/// gives the keys; the first record carries what the app sent already (an early reply told it
+/// to go ahead) or nothing (`after_connect`), and the status comes back as a record. A
+/// refusal anywhere resets the app's connection (early) or becomes its SOCKS reply.
+async fn sealed_client(
+    node: &Shared,
+    mut tcp: SocksConn,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    first: Vec<u8>,
+    flow: OriginFlow,
+    serving: NodeId,
+) -> SpliceEnd {
+    let reply = |r| encode_reply(r, None);
+    let early = node.config.socks_reply == SocksReply::Early;
+    if early {
+        if tcp.send(&reply(Reply::Succeeded)).await.is_err() {
+            let _ = send.reset(codes::INTERNAL);
+            return SpliceEnd::Reset("app closed".into());
+        }
+        Counters::add(&node.counters.socks_ok, 1);
+    }
+    let opened = async {
+        send.write_all(&first)
+            .await
+            .map_err(|_| RemoteRefusal::Reset)?;
+        let check = AnswerCheck {
+            keys: node.state_read().keys.clone(),
+            serving,
+            now: node.now(),
+        };
+        let (mut sealer, mut opener) = origin_keys(&mut recv, flow, check, STATUS_DEADLINE)
+            .await
+            .map_err(|e| match e {
+            SealedCut::Stream(_) => RemoteRefusal::Reset,
+            SealedCut::Timeout => RemoteRefusal::Timeout,
+            e => RemoteRefusal::Sealed(e.reason()),
+        })?;
+        // What the app sent already rides in the first record (an end of its stream stays in
+        // the socket for the splice to see); nothing is waited for.
+        let mut head = vec![0u8; MAX_RECORD_PAYLOAD];
+        let n = if early {
+            tcp.tcp.try_read(&mut head).unwrap_or(0)
+        } else {
+            0
+        };
+        send_record(&mut send, &mut sealer, RecordKind::Data, &head[..n])
+            .await
+            .map_err(|_| RemoteRefusal::Reset)?;
+        Counters::add(&node.counters.bytes_out, n as u64);
+        let pending = origin_status(&mut recv, &mut opener, STATUS_DEADLINE).await?;
+        Ok::<_, RemoteRefusal>(SealedEnds {
+            sealer,
+            opener,
+            pending,
+            tcp_head: None,
+        })
+    };
+    let ends = match opened.await {
+        Ok(ends) => ends,
+        Err(why) => {
+            let _ = send.reset(codes::INTERNAL);
+            let _ = recv.stop(codes::INTERNAL);
+            if early {
+                rst(tcp.tcp);
+            } else {
+                let _ = tcp.send(&reply(why.status().socks_reply())).await;
+            }
+            return SpliceEnd::Refused(why);
+        }
+    };
+    if !early {
+        if tcp.send(&reply(Reply::Succeeded)).await.is_err() {
+            let _ = send.reset(codes::INTERNAL);
+            return SpliceEnd::Reset("app closed".into());
+        }
+        Counters::add(&node.counters.socks_ok, 1);
+    }
+    Counters::add(&node.counters.sealed_flows, 1);
+    let rekey = Duration::from_secs(node.state_read().epoch.as_secs());
+    let counters = node.counters.clone();
+    splice_sealed(
+        tcp.tcp,
+        send,
+        recv,
+        counters,
+        ends,
+        rekey,
+        std::future::pending(),
+    )
+    .await
 }
 
 /// Counts and audits a refusal by the far end (aggregated per first hop and reason: a peer

@@ -98,6 +98,9 @@ pub enum SpliceEnd {
     /// The far end refused the stream before its status said "connected" (a splice that
     /// began before the status, [`splice_after_status`]); both sides were reset.
     Refused(RemoteRefusal),
+    /// A sealed (relayed) flow's record failed to open, came out of place, or the stream was
+    /// truncated (`crate::sealed`): the reason and detail; both sides were reset.
+    Sealed(&'static str, String),
 }
 
 /// Splices until both directions end or one fails. TCP → QUIC bytes (from a local app or
@@ -408,11 +411,11 @@ async fn splice_inner(
 }
 
 /// Chunks taken from quinn per read: a vectored write of up to this many.
-const CHUNKS: usize = 32;
+pub(crate) const CHUNKS: usize = 32;
 
 /// Writes every chunk, in order, with vectored writes; returns the bytes written. The chunks
 /// are consumed (left empty).
-async fn write_all_chunks<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_all_chunks<W: AsyncWrite + Unpin>(
     w: &mut W,
     chunks: &mut [Bytes],
 ) -> io::Result<u64> {
@@ -502,22 +505,32 @@ async fn write_progressing(
     }
 }
 
+/// Test instrumentation of a relay: sees every chunk it forwards (after the stream header it
+/// checked), and may change it. Set only by tests, on [`crate::shared::Shared::relay_tap`],
+/// to show what a compromised relay can and cannot do.
+pub trait RelayTap: Send + Sync + std::fmt::Debug {
+    /// A chunk on its way toward the serving node (`toward_serving`) or back to the origin.
+    fn chunk(&self, toward_serving: bool, chunk: &mut Bytes);
+}
+
 /// Splices two QUIC streams (a relay): each direction finishes on EOF; any error resets all
 /// four halves so neither end can mistake a cut for a clean end. A write that makes no
 /// progress within `deadline` ([`RELAY_WRITE_DEADLINE`] in the node) is
-/// [`RelayError::Stalled`], reset with [`STREAM_STALLED`].
+/// [`RelayError::Stalled`], reset with [`STREAM_STALLED`]. `a` is the origin's side.
 pub async fn splice_quic(
     mut a_send: SendStream,
     mut a_recv: RecvStream,
     mut b_send: SendStream,
     mut b_recv: RecvStream,
     deadline: Duration,
+    tap: Option<Arc<dyn RelayTap>>,
 ) -> Result<(), RelayError> {
     // Chunks pass from one stream to the other as they are: no copy.
     async fn pump(
         from: &mut RecvStream,
         to: &mut SendStream,
         deadline: Duration,
+        tap: Option<(&dyn RelayTap, bool)>,
     ) -> Result<(), RelayError> {
         let mut chunks: [Bytes; CHUNKS] = Default::default();
         loop {
@@ -527,13 +540,21 @@ pub async fn splice_quic(
                 .map_err(|e| RelayError::Failed(e.to_string()))?
             {
                 None => return to.finish().map_err(|e| RelayError::Failed(e.to_string())),
-                Some(k) => write_progressing(to, &mut chunks[..k], deadline).await?,
+                Some(k) => {
+                    if let Some((tap, toward_serving)) = tap {
+                        for c in &mut chunks[..k] {
+                            tap.chunk(toward_serving, c);
+                        }
+                    }
+                    write_progressing(to, &mut chunks[..k], deadline).await?
+                }
             }
         }
     }
     let result = {
-        let ab = pump(&mut a_recv, &mut b_send, deadline);
-        let ba = pump(&mut b_recv, &mut a_send, deadline);
+        let tap = tap.as_deref();
+        let ab = pump(&mut a_recv, &mut b_send, deadline, tap.map(|t| (t, true)));
+        let ba = pump(&mut b_recv, &mut a_send, deadline, tap.map(|t| (t, false)));
         tokio::try_join!(ab, ba).map(|_| ())
     };
     match result {

@@ -1246,6 +1246,7 @@ mod tests {
                 api().service_id(),
                 EpochLength::DEFAULT.epoch_at(UnixTime::from_secs(NOW)),
                 [nonce; 16],
+                [nonce; 32],
             )
             .expect("signed")
         }

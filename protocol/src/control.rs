@@ -100,6 +100,9 @@ pub struct FlowAssertion {
     pub epoch: u64,
     /// Fresh random bytes; the final node refuses a nonce it has seen (replay by a relay).
     pub nonce: [u8; 16],
+    /// The origin's fresh X25519 public key for this flow ([`crate::flow_seal`]): the flow's
+    /// bytes are sealed under keys only the origin and the final node can derive.
+    pub ephemeral: [u8; 32],
     /// Ed25519 signature by the origin's node key.
     pub signature: BoundedVec<u8, 64>,
 }
@@ -144,6 +147,7 @@ impl FlowAssertion {
         service: ServiceId,
         epoch: u64,
         nonce: &[u8; 16],
+        ephemeral: &[u8; 32],
     ) -> Vec<u8> {
         let mut msg = FLOW_DOMAIN.to_vec();
         msg.extend_from_slice(&crate::attestation::sha256(origin_attestation));
@@ -151,10 +155,12 @@ impl FlowAssertion {
         msg.extend_from_slice(&service.as_u64().to_be_bytes());
         msg.extend_from_slice(&epoch.to_be_bytes());
         msg.extend_from_slice(nonce);
+        msg.extend_from_slice(ephemeral);
         msg
     }
 
-    /// Signs a flow as the origin. `nonce` must be fresh random bytes.
+    /// Signs a flow as the origin. `nonce` must be fresh random bytes and `ephemeral` the
+    /// public half of a fresh [`crate::flow_seal::Ephemeral`].
     pub fn sign(
         key: &SigningKey,
         origin_attestation: &[u8],
@@ -162,6 +168,7 @@ impl FlowAssertion {
         service: ServiceId,
         epoch: Epoch,
         nonce: [u8; 16],
+        ephemeral: [u8; 32],
     ) -> Option<Self> {
         let sig = key.sign_raw(&Self::signed_bytes(
             origin_attestation,
@@ -169,6 +176,7 @@ impl FlowAssertion {
             service,
             epoch.0,
             &nonce,
+            &ephemeral,
         ));
         Some(Self {
             origin_attestation: BoundedVec::new(origin_attestation.to_vec()).ok()?,
@@ -176,8 +184,24 @@ impl FlowAssertion {
             service,
             epoch: epoch.0,
             nonce,
+            ephemeral,
             signature: BoundedVec::new(sig.to_vec()).ok()?,
         })
+    }
+
+    /// SHA-256 of everything the origin signed and its signature: the assertion's part of
+    /// the flow transcript ([`crate::flow_seal::transcript`]).
+    pub fn digest(&self) -> [u8; 32] {
+        let mut msg = Self::signed_bytes(
+            &self.origin_attestation,
+            &self.final_node,
+            self.service,
+            self.epoch,
+            &self.nonce,
+            &self.ephemeral,
+        );
+        msg.extend_from_slice(&self.signature);
+        crate::attestation::sha256(&msg)
     }
 
     /// Verifies against the pinned verifier keys and this hop's view of the stream, and
@@ -199,6 +223,7 @@ impl FlowAssertion {
             self.service,
             self.epoch,
             &self.nonce,
+            &self.ephemeral,
         );
         if !key.verify(&msg, &self.signature) {
             return Err(FlowRefusal::BadSignature);
@@ -384,8 +409,8 @@ mod tests {
         let keys = KeySet::new(vec![verifier.verifying_key()]).expect("keys");
         let (t, s) = (NodeId::from_bytes([9; 32]), ServiceId::from_u64(5));
         let e = EpochLength::DEFAULT;
-        let fa =
-            FlowAssertion::sign(&origin_key, &att, t, s, e.epoch_at(now), [7; 16]).expect("sign");
+        let fa = FlowAssertion::sign(&origin_key, &att, t, s, e.epoch_at(now), [7; 16], [4; 32])
+            .expect("sign");
         assert_eq!(
             fa.verify(&keys, &t, s, e, now),
             Ok(NodeId::from_spki(&spki))
@@ -410,8 +435,8 @@ mod tests {
         );
         // A relay's own key cannot sign for the origin.
         let relay_key = SigningKey::from_seed(&SigningSeed::from_bytes([3; 32]));
-        let stolen =
-            FlowAssertion::sign(&relay_key, &att, t, s, e.epoch_at(now), [8; 16]).expect("sign");
+        let stolen = FlowAssertion::sign(&relay_key, &att, t, s, e.epoch_at(now), [8; 16], [4; 32])
+            .expect("sign");
         assert_eq!(
             stolen.verify(&keys, &t, s, e, now),
             Err(FlowRefusal::BadSignature)

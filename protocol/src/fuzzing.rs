@@ -351,3 +351,51 @@ pub fn table_sync(data: &[u8]) -> bool {
     }
     applied
 }
+
+/// Relayed-flow records and answers: arbitrary bytes never open as a record (the key is the
+/// fuzzer's, but without the tag nothing authenticates), a record that opens re-seals to the
+/// same bytes, and an answer that decodes re-encodes canonically and never verifies unsigned.
+pub fn flow_record(data: &[u8]) -> bool {
+    use crate::flow_seal::{FlowAnswer, record_len};
+    let mut accepted = false;
+    let (_, mut opener) = crate::flow_seal::fuzzing_pair([0x5E; 32]);
+    let mut buf = data.to_vec();
+    match record_len(&buf) {
+        Ok(Some(n)) if n <= buf.len() => {
+            assert!(
+                opener.open(&mut buf).is_err(),
+                "arbitrary bytes must not authenticate"
+            );
+        }
+        Ok(_) => assert!(matches!(opener.open(&mut buf), Ok(None))),
+        Err(_) => assert!(opener.open(&mut buf).is_err()),
+    }
+    // A genuine record of the fuzzer's bytes opens to them, exactly once.
+    let (mut sealer, mut opener2) = crate::flow_seal::fuzzing_pair([0x5F; 32]);
+    let payload = &data[..data.len().min(crate::flow_seal::MAX_RECORD_PAYLOAD)];
+    let mut wire = Vec::new();
+    sealer.seal_data(payload, &mut wire);
+    let mut copy = wire.clone();
+    if let Ok(Some(o)) = opener2.open(&mut copy) {
+        assert_eq!(&copy[o.payload], payload);
+        assert_eq!(o.used, wire.len());
+        accepted = true;
+    }
+    assert!(
+        opener2.open(&mut wire.clone()).is_err(),
+        "a record opens once"
+    );
+    if let Some(prefix) = data.first_chunk::<4>()
+        && let Ok(len) = FlowAnswer::body_len(*prefix)
+        && let Some(body) = data.get(4..4 + len)
+        && let Ok(answer) = FlowAnswer::from_body(body)
+    {
+        assert_eq!(
+            answer.to_frame().ok().as_deref(),
+            Some(&data[..4 + len]),
+            "answer must be canonical"
+        );
+        accepted = true;
+    }
+    accepted
+}

@@ -20,6 +20,7 @@
 //! - [`frame`]: length-delimited frames with caps and a version byte.
 //! - [`control`]: control-stream messages and the stream request header.
 //! - [`enrollment`]: node-to-verifier requests, responses and pushes.
+//! - [`flow_seal`]: end-to-end keys and records of relayed flows (what relays cannot read).
 //! - [`socks5`]: SOCKS5 (RFC 1928) and username/password (RFC 1929) parsing and encoding.
 //! - [`policy`]: the policy file model and its compilation into routing tables.
 //! - [`routing`]: per-node egress and ingress tables, `may_route` and `may_serve`.
@@ -32,6 +33,7 @@ pub mod audit_aggregate;
 pub mod codes;
 pub mod control;
 pub mod enrollment;
+pub mod flow_seal;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -293,6 +293,25 @@ proptest! {
     }
 
     #[test]
+    fn flow_record_arbitrary(data in prop::collection::vec(any::<u8>(), 0..600)) {
+        fuzzing::flow_record(&data);
+    }
+
+    #[test]
+    fn flow_record_valid_and_mutated(payload in prop::collection::vec(any::<u8>(), 0..300), muts in prop::collection::vec(mutation(), 1..4)) {
+        let (mut sealer, mut opener) = hopmesh_protocol::flow_seal::fuzzing_pair([0x11; 32]);
+        let mut wire = Vec::new();
+        sealer.seal_data(&payload, &mut wire);
+        let mutated = mutate(wire.clone(), &muts);
+        let got = opener.open(&mut mutated.clone());
+        // Only the genuine record (possibly with bytes after it) opens.
+        if !mutated.starts_with(&wire) {
+            prop_assert!(!matches!(got, Ok(Some(_))), "a modified record opened: {got:?}");
+        }
+        fuzzing::flow_record(&mutated);
+    }
+
+    #[test]
     fn table_sync_arbitrary(data in prop::collection::vec(any::<u8>(), 0..600), parts: u32, part: u32) {
         fuzzing::table_sync(&data);
         // Arbitrary bytes inside well-formed part frames reach the assembler's decoder.

@@ -5,7 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use hopmesh_node::splice::RelayTap;
+use hopmesh_protocol::attestation::KeySet;
 use hopmesh_protocol::control::{FlowAssertion, StreamHeader};
+use hopmesh_protocol::flow_seal::{Ephemeral, FlowAnswer};
 use hopmesh_protocol::hop_token::{EpochLength, PairIds};
 use hopmesh_protocol::routing::MeshName;
 use hopmesh_protocol::wire::BoundedVec;
@@ -90,31 +96,34 @@ async fn a_relay_cannot_invent_an_origin_or_replay_a_flow() {
     let a_att =
         std::fs::read(mesh.node("a").dir.path().join("attestation.bin")).expect("a's attestation");
 
+    // Our own header: the token covers its hash, so mint with it.
+    let minted = |bytes: &[u8], stream_id: u64| {
+        let pair = PairIds::new(r, c);
+        let key = hopmesh_protocol::secret::StreamKey::derive(
+            &relay.binding,
+            &hopmesh_protocol::secret::EpochKey::derive(&grant.seed, &pair, epoch),
+        );
+        let req = hopmesh_protocol::hop_token::MintRequest {
+            generation: grant.generation,
+            epoch,
+            src: r,
+            dst: c,
+            service: web,
+            stream_id,
+            header: bytes,
+        };
+        let t = hopmesh_protocol::hop_token::mint_token(&req, &key).expect("mint");
+        [t.as_slice(), bytes].concat()
+    };
     let send = |header: StreamHeader| {
         let relay = &relay;
-        let grant = grant.clone();
+        let minted = &minted;
         async move {
             let bytes = header.encode().expect("encode");
             let Some((mut s, mut rr, stream_id)) = relay.open().await else {
                 return StreamOutcome::Refused;
             };
-            // Our own header: the token covers its hash, so mint with it.
-            let pair = PairIds::new(r, c);
-            let key = hopmesh_protocol::secret::StreamKey::derive(
-                &relay.binding,
-                &hopmesh_protocol::secret::EpochKey::derive(&grant.seed, &pair, epoch),
-            );
-            let req = hopmesh_protocol::hop_token::MintRequest {
-                generation: grant.generation,
-                epoch,
-                src: r,
-                dst: c,
-                service: web,
-                stream_id,
-                header: &bytes,
-            };
-            let t = hopmesh_protocol::hop_token::mint_token(&req, &key).expect("mint");
-            ProtocolClient::send_on(&mut s, &mut rr, &[t.as_slice(), &bytes].concat()).await
+            ProtocolClient::send_on(&mut s, &mut rr, &minted(&bytes, stream_id)).await
         }
     };
 
@@ -128,8 +137,8 @@ async fn a_relay_cannot_invent_an_origin_or_replay_a_flow() {
     assert_eq!(send(bare).await, StreamOutcome::Refused);
     // An assertion for a, signed with the relay's own key.
     let r_key = Identity::load(&mesh.node("r").dir.path().join("node.key")).expect("r key");
-    let forged =
-        FlowAssertion::sign(r_key.signing_key(), &a_att, c, web, epoch, [1; 16]).expect("sign");
+    let forged = FlowAssertion::sign(r_key.signing_key(), &a_att, c, web, epoch, [1; 16], [1; 32])
+        .expect("sign");
     let h = StreamHeader {
         origin: a,
         service: web,
@@ -137,24 +146,59 @@ async fn a_relay_cannot_invent_an_origin_or_replay_a_flow() {
         assertion: Some(forged),
     };
     assert_eq!(send(h).await, StreamOutcome::Refused);
-    // A genuine assertion by a (as if captured) is accepted once, then refused as a replay.
+    // A genuine assertion by a, captured by the relay and presented on a stream of its own:
+    // c answers (the assertion verifies), but the relay cannot make the first record that
+    // proves the flow (it lacks a's private key for the assertion's public one), so c connects
+    // no backend and resets. Then the same assertion is refused as a replay.
     let a_key = Identity::load(&mesh.node("a").dir.path().join("node.key")).expect("a key");
-    let genuine =
-        FlowAssertion::sign(a_key.signing_key(), &a_att, c, web, epoch, [2; 16]).expect("sign");
+    let e_o = Ephemeral::generate(&ring::rand::SystemRandom::new()).expect("ephemeral");
+    let genuine = FlowAssertion::sign(
+        a_key.signing_key(),
+        &a_att,
+        c,
+        web,
+        epoch,
+        [2; 16],
+        e_o.public(),
+    )
+    .expect("sign");
     let h = StreamHeader {
         origin: a,
         service: web,
         route: BoundedVec::empty(),
-        assertion: Some(genuine),
+        assertion: Some(genuine.clone()),
     };
-    assert_eq!(send(h.clone()).await, StreamOutcome::Status(0));
+    {
+        let (mut s, mut rr, stream_id) = relay.open().await.expect("stream");
+        let bytes = h.encode().expect("encode");
+        s.write_all(&minted(&bytes, stream_id))
+            .await
+            .expect("write");
+        let mut prefix = [0u8; 4];
+        rr.read_exact(&mut prefix).await.expect("c answers");
+        let mut body = vec![0u8; FlowAnswer::body_len(prefix).expect("answer length")];
+        rr.read_exact(&mut body).await.expect("answer body");
+        let answer = FlowAnswer::from_body(&body).expect("an answer");
+        let keys: KeySet = mesh.verifier.pins.key_set().expect("pinned keys");
+        answer
+            .verify(&keys, &genuine, &c, now)
+            .expect("c's answer is signed by c for this flow");
+        // The relay's best try: a well-formed record under keys of its own making.
+        let (mut forger, _) = hopmesh_protocol::flow_seal::fuzzing_pair([7; 32]);
+        let mut record = Vec::new();
+        forger.seal_data(b"GET / HTTP/1.1\r\n\r\n", &mut record);
+        s.write_all(&record).await.expect("write");
+        let mut byte = [0u8; 1];
+        let got = tokio::time::timeout(Duration::from_secs(5), rr.read_exact(&mut byte)).await;
+        assert!(matches!(got, Ok(Err(_))), "c resets the stream: {got:?}");
+    }
     assert_eq!(send(h).await, StreamOutcome::Refused);
     // b's genuine flow relayed by r: policy has no b-via-r route, so c refuses it.
     let b_att =
         std::fs::read(mesh.node("b").dir.path().join("attestation.bin")).expect("b's attestation");
     let b_key = Identity::load(&mesh.node("b").dir.path().join("node.key")).expect("b key");
-    let b_flow =
-        FlowAssertion::sign(b_key.signing_key(), &b_att, c, web, epoch, [3; 16]).expect("sign");
+    let b_flow = FlowAssertion::sign(b_key.signing_key(), &b_att, c, web, epoch, [3; 16], [3; 32])
+        .expect("sign");
     let h = StreamHeader {
         origin: id("b"),
         service: web,
@@ -168,5 +212,155 @@ async fn a_relay_cannot_invent_an_origin_or_replay_a_flow() {
     assert_eq!(refused["flow_bad_signature"], 1, "{refused}");
     assert_eq!(refused["flow_replayed"], 1, "{refused}");
     assert_eq!(refused["origin_not_allowed_via_relay"], 1, "{refused}");
+    assert_eq!(refused["flow_record_bad"], 1, "{refused}");
+    let counters = mesh.node("c").show()["counters"].clone();
+    assert_eq!(
+        counters["sealed_flows"], 0,
+        "no flow got past its first record"
+    );
+    assert_eq!(
+        counters["bytes_in"], 0,
+        "no byte reached c's backend: {counters}"
+    );
+    mesh.shutdown().await;
+}
+
+/// Records what a relay forwards, and flips one byte at a chosen offset of one direction.
+#[derive(Debug, Default)]
+struct Tap {
+    toward_serving: Mutex<Vec<u8>>,
+    toward_origin: Mutex<Vec<u8>>,
+    /// (toward the serving node?, offset in that direction's bytes) of the byte to flip.
+    flip: Mutex<Option<(bool, usize)>>,
+}
+
+impl RelayTap for Tap {
+    fn chunk(&self, toward_serving: bool, chunk: &mut Bytes) {
+        let seen = if toward_serving {
+            &self.toward_serving
+        } else {
+            &self.toward_origin
+        };
+        let mut seen = seen.lock().expect("tap");
+        let start = seen.len();
+        seen.extend_from_slice(chunk);
+        let mut flip = self.flip.lock().expect("tap");
+        if let Some((dir, at)) = *flip
+            && dir == toward_serving
+            && (start..start + chunk.len()).contains(&at)
+        {
+            let mut changed = chunk.to_vec();
+            changed[at - start] ^= 0x01;
+            *chunk = Bytes::from(changed);
+            *flip = None;
+        }
+    }
+}
+
+impl Tap {
+    fn clear(&self) {
+        self.toward_serving.lock().expect("tap").clear();
+        self.toward_origin.lock().expect("tap").clear();
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+const MARKER: &[u8] = b"HOPMESH-PLAINTEXT-MARKER";
+
+/// A payload of `len` bytes with the marker every 4 KiB.
+fn marked(len: usize) -> Vec<u8> {
+    let mut data = pattern(len, 5);
+    for at in (0..len.saturating_sub(MARKER.len())).step_by(4096) {
+        data[at..at + MARKER.len()].copy_from_slice(MARKER);
+    }
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_forwards_only_ciphertext_and_cannot_change_it() {
+    let mesh = relay_mesh().await;
+    let tap = Arc::new(Tap::default());
+    assert!(
+        mesh.node("r")
+            .handle
+            .as_ref()
+            .expect("running")
+            .node
+            .set_relay_tap(tap.clone())
+    );
+    // 1. Byte-identical both ways, and the relay saw every byte, none of them in clear.
+    let data = Arc::new(marked(1 << 20));
+    assert!(
+        contains(&data, MARKER),
+        "the check finds the marker in clear bytes"
+    );
+    let tcp = socks_connect(mesh.node("a").socks, "web.s2.mesh", 80)
+        .await
+        .expect("relayed connect");
+    let back = tokio::time::timeout(Duration::from_secs(60), echo_through(tcp, data.clone()))
+        .await
+        .expect("in time")
+        .expect("io");
+    assert_eq!(sha256(&back), sha256(&data));
+    for (dir, seen) in [("up", &tap.toward_serving), ("down", &tap.toward_origin)] {
+        let seen = seen.lock().expect("tap");
+        assert!(
+            seen.len() >= data.len(),
+            "{dir}: the relay forwarded {} bytes of a {}-byte flow",
+            seen.len(),
+            data.len()
+        );
+        assert!(!contains(&seen, MARKER), "{dir}: the relay saw plaintext");
+    }
+    for n in ["a", "c"] {
+        assert_eq!(
+            mesh.node(n).show()["counters"]["sealed_flows"],
+            1,
+            "{n} sealed the flow"
+        );
+    }
+    // 2. One byte flipped toward the serving node, deep in the data: c resets the stream, the
+    // app sees an error, never a clean short echo.
+    let bad = |n: &str| {
+        mesh.node(n).show()["counters"]["refused"]["flow_record_bad"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for (toward_serving, end, other) in [(true, "c", "a"), (false, "a", "c")] {
+        let other_before = bad(other);
+        tap.clear();
+        *tap.flip.lock().expect("tap") = Some((toward_serving, 300_000));
+        let tcp = socks_connect(mesh.node("a").socks, "web.s2.mesh", 80)
+            .await
+            .expect("relayed connect");
+        let got = tokio::time::timeout(Duration::from_secs(60), echo_through(tcp, data.clone()))
+            .await
+            .expect("in time");
+        assert!(
+            got.is_err(),
+            "a changed record must cut the flow with an error, got {} clean bytes",
+            got.map(|b| b.len()).unwrap_or(0)
+        );
+        assert!(
+            tap.flip.lock().expect("tap").is_none(),
+            "the byte was flipped"
+        );
+        let refused = mesh.node(end).show()["counters"]["refused"].clone();
+        assert_eq!(
+            refused["flow_record_bad"], 1,
+            "{end} refused the record: {refused}"
+        );
+        let audited = mesh
+            .node(end)
+            .audit()
+            .into_iter()
+            .filter(|r| r["reason"] == "flow_record_bad")
+            .count();
+        assert_eq!(audited, 1, "{end} audited the refusal");
+        assert_eq!(bad(other), other_before, "{other} received nothing changed");
+    }
     mesh.shutdown().await;
 }
