@@ -19,6 +19,7 @@ use hopmesh_tests::attacker::{ProtocolClient, StreamOutcome, current_grant};
 use hopmesh_tests::mesh::{Mesh, echo_through, pattern, sha256, socks_connect};
 use hopmesh_transport::identity::Identity;
 use hopmesh_verifier::authority::Settings;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RELAY: &str =
     "\n[[node]]\nname = \"r\"\nsegments = []\n[[route]]\nfrom = \"a\"\nto = \"c\"\nvia = \"r\"\n";
@@ -361,6 +362,52 @@ async fn a_relay_forwards_only_ciphertext_and_cannot_change_it() {
             .count();
         assert_eq!(audited, 1, "{end} audited the refusal");
         assert_eq!(bad(other), other_before, "{other} received nothing changed");
+    }
+    mesh.shutdown().await;
+}
+
+/// With one-second epochs, a flow that lasts several seconds moves to new keys in both
+/// directions (at least every epoch) and stays byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_flows_move_to_new_keys_every_epoch() {
+    let settings = Settings {
+        epoch: EpochLength::from_secs(1).expect("1 s"),
+        ..Settings::default()
+    };
+    let mesh = Mesh::start_with(settings, RELAY, &["r"]).await;
+    let tcp = socks_connect(mesh.node("a").socks, "web.s2.mesh", 80)
+        .await
+        .expect("relayed connect");
+    let (mut rd, mut wr) = tcp.into_split();
+    let mut sent = Vec::new();
+    let mut back = Vec::new();
+    // Seven writes half a second apart (3.5 s): bounded in count and time.
+    for i in 0..7u8 {
+        let chunk = pattern(10_000, u64::from(i) + 1);
+        wr.write_all(&chunk).await.expect("write");
+        sent.extend_from_slice(&chunk);
+        let mut got = vec![0u8; chunk.len()];
+        tokio::time::timeout(Duration::from_secs(10), rd.read_exact(&mut got))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        back.extend_from_slice(&got);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wr.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut rest))
+        .await
+        .expect("end in time")
+        .expect("clean end");
+    assert!(rest.is_empty());
+    assert_eq!(sha256(&back), sha256(&sent));
+    for n in ["a", "c"] {
+        let updates = mesh.node(n).show()["counters"]["seal_key_updates"]
+            .as_u64()
+            .expect("counter");
+        // 3.5 s of writes with one-second epochs: at least two updates, at most one per write.
+        assert!((2..=7).contains(&updates), "{n}: {updates} key updates");
     }
     mesh.shutdown().await;
 }
