@@ -152,6 +152,14 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
         med(r, "w6", sys::HOPMESH_E60, "w3 req/s"),
         AtLeast(0.95),
     );
+    // The paths issue: one relay against the direct path, same run.
+    ratio(
+        "w9 1 GiB stream through one relay, MB/s relayed / direct hopmesh",
+        "≥ 0.8×",
+        med(r, "w9", sys::HOPMESH_RELAYED, "w1 MB/s"),
+        med(r, "w1", h, "MB/s"),
+        AtLeast(0.8),
+    );
     let best_proxied = [sys::SSH, h]
         .iter()
         .filter_map(|s| med(r, "w1", s, "MB/s"))
@@ -165,6 +173,30 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
         best_proxied,
         AtLeast(1.25),
     );
+    let relayed_p50 = med(r, "w9", sys::HOPMESH_RELAYED, "w2 p50 ms");
+    let direct_p50 = med(r, "w2", h, "p50 ms");
+    let hop_rtt = med(r, "w9", sys::HOPMESH_RELAYED, "relay hop RTT ms");
+    out.push(match (relayed_p50, direct_p50, hop_rtt) {
+        (Some(a), Some(b), Some(rtt)) => Verdict {
+            what: "w9 new connection through one relay, p50 overhead over direct".into(),
+            target: "≤ one extra hop's RTT + 0.1 ms".into(),
+            measured: format!(
+                "{} − {} = {} ms (hop RTT {} ms, bound {} ms)",
+                fig(a),
+                fig(b),
+                fig(a - b),
+                fig(rtt),
+                fig(rtt + 0.1)
+            ),
+            met: Some(a - b <= rtt + 0.1),
+        },
+        _ => Verdict {
+            what: "w9 new connection through one relay, p50 overhead over direct".into(),
+            target: "≤ one extra hop's RTT + 0.1 ms".into(),
+            measured: "not measured".into(),
+            met: None,
+        },
+    });
     let mut limit = |what: &str, target: &str, v: Option<f64>, max: f64, unit: &str| {
         out.push(Verdict {
             what: what.into(),

@@ -23,6 +23,8 @@ pub mod system {
     /// hopmesh with `socks_reply = "after_connect"` (the SOCKS reply waits for the serving
     /// node's backend connect result), measured in w2 and w3 against the default early reply.
     pub const HOPMESH_AFTER_CONNECT: &str = "hopmesh reply-after-connect";
+    /// hopmesh through one relay (sealed end to end), workload 9.
+    pub const HOPMESH_RELAYED: &str = "hopmesh relayed";
     /// Kernel TCP over the lossy namespace link.
     pub const KERNEL_TCP: &str = "kernel TCP";
 }

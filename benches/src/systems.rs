@@ -89,6 +89,9 @@ pub struct MeshSpec {
     pub backend: SocketAddr,
     /// Lines appended to every node's config (`socks_reply = "after_connect"`, say).
     pub node_extra: String,
+    /// Route the first node's flows to the service through the second (a relay; needs
+    /// three nodes or more): the relayed path of workload 9.
+    pub relayed: bool,
 }
 
 /// One running node.
@@ -132,6 +135,12 @@ fn policy(spec: &MeshSpec, node_bin: &Path) -> Result<String> {
         spec.nodes - 1,
         spec.backend
     ));
+    if spec.relayed {
+        p.push_str(&format!(
+            "\n[[route]]\nfrom = \"n0\"\nto = \"n{}\"\nvia = \"n1\"\n",
+            spec.nodes - 1
+        ));
+    }
     Ok(p)
 }
 
@@ -276,6 +285,26 @@ impl Mesh {
             host: "svc.bench.mesh".into(),
             port: 80,
         }
+    }
+
+    /// The smoothed RTT (µs) of the first node's connection to node `to`, from its `ctl show`
+    /// (`None` without a connection).
+    pub fn rtt_us(&self, to: usize) -> Option<u64> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let show = rt
+            .block_on(hopmesh_node::ctl::request(&self.nodes[0].data_dir, "show"))
+            .ok()?;
+        let name = &self.nodes[to].name;
+        show["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name.as_str())?["connections"]
+            .as_array()?
+            .first()?["rtt_us"]
+            .as_u64()
     }
 
     /// The node processes on the data path (client side and service side).

@@ -374,12 +374,16 @@ impl NodeState {
             _ => return Err(GateRefusal::BadHeader),
         };
         match stream.into_admission() {
-            Admission::Serve(p) if p.relay.is_none() => {
-                if h.origin != peer {
-                    return Err(GateRefusal::OriginNotPeer);
-                }
+            Admission::Serve(p) if p.relay.is_none() && h.origin == peer => {
                 Ok(Admitted::Serve(p, peer))
             }
+            // A direct peer speaking for another node without the origin's assertion.
+            Admission::Serve(p) if p.relay.is_none() && h.assertion.is_none() => {
+                Err(GateRefusal::OriginNotPeer)
+            }
+            // A relayed flow: also from a peer that policy lets use the service itself (a
+            // relay in the service's segment); the origin's assertion and the route through
+            // that peer decide, never the peer's own rights.
             Admission::Serve(_) => self
                 .check_relayed(peer, &h, nonces, now)
                 .map(|p| Admitted::Serve(p, h.origin)),

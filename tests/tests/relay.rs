@@ -411,3 +411,32 @@ async fn sealed_flows_move_to_new_keys_every_epoch() {
     }
     mesh.shutdown().await;
 }
+
+/// A relay that policy also lets use the service itself (it is in an allowed segment): the
+/// serving node still judges the relayed flow by the origin's assertion and the route, never
+/// by the relay's own rights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_may_use_the_service_itself_still_relays_as_a_relay() {
+    const MEMBER_RELAY: &str = "\n[[node]]\nname = \"r\"\nsegments = [\"s1\"]\n[[route]]\nfrom = \"a\"\nto = \"c\"\nvia = \"r\"\n";
+    let mesh = Mesh::start_with(Settings::default(), MEMBER_RELAY, &["r"]).await;
+    let data = Arc::new(pattern(100_000, 9));
+    let tcp = socks_connect(mesh.node("a").socks, "web.s2.mesh", 80)
+        .await
+        .expect("relayed connect");
+    let back = tokio::time::timeout(Duration::from_secs(30), echo_through(tcp, data.clone()))
+        .await
+        .expect("in time")
+        .expect("io");
+    assert_eq!(sha256(&back), sha256(&data));
+    let c = mesh.node("c").show();
+    assert_eq!(c["counters"]["sealed_flows"], 1, "{c}");
+    assert_eq!(c["counters"]["refused"], serde_json::json!({}), "{c}");
+    // r's own flows still go direct.
+    let tcp = socks_connect(mesh.node("r").socks, "web.s2.mesh", 80)
+        .await
+        .expect("direct connect");
+    let small = Arc::new(pattern(1000, 3));
+    assert_eq!(echo_through(tcp, small.clone()).await.expect("io"), *small);
+    assert_eq!(mesh.node("c").show()["counters"]["sealed_flows"], 1);
+    mesh.shutdown().await;
+}

@@ -55,8 +55,8 @@ enum Cmd {
         /// Skip the scale workload.
         #[arg(long)]
         no_scale: bool,
-        /// Loopback workloads to run (comma-separated subset of w1,w2,w3,w4,w6,w7).
-        #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w6,w7")]
+        /// Loopback workloads to run (comma-separated subset of w1,w2,w3,w4,w6,w7,w9).
+        #[arg(long, value_delimiter = ',', default_value = "w1,w2,w3,w4,w6,w7,w9")]
         only: Vec<String>,
     },
     /// Starts the backend and a 2-node mesh, prints how to reach it, and holds until killed
@@ -71,6 +71,9 @@ enum Cmd {
         /// The nodes' `socks_reply` (`early` or `after_connect`).
         #[arg(long, default_value = "early")]
         socks_reply: String,
+        /// Three nodes, the first reaching the service through the second (a relay).
+        #[arg(long)]
+        relayed: bool,
     },
     /// Downloads through a SOCKS5 proxy (or directly) and prints MB/s: load for profiling.
     Load {
@@ -312,6 +315,7 @@ fn main() -> Result<()> {
             bin,
             epoch,
             socks_reply,
+            relayed,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             hopmesh_benches::procs::stop_children_on_signal(&rt)?;
@@ -322,12 +326,13 @@ fn main() -> Result<()> {
                 &bin,
                 &work.path().join("mesh"),
                 &MeshSpec {
-                    nodes: 2,
+                    nodes: if relayed { 3 } else { 2 },
                     epoch,
                     generation: 300,
                     ttl: 300,
                     backend: backend.addr,
                     node_extra: format!("socks_reply = {socks_reply:?}\n"),
+                    relayed,
                 },
             )?;
             let show = |n: &hopmesh_benches::systems::MeshNode| {
@@ -418,7 +423,7 @@ fn main() -> Result<()> {
         } => {
             if let Some(bad) = only
                 .iter()
-                .find(|w| !["w1", "w2", "w3", "w4", "w6", "w7"].contains(&w.as_str()))
+                .find(|w| !["w1", "w2", "w3", "w4", "w6", "w7", "w9"].contains(&w.as_str()))
             {
                 bail!(
                     "--only: unknown workload `{bad}` (w5 runs from `netns/run.sh bench_lossy`, w8 is --scale)"
@@ -517,6 +522,7 @@ fn run(
         ttl: 300,
         backend: backend.addr,
         node_extra: String::new(),
+        relayed: false,
     };
     let main_mesh = Mesh::start(bin, &work.path().join("mesh"), &mesh_spec(10))?;
     eprintln!("hopmesh mesh up");
@@ -535,6 +541,17 @@ fn run(
         ..mesh_spec(10)
     };
     let after_connect = Mesh::start(bin, &work.path().join("mesh-after"), &after_connect)?;
+    // Workload 9: the same workloads through a relay (n0 → n1 → n2), sealed end to end.
+    let relayed_mesh = if on("w9") {
+        let spec = MeshSpec {
+            nodes: 3,
+            relayed: true,
+            ..mesh_spec(10)
+        };
+        Some(Mesh::start(bin, &work.path().join("mesh-relayed"), &spec)?)
+    } else {
+        None
+    };
     let ssh = if no_ssh {
         None
     } else {
@@ -581,11 +598,29 @@ fn run(
         via: after_connect.via(),
         pids: after_connect.data_path_pids(),
     }];
+    let relayed: Vec<(Sys, u32)> = relayed_mesh
+        .iter()
+        .map(|m| {
+            (
+                Sys {
+                    name: sys::HOPMESH_RELAYED,
+                    via: m.via(),
+                    pids: m.data_path_pids(),
+                },
+                m.nodes[1].proc.pid(),
+            )
+        })
+        .collect();
 
     // Warm-up, not measured: every system moves bytes once before round 1, so no round
     // measures a cold path (first-use page faults, congestion and MTU state still starting).
     eprintln!("warm-up");
-    for s in systems.iter().chain(&rotation).chain(&reply_modes) {
+    for s in systems
+        .iter()
+        .chain(&rotation)
+        .chain(&reply_modes)
+        .chain(relayed.iter().map(|(s, _)| s))
+    {
         warm_up(&rt, s, z)?;
     }
     for round in 0..rounds {
@@ -614,6 +649,9 @@ fn run(
             w1(&rt, &rotation[i], z, ticks, "w6", "w1 MB/s", &mut r)?;
             w3(&rt, &rotation[i], z, "w6", "w3 req/s", &mut r)?;
         }
+        for (s, relay) in &relayed {
+            w9(&rt, s, *relay, z, ticks, &mut r)?;
+        }
         write_results(&r, out)?;
     }
     // After all that traffic: has anything been refused or has memory grown?
@@ -628,7 +666,21 @@ fn run(
             rss_bytes(n.proc.pid())? as f64 / (1 << 20) as f64,
         );
     }
-    check_no_refusals(&rt, &[&main_mesh, &e1, &e60, &after_connect])?;
+    if let Some(m) = &relayed_mesh {
+        // One extra hop's RTT, as QUIC measures it on the client node's connection to the relay.
+        if let Some(rtt) = m.rtt_us(1) {
+            r.push(
+                "w9",
+                sys::HOPMESH_RELAYED,
+                "relay hop RTT ms",
+                rtt as f64 / 1e3,
+            );
+        }
+    }
+    let mut meshes = vec![&main_mesh, &e1, &e60, &after_connect];
+    meshes.extend(&relayed_mesh);
+    check_no_refusals(&rt, &meshes)?;
+    drop(relayed_mesh);
     drop(ssh);
     drop((e1, e60, after_connect, main_mesh));
 
@@ -700,6 +752,44 @@ fn w1(
             cpu / (z.w1_bytes as f64 / GIB),
         );
     }
+    Ok(())
+}
+
+/// Workload 9, the relayed path: w1's stream (with the relay's CPU per GiB beside the end
+/// nodes') and w2's sequential requests, through a relay.
+fn w9(
+    rt: &tokio::runtime::Runtime,
+    s: &Sys,
+    relay: u32,
+    z: &Sizes,
+    ticks: f64,
+    r: &mut Results,
+) -> Result<()> {
+    let cpu0 = cpu_time(&[relay], ticks);
+    w1(rt, s, z, ticks, "w9", "w1 MB/s", r)?;
+    let cpu = cpu_time(&[relay], ticks).since(cpu0);
+    r.push(
+        "w9",
+        s.name,
+        "relay CPU s/GiB",
+        cpu / (z.w1_bytes as f64 / GIB),
+    );
+    let lat = rt
+        .block_on(load::sequential(&s.via, z.w2_requests, z.short_bytes))
+        .with_context(|| format!("w9 through {}", s.name))?;
+    let ms = sorted_ms(&lat);
+    r.push(
+        "w9",
+        s.name,
+        "w2 p50 ms",
+        percentile(&ms, 50.0).unwrap_or(0.0),
+    );
+    r.push(
+        "w9",
+        s.name,
+        "w2 p99 ms",
+        percentile(&ms, 99.0).unwrap_or(0.0),
+    );
     Ok(())
 }
 
@@ -889,6 +979,7 @@ fn workload8(
             ttl,
             backend,
             node_extra: String::new(),
+            relayed: false,
         },
     )?;
     // Steady state: CPU of the verifier over a window of two refresh periods.
