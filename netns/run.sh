@@ -338,6 +338,64 @@ scenario_matrix() {
     done
 }
 
+# Relays are blind (paths issue): with `[[route]] a -> c via b`, a's flows to web.s2 go through
+# b, sealed end to end. b runs with the test hooks (node/src/relay_tap.rs): its dump of every
+# relayed byte never holds the marker the served file is full of, and one byte flipped in the
+# second relayed flow resets that flow at the end node (a, the download direction): curl gets
+# an error, never a clean short file. Everything is restored afterwards.
+MARKER=HOPMESH-PLAINTEXT-MARKER
+counter() { field "$1" "s['counters']['$2']"; }
+refused() { field "$1" "s['counters']['refused'].get('$2', 0)"; }
+# path_is VIA: a's path to web.s2.mesh goes through VIA (None: direct).
+path_is() { [ "$(field a "[p['via'] for p in s['paths'] if p['name'] == 'web.s2.mesh'][0]")" = "$1" ]; }
+scenario_relay_blind() {
+    python3 -c "import sys; sys.stdout.buffer.write(b'$MARKER-' * 400000)" >"$WORK/www-c/marked"
+    # The check itself finds the marker in clear bytes.
+    grep -q "$MARKER" "$WORK/www-c/marked" || fail "the marker check cannot see clear bytes"
+    stop_node b
+    : >"$WORK/relay.dump"
+    export HOPMESH_TEST_RELAY_DUMP="$WORK/relay.dump" HOPMESH_TEST_RELAY_FLIP=2:down:2000000
+    start_node b
+    unset HOPMESH_TEST_RELAY_DUMP HOPMESH_TEST_RELAY_FLIP
+    wait_for 20 "node b ready" ready b
+    grep -q "TEST HOOK" "$WORK/node-b.err" || fail "b does not announce its test hooks"
+    { policy; printf '\n[[route]]\nfrom = "a"\nto = "c"\nvia = "b"\n'; } >"$WORK/policy.toml"
+    vcli policy reload >>"$LOG"
+    wait_for 15 "a's path to web.s2 via b" path_is b
+    local a0 c0 b0 rc size
+    a0=$(counter a sealed_flows); c0=$(counter c sealed_flows); b0=$(counter b streams_accepted)
+    # 1. Byte-identical through the relay, sealed at both ends, ciphertext only at the relay.
+    rc=$(fetch a web.s2.mesh marked "$WORK/got-marked")
+    [ "$rc" = 0 ] || fail "a -> web.s2.mesh via b: curl exit $rc"
+    cmp -s "$WORK/got-marked" "$WORK/www-c/marked" || fail "relayed file differs"
+    [ "$(counter a sealed_flows)" = $((a0 + 1)) ] || fail "a did not seal the flow"
+    [ "$(counter c sealed_flows)" = $((c0 + 1)) ] || fail "c did not seal the flow"
+    [ "$(counter b streams_accepted)" = $((b0 + 1)) ] || fail "the flow did not go through b"
+    size=$(stat -c %s "$WORK/www-c/marked")
+    [ "$(stat -c %s "$WORK/relay.dump")" -ge "$size" ] || fail "b relayed fewer bytes than the file"
+    ! grep -q "$MARKER" "$WORK/relay.dump" || fail "the relay saw plaintext"
+    # 2. The second relayed flow: one byte flipped at b on the way back; a resets it.
+    local bad0; bad0=$(refused a flow_record_bad)
+    rm -f "$WORK/got-flipped"
+    rc=$(fetch a web.s2.mesh marked "$WORK/got-flipped")
+    [ "$rc" != 0 ] || fail "a flipped record must fail the transfer, curl exited 0"
+    ! cmp -s "$WORK/got-flipped" "$WORK/www-c/marked" || fail "flipped flow delivered the whole file"
+    [ "$(refused a flow_record_bad)" = $((bad0 + 1)) ] || fail "a did not refuse the changed record"
+    grep -q 'flipped one relayed byte' "$WORK/node-b.err" || fail "b never flipped the byte"
+    python3 - "$WORK/node-a/audit.jsonl" <<'PY' || fail "a did not audit flow_record_refused"
+import json, sys
+sys.exit(0 if any(json.loads(l).get("reason") == "flow_record_bad" for l in open(sys.argv[1])) else 1)
+PY
+    # Restore: the standard policy, b without hooks, a's path direct again.
+    policy >"$WORK/policy.toml"
+    vcli policy reload >>"$LOG"
+    stop_node b
+    start_node b
+    wait_for 20 "node b ready" ready b
+    wait_for 15 "a's path to web.s2 direct" path_is None
+    fetch_ok a web.s2.mesh hello "$WORK/after" || fail "a -> web.s2.mesh after the restore"
+}
+
 scenario_attacker() {
     # The SOCKS endpoint is loopback-only: unreachable from the underlay.
     if n "$X" curl -sS --max-time 5 --socks5-hostname "${NODE_IP[a]}:1080" -o /dev/null http://api.s1.mesh/hello 2>>"$LOG"; then
@@ -835,7 +893,7 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); time.sleep(300)' </de
 }
 
 # ---------------------------------------------------------------------------- runner
-ORDER="bringup matrix attacker flood flood_restart stall clock_skew clock_behind partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
+ORDER="bringup matrix relay_blind attacker flood flood_restart stall clock_skew clock_behind partition long_partition outage rotation loss_delay revocation kill9 shutdown_leaks"
 SELECTED=${*:-$ORDER}
 if [ "${NETNS_LEAK_SELFTEST:-}" = 1 ]; then
     leak_selftest

@@ -22,6 +22,7 @@
 //! - [`sealed`]: both ends of a relayed flow sealed end to end (relays forward records blind).
 //! - [`path`]: per-path QUIC transport settings (loopback peers get 64 KiB datagrams).
 //! - [`ctl`]: the control socket (`ctl show`).
+//! - [`relay_tap`]: test-only relay instrumentation from the environment (netns suite).
 //! - [`enroll`]: first contact with the verifier.
 //! - [`config`], [`datadir`], [`counters`].
 
@@ -37,6 +38,7 @@ pub mod overlay;
 pub mod path;
 pub mod peer;
 pub mod refusal;
+pub mod relay_tap;
 pub mod runtime;
 pub mod sealed;
 pub mod shared;

@@ -243,7 +243,16 @@ async fn run(cli: Cli) -> Result<()> {
             let clock = Arc::new(SystemClock {
                 offset_secs: config.clock_offset,
             });
+            let tap = hopmesh_node::relay_tap::EnvTap::from_env().map_err(anyhow::Error::msg)?;
             let handle = start(config, Sockets { quic, socks }, clock).await?;
+            if let Some(tap) = tap {
+                tracing::warn!(
+                    "TEST HOOK: relayed bytes are dumped or changed ({}, {}); never in production",
+                    hopmesh_node::relay_tap::DUMP_VAR,
+                    hopmesh_node::relay_tap::FLIP_VAR
+                );
+                handle.node.set_relay_tap(Arc::new(tap));
+            }
             println!(
                 "{}",
                 serde_json::json!({"node_id": handle.node.local.to_string(), "quic": handle.quic_addr, "socks": handle.socks_addr})

@@ -54,6 +54,14 @@ pub fn show(node: &Shared, pool: &Pool) -> Value {
         "epoch_secs": st.epoch.as_secs(),
         "revocation_version": st.revocations.as_ref().map(|(v, _, _)| *v),
         "routes": st.table.as_ref().map(|t| t.egress.routes().map(|r| r.name.with_suffix(&st.suffix)).collect::<Vec<_>>()),
+        // Per route: the serving node and the relay in between (null: direct), by name.
+        "paths": st.table.as_ref().map(|t| t.egress.routes().map(|r| {
+            // A serving node behind a relay is not a peer: its id then.
+            let name = |id: &hopmesh_protocol::ids::NodeId| {
+                st.peers.get(id).map_or_else(|| id.to_string(), |p| p.name.as_str().to_owned())
+            };
+            serde_json::json!({"name": r.name.with_suffix(&st.suffix), "serving": name(&r.serving_node), "via": r.via.as_ref().map(name)})
+        }).collect::<Vec<_>>()),
         "serves": st.table.as_ref().map(|t| t.ingress.entries().map(|e| e.name.with_suffix(&st.suffix)).collect::<Vec<_>>()),
         "peers": peers,
         "counters": node.counters.view(),

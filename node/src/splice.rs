@@ -509,8 +509,13 @@ async fn write_progressing(
 /// checked), and may change it. Set only by tests, on [`crate::shared::Shared::relay_tap`],
 /// to show what a compromised relay can and cannot do.
 pub trait RelayTap: Send + Sync + std::fmt::Debug {
-    /// A chunk on its way toward the serving node (`toward_serving`) or back to the origin.
-    fn chunk(&self, toward_serving: bool, chunk: &mut Bytes);
+    /// A relayed stream starts: its number for [`Self::chunk`].
+    fn begin(&self) -> u64 {
+        0
+    }
+    /// A chunk of stream `flow` on its way toward the serving node (`toward_serving`) or back
+    /// to the origin.
+    fn chunk(&self, flow: u64, toward_serving: bool, chunk: &mut Bytes);
 }
 
 /// Splices two QUIC streams (a relay): each direction finishes on EOF; any error resets all
@@ -530,7 +535,7 @@ pub async fn splice_quic(
         from: &mut RecvStream,
         to: &mut SendStream,
         deadline: Duration,
-        tap: Option<(&dyn RelayTap, bool)>,
+        tap: Option<(&dyn RelayTap, u64, bool)>,
     ) -> Result<(), RelayError> {
         let mut chunks: [Bytes; CHUNKS] = Default::default();
         loop {
@@ -541,9 +546,9 @@ pub async fn splice_quic(
             {
                 None => return to.finish().map_err(|e| RelayError::Failed(e.to_string())),
                 Some(k) => {
-                    if let Some((tap, toward_serving)) = tap {
+                    if let Some((tap, flow, toward_serving)) = tap {
                         for c in &mut chunks[..k] {
-                            tap.chunk(toward_serving, c);
+                            tap.chunk(flow, toward_serving, c);
                         }
                     }
                     write_progressing(to, &mut chunks[..k], deadline).await?
@@ -552,9 +557,19 @@ pub async fn splice_quic(
         }
     }
     let result = {
-        let tap = tap.as_deref();
-        let ab = pump(&mut a_recv, &mut b_send, deadline, tap.map(|t| (t, true)));
-        let ba = pump(&mut b_recv, &mut a_send, deadline, tap.map(|t| (t, false)));
+        let tap = tap.as_deref().map(|t| (t, t.begin()));
+        let ab = pump(
+            &mut a_recv,
+            &mut b_send,
+            deadline,
+            tap.map(|(t, f)| (t, f, true)),
+        );
+        let ba = pump(
+            &mut b_recv,
+            &mut a_send,
+            deadline,
+            tap.map(|(t, f)| (t, f, false)),
+        );
         tokio::try_join!(ab, ba).map(|_| ())
     };
     match result {

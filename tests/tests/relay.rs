@@ -236,7 +236,7 @@ struct Tap {
 }
 
 impl RelayTap for Tap {
-    fn chunk(&self, toward_serving: bool, chunk: &mut Bytes) {
+    fn chunk(&self, _flow: u64, toward_serving: bool, chunk: &mut Bytes) {
         let seen = if toward_serving {
             &self.toward_serving
         } else {
